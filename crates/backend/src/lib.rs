@@ -1,0 +1,1 @@
+//! The blkback engine: VBDs, rings, reactors, persistent grants.

@@ -1,0 +1,1 @@
+//! A simulated xen-blkfront: the guest side over the simulator.

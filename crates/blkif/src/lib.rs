@@ -1,0 +1,1 @@
+//! Xen PV block protocol core (see module docs as they land).

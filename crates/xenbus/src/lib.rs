@@ -1,0 +1,1 @@
+//! Device lifecycle over xenstore: the XenbusState machine and negotiation.

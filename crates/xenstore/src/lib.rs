@@ -1,0 +1,1 @@
+//! xenstore wire protocol: client and in-memory server.
