@@ -1,1 +1,5 @@
-//! The blkback engine: VBDs, rings, reactors, persistent grants.
+//! The blkback engine: VBDs, their rings, the reactors that run them, the
+//! persistent-grant cache, request pipeline, completion, barrier drain, resize and
+//! statistics.
+
+pub mod persistent_grants;
