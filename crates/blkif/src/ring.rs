@@ -1,0 +1,546 @@
+//! The shared ring (`xen/io/ring.h`), back side and front side, 1 to 16 pages.
+//!
+//! This module owns the four shared indices, the private indices of each side
+//! (`req_cons`/`rsp_prod_pvt` for the backend, `req_prod_pvt`/`rsp_cons` for the
+//! frontend), slot addressing, the event-index ("notify only when the other side asked")
+//! arithmetic and the memory barriers around it. It moves whole slots between shared
+//! and private memory and leaves their meaning to [`crate::request`] and
+//! [`crate::response`].
+//!
+//! Indices are free-running `u32`s compared with wrapping arithmetic, exactly as
+//! `RING_IDX` in C: they wrap at 2^32, and a slot is `index & (size - 1)`.
+//!
+//! Each side distrusts the other. The backend checks the frontend's `req_prod` before
+//! trusting it (`RING_REQUEST_PROD_OVERFLOW`: blkback halts the ring when a frontend
+//! claims more outstanding requests than fit) and refuses to answer requests it has not
+//! consumed; the frontend checks `rsp_prod` likewise (`RING_RESPONSE_PROD_OVERFLOW`). A
+//! detected violation poisons the ring: every later consume call returns the same
+//! error. Slots are copied once into private buffers (XSA-155) and responses are
+//! written from fully initialised buffers (XSA-216).
+
+use std::sync::atomic::Ordering;
+
+use shmem::{full_barrier, SharedMemory};
+
+use crate::abi::{
+    ring_size_for_len, sring, Protocol, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, MAX_RING_PAGE_ORDER,
+    PAGE_SIZE,
+};
+use crate::request::RawRequest;
+use crate::response::Response;
+
+/// Misuse of a ring or misbehaviour of the other side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The mapping is not 1, 2, 4, 8 or 16 whole pages.
+    #[error("a ring must be 1, 2, 4, 8 or 16 pages; got {len} bytes")]
+    BadSize { len: usize },
+    /// `RING_REQUEST_PROD_OVERFLOW`: the frontend claims more unanswered requests than
+    /// the ring holds. The ring is halted, as blkback does.
+    #[error("frontend claims {} outstanding requests (req_prod {req_prod}, rsp_prod_pvt {rsp_prod_pvt}) in a ring of {size}; ring halted", req_prod.wrapping_sub(*rsp_prod_pvt))]
+    RequestOverflow {
+        req_prod: u32,
+        rsp_prod_pvt: u32,
+        size: u32,
+    },
+    /// The frontend moved `req_prod` back behind requests already consumed. The ring is
+    /// halted (honest frontends only ever advance it).
+    #[error(
+        "frontend moved req_prod back to {req_prod} after {req_cons} were consumed; ring halted"
+    )]
+    RequestProducerRegressed { req_prod: u32, req_cons: u32 },
+    /// `push_response` with no consumed request left to answer: a response there would
+    /// overwrite a request the frontend has not yet seen answered.
+    #[error("no consumed request is waiting for a response")]
+    NoRequestToAnswer,
+    /// `push_request` on a full ring (frontend side).
+    #[error("the ring is full")]
+    Full,
+    /// `RING_RESPONSE_PROD_OVERFLOW` or more responses than requests (frontend side),
+    /// including a `rsp_prod` moved backwards: the backend is misbehaving. The ring is
+    /// halted.
+    #[error("backend produced responses up to {rsp_prod} but only requests up to {req_prod} were pushed (rsp_cons {rsp_cons}); ring halted")]
+    ResponseOverflow {
+        rsp_prod: u32,
+        rsp_cons: u32,
+        req_prod: u32,
+    },
+    /// `push_raw_request` with a slot image of the wrong length (frontend side).
+    #[error("a request slot of this protocol is {expected} bytes, got {got}")]
+    BadSlotLength { expected: usize, got: usize },
+}
+
+/// What both sides share: the mapping, its protocol and its geometry.
+#[derive(Debug)]
+struct Shared {
+    mem: SharedMemory,
+    protocol: Protocol,
+    /// `RING_SIZE`: a power of two.
+    size: u32,
+}
+
+impl Shared {
+    fn new(mem: SharedMemory, protocol: Protocol) -> Result<Self, RingError> {
+        let len = mem.len();
+        let pages_ok = len.is_multiple_of(PAGE_SIZE)
+            && (len / PAGE_SIZE).is_power_of_two()
+            && len / PAGE_SIZE <= 1 << MAX_RING_PAGE_ORDER;
+        if !pages_ok {
+            return Err(RingError::BadSize { len });
+        }
+        let size = ring_size_for_len(protocol, len);
+        debug_assert!(size.is_power_of_two() && size >= 32);
+        Ok(Shared {
+            mem,
+            protocol,
+            size,
+        })
+    }
+
+    /// Loads a shared index. The offsets are constant, aligned and inside the first
+    /// page, which `new` checked exists, so the access cannot be out of bounds.
+    fn load(&self, offset: usize, order: Ordering) -> u32 {
+        self.mem
+            .load_u32(offset, order)
+            .expect("ring index inside the checked first page")
+    }
+
+    fn store(&self, offset: usize, value: u32, order: Ordering) {
+        self.mem
+            .store_u32(offset, value, order)
+            .expect("ring index inside the checked first page")
+    }
+
+    /// Byte offset of the slot for `index` (`RING_GET_REQUEST`/`RING_GET_RESPONSE`).
+    fn slot_offset(&self, index: u32) -> usize {
+        sring::RING + (index & (self.size - 1)) as usize * self.protocol.slot_size()
+    }
+
+    /// Copies a whole request slot out with one read.
+    fn read_request(&self, index: u32) -> [u8; MAX_REQUEST_SIZE] {
+        let mut buf = [0u8; MAX_REQUEST_SIZE];
+        let len = self.protocol.request_size();
+        self.mem
+            .read(self.slot_offset(index), &mut buf[..len])
+            .expect("slot inside the ring: size * slot_size + 64 <= len by construction");
+        buf
+    }
+
+    fn read_response(&self, index: u32) -> [u8; MAX_RESPONSE_SIZE] {
+        let mut buf = [0u8; MAX_RESPONSE_SIZE];
+        let len = self.protocol.response_size();
+        self.mem
+            .read(self.slot_offset(index), &mut buf[..len])
+            .expect("slot inside the ring by construction");
+        buf
+    }
+
+    fn write_slot(&self, index: u32, bytes: &[u8]) {
+        debug_assert!(bytes.len() <= self.protocol.slot_size());
+        self.mem
+            .write(self.slot_offset(index), bytes)
+            .expect("slot inside the ring by construction");
+    }
+}
+
+/// The event-index test of `RING_PUSH_*_AND_CHECK_NOTIFY`: notify if the other side's
+/// event index lies in `(old, new]`, i.e. it asked to be woken within this batch.
+pub fn needs_notify(old: u32, new: u32, event: u32) -> bool {
+    new.wrapping_sub(event) < new.wrapping_sub(old)
+}
+
+/// The backend's side of a ring (`struct blkif_back_ring`).
+///
+/// The engine's loop, as blkback's `do_block_io_op`:
+///
+/// ```text
+/// loop {
+///     while let Some(raw) = ring.pop_request()? {   // Err: ring halted, stop serving it
+///         match raw.validate(&limits) { ... }        // answer errors with raw.response(e.status())
+///     }
+///     if !ring.final_check_for_requests()? { break } // re-arms req_event; races handled
+/// }
+/// // later, as I/O completes:
+/// ring.push_response(&response)?;
+/// if ring.push_responses_and_check_notify() { kick the event channel }
+/// ```
+#[derive(Debug)]
+pub struct BackRing {
+    shared: Shared,
+    /// Next request to consume.
+    req_cons: u32,
+    /// Next response slot to fill.
+    rsp_prod_pvt: u32,
+    /// `rsp_prod` as we last published it: the `old` of the notify check. Kept
+    /// privately so the guest cannot influence our notify decision by rewriting it.
+    rsp_prod_published: u32,
+    /// `req_prod` as snapshotted for the current batch.
+    req_prod_seen: u32,
+    /// Set once the frontend was caught misbehaving.
+    halted: Option<RingError>,
+}
+
+impl BackRing {
+    /// Attaches to a ring the frontend initialised (`BACK_RING_ATTACH`), taking
+    /// ownership of the mapping. `mem` must be 1, 2, 4, 8 or 16 pages.
+    ///
+    /// Like Linux's `xen_blkif_map`, the private indices start at the shared
+    /// `rsp_prod` (0 on a fresh ring; anything after a reconnect), and a ring whose
+    /// `req_prod` is already more than a ring's worth ahead is refused.
+    pub fn new(mem: SharedMemory, protocol: Protocol) -> Result<Self, RingError> {
+        let shared = Shared::new(mem, protocol)?;
+        let rsp_prod = shared.load(sring::RSP_PROD, Ordering::Relaxed);
+        let req_prod = shared.load(sring::REQ_PROD, Ordering::Acquire);
+        if req_prod.wrapping_sub(rsp_prod) > shared.size {
+            return Err(RingError::RequestOverflow {
+                req_prod,
+                rsp_prod_pvt: rsp_prod,
+                size: shared.size,
+            });
+        }
+        Ok(BackRing {
+            shared,
+            req_cons: rsp_prod,
+            rsp_prod_pvt: rsp_prod,
+            rsp_prod_published: rsp_prod,
+            req_prod_seen: rsp_prod,
+            halted: None,
+        })
+    }
+
+    /// The ABI this ring decodes with.
+    pub fn protocol(&self) -> Protocol {
+        self.shared.protocol
+    }
+
+    /// Number of slots (`RING_SIZE`).
+    pub fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    /// Index of the next request to consume.
+    pub fn req_cons(&self) -> u32 {
+        self.req_cons
+    }
+
+    /// Index of the next response to produce.
+    pub fn rsp_prod_pvt(&self) -> u32 {
+        self.rsp_prod_pvt
+    }
+
+    /// Requests consumed and not yet answered.
+    pub fn awaiting_response(&self) -> u32 {
+        self.req_cons.wrapping_sub(self.rsp_prod_pvt)
+    }
+
+    /// The error that halted the ring, if the frontend was caught misbehaving.
+    pub fn halted(&self) -> Option<RingError> {
+        self.halted
+    }
+
+    /// The shared mapping (for tests and diagnostics; never needed on the data path).
+    pub fn memory(&self) -> &SharedMemory {
+        &self.shared.mem
+    }
+
+    fn halt(&mut self, e: RingError) -> RingError {
+        self.halted = Some(e);
+        e
+    }
+
+    /// Reads `req_prod` (with the read barrier that orders the slot reads after it)
+    /// and checks it before trusting it.
+    fn snapshot_req_prod(&mut self) -> Result<u32, RingError> {
+        let req_prod = self.shared.load(sring::REQ_PROD, Ordering::Acquire);
+        let claimed = req_prod.wrapping_sub(self.rsp_prod_pvt);
+        if claimed > self.shared.size {
+            return Err(self.halt(RingError::RequestOverflow {
+                req_prod,
+                rsp_prod_pvt: self.rsp_prod_pvt,
+                size: self.shared.size,
+            }));
+        }
+        if claimed < self.awaiting_response() {
+            return Err(self.halt(RingError::RequestProducerRegressed {
+                req_prod,
+                req_cons: self.req_cons,
+            }));
+        }
+        Ok(req_prod)
+    }
+
+    /// Takes the next request, copied out of its slot in one read and decoded.
+    ///
+    /// `req_prod` is read (and checked) only when the previous snapshot is used up, so
+    /// one batch is bounded by what the frontend had published at its start.
+    /// `Ok(None)` means the ring is empty as of the latest `req_prod`; follow with
+    /// [`BackRing::final_check_for_requests`] before sleeping. After an `Err` the ring
+    /// is halted and every later call returns the same error; responses to requests
+    /// already consumed can still be pushed.
+    pub fn pop_request(&mut self) -> Result<Option<RawRequest>, RingError> {
+        if let Some(e) = self.halted {
+            return Err(e);
+        }
+        if self.req_cons == self.req_prod_seen {
+            self.req_prod_seen = self.snapshot_req_prod()?;
+            if self.req_cons == self.req_prod_seen {
+                return Ok(None);
+            }
+        }
+        // RING_REQUEST_CONS_OVERFLOW: every slot holds a request we have not answered.
+        // Unreachable after the req_prod checks above, kept as the seed keeps it.
+        if self.awaiting_response() >= self.shared.size {
+            return Ok(None);
+        }
+        let slot = self.shared.read_request(self.req_cons);
+        self.req_cons = self.req_cons.wrapping_add(1);
+        Ok(Some(RawRequest::decode(self.shared.protocol, &slot)))
+    }
+
+    /// `RING_HAS_UNCONSUMED_REQUESTS`: requests published and not yet consumed, capped
+    /// by the free room (so a bogus `req_prod` cannot make it exceed the ring size).
+    pub fn unconsumed_requests(&self) -> u32 {
+        let req_prod = self.shared.load(sring::REQ_PROD, Ordering::Acquire);
+        let published = req_prod.wrapping_sub(self.req_cons);
+        let room = self.shared.size.wrapping_sub(self.awaiting_response());
+        published.min(room)
+    }
+
+    /// `RING_FINAL_CHECK_FOR_REQUESTS`: whether more requests arrived; if none, sets
+    /// `req_event = req_cons + 1` so the frontend's next push notifies us, then
+    /// checks again after a full barrier (a request published between the first
+    /// check and the `req_event` store would otherwise sleep unseen).
+    pub fn final_check_for_requests(&mut self) -> Result<bool, RingError> {
+        if let Some(e) = self.halted {
+            return Err(e);
+        }
+        if self.unconsumed_requests() > 0 {
+            return Ok(true);
+        }
+        self.shared.store(
+            sring::REQ_EVENT,
+            self.req_cons.wrapping_add(1),
+            Ordering::Relaxed,
+        );
+        full_barrier();
+        Ok(self.unconsumed_requests() > 0)
+    }
+
+    /// Writes `response` at `rsp_prod_pvt` (not yet visible to the frontend: see
+    /// [`BackRing::push_responses_and_check_notify`]). The slot image is built in a
+    /// zeroed private buffer and written with one copy.
+    ///
+    /// Refuses ([`RingError::NoRequestToAnswer`]) when every consumed request has been
+    /// answered: the slot would still belong to an unconsumed request.
+    pub fn push_response(&mut self, response: &Response) -> Result<(), RingError> {
+        if self.awaiting_response() == 0 {
+            return Err(RingError::NoRequestToAnswer);
+        }
+        let bytes = response.encode(self.shared.protocol);
+        self.shared.write_slot(
+            self.rsp_prod_pvt,
+            &bytes[..self.shared.protocol.response_size()],
+        );
+        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`: publishes the responses written so far
+    /// (write barrier, then `rsp_prod`), then after a full barrier reads `rsp_event` and
+    /// says whether the frontend asked to be notified for one of them.
+    pub fn push_responses_and_check_notify(&mut self) -> bool {
+        let old = self.rsp_prod_published;
+        let new = self.rsp_prod_pvt;
+        self.shared.store(sring::RSP_PROD, new, Ordering::Release);
+        self.rsp_prod_published = new;
+        full_barrier();
+        let event = self.shared.load(sring::RSP_EVENT, Ordering::Relaxed);
+        needs_notify(old, new, event)
+    }
+}
+
+/// The frontend's side of a ring (`struct blkif_front_ring`): used by the simulated
+/// guest and by tests. It distrusts the backend just as [`BackRing`] distrusts it.
+#[derive(Debug)]
+pub struct FrontRing {
+    shared: Shared,
+    /// Next request slot to fill.
+    req_prod_pvt: u32,
+    /// Next response to consume.
+    rsp_cons: u32,
+    /// `req_prod` as we last published it.
+    req_prod_published: u32,
+    /// `rsp_prod` as snapshotted for the current batch.
+    rsp_prod_seen: u32,
+    halted: Option<RingError>,
+}
+
+impl FrontRing {
+    /// Initialises a fresh ring in `mem` (`SHARED_RING_INIT` + `FRONT_RING_INIT`).
+    pub fn new(mem: SharedMemory, protocol: Protocol) -> Result<Self, RingError> {
+        Self::new_at(mem, protocol, 0)
+    }
+
+    /// Like [`FrontRing::new`], but every index starts at `start` (`SHARED_RING_INIT`
+    /// followed by setting the indices, then `FRONT_RING_ATTACH`): lets tests start
+    /// near 2^32 to exercise wrap-around.
+    pub fn new_at(mem: SharedMemory, protocol: Protocol, start: u32) -> Result<Self, RingError> {
+        let shared = Shared::new(mem, protocol)?;
+        shared.store(sring::REQ_PROD, start, Ordering::Relaxed);
+        shared.store(sring::RSP_PROD, start, Ordering::Relaxed);
+        shared.store(sring::REQ_EVENT, start.wrapping_add(1), Ordering::Relaxed);
+        shared.store(sring::RSP_EVENT, start.wrapping_add(1), Ordering::Relaxed);
+        shared
+            .mem
+            .fill(sring::PVT, sring::RING - sring::PVT, 0)
+            .expect("header inside the checked first page");
+        full_barrier();
+        Ok(FrontRing {
+            shared,
+            req_prod_pvt: start,
+            rsp_cons: start,
+            req_prod_published: start,
+            rsp_prod_seen: start,
+            halted: None,
+        })
+    }
+
+    /// The ABI this ring encodes with.
+    pub fn protocol(&self) -> Protocol {
+        self.shared.protocol
+    }
+
+    /// Number of slots (`RING_SIZE`).
+    pub fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    /// Index of the next request slot.
+    pub fn req_prod_pvt(&self) -> u32 {
+        self.req_prod_pvt
+    }
+
+    /// Index of the next response to consume.
+    pub fn rsp_cons(&self) -> u32 {
+        self.rsp_cons
+    }
+
+    /// The error that halted the ring, if the backend was caught misbehaving.
+    pub fn halted(&self) -> Option<RingError> {
+        self.halted
+    }
+
+    /// The shared mapping: a hostile test frontend may scribble on it directly.
+    pub fn memory(&self) -> &SharedMemory {
+        &self.shared.mem
+    }
+
+    /// `RING_FREE_REQUESTS`: slots not holding an unanswered request.
+    pub fn free_slots(&self) -> u32 {
+        self.shared
+            .size
+            .wrapping_sub(self.req_prod_pvt.wrapping_sub(self.rsp_cons))
+    }
+
+    /// Writes `request` at `req_prod_pvt` (visible to the backend after
+    /// [`FrontRing::push_requests_and_check_notify`]).
+    pub fn push_request(&mut self, request: &RawRequest) -> Result<(), RingError> {
+        let bytes = request.encode(self.shared.protocol);
+        self.push_raw_request(&bytes[..self.shared.protocol.request_size()])
+    }
+
+    /// Writes a raw slot image (exactly [`Protocol::request_size`] bytes) at
+    /// `req_prod_pvt`: for hostile-frontend tests that need bytes no encoder makes.
+    pub fn push_raw_request(&mut self, slot: &[u8]) -> Result<(), RingError> {
+        let expected = self.shared.protocol.request_size();
+        if slot.len() != expected {
+            return Err(RingError::BadSlotLength {
+                expected,
+                got: slot.len(),
+            });
+        }
+        if self.free_slots() == 0 {
+            return Err(RingError::Full);
+        }
+        self.shared.write_slot(self.req_prod_pvt, slot);
+        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`: publishes the requests written so far
+    /// and says whether the backend asked to be notified for one of them.
+    pub fn push_requests_and_check_notify(&mut self) -> bool {
+        let old = self.req_prod_published;
+        let new = self.req_prod_pvt;
+        self.shared.store(sring::REQ_PROD, new, Ordering::Release);
+        self.req_prod_published = new;
+        full_barrier();
+        let event = self.shared.load(sring::REQ_EVENT, Ordering::Relaxed);
+        needs_notify(old, new, event)
+    }
+
+    fn halt(&mut self, e: RingError) -> RingError {
+        self.halted = Some(e);
+        e
+    }
+
+    fn snapshot_rsp_prod(&mut self) -> Result<u32, RingError> {
+        let rsp_prod = self.shared.load(sring::RSP_PROD, Ordering::Acquire);
+        // Called only when every response seen so far is consumed, so a `rsp_prod` moved
+        // back behind `rsp_cons` shows up here as a huge count too.
+        let claimed = rsp_prod.wrapping_sub(self.rsp_cons);
+        // RING_RESPONSE_PROD_OVERFLOW, tightened: no more responses than requests
+        // published (which is itself at most the ring size).
+        if claimed > self.req_prod_published.wrapping_sub(self.rsp_cons) {
+            return Err(self.halt(RingError::ResponseOverflow {
+                rsp_prod,
+                rsp_cons: self.rsp_cons,
+                req_prod: self.req_prod_published,
+            }));
+        }
+        Ok(rsp_prod)
+    }
+
+    /// Takes the next response, copied out of its slot once. `Ok(None)`: none pending
+    /// as of the latest `rsp_prod`. After an `Err` the ring is halted.
+    pub fn pop_response(&mut self) -> Result<Option<Response>, RingError> {
+        if let Some(e) = self.halted {
+            return Err(e);
+        }
+        if self.rsp_cons == self.rsp_prod_seen {
+            self.rsp_prod_seen = self.snapshot_rsp_prod()?;
+            if self.rsp_cons == self.rsp_prod_seen {
+                return Ok(None);
+            }
+        }
+        let slot = self.shared.read_response(self.rsp_cons);
+        self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        Ok(Some(Response::decode(self.shared.protocol, &slot)))
+    }
+
+    /// `RING_HAS_UNCONSUMED_RESPONSES`, capped by the requests outstanding.
+    pub fn unconsumed_responses(&self) -> u32 {
+        let rsp_prod = self.shared.load(sring::RSP_PROD, Ordering::Acquire);
+        rsp_prod
+            .wrapping_sub(self.rsp_cons)
+            .min(self.req_prod_published.wrapping_sub(self.rsp_cons))
+    }
+
+    /// `RING_FINAL_CHECK_FOR_RESPONSES`: sets `rsp_event = rsp_cons + 1` when nothing
+    /// is pending, then re-checks after a full barrier.
+    pub fn final_check_for_responses(&mut self) -> Result<bool, RingError> {
+        if let Some(e) = self.halted {
+            return Err(e);
+        }
+        if self.unconsumed_responses() > 0 {
+            return Ok(true);
+        }
+        self.shared.store(
+            sring::RSP_EVENT,
+            self.rsp_cons.wrapping_add(1),
+            Ordering::Relaxed,
+        );
+        full_barrier();
+        Ok(self.unconsumed_responses() > 0)
+    }
+}
