@@ -32,10 +32,12 @@ impl BouncePool {
         })
     }
 
+    #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.region.len() / PAGE_SIZE
     }
 
+    #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
         self.free.len()
     }

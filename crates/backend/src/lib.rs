@@ -1,14 +1,33 @@
 //! The blkback engine: VBDs, their rings, the reactors that run them, the
 //! persistent-grant cache, request pipeline, completion, barrier drain, resize and
 //! statistics.
+//!
+//! Modules and what each owns:
+//! - [`engine`]: the public API ([`Engine`], [`VbdHandle`]) and attach/detach;
+//! - `reactor`: the threads, their epoll loop, timer and control channel;
+//! - `ring`: one ring's request pipeline (consume, validate, map/copy, submit,
+//!   complete, respond, notify), barrier drain and halting;
+//! - [`vbd`]: what a VBD is (spec, modes, limits, features) and the state its rings share;
+//! - [`persistent_grants`]: blkback's persistent-grant cache and purge;
+//! - [`bounce`]: bounce buffers of the grant-copy data path;
+//! - `slots`: the per-ring request slot pool;
+//! - [`stats`]: run-time counters;
+//! - `sys`: epoll/timerfd/eventfd wrappers.
 
 pub mod bounce;
+pub mod engine;
 pub mod persistent_grants;
 mod reactor;
+mod ring;
 mod slots;
 pub mod stats;
 mod sys;
+pub mod vbd;
 
+pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};
 pub use reactor::VbdId;
 pub use stats::{Stats, VbdStats};
 pub use sys::open_fd_count;
+pub use vbd::{
+    EventCallback, Features, GrantMode, ResolvedGrantMode, RingSpec, VbdEvent, VbdLimits, VbdSpec,
+};

@@ -80,7 +80,7 @@ struct Control {
 pub(crate) struct ReactorHandle {
     control: Arc<Control>,
     rings: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     id: usize,
 }
 
@@ -98,7 +98,7 @@ impl ReactorHandle {
         Ok(Self {
             control,
             rings,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             id,
         })
     }
@@ -126,8 +126,9 @@ impl ReactorHandle {
     }
 
     /// Asks the thread to stop (after draining its rings) and waits for it.
-    pub(crate) fn shutdown(&mut self) {
-        if let Some(t) = self.thread.take() {
+    pub(crate) fn shutdown(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
             if self.send(Command::Shutdown).is_ok() {
                 if t.join().is_err() {
                     tracing::error!(reactor = self.id, "reactor thread panicked");
@@ -139,7 +140,11 @@ impl ReactorHandle {
     }
 
     pub(crate) fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
     }
 }
 
@@ -410,7 +415,7 @@ mod tests {
 
     #[test]
     fn add_wake_drain_remove_and_shutdown() {
-        let mut r = ReactorHandle::spawn(0).unwrap();
+        let r = ReactorHandle::spawn(0).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicBool::new(false));
         let kick = Doorbell::new().unwrap();
@@ -448,7 +453,7 @@ mod tests {
 
     #[test]
     fn shutdown_drains_rings_first() {
-        let mut r = ReactorHandle::spawn(1).unwrap();
+        let r = ReactorHandle::spawn(1).unwrap();
         let dropped = Arc::new(AtomicBool::new(false));
         r.send(Command::Add(Box::new(FakeRing {
             vbd: VbdId(2),

@@ -24,6 +24,7 @@ impl<T> SlotPool<T> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn capacity(&self) -> usize {
         self.slots.len()
     }

@@ -1,0 +1,396 @@
+//! The engine's public face: start reactors, attach and detach VBDs, shut down.
+//!
+//! [`Engine::attach`] does the fallible setup on the caller's thread, so errors come back
+//! synchronously and nothing half-attached is left behind: it maps every ring, binds
+//! every event channel and opens a storage queue per ring, and only when all rings of
+//! the VBD are ready hands each to the least-loaded reactor. [`VbdHandle::detach`] asks
+//! the reactors to drain and drop the VBD's rings and waits (bounded) for their reports.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use blkif::{BackRing, RingError};
+use platform::{Access, MapError, Platform, PlatformError};
+use storage::StorageError;
+
+use crate::reactor::{Command, ReactorHandle, RingClosed, VbdId};
+use crate::ring::{RingConfig, RingParts, RingRunner};
+use crate::stats::VbdStats;
+use crate::vbd::{Features, ResolvedGrantMode, VbdShared, VbdSpec, MAX_INDIRECT_SEGMENTS};
+
+/// Engine-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Reactor threads; 0 means one per available CPU.
+    pub reactors: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { reactors: 0 }
+    }
+}
+
+/// Starting the engine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot start reactor {index}: {source}")]
+    Reactor {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Attaching a VBD failed; nothing of it stays mapped or bound.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("a VBD needs at least one ring")]
+    NoRings,
+    #[error("ring {ring}: {count} ring pages; must be 1, 2, 4, 8 or 16")]
+    BadRingPages { ring: usize, count: usize },
+    #[error("max_indirect_segments {0} exceeds {MAX_INDIRECT_SEGMENTS}")]
+    TooManyIndirectSegments(u32),
+    #[error("ring {ring}: mapping the ring pages failed: {source}")]
+    MapRing {
+        ring: usize,
+        #[source]
+        source: MapError,
+    },
+    #[error("ring {ring}: the ring mapping is not writable")]
+    RingNotWritable { ring: usize },
+    #[error("ring {ring}: {source}")]
+    Ring {
+        ring: usize,
+        #[source]
+        source: RingError,
+    },
+    #[error("ring {ring}: binding event channel {port}: {source}")]
+    EventChannel {
+        ring: usize,
+        port: u32,
+        #[source]
+        source: PlatformError,
+    },
+    #[error("ring {ring}: opening a storage queue: {source}")]
+    StorageQueue {
+        ring: usize,
+        #[source]
+        source: StorageError,
+    },
+    #[error("ring {ring}: {source}")]
+    Io {
+        ring: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the engine has shut down")]
+    EngineStopped,
+}
+
+/// Detaching did not complete in time.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    /// Some rings still had I/O in flight at the deadline. Their reactors keep draining
+    /// them and release everything when the storage completes.
+    #[error("{pending} ring(s) still draining after {waited:?}")]
+    Timeout { pending: usize, waited: Duration },
+}
+
+struct Inner {
+    reactors: Vec<ReactorHandle>,
+    next_vbd: AtomicU64,
+}
+
+impl Inner {
+    fn running(&self) -> bool {
+        self.reactors.iter().any(ReactorHandle::is_running)
+    }
+}
+
+/// The running engine: a set of reactor threads serving VBDs.
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts the reactor threads.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        let n = if config.reactors == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.reactors
+        };
+        let reactors = (0..n)
+            .map(|index| {
+                ReactorHandle::spawn(index).map_err(|source| EngineError::Reactor { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(reactors = n, "engine started");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                reactors,
+                next_vbd: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Number of reactor threads.
+    pub fn reactors(&self) -> usize {
+        self.inner.reactors.len()
+    }
+
+    /// Rings each reactor currently runs.
+    pub fn reactor_loads(&self) -> Vec<usize> {
+        self.inner
+            .reactors
+            .iter()
+            .map(ReactorHandle::load)
+            .collect()
+    }
+
+    /// Maps the VBD's rings, binds their event channels, opens a storage queue per ring
+    /// and starts serving it.
+    pub fn attach(
+        &self,
+        spec: VbdSpec,
+        platform: Arc<dyn Platform>,
+    ) -> Result<VbdHandle, AttachError> {
+        if !self.inner.running() {
+            return Err(AttachError::EngineStopped);
+        }
+        if spec.rings.is_empty() {
+            return Err(AttachError::NoRings);
+        }
+        if spec.limits.max_indirect_segments > MAX_INDIRECT_SEGMENTS {
+            return Err(AttachError::TooManyIndirectSegments(
+                spec.limits.max_indirect_segments,
+            ));
+        }
+        let id = VbdId(self.inner.next_vbd.fetch_add(1, Ordering::Relaxed));
+        let shared = Arc::new(VbdShared::new(id, &spec));
+        let mode = spec.grant_mode.resolve(spec.persistent);
+
+        let mut runners = Vec::with_capacity(spec.rings.len());
+        for (index, rs) in spec.rings.iter().enumerate() {
+            let count = rs.ring_refs.len();
+            if !(1..=crate::vbd::MAX_RING_PAGES).contains(&count) || !count.is_power_of_two() {
+                return Err(AttachError::BadRingPages { ring: index, count });
+            }
+            let mapping = platform
+                .map(spec.domid, &rs.ring_refs, Access::ReadWrite)
+                .map_err(|source| AttachError::MapRing {
+                    ring: index,
+                    source,
+                })?;
+            let mem = mapping
+                .into_shared()
+                .map_err(|_| AttachError::RingNotWritable { ring: index })?;
+            let ring = BackRing::new(mem, spec.protocol).map_err(|source| AttachError::Ring {
+                ring: index,
+                source,
+            })?;
+            let evtchn = platform
+                .bind_interdomain(spec.domid, rs.event_channel)
+                .map_err(|source| AttachError::EventChannel {
+                    ring: index,
+                    port: rs.event_channel,
+                    source,
+                })?;
+            let depth = RingRunner::queue_depth(ring.size(), shared.max_indirect_segments);
+            let queue =
+                spec.storage
+                    .open_queue(depth)
+                    .map_err(|source| AttachError::StorageQueue {
+                        ring: index,
+                        source,
+                    })?;
+            let runner = RingRunner::new(
+                RingParts {
+                    index,
+                    ring,
+                    evtchn,
+                    queue,
+                },
+                RingConfig {
+                    vbd: shared.clone(),
+                    platform: platform.clone(),
+                    domid: spec.domid,
+                    persistent: spec.persistent,
+                    persistent_limits: spec.limits.persistent,
+                    mode,
+                    max_buffer_pages: spec.limits.max_buffer_pages,
+                    resize_poll: spec.limits.resize_poll,
+                },
+            )
+            .map_err(|source| AttachError::Io {
+                ring: index,
+                source,
+            })?;
+            runners.push(runner);
+        }
+
+        let mut placement = BTreeMap::new();
+        for runner in runners {
+            let reactor = self
+                .inner
+                .reactors
+                .iter()
+                .filter(|r| r.is_running())
+                .min_by_key(|r| r.load())
+                .ok_or(AttachError::EngineStopped)?;
+            *placement.entry(reactor.id()).or_insert(0usize) += 1;
+            reactor
+                .send(Command::Add(Box::new(runner)))
+                .map_err(|_| AttachError::EngineStopped)?;
+        }
+        tracing::info!(
+            vbd = id.0,
+            domid = spec.domid,
+            rings = spec.rings.len(),
+            ?mode,
+            persistent = spec.persistent,
+            read_only = shared.read_only,
+            "VBD attached"
+        );
+        Ok(VbdHandle {
+            engine: self.inner.clone(),
+            shared,
+            placement,
+            mode,
+            detached: false,
+        })
+    }
+
+    /// Drains and drops every ring, then stops the reactor threads.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Handles may still hold `inner`; stop the threads now regardless.
+        for r in &self.inner.reactors {
+            r.shutdown();
+        }
+        tracing::info!("engine stopped");
+    }
+}
+
+/// A VBD being served.
+pub struct VbdHandle {
+    engine: Arc<Inner>,
+    shared: Arc<VbdShared>,
+    /// Reactor id -> number of this VBD's rings it runs.
+    placement: BTreeMap<usize, usize>,
+    mode: ResolvedGrantMode,
+    detached: bool,
+}
+
+impl VbdHandle {
+    pub fn id(&self) -> VbdId {
+        self.shared.id
+    }
+
+    /// Counters of every ring and their sum, as of now.
+    pub fn stats(&self) -> VbdStats {
+        self.shared.stats()
+    }
+
+    /// Features still supported (a storage that refused an operation as unsupported
+    /// loses the matching one).
+    pub fn features(&self) -> Features {
+        self.shared.features()
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.shared.sectors()
+    }
+
+    /// Whether the VBD refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    /// The data path in use (after resolving [`crate::GrantMode::Auto`]).
+    pub fn grant_mode(&self) -> ResolvedGrantMode {
+        self.mode
+    }
+
+    /// `feature-max-indirect-segments` to advertise.
+    pub fn max_indirect_segments(&self) -> u32 {
+        self.shared.max_indirect_segments
+    }
+
+    /// Re-reads the storage size now; on a change every ring validates against the new
+    /// size and a [`crate::VbdEvent::Resized`] is emitted. Returns the size in sectors.
+    pub fn refresh_size(&self) -> std::io::Result<u64> {
+        self.shared.refresh_size()
+    }
+
+    /// Stops serving the VBD: each ring stops consuming, its in-flight requests complete
+    /// and are answered, then its grants and ring are unmapped, its event channel
+    /// unbound and its storage queue closed. Waits at most `timeout` for all of that.
+    pub fn detach(mut self, timeout: Duration) -> Result<VbdStats, DetachError> {
+        self.detached = true;
+        self.remove(Some(timeout))
+    }
+
+    fn remove(&self, timeout: Option<Duration>) -> Result<VbdStats, DetachError> {
+        let (tx, rx) = mpsc::channel::<RingClosed>();
+        let mut expected = 0;
+        for (&reactor, &rings) in &self.placement {
+            let Some(r) = self.engine.reactors.get(reactor) else {
+                continue;
+            };
+            // A stopped reactor already dropped its rings.
+            if r.is_running()
+                && r.send(Command::RemoveVbd {
+                    vbd: self.shared.id,
+                    reply: tx.clone(),
+                })
+                .is_ok()
+            {
+                expected += rings;
+            }
+        }
+        drop(tx);
+        let Some(timeout) = timeout else {
+            return Ok(self.shared.stats());
+        };
+        let start = Instant::now();
+        let mut closed = 0;
+        while closed < expected {
+            let left = timeout.saturating_sub(start.elapsed());
+            match rx.recv_timeout(left) {
+                Ok(c) => {
+                    tracing::debug!(vbd = c.vbd.0, ring = c.index, stats = ?c.stats, "ring detached");
+                    closed += 1;
+                }
+                // Every sender is gone: the reactors stopped (and dropped the rings).
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(DetachError::Timeout {
+                        pending: expected - closed,
+                        waited: start.elapsed(),
+                    })
+                }
+            }
+        }
+        tracing::info!(vbd = self.shared.id.0, "VBD detached");
+        Ok(self.shared.stats())
+    }
+}
+
+impl Drop for VbdHandle {
+    fn drop(&mut self) {
+        if !self.detached {
+            // Dropped without `detach`: still release everything, without waiting.
+            let _ = self.remove(None);
+        }
+    }
+}

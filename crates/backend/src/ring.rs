@@ -1,0 +1,1125 @@
+//! One ring of a VBD, run by its reactor: blkback's `xen_blkif_ring` and everything that
+//! happens to a request between the frontend's notification and its response.
+//!
+//! Per wake-up ([`RingRunner::run`]):
+//! 1. acknowledge the event channel (consume and unmask);
+//! 2. reap storage completions and finish the requests whose last operation completed:
+//!    copy read data out (copy mode), release grants (persistent ones go back to the
+//!    cache, the others are unmapped), write the response;
+//! 3. consume requests while a request slot is free: copy each out of the ring once,
+//!    validate it (blkif), read indirect descriptors once, map or bounce its data pages,
+//!    and queue its storage operations;
+//! 4. commit the storage queue once (one syscall for the whole batch);
+//! 5. publish the responses and notify the frontend once, if it asked.
+//!
+//! A request is a slot running through phases: `Data` (the vectored read or write,
+//! split into chunks of at most [`storage::MAX_SEGMENTS`] iovecs), `Flush`, `Discard`.
+//! FLUSH_DISKCACHE with data is `Data` then `Flush`; WRITE_BARRIER first waits until it
+//! is the only request in flight (consumption stops meanwhile, as blkback's
+//! `xen_blk_drain_io`), then runs `Data` (if any) and `Flush`, and consumption resumes
+//! only after it completed. A response is written only after every storage operation of
+//! the request completed, so a write is acknowledged only once the storage completed it
+//! and a flush only once the data is durable.
+//!
+//! Failures stay with their request: a request that fails validation, whose grants do
+//! not map, or whose storage operation fails gets `BLKIF_RSP_ERROR` (or
+//! `BLKIF_RSP_EOPNOTSUPP`) and nothing else changes. A frontend that overflows the ring
+//! halts this ring only; requests already in flight still complete and are answered.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, PAGE_SIZE, SECTOR_SIZE};
+use blkif::{
+    BackRing, DescriptorPage, DeviceLimits, IndirectRequest, Operation, RawRequest, Request,
+    Response, Segment, Segments, Validated,
+};
+use platform::{
+    Access, CopyDirection, DomId, EventChannel, GrantCopyOp, GrantMapping, OutOfBounds, Platform,
+    MAX_MAP_BATCH,
+};
+use storage::{is_unsupported, StorageOp, StorageQueue, SubmitError};
+
+use crate::bounce::BouncePool;
+use crate::persistent_grants::{PersistentGrantCache, PersistentGrantLimits};
+use crate::reactor::{RingTask, VbdId};
+use crate::slots::SlotPool;
+use crate::stats::{RingStats, Stats};
+use crate::vbd::{LostFeature, ResolvedGrantMode, VbdEvent, VbdShared};
+
+/// Most iovecs in one storage operation.
+const MAX_IOV: usize = storage::MAX_SEGMENTS;
+
+/// What a ring is doing with new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// The frontend overflowed the ring: nothing more is consumed.
+    Halted,
+    /// Detach or shutdown: nothing more is consumed; in-flight requests finish.
+    Closing,
+}
+
+/// The step of a request being executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepted, nothing submitted yet (a barrier waiting for the drain, a request
+    /// waiting for bounce pages or for room in the storage queue).
+    Idle,
+    Data,
+    Flush,
+    Discard,
+}
+
+/// A request in flight: blkback's `pending_req`. Its vectors keep their capacity from
+/// one request to the next.
+struct Slot {
+    id: u64,
+    op: Operation,
+    sector: u64,
+    nr_sectors: u64,
+    status: i16,
+    /// The failing operation was refused as unsupported (EOPNOTSUPP).
+    unsupported: bool,
+    phase: Phase,
+    /// Storage operations of the current phase not yet completed.
+    pending: u32,
+    /// Next data chunk to submit (a phase may be submitted in several go's when the
+    /// storage queue is full).
+    next_chunk: usize,
+    segs: Vec<Segment>,
+    /// Per segment: address of its page (mapped grant or bounce page).
+    addrs: Vec<usize>,
+    /// Grant refs taken from the persistent cache, returned at completion.
+    persistent: Vec<u32>,
+    /// Grants mapped for this request only, unmapped at completion.
+    mappings: Vec<GrantMapping>,
+    /// Bounce pages (copy mode).
+    bounce: Vec<u32>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            id: 0,
+            op: Operation::Read,
+            sector: 0,
+            nr_sectors: 0,
+            status: BLKIF_RSP_OKAY,
+            unsupported: false,
+            phase: Phase::Idle,
+            pending: 0,
+            next_chunk: 0,
+            segs: Vec::new(),
+            addrs: Vec::new(),
+            persistent: Vec::new(),
+            mappings: Vec::new(),
+            bounce: Vec::new(),
+        }
+    }
+
+    fn reset(&mut self, req: &Request) {
+        self.id = req.id;
+        self.op = req.operation;
+        self.sector = req.sector;
+        self.nr_sectors = req.nr_sectors;
+        self.status = BLKIF_RSP_OKAY;
+        self.unsupported = false;
+        self.phase = Phase::Idle;
+        self.pending = 0;
+        self.next_chunk = 0;
+        self.addrs.clear();
+        self.persistent.clear();
+        self.mappings.clear();
+        self.bounce.clear();
+    }
+
+    fn has_data(&self) -> bool {
+        !self.segs.is_empty()
+    }
+
+    fn chunks(&self) -> usize {
+        self.segs.len().div_ceil(MAX_IOV)
+    }
+
+    /// The phase after `self.phase`, `None` when the request is complete.
+    fn next_phase(&self) -> Option<Phase> {
+        match (self.op, self.phase) {
+            (Operation::Read | Operation::Write, Phase::Idle) => Some(Phase::Data),
+            (Operation::Flush | Operation::Barrier, Phase::Idle) if self.has_data() => {
+                Some(Phase::Data)
+            }
+            (Operation::Flush | Operation::Barrier, Phase::Idle | Phase::Data) => {
+                Some(Phase::Flush)
+            }
+            (Operation::Discard { .. }, Phase::Idle) if self.nr_sectors > 0 => Some(Phase::Discard),
+            _ => None,
+        }
+    }
+
+    /// Whether the guest's pages are written by this request (READ fills them).
+    fn fills_guest(&self) -> bool {
+        self.op == Operation::Read
+    }
+}
+
+/// The iovec array handed to the storage. `libc::iovec` holds raw pointers, so it is not
+/// `Send`; this buffer is always empty between uses (the storage copies the array at
+/// submission), which is what makes moving the ring to its reactor thread sound.
+struct IovScratch(Vec<libc::iovec>);
+
+// SAFETY: the vector is cleared after every submission, so it never carries a pointer
+// across threads; only its allocation moves.
+unsafe impl Send for IovScratch {}
+
+/// A page of a batch mapping, read as indirect descriptors.
+struct MappedPage<'a> {
+    mapping: &'a GrantMapping,
+    page: usize,
+}
+
+impl DescriptorPage for MappedPage<'_> {
+    fn copy_descriptors(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+        if offset + dst.len() > PAGE_SIZE {
+            return Err(OutOfBounds {
+                offset,
+                len: dst.len(),
+                region_len: PAGE_SIZE,
+            });
+        }
+        self.mapping.read(self.page * PAGE_SIZE + offset, dst)
+    }
+}
+
+/// Everything needed to build a ring, prepared by the attaching thread.
+pub(crate) struct RingParts {
+    pub(crate) index: usize,
+    pub(crate) ring: BackRing,
+    pub(crate) evtchn: Box<dyn EventChannel>,
+    pub(crate) queue: Box<dyn StorageQueue>,
+}
+
+/// One ring and all it owns.
+///
+/// Field order is drop order, and it matters: the storage queue goes first (dropping it
+/// waits until the kernel is done with every submitted operation), then the slots
+/// (their grant mappings and the bounce pages that operations pointed into), the
+/// persistent grants, the bounce pool, the ring mapping and finally the event channel.
+pub(crate) struct RingRunner {
+    queue: Box<dyn StorageQueue>,
+    slots: SlotPool<Slot>,
+    cache: PersistentGrantCache<GrantMapping>,
+    bounce: Option<BouncePool>,
+    ring: BackRing,
+    evtchn: Box<dyn EventChannel>,
+
+    vbd: Arc<VbdShared>,
+    platform: Arc<dyn Platform>,
+    stats: Arc<RingStats>,
+    index: usize,
+    domid: DomId,
+    persistent: bool,
+    limits: DeviceLimits,
+    limits_generation: u64,
+    state: State,
+    /// A barrier that was accepted: while set, nothing more is consumed.
+    barrier: Option<u32>,
+    /// A request waiting for bounce pages: while set, nothing more is consumed.
+    stalled: Option<u32>,
+    /// Requests with operations the storage queue had no room for.
+    retry: VecDeque<u32>,
+    completions: Vec<(u64, io::Result<u64>)>,
+    iov: IovScratch,
+    /// Scratch for persistent-grant misses: indices into the request's segments.
+    misses: Vec<usize>,
+    grefs: Vec<u32>,
+    /// Private copies of indirect descriptor pages (copy mode).
+    indirect_pages: Vec<[u8; PAGE_SIZE]>,
+    evtchn_fired: bool,
+    resize_poll: Option<std::time::Duration>,
+    next_resize: Option<Instant>,
+}
+
+pub(crate) struct RingConfig {
+    pub(crate) vbd: Arc<VbdShared>,
+    pub(crate) platform: Arc<dyn Platform>,
+    pub(crate) domid: DomId,
+    pub(crate) persistent: bool,
+    pub(crate) persistent_limits: PersistentGrantLimits,
+    pub(crate) mode: ResolvedGrantMode,
+    pub(crate) max_buffer_pages: usize,
+    pub(crate) resize_poll: Option<std::time::Duration>,
+}
+
+impl RingRunner {
+    pub(crate) fn new(parts: RingParts, cfg: RingConfig) -> io::Result<Self> {
+        let size = parts.ring.size() as usize;
+        let max_segs = (cfg.vbd.max_indirect_segments as usize)
+            .max(blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST);
+        let bounce = match cfg.mode {
+            ResolvedGrantMode::Copy => Some(BouncePool::new(cfg.max_buffer_pages.max(max_segs))?),
+            ResolvedGrantMode::Map => None,
+        };
+        let stats = cfg.vbd.ring_stats[parts.index].clone();
+        let limits = cfg.vbd.device_limits();
+        let limits_generation = cfg.vbd.generation();
+        let next_resize = (parts.index == 0)
+            .then(|| cfg.resize_poll.map(|p| Instant::now() + p))
+            .flatten();
+        Ok(Self {
+            queue: parts.queue,
+            slots: SlotPool::new(size, Slot::new),
+            cache: PersistentGrantCache::new(
+                cfg.persistent_limits,
+                cfg.vbd.persistent_overflow.clone(),
+            ),
+            bounce,
+            ring: parts.ring,
+            evtchn: parts.evtchn,
+            platform: cfg.platform,
+            stats,
+            index: parts.index,
+            domid: cfg.domid,
+            persistent: cfg.persistent,
+            limits,
+            limits_generation,
+            state: State::Running,
+            barrier: None,
+            stalled: None,
+            retry: VecDeque::with_capacity(size),
+            completions: Vec::with_capacity(size),
+            iov: IovScratch(Vec::with_capacity(MAX_IOV)),
+            misses: Vec::new(),
+            grefs: Vec::new(),
+            indirect_pages: Vec::new(),
+            evtchn_fired: true,
+            resize_poll: cfg.resize_poll,
+            next_resize,
+            vbd: cfg.vbd,
+        })
+    }
+
+    /// Storage queue depth a ring of `ring_size` slots needs: every slot may have all the
+    /// chunks of a maximal request in flight.
+    pub(crate) fn queue_depth(ring_size: u32, max_indirect_segments: u32) -> u32 {
+        let max_segs = (max_indirect_segments as usize).max(1);
+        let chunks = max_segs.div_ceil(MAX_IOV) as u32;
+        (ring_size * chunks).clamp(1, storage::MAX_QUEUE_DEPTH)
+    }
+
+    /// Picks up a resize or a lost feature published by another thread.
+    fn refresh_limits(&mut self) {
+        let g = self.vbd.generation();
+        if g != self.limits_generation {
+            self.limits = self.vbd.device_limits();
+            self.limits_generation = g;
+        }
+    }
+
+    fn consuming(&self) -> bool {
+        self.state == State::Running && self.barrier.is_none() && self.stalled.is_none()
+    }
+
+    fn process(&mut self) {
+        if std::mem::take(&mut self.evtchn_fired) {
+            if let Err(e) = self.evtchn.ack() {
+                tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel ack failed");
+            }
+        }
+        self.refresh_limits();
+        let now = Instant::now();
+
+        // Bounded: each pass either consumes requests or finishes some, and the ring holds
+        // at most `size` of them; the loop ends when a pass made no progress.
+        loop {
+            let mut progress = self.reap(now);
+            progress |= self.resume(now);
+            progress |= self.consume(now);
+            if let Err(e) = self.queue.commit() {
+                // The operations stay queued; the next wake-up retries.
+                tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
+            }
+            if self.ring.push_responses_and_check_notify() {
+                self.stats.notifications.inc();
+                if let Err(e) = self.evtchn.notify() {
+                    tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel notify failed");
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.stats.in_flight.set(self.slots.in_use() as u64);
+        self.stats.persistent_in_use.set(self.cache.in_use() as u64);
+        self.stats.persistent_mapped.set(self.cache.len() as u64);
+    }
+
+    /// Reaps storage completions. Returns whether any arrived.
+    fn reap(&mut self, now: Instant) -> bool {
+        let completions = &mut self.completions;
+        let n = self
+            .queue
+            .reap(&mut |tag, result| completions.push((tag, result)));
+        if n == 0 {
+            return false;
+        }
+        let mut done = std::mem::take(&mut self.completions);
+        for (tag, result) in done.drain(..) {
+            self.complete_op(tag, result, now);
+        }
+        self.completions = done;
+        true
+    }
+
+    /// Restarts work that was waiting: storage-queue room, bounce pages, a barrier's
+    /// drain. Returns whether anything moved.
+    fn resume(&mut self, now: Instant) -> bool {
+        let mut progress = false;
+        for _ in 0..self.retry.len() {
+            let Some(slot) = self.retry.pop_front() else {
+                break;
+            };
+            progress = true;
+            self.submit_phase(slot, now);
+            if self.retry.back() == Some(&slot) {
+                break; // still full: keep the order, wait for completions
+            }
+        }
+        if let Some(slot) = self.stalled {
+            let n = self.slots.get(slot).segs.len();
+            let pool = self.bounce.as_mut().expect("stalled only in copy mode");
+            let mut pages = std::mem::take(&mut self.slots.get_mut(slot).bounce);
+            if pool.alloc(n, &mut pages) {
+                self.slots.get_mut(slot).bounce = pages;
+                self.stalled = None;
+                progress = true;
+                self.start_copy_mode(slot, now);
+            } else {
+                self.slots.get_mut(slot).bounce = pages;
+            }
+        }
+        if let Some(slot) = self.barrier {
+            if self.slots.get(slot).phase == Phase::Idle && self.slots.in_use() == 1 {
+                progress = true;
+                self.begin(slot, now);
+            }
+        }
+        progress
+    }
+
+    /// Takes requests off the ring while slots are free. Returns whether any was taken.
+    fn consume(&mut self, now: Instant) -> bool {
+        let mut progress = false;
+        while self.consuming() {
+            if !self.slots.has_free() {
+                if self.ring.unconsumed_requests() > 0 {
+                    // blkback's st_oo_req: a request waits and no pending_req is free. A
+                    // completion frees a slot and runs the ring again.
+                    self.stats.oo_req.inc();
+                }
+                break;
+            }
+            let raw = match self.ring.pop_request() {
+                Ok(Some(raw)) => raw,
+                Ok(None) => match self.ring.final_check_for_requests() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.halt(e);
+                        break;
+                    }
+                },
+                Err(e) => {
+                    self.halt(e);
+                    break;
+                }
+            };
+            progress = true;
+            self.dispatch(raw, now);
+        }
+        progress
+    }
+
+    fn halt(&mut self, e: blkif::RingError) {
+        tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "frontend misbehaved; halting ring");
+        self.state = State::Halted;
+        self.stats
+            .halted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.vbd.emit(VbdEvent::RingHalted { ring: self.index });
+    }
+
+    /// Answers a request that never got a slot's worth of work.
+    fn respond_now(&mut self, response: Response) {
+        if response.status == BLKIF_RSP_EOPNOTSUPP {
+            self.stats.unsupported.inc();
+        } else if response.status != BLKIF_RSP_OKAY {
+            self.stats.errors.inc();
+        }
+        if let Err(e) = self.ring.push_response(&response) {
+            tracing::error!(vbd = self.vbd.id.0, ring = self.index, error = %e, "cannot push response");
+        }
+    }
+
+    /// Validates a request and starts it.
+    fn dispatch(&mut self, raw: RawRequest, now: Instant) {
+        let request = match raw.validate(&self.limits) {
+            Ok(Validated::Ready(req)) => {
+                let Some(slot) = self.slots.alloc() else {
+                    // consume() checked for a free slot.
+                    self.respond_now(raw.response(BLKIF_RSP_ERROR));
+                    return;
+                };
+                let s = self.slots.get_mut(slot);
+                s.segs.clear();
+                if let Segments::Direct(d) = &req.segments {
+                    s.segs.extend_from_slice(d.as_slice());
+                }
+                s.reset(&req);
+                (slot, req)
+            }
+            Ok(Validated::Indirect(ind)) => {
+                let Some(slot) = self.slots.alloc() else {
+                    self.respond_now(raw.response(BLKIF_RSP_ERROR));
+                    return;
+                };
+                match self.read_indirect(slot, &ind) {
+                    Ok(req) => {
+                        self.slots.get_mut(slot).reset(&req);
+                        (slot, req)
+                    }
+                    Err(status) => {
+                        tracing::debug!(
+                            vbd = self.vbd.id.0,
+                            ring = self.index,
+                            id = ind.id,
+                            "indirect request refused"
+                        );
+                        self.slots.free(slot);
+                        self.respond_now(ind.response(status));
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(vbd = self.vbd.id.0, ring = self.index, error = %e, "request refused");
+                self.respond_now(raw.response(e.status()));
+                return;
+            }
+        };
+        let (slot, req) = request;
+        self.count_accepted(&req);
+
+        let Some(pool) = self.bounce.as_mut() else {
+            if let Err(status) = self.map_segments(slot, now) {
+                self.finish_with(slot, status, now);
+                return;
+            }
+            self.after_acquire(slot, now);
+            return;
+        };
+        let s = self.slots.get_mut(slot);
+        let n = s.segs.len();
+        if n > 0 && !pool.alloc(n, &mut s.bounce) {
+            // Wait for completions to return pages; consumption stops meanwhile.
+            self.stats.oo_req.inc();
+            self.stalled = Some(slot);
+            return;
+        }
+        self.start_copy_mode(slot, now);
+    }
+
+    fn count_accepted(&self, req: &Request) {
+        match req.operation {
+            Operation::Read => {
+                self.stats.rd_req.inc();
+                self.stats.rd_sect.add(req.nr_sectors);
+            }
+            Operation::Write => {
+                self.stats.wr_req.inc();
+                self.stats.wr_sect.add(req.nr_sectors);
+            }
+            Operation::Flush | Operation::Barrier => {
+                self.stats.f_req.inc();
+                self.stats.wr_sect.add(req.nr_sectors);
+            }
+            Operation::Discard { .. } => self.stats.ds_req.inc(),
+        }
+    }
+
+    /// Copy mode, bounce pages held: grant-copy a write's data in, then go on.
+    fn start_copy_mode(&mut self, slot: u32, now: Instant) {
+        let pool = self.bounce.as_ref().expect("copy mode");
+        let base = pool.region().as_ptr() as usize;
+        let s = self.slots.get_mut(slot);
+        s.addrs.clear();
+        s.addrs
+            .extend(s.bounce.iter().map(|&p| base + BouncePool::offset(p)));
+        if s.has_data() && !s.fills_guest() {
+            if let Err(status) = self.copy_data(slot, CopyDirection::FromGuest) {
+                self.finish_with(slot, status, now);
+                return;
+            }
+        }
+        self.after_acquire(slot, now);
+    }
+
+    /// Data pages are ready: run the request, or park a barrier until the ring drained.
+    fn after_acquire(&mut self, slot: u32, now: Instant) {
+        if self.slots.get(slot).op == Operation::Barrier {
+            self.barrier = Some(slot);
+            if self.slots.in_use() > 1 {
+                tracing::trace!(
+                    vbd = self.vbd.id.0,
+                    ring = self.index,
+                    "barrier waits for in-flight I/O"
+                );
+                return;
+            }
+        }
+        self.begin(slot, now);
+    }
+
+    /// Starts the first phase of an accepted request.
+    fn begin(&mut self, slot: u32, now: Instant) {
+        match self.slots.get(slot).next_phase() {
+            Some(phase) => {
+                let s = self.slots.get_mut(slot);
+                s.phase = phase;
+                s.next_chunk = 0;
+                self.submit_phase(slot, now);
+            }
+            None => self.finish(slot, now),
+        }
+    }
+
+    /// Submits what remains of the slot's current phase.
+    fn submit_phase(&mut self, slot: u32, now: Instant) {
+        let s = self.slots.get(slot);
+        let phase = s.phase;
+        let result = match phase {
+            Phase::Idle => return,
+            Phase::Flush => self.submit(slot, 0, StorageOp::Flush),
+            Phase::Discard => {
+                let op = StorageOp::Discard {
+                    offset: s.sector * SECTOR_SIZE,
+                    len: s.nr_sectors * SECTOR_SIZE,
+                    secure: matches!(s.op, Operation::Discard { secure: true }),
+                };
+                self.submit(slot, 0, op)
+            }
+            Phase::Data => self.submit_data(slot),
+        };
+        match result {
+            Ok(()) => {}
+            Err(SubmitError::Full) => {
+                // Completions will make room; keep the request's place in line.
+                if !self.retry.contains(&slot) {
+                    self.retry.push_back(slot);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage refused an operation");
+                let s = self.slots.get_mut(slot);
+                if matches!(e, SubmitError::Unsupported(_)) && phase != Phase::Data {
+                    s.unsupported = true;
+                }
+                s.status = BLKIF_RSP_ERROR;
+                // Stop submitting further chunks; finish when what is in flight is done.
+                s.next_chunk = usize::MAX;
+                if s.pending == 0 {
+                    self.finish(slot, now);
+                }
+            }
+        }
+    }
+
+    /// Submits the remaining data chunks of a slot.
+    fn submit_data(&mut self, slot: u32) -> Result<(), SubmitError> {
+        let chunks = self.slots.get(slot).chunks();
+        while self.slots.get(slot).next_chunk < chunks {
+            let s = self.slots.get(slot);
+            let chunk = s.next_chunk;
+            let first = chunk * MAX_IOV;
+            let segs = &s.segs[first..(first + MAX_IOV).min(s.segs.len())];
+            let sectors_before: u64 = s.segs[..first].iter().map(Segment::nr_sectors).sum();
+            let offset = (s.sector + sectors_before) * SECTOR_SIZE;
+            self.iov.0.clear();
+            for (seg, &addr) in segs.iter().zip(&s.addrs[first..]) {
+                self.iov.0.push(libc::iovec {
+                    iov_base: (addr + seg.offset_bytes()) as *mut libc::c_void,
+                    iov_len: seg.len_bytes(),
+                });
+            }
+            let op = match s.op {
+                Operation::Read => StorageOp::Read {
+                    offset,
+                    iov: &self.iov.0,
+                },
+                _ => StorageOp::Write {
+                    offset,
+                    iov: &self.iov.0,
+                    fua: false,
+                },
+            };
+            let tag = tag(slot, chunk);
+            // SAFETY: every iovec points into a page this slot holds until all of its
+            // operations completed: a grant mapping in `slot.mappings`, a persistent
+            // grant the cache keeps mapped while it is active (it is returned only in
+            // `finish`, after the last completion, and the cache is drained only after
+            // the queue has been dropped), or a bounce page owned by the slot. The
+            // ranges stay inside their pages (blkif checked first/last sector). For a
+            // READ the pages are mapped writable (map mode) or are private bounce pages;
+            // no Rust reference to any of them exists. If the ring is torn down early,
+            // `RingRunner`'s field order drops the queue (which waits for the kernel)
+            // before any of that memory.
+            let r = unsafe { self.queue.submit(op, tag) };
+            self.iov.0.clear();
+            r?;
+            let s = self.slots.get_mut(slot);
+            s.pending += 1;
+            s.next_chunk += 1;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, slot: u32, chunk: usize, op: StorageOp<'_>) -> Result<(), SubmitError> {
+        // SAFETY: flush and discard carry no buffers.
+        unsafe { self.queue.submit(op, tag(slot, chunk)) }?;
+        self.slots.get_mut(slot).pending += 1;
+        Ok(())
+    }
+
+    /// One storage operation completed.
+    fn complete_op(&mut self, tag: u64, result: io::Result<u64>, now: Instant) {
+        let (slot, chunk) = untag(tag);
+        if !self.slots.is_busy(slot) || self.slots.get(slot).pending == 0 {
+            tracing::error!(
+                vbd = self.vbd.id.0,
+                ring = self.index,
+                tag,
+                "completion for no request"
+            );
+            return;
+        }
+        let expected = self.expected_len(slot, chunk);
+        let phase = self.slots.get(slot).phase;
+        let s = self.slots.get_mut(slot);
+        s.pending -= 1;
+        match result {
+            Ok(n) if expected.map_or(true, |e| n == e) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    vbd = self.vbd.id.0,
+                    ring = self.index,
+                    transferred = n,
+                    ?expected,
+                    "short storage transfer"
+                );
+                s.status = BLKIF_RSP_ERROR;
+            }
+            Err(e) => {
+                if is_unsupported(&e) && phase != Phase::Data {
+                    s.unsupported = true;
+                } else {
+                    tracing::debug!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage operation failed");
+                }
+                s.status = BLKIF_RSP_ERROR;
+            }
+        }
+        if s.pending > 0 || (phase == Phase::Data && s.next_chunk < s.chunks()) {
+            return; // more of this phase outstanding (or queued for retry)
+        }
+        if s.status != BLKIF_RSP_OKAY {
+            self.finish(slot, now);
+            return;
+        }
+        match s.next_phase() {
+            Some(next) => {
+                s.phase = next;
+                s.next_chunk = 0;
+                self.submit_phase(slot, now);
+            }
+            None => self.finish(slot, now),
+        }
+    }
+
+    /// Bytes a completed operation must report: the chunk's length for data, the range
+    /// for discards; `None` for flushes.
+    fn expected_len(&self, slot: u32, chunk: usize) -> Option<u64> {
+        let s = self.slots.get(slot);
+        match s.phase {
+            Phase::Data => {
+                let first = chunk * MAX_IOV;
+                let segs = s.segs.get(first..(first + MAX_IOV).min(s.segs.len()))?;
+                Some(segs.iter().map(|g| g.len_bytes() as u64).sum())
+            }
+            Phase::Discard => Some(s.nr_sectors * SECTOR_SIZE),
+            Phase::Flush | Phase::Idle => None,
+        }
+    }
+
+    fn finish_with(&mut self, slot: u32, status: i16, now: Instant) {
+        self.slots.get_mut(slot).status = status;
+        self.finish(slot, now);
+    }
+
+    /// The request is over: deliver read data (copy mode), release its pages, answer.
+    fn finish(&mut self, slot: u32, now: Instant) {
+        let s = self.slots.get(slot);
+        if s.status == BLKIF_RSP_OKAY && s.fills_guest() && self.bounce.is_some() && s.has_data() {
+            if let Err(status) = self.copy_data(slot, CopyDirection::ToGuest) {
+                self.slots.get_mut(slot).status = status;
+            }
+        }
+        let s = self.slots.get_mut(slot);
+        let mut status = s.status;
+        if s.unsupported {
+            status = BLKIF_RSP_EOPNOTSUPP;
+            let lost = match s.op {
+                Operation::Flush => Some(LostFeature::Flush),
+                Operation::Barrier => Some(LostFeature::Barrier),
+                Operation::Discard { secure: true } => Some(LostFeature::SecureDiscard),
+                Operation::Discard { secure: false } => Some(LostFeature::Discard),
+                _ => None,
+            };
+            if let Some(lost) = lost {
+                if self.vbd.drop_feature(lost) {
+                    tracing::info!(
+                        vbd = self.vbd.id.0,
+                        ?lost,
+                        "storage does not support it; feature withdrawn"
+                    );
+                }
+            }
+        }
+        for gref in s.persistent.drain(..) {
+            self.cache.put(gref, now);
+        }
+        // Dropping a mapping unmaps it; the storage is done with it.
+        s.mappings.clear();
+        if let Some(pool) = self.bounce.as_mut() {
+            pool.free(&s.bounce);
+        }
+        s.bounce.clear();
+        let response = Response {
+            id: s.id,
+            operation: s.op.blkif_op(),
+            status,
+        };
+        s.phase = Phase::Idle;
+        self.slots.free(slot);
+        if self.barrier == Some(slot) {
+            self.barrier = None;
+        }
+        self.respond_now(response);
+    }
+
+    /// Reads an indirect request's descriptors (mapped read-only, or grant-copied in copy
+    /// mode) into the slot's segment list, then runs the checks that need them.
+    fn read_indirect(&mut self, slot: u32, ind: &IndirectRequest) -> Result<Request, i16> {
+        let n = usize::from(ind.nr_segments);
+        let grefs = ind.indirect_grefs();
+        let s = self.slots.get_mut(slot);
+        s.segs.clear();
+        s.segs.resize(n, Segment::default());
+        let parsed = if self.bounce.is_some() {
+            if self.indirect_pages.len() < grefs.len() {
+                self.indirect_pages.resize(grefs.len(), [0; PAGE_SIZE]);
+            }
+            let mut ops: Vec<GrantCopyOp<'_>> = self
+                .indirect_pages
+                .iter_mut()
+                .zip(grefs)
+                .map(|(page, &gref)| GrantCopyOp::from_guest(self.domid, gref, 0, &mut page[..]))
+                .collect();
+            if let Err(e) = self.platform.copy(&mut ops) {
+                tracing::debug!(error = %e, "grant copy of indirect pages failed");
+                return Err(BLKIF_RSP_ERROR);
+            }
+            if let Some(op) = ops.iter().find(|op| !op.status().is_ok()) {
+                tracing::debug!(gref = op.gref(), status = %op.status(), "indirect page copy refused");
+                return Err(BLKIF_RSP_ERROR);
+            }
+            drop(ops);
+            ind.parse_segments(&self.indirect_pages[..grefs.len()], &mut s.segs)
+                .map(|_| ())
+        } else {
+            // Descriptor pages are only read, so they are mapped read-only and unmapped
+            // right after parsing, whatever `feature-persistent` says (blkback routes them
+            // through the persistent cache; a read-only, short-lived mapping leaves the
+            // guest nothing to keep mapped in our address space).
+            let mapping = self
+                .platform
+                .map(self.domid, grefs, Access::ReadOnly)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "indirect pages do not map");
+                    BLKIF_RSP_ERROR
+                })?;
+            let pages: [MappedPage<'_>; blkif::abi::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST] =
+                std::array::from_fn(|page| MappedPage {
+                    mapping: &mapping,
+                    page,
+                });
+            ind.parse_segments(&pages[..grefs.len()], &mut s.segs)
+                .map(|_| ())
+        };
+        parsed.map_err(|e| e.status())?;
+        ind.finish(&s.segs, &self.limits).map_err(|e| e.status())
+    }
+
+    /// Map mode: makes every data segment's page addressable, from the persistent cache
+    /// when possible.
+    fn map_segments(&mut self, slot: u32, now: Instant) -> Result<(), i16> {
+        let s = self.slots.get_mut(slot);
+        s.addrs.clear();
+        if !s.has_data() {
+            return Ok(());
+        }
+        // The seed maps read-only for requests that only read guest memory, except with
+        // persistent grants, whose mappings outlive the request and may serve a READ later.
+        let access = if self.persistent || s.fills_guest() {
+            Access::ReadWrite
+        } else {
+            Access::ReadOnly
+        };
+        self.misses.clear();
+        for (i, seg) in s.segs.iter().enumerate() {
+            let hit = if self.persistent {
+                self.cache.get(seg.gref).map(|m| m.as_ptr() as usize)
+            } else {
+                None
+            };
+            match hit {
+                Some(addr) => {
+                    s.addrs.push(addr);
+                    s.persistent.push(seg.gref);
+                }
+                None => {
+                    s.addrs.push(0);
+                    self.misses.push(i);
+                }
+            }
+        }
+        if self.misses.is_empty() {
+            return Ok(());
+        }
+        let mut start = 0;
+        if self.persistent {
+            // As many misses as the cache has room for become persistent, mapped one
+            // grant per mapping so the purge can drop them one by one.
+            let room = self
+                .cache
+                .limits()
+                .max_grants
+                .saturating_sub(self.cache.len())
+                .min(self.misses.len())
+                .min(MAX_MAP_BATCH);
+            if room > 0 {
+                self.grefs.clear();
+                self.grefs
+                    .extend(self.misses[..room].iter().map(|&i| s.segs[i].gref));
+                let maps = self
+                    .platform
+                    .map_each(self.domid, &self.grefs, Access::ReadWrite)
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "grant map failed");
+                        BLKIF_RSP_ERROR
+                    });
+                let maps = match maps {
+                    Ok(m) => m,
+                    Err(status) => return Err(status),
+                };
+                for (&i, m) in self.misses[..room].iter().zip(maps) {
+                    let gref = s.segs[i].gref;
+                    match self.cache.add(gref, m, now) {
+                        Ok(m) => {
+                            s.addrs[i] = m.as_ptr() as usize;
+                            s.persistent.push(gref);
+                        }
+                        Err((_, m)) => {
+                            s.addrs[i] = m.as_ptr() as usize;
+                            s.mappings.push(m);
+                        }
+                    }
+                }
+            }
+            start = room;
+            if start < self.misses.len() {
+                self.cache.note_overflow();
+            }
+        }
+        // The rest: mapped for this request only, in batches.
+        for batch in self.misses[start..].chunks(MAX_MAP_BATCH) {
+            self.grefs.clear();
+            self.grefs.extend(batch.iter().map(|&i| s.segs[i].gref));
+            let m = self
+                .platform
+                .map(self.domid, &self.grefs, access)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "grant map failed");
+                    BLKIF_RSP_ERROR
+                })?;
+            for (k, &i) in batch.iter().enumerate() {
+                s.addrs[i] = m.as_ptr() as usize + k * PAGE_SIZE;
+            }
+            s.mappings.push(m);
+        }
+        Ok(())
+    }
+
+    /// Copy mode: moves a request's data between the guest's granted pages and its
+    /// bounce pages.
+    fn copy_data(&mut self, slot: u32, direction: CopyDirection) -> Result<(), i16> {
+        let pool = self.bounce.as_ref().expect("copy mode");
+        let region = pool.region();
+        let s = self.slots.get(slot);
+        let ops: Result<Vec<GrantCopyOp<'_>>, OutOfBounds> = s
+            .segs
+            .iter()
+            .zip(&s.bounce)
+            .map(|(seg, &page)| {
+                GrantCopyOp::with_shared(
+                    direction,
+                    self.domid,
+                    seg.gref,
+                    seg.offset_bytes() as u16,
+                    region,
+                    BouncePool::offset(page) + seg.offset_bytes(),
+                    seg.len_bytes(),
+                )
+            })
+            .collect();
+        let mut ops = ops.map_err(|_| BLKIF_RSP_ERROR)?;
+        if let Err(e) = self.platform.copy(&mut ops) {
+            tracing::debug!(error = %e, "grant copy failed");
+            return Err(BLKIF_RSP_ERROR);
+        }
+        if let Some(op) = ops.iter().find(|op| !op.status().is_ok()) {
+            tracing::debug!(gref = op.gref(), status = %op.status(), "grant copy refused");
+            return Err(BLKIF_RSP_ERROR);
+        }
+        Ok(())
+    }
+
+    fn purge(&mut self, now: Instant) {
+        if !self.persistent {
+            return;
+        }
+        let purged = self.cache.purge(now);
+        if !purged.is_empty() {
+            tracing::trace!(
+                vbd = self.vbd.id.0,
+                ring = self.index,
+                n = purged.len(),
+                "unmapping purged persistent grants"
+            );
+        }
+        drop(purged);
+    }
+}
+
+/// Storage tags: the slot in the low half, the data chunk in the high half.
+fn tag(slot: u32, chunk: usize) -> u64 {
+    u64::from(slot) | ((chunk as u64) << 32)
+}
+
+fn untag(tag: u64) -> (u32, usize) {
+    (tag as u32, (tag >> 32) as usize)
+}
+
+impl RingTask for RingRunner {
+    fn vbd(&self) -> VbdId {
+        self.vbd.id
+    }
+
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        // SAFETY: both descriptors are owned by objects this ring owns (the event channel
+        // and the storage queue), which outlive the borrow: the reactor deregisters them
+        // before it drops the ring.
+        unsafe {
+            vec![
+                BorrowedFd::borrow_raw(self.evtchn.fd()),
+                BorrowedFd::borrow_raw(self.queue.completion_fd()),
+            ]
+        }
+    }
+
+    fn ready(&mut self, which: usize) {
+        if which == 0 {
+            self.evtchn_fired = true;
+        }
+    }
+
+    fn run(&mut self) {
+        self.process();
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.purge(now);
+        if let Some(at) = self.next_resize {
+            if now >= at {
+                if let Err(e) = self.vbd.refresh_size() {
+                    tracing::warn!(vbd = self.vbd.id.0, error = %e, "cannot re-read storage size");
+                }
+                self.next_resize = self.resize_poll.map(|p| now + p);
+            }
+        }
+        if !self.retry.is_empty() || self.stalled.is_some() || self.barrier.is_some() {
+            self.process();
+        } else {
+            self.update_gauges();
+        }
+    }
+
+    fn close(&mut self) {
+        if self.state != State::Closing {
+            tracing::debug!(
+                vbd = self.vbd.id.0,
+                ring = self.index,
+                in_flight = self.slots.in_use(),
+                "ring closing"
+            );
+        }
+        self.state = State::Closing;
+        self.process();
+    }
+
+    fn drained(&self) -> bool {
+        self.state == State::Closing && self.slots.in_use() == 0
+    }
+
+    fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+}
+
+impl Drop for RingRunner {
+    fn drop(&mut self) {
+        let busy: Vec<u32> = self.slots.busy_indices().collect();
+        if !busy.is_empty() {
+            tracing::warn!(
+                vbd = self.vbd.id.0,
+                ring = self.index,
+                in_flight = busy.len(),
+                "dropping a ring with requests in flight"
+            );
+        }
+        self.stats.in_flight.set(0);
+        self.stats.persistent_in_use.set(0);
+        self.stats.persistent_mapped.set(0);
+        // The fields are dropped after this body, in declaration order: the storage queue
+        // first (waiting for the kernel), then the memory its operations pointed into.
+    }
+}

@@ -1,0 +1,309 @@
+//! What a VBD is to the engine: its specification ([`VbdSpec`], [`RingSpec`]), the
+//! choices it was attached with ([`GrantMode`], [`VbdLimits`]), and the state its rings
+//! share ([`VbdShared`]): size, still-supported features, the persistent-grant overflow
+//! flag, per-ring statistics, and the callback through which the xenbus layer learns
+//! about resizes, lost features and halted rings.
+//!
+//! Everything shared is atomic: rings of one VBD run on different reactor threads and
+//! never lock each other out; the control thread reads statistics and triggers resizes
+//! concurrently.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blkif::{DeviceLimits, Protocol};
+use platform::{DomId, GrantRef, Port};
+use storage::Storage;
+
+use crate::persistent_grants::PersistentGrantLimits;
+use crate::reactor::VbdId;
+use crate::stats::{RingStats, VbdStats};
+
+/// blkback's default `max_indirect_segments` advertised as
+/// `feature-max-indirect-segments`.
+pub const DEFAULT_MAX_INDIRECT_SEGMENTS: u32 = 256;
+/// Most indirect segments a VBD may advertise: 8 descriptor pages of 512 descriptors.
+pub const MAX_INDIRECT_SEGMENTS: u32 = 4096;
+/// Most pages in one ring (`ring-page-order` 4).
+pub const MAX_RING_PAGES: usize = 16;
+
+/// How the data of READ/WRITE requests moves between guest pages and storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GrantMode {
+    /// Map the guest's pages and let storage do I/O straight into them (blkback).
+    Map,
+    /// Grant-copy between guest pages and backend-owned bounce buffers (qdisk).
+    Copy,
+    /// Let the engine choose. Provisional rule until measurements decide: map when
+    /// persistent grants were negotiated (the steady state then maps nothing), copy
+    /// otherwise (one copy hypercall per request instead of map + unmap).
+    #[default]
+    Auto,
+}
+
+impl GrantMode {
+    /// The mode a VBD actually uses.
+    pub fn resolve(self, persistent: bool) -> ResolvedGrantMode {
+        match self {
+            GrantMode::Map => ResolvedGrantMode::Map,
+            GrantMode::Copy => ResolvedGrantMode::Copy,
+            GrantMode::Auto if persistent => ResolvedGrantMode::Map,
+            GrantMode::Auto => ResolvedGrantMode::Copy,
+        }
+    }
+}
+
+/// [`GrantMode`] after `Auto` was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedGrantMode {
+    Map,
+    Copy,
+}
+
+/// One ring ("queue") of a VBD, as the frontend published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingSpec {
+    /// `ring-ref` or `ring-ref0..N`: 1, 2, 4, 8 or 16 grant references.
+    pub ring_refs: Vec<GrantRef>,
+    /// The frontend's unbound `event-channel` port.
+    pub event_channel: Port,
+}
+
+/// Tunables of a VBD, the module parameters of blkback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VbdLimits {
+    /// `feature-max-indirect-segments` to advertise (0 disables indirect requests).
+    pub max_indirect_segments: u32,
+    /// Persistent-grant cache limits per ring.
+    pub persistent: PersistentGrantLimits,
+    /// Most bounce pages one ring may hold in copy mode (blkback's `max_buffer_pages`);
+    /// raised to one maximal request if smaller.
+    pub max_buffer_pages: usize,
+    /// How often ring 0 of the VBD re-reads the storage size (online resize). `None`
+    /// only on request ([`crate::VbdHandle::refresh_size`]).
+    pub resize_poll: Option<Duration>,
+}
+
+impl Default for VbdLimits {
+    fn default() -> Self {
+        Self {
+            max_indirect_segments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+            persistent: PersistentGrantLimits::default(),
+            max_buffer_pages: crate::bounce::DEFAULT_MAX_BUFFER_PAGES,
+            resize_poll: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Features the backend advertises that a storage can turn out not to support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    /// `feature-flush-cache`.
+    pub flush: bool,
+    /// `feature-barrier`.
+    pub barrier: bool,
+    /// `feature-discard`.
+    pub discard: bool,
+    /// `discard-secure`.
+    pub secure_discard: bool,
+}
+
+/// Something the xenbus layer must reflect in xenstore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VbdEvent {
+    /// The storage changed size: write `sectors` (and the state node, as
+    /// `xen_vbd_resize` does, so the frontend notices).
+    Resized { sectors: u64 },
+    /// The storage refused an operation as unsupported: rewrite the feature nodes, as
+    /// blkback's `xen_blkbk_flush_diskcache` / `xen_blkbk_barrier` do.
+    FeaturesChanged(Features),
+    /// The frontend overflowed ring `ring`, which no longer consumes requests.
+    RingHalted { ring: usize },
+}
+
+/// Receives [`VbdEvent`]s. Called from reactor threads: must not block (send on a
+/// channel, set a flag).
+pub type EventCallback = Arc<dyn Fn(VbdId, VbdEvent) + Send + Sync>;
+
+/// Everything [`crate::Engine::attach`] needs to serve one VBD.
+#[derive(Clone)]
+pub struct VbdSpec {
+    /// The frontend's domain.
+    pub domid: DomId,
+    pub storage: Arc<dyn Storage>,
+    /// `mode = r`: writes, flushes, barriers and discards are refused.
+    pub read_only: bool,
+    /// 1..N rings (multi-queue); ring `i` is `queue-i`.
+    pub rings: Vec<RingSpec>,
+    /// The frontend's `protocol`.
+    pub protocol: Protocol,
+    /// Both ends negotiated `feature-persistent`.
+    pub persistent: bool,
+    pub grant_mode: GrantMode,
+    /// Features advertised; each is also limited by what the storage offers.
+    pub features: Features,
+    pub limits: VbdLimits,
+    /// Where resizes, lost features and halted rings are reported.
+    pub events: Option<EventCallback>,
+}
+
+impl std::fmt::Debug for VbdSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VbdSpec")
+            .field("domid", &self.domid)
+            .field("read_only", &self.read_only)
+            .field("rings", &self.rings)
+            .field("protocol", &self.protocol)
+            .field("persistent", &self.persistent)
+            .field("grant_mode", &self.grant_mode)
+            .field("features", &self.features)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the rings of one VBD and its handle.
+pub(crate) struct VbdShared {
+    pub(crate) id: VbdId,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) read_only: bool,
+    pub(crate) logical_block_size: u32,
+    pub(crate) max_indirect_segments: u32,
+    /// Capacity in 512-byte sectors; rings reload their limits when it changes.
+    sectors: AtomicU64,
+    flush: AtomicBool,
+    barrier: AtomicBool,
+    discard: AtomicBool,
+    secure_discard: AtomicBool,
+    /// Bumped whenever `sectors` or a feature changes, so a ring compares one number.
+    generation: AtomicU64,
+    /// blkback's VBD-wide `overflow_max_grants`.
+    pub(crate) persistent_overflow: Arc<AtomicBool>,
+    pub(crate) ring_stats: Vec<Arc<RingStats>>,
+    events: Option<EventCallback>,
+    /// Serialises resize checks (ring 0's tick and on-request refreshes).
+    resize_lock: Mutex<()>,
+}
+
+impl VbdShared {
+    pub(crate) fn new(id: VbdId, spec: &VbdSpec) -> Self {
+        let info = spec.storage.info();
+        let read_only = spec.read_only || info.read_only;
+        // A feature is advertised only if asked for and the storage can do it; a read-only
+        // VBD refuses every write-class operation in validation anyway.
+        let flush = spec.features.flush && info.flush;
+        let barrier = spec.features.barrier && info.flush;
+        let discard = spec.features.discard && info.discard && !read_only;
+        let secure = discard && spec.features.secure_discard && info.secure_discard;
+        Self {
+            id,
+            storage: spec.storage.clone(),
+            read_only,
+            logical_block_size: info.logical_block_size.max(512),
+            max_indirect_segments: spec.limits.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS),
+            sectors: AtomicU64::new(info.size_bytes / 512),
+            flush: AtomicBool::new(flush),
+            barrier: AtomicBool::new(barrier),
+            discard: AtomicBool::new(discard),
+            secure_discard: AtomicBool::new(secure),
+            generation: AtomicU64::new(0),
+            persistent_overflow: Arc::new(AtomicBool::new(false)),
+            ring_stats: (0..spec.rings.len())
+                .map(|_| Arc::new(RingStats::default()))
+                .collect(),
+            events: spec.events.clone(),
+            resize_lock: Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn sectors(&self) -> u64 {
+        self.sectors.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn features(&self) -> Features {
+        Features {
+            flush: self.flush.load(Ordering::Acquire),
+            barrier: self.barrier.load(Ordering::Acquire),
+            discard: self.discard.load(Ordering::Acquire),
+            secure_discard: self.secure_discard.load(Ordering::Acquire),
+        }
+    }
+
+    /// The limits requests are validated against, as of now.
+    pub(crate) fn device_limits(&self) -> DeviceLimits {
+        let f = self.features();
+        DeviceLimits {
+            sectors: self.sectors(),
+            read_only: self.read_only,
+            logical_block_size: self.logical_block_size,
+            max_indirect_segments: self.max_indirect_segments,
+            discard: f.discard,
+            secure_discard: f.secure_discard,
+            flush: f.flush,
+            barrier: f.barrier,
+        }
+    }
+
+    pub(crate) fn emit(&self, event: VbdEvent) {
+        tracing::info!(vbd = self.id.0, ?event, "vbd event");
+        if let Some(cb) = &self.events {
+            cb(self.id, event);
+        }
+    }
+
+    /// Stops advertising a feature the storage refused as unsupported. Returns whether
+    /// anything changed (the event is emitted once, by the first ring to notice).
+    pub(crate) fn drop_feature(&self, which: LostFeature) -> bool {
+        let flag = match which {
+            LostFeature::Flush => &self.flush,
+            LostFeature::Barrier => &self.barrier,
+            LostFeature::Discard => &self.discard,
+            LostFeature::SecureDiscard => &self.secure_discard,
+        };
+        if !flag.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        if which == LostFeature::Discard {
+            self.secure_discard.store(false, Ordering::Release);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.emit(VbdEvent::FeaturesChanged(self.features()));
+        true
+    }
+
+    /// Re-reads the storage size; on a change updates every ring (through the
+    /// generation) and reports it. Returns the size in sectors.
+    pub(crate) fn refresh_size(&self) -> std::io::Result<u64> {
+        let _guard = self.resize_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let sectors = self.storage.refresh_size()? / 512;
+        let old = self.sectors.swap(sectors, Ordering::AcqRel);
+        if old != sectors {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(vbd = self.id.0, old, new = sectors, "VBD resized");
+            self.emit(VbdEvent::Resized { sectors });
+        }
+        Ok(sectors)
+    }
+
+    pub(crate) fn stats(&self) -> VbdStats {
+        let rings: Vec<_> = self.ring_stats.iter().map(|s| s.snapshot()).collect();
+        let mut total = crate::stats::Stats::default();
+        for r in &rings {
+            total += *r;
+        }
+        VbdStats { total, rings }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LostFeature {
+    Flush,
+    Barrier,
+    Discard,
+    SecureDiscard,
+}
