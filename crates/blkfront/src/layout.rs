@@ -20,7 +20,8 @@ pub const MAX_INDIRECT_PAGES: usize = 8;
 /// `GRANTS_PER_INDIRECT_FRAME`: `XEN_PAGE_SIZE / sizeof(struct blkif_request_segment)`.
 pub const SEGMENTS_PER_INDIRECT_PAGE: usize = PAGE_SIZE / 8;
 /// The most segments an indirect request can describe at all (8 pages of 512 descriptors).
-pub const MAX_INDIRECT_SEGMENTS_LIMIT: u32 = (MAX_INDIRECT_PAGES * SEGMENTS_PER_INDIRECT_PAGE) as u32;
+pub const MAX_INDIRECT_SEGMENTS_LIMIT: u32 =
+    (MAX_INDIRECT_PAGES * SEGMENTS_PER_INDIRECT_PAGE) as u32;
 /// Linux's `xen_blkif_max_segments` default (module parameter `max_indirect_segments`).
 pub const DEFAULT_MAX_INDIRECT_SEGMENTS: u32 = 32;
 
@@ -136,8 +137,8 @@ impl Chunk {
 /// of a contiguous buffer would map. `len` and `page_offset` must be multiples of 512 and
 /// `page_offset < 4096`; the callers check that.
 pub fn split(sector: u64, len: usize, page_offset: usize, max_segments: usize) -> Vec<Chunk> {
-    debug_assert!(page_offset < PAGE_SIZE && page_offset % SECTOR_SIZE as usize == 0);
-    debug_assert!(len % SECTOR_SIZE as usize == 0 && max_segments > 0);
+    debug_assert!(page_offset < PAGE_SIZE && page_offset.is_multiple_of(SECTOR_SIZE as usize));
+    debug_assert!(len.is_multiple_of(SECTOR_SIZE as usize) && max_segments > 0);
     let mut chunks = Vec::with_capacity(len / (max_segments * PAGE_SIZE) + 1);
     let mut done = 0usize;
     while done < len {
@@ -165,7 +166,10 @@ mod tests {
         // Backend offers nothing: no indirect descriptors.
         assert_eq!(negotiate_indirect_segments(0, 32), 0);
         // blkback advertises 256; Linux's default cap is 32.
-        assert_eq!(negotiate_indirect_segments(256, DEFAULT_MAX_INDIRECT_SEGMENTS), 32);
+        assert_eq!(
+            negotiate_indirect_segments(256, DEFAULT_MAX_INDIRECT_SEGMENTS),
+            32
+        );
         // A limit at or below 11 would lower throughput: indirect stays off.
         assert_eq!(negotiate_indirect_segments(11, 32), 0);
         assert_eq!(negotiate_indirect_segments(256, 8), 0);

@@ -5,5 +5,18 @@
 //! shared rings, grants pages, validates every response (the backend is untrusted from the
 //! guest's side too) and ends grant access on completion.
 
+pub mod config;
+pub mod error;
+pub mod features;
+pub mod frontend;
+pub mod guest;
 pub mod layout;
+pub mod queue;
 pub mod shadow;
+
+pub use config::{BufferPlacement, FlushPreference, FrontendConfig, Protocol, QueuePolicy};
+pub use error::{Error, IoError, TeardownReport};
+pub use features::{BackendFeatures, CacheControl, DiscardParams, DiskInfo, Negotiated};
+pub use frontend::{ConnectInfo, Frontend, QueueConnectInfo};
+pub use guest::{EndAccessError, Guest, GuestError, GuestEventChannel};
+pub use queue::{Completion, FrontendStats, IoOp};

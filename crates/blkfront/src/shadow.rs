@@ -82,6 +82,18 @@ impl<T> ShadowTable<T> {
         }
     }
 
+    /// The request in flight under `id`, mutably.
+    pub fn get_mut(&mut self, id: u64) -> Result<&mut T, ShadowError> {
+        match self
+            .slots
+            .get_mut(usize::try_from(id).unwrap_or(usize::MAX))
+        {
+            None => Err(ShadowError::UnknownId(id)),
+            Some(Slot::Free { .. }) => Err(ShadowError::NotInFlight(id)),
+            Some(Slot::InFlight(v)) => Ok(v),
+        }
+    }
+
     /// Ends the request under `id` and frees the id.
     pub fn remove(&mut self, id: u64) -> Result<T, ShadowError> {
         self.get(id)?;

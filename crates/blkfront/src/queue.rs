@@ -1,0 +1,899 @@
+//! One queue: a shared ring with its event channel, grants, shadow table and completions.
+//!
+//! This module owns Linux's `struct blkfront_ring_info` and the functions that work on it:
+//! `blkif_queue_rw_req` / `blkif_queue_discard_req` (turning a chunk into a ring request,
+//! granting its pages, filling indirect pages), `blkif_interrupt` / `blkif_completion`
+//! (validating each response against the shadow table, copying read data out of
+//! persistent grants, ending grant access) and `blkif_free_ring` (teardown).
+//!
+//! Requests are grouped in *joins*: one block-layer I/O (a caller's read, write, flush or
+//! discard) split into one or more ring requests, completed when its last part completes.
+//! A queue is driven by one thread at a time (the frontend wraps it in a mutex), so none
+//! of this needs atomics; what all queues share is in [`Shared`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blkif::abi::{
+    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+};
+use blkif::{FrontRing, RawRequest, Response, RingError, Segment};
+use tracing::{debug, error, warn};
+
+use crate::error::{Error, IoError, TeardownReport};
+use crate::features::CacheControl;
+use crate::guest::{EndAccessError, Frame, GrantRef, Guest, GuestEventChannel};
+use crate::layout::{
+    indirect_pages_for, Chunk, MAX_DIRECT_SEGMENTS, PAGE_SIZE, SEGMENTS_PER_INDIRECT_PAGE,
+};
+use crate::shadow::ShadowTable;
+
+/// The kind of a block-layer I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoOp {
+    /// Read into memory.
+    Read,
+    /// Write from memory.
+    Write,
+    /// Cache flush (`BLKIF_OP_FLUSH_DISKCACHE` or `BLKIF_OP_WRITE_BARRIER`).
+    Flush,
+    /// Discard, optionally secure.
+    Discard,
+}
+
+/// A finished asynchronous I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The token given at submission.
+    pub token: u64,
+    /// What it was.
+    pub op: IoOp,
+    /// How it ended.
+    pub result: Result<(), IoError>,
+    /// The data of a successful read (empty otherwise).
+    pub data: Vec<u8>,
+}
+
+/// Counters of backend misbehaviour seen by the frontend.
+#[derive(Debug, Default)]
+pub(crate) struct AtomicStats {
+    pub requests: AtomicU64,
+    pub responses: AtomicU64,
+    pub notifications: AtomicU64,
+    pub bad_id: AtomicU64,
+    pub not_in_flight: AtomicU64,
+    pub wrong_operation: AtomicU64,
+    pub rings_halted: AtomicU64,
+    pub end_access_failures: AtomicU64,
+    pub persistent_grants: AtomicU64,
+}
+
+/// A snapshot of the frontend's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// Ring requests pushed.
+    pub requests: u64,
+    /// Responses consumed (valid or not).
+    pub responses: u64,
+    /// Event-channel notifications sent to the backend.
+    pub notifications: u64,
+    /// Responses whose id is outside the shadow table.
+    pub bad_id: u64,
+    /// Responses naming an id with no request in flight (duplicates, inventions).
+    pub not_in_flight: u64,
+    /// Responses echoing the wrong operation.
+    pub wrong_operation: u64,
+    /// Rings halted because the backend produced impossible indices.
+    pub rings_halted: u64,
+    /// `end_access` refused because the backend still mapped the grant.
+    pub end_access_failures: u64,
+    /// Persistent grants currently held (pool, free or in use).
+    pub persistent_grants: u64,
+}
+
+impl FrontendStats {
+    /// Every kind of backend protocol violation, summed.
+    pub fn protocol_errors(&self) -> u64 {
+        self.bad_id + self.not_in_flight + self.wrong_operation + self.rings_halted
+    }
+}
+
+impl AtomicStats {
+    pub fn snapshot(&self) -> FrontendStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FrontendStats {
+            requests: l(&self.requests),
+            responses: l(&self.responses),
+            notifications: l(&self.notifications),
+            bad_id: l(&self.bad_id),
+            not_in_flight: l(&self.not_in_flight),
+            wrong_operation: l(&self.wrong_operation),
+            rings_halted: l(&self.rings_halted),
+            end_access_failures: l(&self.end_access_failures),
+            persistent_grants: l(&self.persistent_grants),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What every queue of one frontend shares.
+pub(crate) struct Shared {
+    pub guest: Arc<dyn Guest>,
+    pub backend_domid: u16,
+    /// `handle` in requests: the virtual device number (Linux uses the devid).
+    pub handle: u16,
+    pub persistent: bool,
+    /// Segments per ring request (11 direct or the negotiated indirect maximum).
+    pub max_segments: usize,
+    /// [`CacheControl`] as a byte; Linux turns flush off after EOPNOTSUPP.
+    pub cache: AtomicU8,
+    /// Discard in use; Linux turns it off after EOPNOTSUPP.
+    pub discard: AtomicBool,
+    pub stats: AtomicStats,
+}
+
+impl Shared {
+    pub fn cache(&self) -> CacheControl {
+        match self.cache.load(Ordering::Relaxed) {
+            1 => CacheControl::Flush,
+            2 => CacheControl::Barrier,
+            _ => CacheControl::None,
+        }
+    }
+
+    pub fn set_cache(&self, c: CacheControl) {
+        let v = match c {
+            CacheControl::None => 0,
+            CacheControl::Flush => 1,
+            CacheControl::Barrier => 2,
+        };
+        self.cache.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Where a granted page came from, hence where it goes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageKind {
+    /// A persistent grant of the pool: stays granted, back to the pool.
+    Pool,
+    /// A data page granted for this request only: revoked and freed.
+    Data,
+    /// An indirect-descriptor page granted for this request only: revoked and kept for
+    /// reuse (Linux's `indirect_pages` list).
+    Indirect,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Granted {
+    frame: Frame,
+    gref: GrantRef,
+    kind: PageKind,
+}
+
+/// One ring request in flight (Linux's `struct blk_shadow`).
+struct Pending {
+    join: u64,
+    /// The operation the response must echo: the inner op for indirect requests.
+    expect_op: u8,
+    chunk: Chunk,
+    data: Vec<Granted>,
+    indirect: Vec<Granted>,
+}
+
+/// One block-layer I/O, possibly spanning several ring requests.
+struct Join {
+    token: u64,
+    op: IoOp,
+    sync: bool,
+    /// A synchronous caller gave up waiting: drop the completion.
+    abandoned: bool,
+    parts_total: usize,
+    parts_done: usize,
+    result: Result<(), IoError>,
+    data: Vec<u8>,
+}
+
+/// A queue's construction parameters and resources, made by the connect code.
+pub(crate) struct QueueResources {
+    pub ring: FrontRing,
+    pub ring_frames: Vec<Frame>,
+    pub ring_grefs: Vec<GrantRef>,
+    pub evtchn: Box<dyn GuestEventChannel>,
+}
+
+pub(crate) struct Queue {
+    index: usize,
+    ring: Option<FrontRing>,
+    ring_frames: Vec<Frame>,
+    ring_grefs: Vec<GrantRef>,
+    evtchn: Box<dyn GuestEventChannel>,
+    shadow: ShadowTable<Pending>,
+    joins: ShadowTable<Join>,
+    /// Free persistent grants (Linux's `rinfo->grants`).
+    pool: Vec<(Frame, GrantRef)>,
+    /// Persistent grants handed out, free or in use. Bounded by
+    /// [`crate::layout::persistent_pool_limit`]: a ring full of maximal requests.
+    pool_granted: usize,
+    /// Free, ungranted indirect pages (non-persistent mode).
+    indirect_frames: Vec<Frame>,
+    /// Grants the backend still mapped at completion; retried before each reap and
+    /// at teardown. Their pages are not reused meanwhile.
+    deferred: Vec<Granted>,
+    ready: VecDeque<Completion>,
+    sync_done: Vec<(u64, Completion)>,
+    halted: Option<RingError>,
+}
+
+impl Queue {
+    pub fn new(index: usize, res: QueueResources) -> Self {
+        let slots = res.ring.size() as usize;
+        Self {
+            index,
+            ring: Some(res.ring),
+            ring_frames: res.ring_frames,
+            ring_grefs: res.ring_grefs,
+            evtchn: res.evtchn,
+            shadow: ShadowTable::new(slots),
+            // A join exists only while at least one of its parts is in flight or about
+            // to be pushed, so one more than the ring size always suffices.
+            joins: ShadowTable::new(slots + 1),
+            pool: Vec::new(),
+            pool_granted: 0,
+            indirect_frames: Vec::new(),
+            deferred: Vec::new(),
+            ready: VecDeque::new(),
+            sync_done: Vec::new(),
+            halted: None,
+        }
+    }
+
+    fn ring(&mut self) -> &mut FrontRing {
+        self.ring.as_mut().expect("callers check_usable() first")
+    }
+
+    pub fn ring_size(&self) -> usize {
+        self.shadow.capacity()
+    }
+
+    pub fn ring_grefs(&self) -> &[GrantRef] {
+        &self.ring_grefs
+    }
+
+    pub fn port(&self) -> u32 {
+        self.evtchn.port()
+    }
+
+    /// Ring slots free for new requests.
+    pub fn free_slots(&self) -> usize {
+        self.shadow.free()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shadow.in_flight()
+    }
+
+    /// `Ok` if requests may be pushed and responses reaped.
+    pub fn check_usable(&self) -> Result<(), Error> {
+        if self.ring.is_none() {
+            return Err(Error::Closed);
+        }
+        match self.halted {
+            Some(source) => Err(Error::RingHalted {
+                queue: self.index,
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a join of `parts` ring requests.
+    pub fn begin(
+        &mut self,
+        token: u64,
+        op: IoOp,
+        sync: bool,
+        parts: usize,
+        read_len: usize,
+    ) -> u64 {
+        let join = Join {
+            token,
+            op,
+            sync,
+            abandoned: false,
+            parts_total: parts,
+            parts_done: 0,
+            result: Ok(()),
+            data: if op == IoOp::Read {
+                vec![0; read_len]
+            } else {
+                Vec::new()
+            },
+        };
+        match self.joins.insert(join) {
+            Ok(id) => id,
+            // Callers check free ring slots first, and each live join holds one.
+            Err(_) => unreachable!("more joins than ring slots + 1"),
+        }
+    }
+
+    /// A synchronous caller gives up on a join (timeout, or a submission failed part
+    /// way): the parts already pushed still complete, and the join then vanishes.
+    /// `submitted` is how many parts were pushed.
+    pub fn abandon(&mut self, join: u64, submitted: usize) {
+        let finished = match self.joins.get_mut(join) {
+            Ok(j) => {
+                j.abandoned = true;
+                j.parts_total = submitted;
+                j.parts_done >= submitted
+            }
+            Err(_) => false,
+        };
+        if finished {
+            let _ = self.joins.remove(join);
+        }
+        self.sync_done.retain(|(id, _)| *id != join);
+    }
+
+    /// Takes the completion of a finished synchronous join.
+    pub fn take_sync(&mut self, join: u64) -> Option<Completion> {
+        let pos = self.sync_done.iter().position(|(id, _)| *id == join)?;
+        Some(self.sync_done.swap_remove(pos).1)
+    }
+
+    /// Queues a completion that needed no ring request (a flush without cache control).
+    pub fn push_ready(&mut self, c: Completion) {
+        self.ready.push_back(c);
+    }
+
+    /// Moves finished asynchronous completions into `out`.
+    pub fn drain_ready(&mut self, out: &mut Vec<Completion>) -> usize {
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        n
+    }
+
+    /// Publishes pushed requests and kicks the backend if it asked for it.
+    pub fn kick(&mut self, sh: &Shared) -> Result<(), Error> {
+        if self.ring().push_requests_and_check_notify() {
+            bump(&sh.stats.notifications);
+            self.evtchn.notify()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the backend's next notification.
+    pub fn wait(&self, timeout: Duration) -> Result<bool, Error> {
+        Ok(self.evtchn.wait(timeout)?)
+    }
+
+    // ----- grants ---------------------------------------------------------------
+
+    /// A page for one data segment: a persistent grant from the pool, or a fresh page
+    /// granted for this request (read-only when the backend only reads it, as Linux
+    /// grants `rq_data_dir(req)`).
+    fn data_page(&mut self, sh: &Shared, backend_reads_only: bool) -> Result<Granted, Error> {
+        if sh.persistent {
+            return self.pool_page(sh);
+        }
+        let frame = sh.guest.alloc_frames(1)?[0];
+        match sh
+            .guest
+            .grant_access(sh.backend_domid, frame, backend_reads_only)
+        {
+            Ok(gref) => Ok(Granted {
+                frame,
+                gref,
+                kind: PageKind::Data,
+            }),
+            Err(e) => {
+                sh.guest.free_frames(&[frame]);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// An indirect-descriptor page. With persistent grants it comes from the pool
+    /// (writable, as Linux's `get_indirect_grant` does, so a backend that keeps it mapped
+    /// persistently can also reuse it for data); without, a page kept for the purpose,
+    /// granted read-only for this request since the backend only reads descriptors.
+    fn indirect_page(&mut self, sh: &Shared) -> Result<Granted, Error> {
+        if sh.persistent {
+            return self.pool_page(sh);
+        }
+        let frame = match self.indirect_frames.pop() {
+            Some(f) => f,
+            None => sh.guest.alloc_frames(1)?[0],
+        };
+        match sh.guest.grant_access(sh.backend_domid, frame, true) {
+            Ok(gref) => Ok(Granted {
+                frame,
+                gref,
+                kind: PageKind::Indirect,
+            }),
+            Err(e) => {
+                self.indirect_frames.push(frame);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn pool_page(&mut self, sh: &Shared) -> Result<Granted, Error> {
+        if let Some((frame, gref)) = self.pool.pop() {
+            return Ok(Granted {
+                frame,
+                gref,
+                kind: PageKind::Pool,
+            });
+        }
+        let frame = sh.guest.alloc_frames(1)?[0];
+        match sh.guest.grant_access(sh.backend_domid, frame, false) {
+            Ok(gref) => {
+                self.pool_granted += 1;
+                sh.stats.persistent_grants.fetch_add(1, Ordering::Relaxed);
+                Ok(Granted {
+                    frame,
+                    gref,
+                    kind: PageKind::Pool,
+                })
+            }
+            Err(e) => {
+                sh.guest.free_frames(&[frame]);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Gives a page back after its request completed: pool pages to the pool, others
+    /// revoked (or deferred if the backend still maps them).
+    fn release(&mut self, sh: &Shared, g: Granted) {
+        if g.kind == PageKind::Pool {
+            self.pool.push((g.frame, g.gref));
+            return;
+        }
+        match sh.guest.end_access(g.gref) {
+            Ok(()) => self.recycle(sh, g),
+            Err(EndAccessError::StillMapped(_)) => {
+                bump(&sh.stats.end_access_failures);
+                warn!(
+                    queue = self.index,
+                    gref = g.gref,
+                    "backend has not unmapped grant; page held back"
+                );
+                self.deferred.push(g);
+            }
+            Err(e @ EndAccessError::Invalid(_)) => {
+                error!(queue = self.index, %e, "ending access of a grant we never made");
+                self.recycle(sh, g);
+            }
+        }
+    }
+
+    fn recycle(&mut self, sh: &Shared, g: Granted) {
+        match g.kind {
+            PageKind::Indirect => self.indirect_frames.push(g.frame),
+            _ => sh.guest.free_frames(&[g.frame]),
+        }
+    }
+
+    fn retry_deferred(&mut self, sh: &Shared) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.deferred);
+        for g in pending {
+            match sh.guest.end_access(g.gref) {
+                Ok(()) => {
+                    debug!(
+                        queue = self.index,
+                        gref = g.gref,
+                        "deferred grant finally ended"
+                    );
+                    self.recycle(sh, g);
+                }
+                Err(EndAccessError::StillMapped(_)) => self.deferred.push(g),
+                Err(EndAccessError::Invalid(_)) => self.recycle(sh, g),
+            }
+        }
+    }
+
+    // ----- submission ----------------------------------------------------------
+
+    /// Pushes one READ/WRITE ring request for `chunk` (direct, or indirect when it has
+    /// more than 11 segments). `data` holds the chunk's bytes for a write.
+    pub fn push_rw(
+        &mut self,
+        sh: &Shared,
+        join: u64,
+        write: bool,
+        chunk: Chunk,
+        data: &[u8],
+    ) -> Result<(), Error> {
+        let nsegs = chunk.nr_segments();
+        debug_assert!(nsegs <= sh.max_segments && self.free_slots() > 0);
+        let mut granted: Vec<Granted> = Vec::with_capacity(nsegs);
+        let mut indirect: Vec<Granted> = Vec::new();
+        let built = self.build_rw(sh, write, chunk, data, &mut granted, &mut indirect);
+        let segs = match built {
+            Ok(s) => s,
+            Err(e) => {
+                for g in granted.into_iter().chain(indirect) {
+                    self.release(sh, g);
+                }
+                return Err(e);
+            }
+        };
+        let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        let pending = Pending {
+            join,
+            expect_op: op,
+            chunk,
+            data: granted,
+            indirect,
+        };
+        let indirect_grefs: Vec<GrantRef> = pending.indirect.iter().map(|g| g.gref).collect();
+        let id = match self.shadow.insert(pending) {
+            Ok(id) => id,
+            Err(_) => unreachable!("free slot checked by the caller"),
+        };
+        let req = if indirect_grefs.is_empty() {
+            RawRequest::direct(op, id, sh.handle, chunk.sector, &segs)
+        } else {
+            RawRequest::indirect(
+                op,
+                id,
+                sh.handle,
+                chunk.sector,
+                nsegs as u16,
+                &indirect_grefs,
+            )
+        }
+        .expect("segment and indirect-page counts bounded by negotiation");
+        self.push(sh, id, &req)
+    }
+
+    fn build_rw(
+        &mut self,
+        sh: &Shared,
+        write: bool,
+        chunk: Chunk,
+        data: &[u8],
+        granted: &mut Vec<Granted>,
+        indirect: &mut Vec<Granted>,
+    ) -> Result<Vec<Segment>, Error> {
+        let mut segs = Vec::with_capacity(chunk.nr_segments());
+        for span in chunk.segments() {
+            let g = self.data_page(sh, write)?;
+            granted.push(g);
+            if write {
+                // A write's data must be in the page before the request is visible:
+                // with persistent grants this is the copy Linux does in
+                // `blkif_setup_rw_req_grant`; without, it stands for the caller's own
+                // page already holding the data.
+                sh.guest.write_frame(
+                    g.frame,
+                    span.page_offset(),
+                    &data[span.buf_offset..span.buf_offset + span.len],
+                )?;
+            }
+            segs.push(Segment {
+                gref: g.gref,
+                first_sect: span.first_sect,
+                last_sect: span.last_sect,
+            });
+        }
+        if segs.len() > MAX_DIRECT_SEGMENTS {
+            let mut page = vec![0u8; PAGE_SIZE];
+            for descs in segs.chunks(SEGMENTS_PER_INDIRECT_PAGE) {
+                let g = self.indirect_page(sh)?;
+                indirect.push(g);
+                for (slot, s) in page.chunks_exact_mut(8).zip(descs) {
+                    slot.copy_from_slice(&s.encode());
+                }
+                sh.guest.write_frame(g.frame, 0, &page[..descs.len() * 8])?;
+            }
+            debug_assert_eq!(indirect.len(), indirect_pages_for(segs.len()));
+        }
+        Ok(segs)
+    }
+
+    /// Pushes a cache flush (`BLKIF_OP_FLUSH_DISKCACHE`) or barrier
+    /// (`BLKIF_OP_WRITE_BARRIER`) with no segments: Linux's empty `REQ_PREFLUSH`.
+    pub fn push_flush(&mut self, sh: &Shared, join: u64, barrier: bool) -> Result<(), Error> {
+        let op = if barrier {
+            BLKIF_OP_WRITE_BARRIER
+        } else {
+            BLKIF_OP_FLUSH_DISKCACHE
+        };
+        let id = self.insert_control(join, op);
+        let req =
+            RawRequest::direct(op, id, sh.handle, 0, &[]).expect("flush/barrier is a direct op");
+        self.push(sh, id, &req)
+    }
+
+    /// Pushes a discard of `nr_sectors` sectors at `sector` (`blkif_queue_discard_req`).
+    pub fn push_discard(
+        &mut self,
+        sh: &Shared,
+        join: u64,
+        sector: u64,
+        nr_sectors: u64,
+        secure: bool,
+    ) -> Result<(), Error> {
+        let id = self.insert_control(join, BLKIF_OP_DISCARD);
+        let req = RawRequest::discard(id, sh.handle, sector, nr_sectors, secure);
+        self.push(sh, id, &req)
+    }
+
+    fn insert_control(&mut self, join: u64, op: u8) -> u64 {
+        debug_assert!(self.free_slots() > 0);
+        let pending = Pending {
+            join,
+            expect_op: op,
+            chunk: Chunk {
+                sector: 0,
+                buf_offset: 0,
+                len: 0,
+                page_offset: 0,
+            },
+            data: Vec::new(),
+            indirect: Vec::new(),
+        };
+        match self.shadow.insert(pending) {
+            Ok(id) => id,
+            Err(_) => unreachable!("free slot checked by the caller"),
+        }
+    }
+
+    fn push(&mut self, sh: &Shared, id: u64, req: &RawRequest) -> Result<(), Error> {
+        if let Err(e) = self.ring().push_request(req) {
+            // Cannot happen with a free shadow slot (one slot per request), but never
+            // leave a shadow entry for a request the backend will not see.
+            if let Ok(p) = self.shadow.remove(id) {
+                for g in p.data.into_iter().chain(p.indirect) {
+                    self.release(sh, g);
+                }
+            }
+            return Err(Error::RingHalted {
+                queue: self.index,
+                source: e,
+            });
+        }
+        bump(&sh.stats.requests);
+        Ok(())
+    }
+}
+
+impl Queue {
+    // ----- completion ----------------------------------------------------------
+
+    /// Consumes every response the backend has published (Linux's `blkif_interrupt`),
+    /// re-arming `rsp_event` so the backend notifies for the next one. Returns how many
+    /// responses were consumed. A ring the backend corrupted is halted and reported.
+    pub fn reap(&mut self, sh: &Shared) -> Result<usize, Error> {
+        self.check_usable()?;
+        self.retry_deferred(sh);
+        let mut n = 0;
+        loop {
+            let step = match self.ring().pop_response() {
+                Ok(Some(rsp)) => {
+                    bump(&sh.stats.responses);
+                    self.complete(sh, rsp);
+                    n += 1;
+                    continue;
+                }
+                Ok(None) => self.ring().final_check_for_responses(),
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(true) => continue,
+                Ok(false) => return Ok(n),
+                Err(e) => {
+                    bump(&sh.stats.rings_halted);
+                    error!(queue = self.index, %e, "backend broke the ring protocol; ring halted");
+                    self.halted = Some(e);
+                    return Err(Error::RingHalted {
+                        queue: self.index,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Handles one response (`blkif_completion` plus the checks around it).
+    fn complete(&mut self, sh: &Shared, rsp: Response) {
+        // The id must name a request in flight: the backend may invent ids, repeat a
+        // completion, or echo garbage. Nothing about such a response can be trusted, so
+        // it is counted and dropped, and the request it might have meant stays in flight.
+        let expect_op = match self.shadow.get(rsp.id) {
+            Ok(p) => p.expect_op,
+            Err(e) => {
+                match e {
+                    crate::shadow::ShadowError::UnknownId(_) => bump(&sh.stats.bad_id),
+                    crate::shadow::ShadowError::NotInFlight(_) => bump(&sh.stats.not_in_flight),
+                }
+                warn!(queue = self.index, id = rsp.id, op = rsp.operation, %e, "bogus response from backend");
+                return;
+            }
+        };
+        let p = self
+            .shadow
+            .remove(rsp.id)
+            .expect("checked in flight just above");
+        let result = if rsp.operation != expect_op {
+            // The id is ours but the answer is for something else: fail the request
+            // rather than believe either half.
+            bump(&sh.stats.wrong_operation);
+            warn!(
+                queue = self.index,
+                id = rsp.id,
+                expected = expect_op,
+                got = rsp.operation,
+                "response has wrong operation"
+            );
+            Err(IoError::WrongOperation {
+                expected: expect_op,
+                got: rsp.operation,
+            })
+        } else {
+            match rsp.status {
+                BLKIF_RSP_OKAY => Ok(()),
+                BLKIF_RSP_ERROR => Err(IoError::Failed),
+                BLKIF_RSP_EOPNOTSUPP => Err(IoError::NotSupported),
+                s => Err(IoError::UnknownStatus(s)),
+            }
+        };
+        if result == Err(IoError::NotSupported) {
+            // As Linux: a backend that refuses flush/barrier or discard once will refuse
+            // it again, so stop sending it.
+            match expect_op {
+                BLKIF_OP_FLUSH_DISKCACHE | BLKIF_OP_WRITE_BARRIER => {
+                    warn!(
+                        queue = self.index,
+                        "backend refused cache flush; disabling it"
+                    );
+                    sh.set_cache(CacheControl::None);
+                }
+                BLKIF_OP_DISCARD => {
+                    warn!(queue = self.index, "backend refused discard; disabling it");
+                    sh.discard.store(false, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+
+        // Copy read data out before the pages go back: with persistent grants the page
+        // is reused by the next request at once.
+        let copy_out = result.is_ok() && expect_op == BLKIF_OP_READ;
+        if copy_out {
+            if let Ok(j) = self.joins.get_mut(p.join) {
+                for (span, g) in p.chunk.segments().zip(&p.data) {
+                    let at = p.chunk.buf_offset + span.buf_offset;
+                    if let Err(e) = sh.guest.read_frame(
+                        g.frame,
+                        span.page_offset(),
+                        &mut j.data[at..at + span.len],
+                    ) {
+                        error!(queue = self.index, %e, "reading a completed page failed");
+                    }
+                }
+            }
+        }
+        for g in p.data.into_iter().chain(p.indirect) {
+            self.release(sh, g);
+        }
+        self.finish_part(p.join, result);
+    }
+
+    fn finish_part(&mut self, join: u64, result: Result<(), IoError>) {
+        let Ok(j) = self.joins.get_mut(join) else {
+            error!(queue = self.index, join, "completion for a vanished join");
+            return;
+        };
+        j.parts_done += 1;
+        if j.result.is_ok() {
+            j.result = result;
+        }
+        if j.parts_done < j.parts_total {
+            return;
+        }
+        let j = self.joins.remove(join).expect("checked above");
+        if j.abandoned {
+            return;
+        }
+        let data = if j.result.is_ok() { j.data } else { Vec::new() };
+        let c = Completion {
+            token: j.token,
+            op: j.op,
+            result: j.result,
+            data,
+        };
+        if j.sync {
+            self.sync_done.push((join, c));
+        } else {
+            self.ready.push_back(c);
+        }
+    }
+
+    // ----- teardown -------------------------------------------------------------
+
+    /// Revokes every grant of the queue and frees its pages (`blkif_free_ring`). Grants
+    /// the backend still maps are reported and their pages leaked, never reused.
+    pub fn teardown(&mut self, sh: &Shared) -> TeardownReport {
+        let mut report = TeardownReport::default();
+        let end = |gref: GrantRef, report: &mut TeardownReport| match sh.guest.end_access(gref) {
+            Ok(()) => {
+                report.grants_ended += 1;
+                true
+            }
+            Err(EndAccessError::StillMapped(_)) => {
+                bump(&sh.stats.end_access_failures);
+                report.still_mapped.push(gref);
+                false
+            }
+            Err(EndAccessError::Invalid(_)) => true,
+        };
+        for (_, p) in self.shadow.drain() {
+            report.aborted_requests += 1;
+            for g in p.data.into_iter().chain(p.indirect) {
+                if end(g.gref, &mut report) {
+                    if g.kind == PageKind::Pool {
+                        self.pool_granted -= 1;
+                        sh.stats.persistent_grants.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    sh.guest.free_frames(&[g.frame]);
+                }
+            }
+        }
+        for (_, j) in self.joins.drain() {
+            if !j.sync && !j.abandoned {
+                self.ready.push_back(Completion {
+                    token: j.token,
+                    op: j.op,
+                    result: Err(IoError::Aborted),
+                    data: Vec::new(),
+                });
+            }
+        }
+        for (frame, gref) in std::mem::take(&mut self.pool) {
+            self.pool_granted -= 1;
+            sh.stats.persistent_grants.fetch_sub(1, Ordering::Relaxed);
+            if end(gref, &mut report) {
+                sh.guest.free_frames(&[frame]);
+            }
+        }
+        for g in std::mem::take(&mut self.deferred) {
+            if end(g.gref, &mut report) {
+                sh.guest.free_frames(&[g.frame]);
+            }
+        }
+        let frames = std::mem::take(&mut self.indirect_frames);
+        sh.guest.free_frames(&frames);
+        // The ring last: the backend unmaps it when it disconnects.
+        let mut ring_free = true;
+        for gref in std::mem::take(&mut self.ring_grefs) {
+            ring_free &= end(gref, &mut report);
+        }
+        self.ring = None;
+        let frames = std::mem::take(&mut self.ring_frames);
+        if ring_free {
+            sh.guest.free_frames(&frames);
+        }
+        if !report.is_clean() {
+            warn!(queue = self.index, still_mapped = ?report.still_mapped, "backend still maps grants at teardown");
+        }
+        report
+    }
+
+    /// Test hook: the ring's shared memory, for a test playing a hostile backend.
+    #[cfg(test)]
+    pub fn ring_memory(&self) -> &shmem::SharedMemory {
+        self.ring.as_ref().expect("ring alive").memory()
+    }
+}
