@@ -1,0 +1,773 @@
+//! A simulated hypervisor: Xen's grant and event-channel semantics without Xen.
+//!
+//! A simulated guest ([`SimGuest`]) owns its memory (a memfd of N pages) and a grant
+//! table of real `grant_entry_v1` records (another memfd), and allocates event channels
+//! (an eventfd per direction). The backend side ([`SimPlatform`]) is a [`Platform`]: it
+//! keeps a registry of attached domains and plays the hypervisor for them — a grant map
+//! checks the entry the way Xen does ([`crate::grant_table`]), flags it
+//! `GTF_reading`/`GTF_writing` while mapped and maps the guest's own pages into one
+//! contiguous range (zero copy, like gntdev); grant copy checks the same and copies
+//! through the memfd.
+//!
+//! A guest attaches from the same process ([`SimPlatform::attach_local`]) or from another
+//! one ([`SimGuest::connect`] + [`SimPlatform::accept`]): both go through the same
+//! handshake on a unix socket ([`wire`]), which passes the memfds, a liveness pipe and,
+//! later, each event channel's eventfds by SCM_RIGHTS.
+//!
+//! **A guest that dies.** The guest keeps the write end of the liveness pipe; when its
+//! process exits or is killed the backend's read end ([`DomainHandle::liveness_fd`])
+//! turns readable/HUP, which the daemon polls like any other fd. Nothing else changes by
+//! itself: the memfds stay valid (the backend holds its own descriptors and they are
+//! sealed against shrinking), so existing mappings, maps and copies keep working on the
+//! dead guest's memory and event-channel notifies go nowhere — no fault, no hang. When the
+//! daemon tears the domain down it calls [`SimPlatform::detach`], as Xen destroys a dead
+//! domain: from then on maps, copies and binds for it fail with `GNTST_bad_domain` /
+//! [`PlatformError::UnknownDomain`], while mappings still held stay valid until dropped.
+
+mod guest;
+mod vm;
+mod wire;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use rustix::fs::{FileType, SealFlags};
+use shmem::{SharedMemory, PAGE_SIZE};
+
+use crate::grant_table::{self, ActiveTable, PinKind};
+use crate::{
+    Access, CopyDirection, DomId, EventChannel, EventChannelBinder, GrantCopyOp, GrantMapper,
+    GrantMapping, GrantRef, GrantStatus, MapError, Platform, PlatformError, Port, XenstoreEndpoint,
+    DOMID_FIRST_RESERVED, MAX_MAP_BATCH,
+};
+
+pub use guest::{GuestConfig, GuestError, GuestEventChannel, SimGuest};
+
+/// Largest guest the backend accepts (pages): 16 GiB.
+pub const MAX_GUEST_FRAMES: u32 = 1 << 22;
+/// Largest grant table the backend accepts (entries): 128 frames of v1 entries.
+pub const MAX_GRANT_ENTRIES: u32 = 128 * grant_table::ENTRIES_PER_FRAME as u32;
+/// Most event channels one guest may announce; more are refused (the guest cannot make
+/// the backend hold unbounded descriptors).
+pub const MAX_PORTS_PER_DOMAIN: usize = 1024;
+/// How long the backend waits for a connecting guest's hello, and a guest for the answer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live grant-mapping accounting shared with every mapping's release callback.
+#[derive(Debug, Default)]
+struct Counters {
+    mappings: AtomicUsize,
+    pages: AtomicUsize,
+}
+
+/// An event channel a guest offered (an unbound port on Xen).
+#[derive(Debug)]
+struct GuestPort {
+    remote_domid: DomId,
+    /// Guest → backend notifications (the backend polls it).
+    to_backend: OwnedFd,
+    /// Backend → guest notifications.
+    to_guest: OwnedFd,
+    bound: bool,
+}
+
+#[derive(Debug, Default)]
+struct Control {
+    /// The attach socket; `None` once the guest closed it or broke the protocol.
+    stream: Option<UnixStream>,
+    ports: HashMap<Port, GuestPort>,
+}
+
+/// The hypervisor's record of one attached guest.
+#[derive(Debug)]
+struct SimDomain {
+    domid: DomId,
+    /// Guest memory (memfd, sealed against shrinking, `nr_frames` pages).
+    memory: File,
+    nr_frames: u32,
+    /// The guest's grant table, mapped shared: we read entries and set pin flags in it.
+    table: SharedMemory,
+    active: ActiveTable,
+    liveness: OwnedFd,
+    control: Mutex<Control>,
+}
+
+impl SimDomain {
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the port announcements the guest sent since last time (non-blocking).
+    fn drain_control(&self, ctl: &mut Control) {
+        while let Some(stream) = ctl.stream.as_ref() {
+            match wire::recv(stream) {
+                Ok(wire::Recv::WouldBlock) => return,
+                Ok(wire::Recv::Eof) => {
+                    tracing::debug!(domid = self.domid, "guest closed its attach socket");
+                    ctl.stream = None;
+                }
+                Ok(wire::Recv::Msg(wire::Msg::PortAlloc { port, remote_domid }, fds)) => {
+                    let Ok::<[OwnedFd; 2], _>([to_backend, to_guest]) = fds.try_into() else {
+                        tracing::warn!(
+                            domid = self.domid,
+                            port,
+                            "port announcement without its two eventfds"
+                        );
+                        ctl.stream = None;
+                        continue;
+                    };
+                    if ctl.ports.len() >= MAX_PORTS_PER_DOMAIN || ctl.ports.contains_key(&port) {
+                        tracing::warn!(
+                            domid = self.domid,
+                            port,
+                            "port announcement refused (duplicate or over the limit)"
+                        );
+                        continue;
+                    }
+                    ctl.ports.insert(
+                        port,
+                        GuestPort {
+                            remote_domid,
+                            to_backend,
+                            to_guest,
+                            bound: false,
+                        },
+                    );
+                }
+                Ok(wire::Recv::Msg(wire::Msg::PortClose { port }, _)) => {
+                    ctl.ports.remove(&port);
+                }
+                Ok(wire::Recv::Msg(other, _)) => {
+                    tracing::warn!(
+                        domid = self.domid,
+                        ?other,
+                        "unexpected message; closing the attach socket"
+                    );
+                    ctl.stream = None;
+                }
+                Err(e) => {
+                    tracing::warn!(domid = self.domid, error = %e, "attach protocol violation; closing the attach socket");
+                    ctl.stream = None;
+                }
+            }
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        !wire::wait_readable(self.liveness.as_fd(), Duration::ZERO)
+    }
+}
+
+/// What the platform knows about one attached guest; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DomainHandle {
+    dom: Arc<SimDomain>,
+}
+
+impl DomainHandle {
+    pub fn domid(&self) -> DomId {
+        self.dom.domid
+    }
+
+    /// Guest memory size in pages.
+    pub fn nr_frames(&self) -> u32 {
+        self.dom.nr_frames
+    }
+
+    pub fn nr_grant_entries(&self) -> u32 {
+        self.dom.active.nr_entries()
+    }
+
+    /// Readable (EOF) / HUP once the guest is gone: poll it with the rings' fds.
+    pub fn liveness_fd(&self) -> BorrowedFd<'_> {
+        self.dom.liveness.as_fd()
+    }
+
+    /// Whether the guest still holds its end (a zero-timeout poll of the liveness fd).
+    pub fn is_alive(&self) -> bool {
+        self.dom.is_alive()
+    }
+
+    /// Waits up to `timeout` for the guest to go away; `true` if it did.
+    pub fn wait_for_exit(&self, timeout: Duration) -> bool {
+        wire::wait_readable(self.dom.liveness.as_fd(), timeout)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend_domid: DomId,
+    domains: RwLock<HashMap<DomId, Arc<SimDomain>>>,
+    counters: Arc<Counters>,
+    next_port: AtomicU32,
+    xenstore: RwLock<Option<PathBuf>>,
+}
+
+/// The backend side of the simulated hypervisor; a [`Platform`]. Clones share state.
+#[derive(Debug, Clone)]
+pub struct SimPlatform {
+    inner: Arc<Inner>,
+}
+
+impl Default for SimPlatform {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimPlatform {
+    /// A hypervisor whose backend runs in dom0.
+    pub fn new() -> Self {
+        Self::with_backend_domid(0)
+    }
+
+    /// A hypervisor whose backend runs in driver domain `domid`: guests must grant to it.
+    pub fn with_backend_domid(domid: DomId) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend_domid: domid,
+                domains: RwLock::new(HashMap::new()),
+                counters: Arc::default(),
+                next_port: AtomicU32::new(1),
+                xenstore: RwLock::new(None),
+            }),
+        }
+    }
+
+    pub fn backend_domid(&self) -> DomId {
+        self.inner.backend_domid
+    }
+
+    /// Where [`Platform::xenstore_endpoint`] points: the `xenstore` crate's in-memory
+    /// server's socket.
+    pub fn set_xenstore_socket(&self, path: impl Into<PathBuf>) {
+        *self
+            .inner
+            .xenstore
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(path.into());
+    }
+
+    /// Attaches a guest living in this process (same handshake as another process, over
+    /// a socketpair).
+    pub fn attach_local(&self, guest: &SimGuest) -> Result<DomainHandle, PlatformError> {
+        let (guest_end, backend_end) =
+            UnixStream::pair().map_err(|e| PlatformError::io("socketpair", e))?;
+        guest
+            .send_hello(&guest_end)
+            .map_err(|e| PlatformError::Protocol(format!("local guest hello: {e}")))?;
+        let handle = self.attach_stream(backend_end)?;
+        guest
+            .finish_connect(guest_end)
+            .map_err(|e| PlatformError::Protocol(format!("local guest welcome: {e}")))?;
+        Ok(handle)
+    }
+
+    /// Accepts one guest connecting on `listener` (blocks until one connects).
+    pub fn accept(&self, listener: &UnixListener) -> Result<DomainHandle, PlatformError> {
+        let (stream, _) = listener
+            .accept()
+            .map_err(|e| PlatformError::io("accept", e))?;
+        self.attach_stream(stream)
+    }
+
+    /// Like [`SimPlatform::accept`], giving up after `timeout` without a connection.
+    pub fn accept_timeout(
+        &self,
+        listener: &UnixListener,
+        timeout: Duration,
+    ) -> Result<DomainHandle, PlatformError> {
+        if !wire::wait_readable(listener.as_fd(), timeout) {
+            return Err(PlatformError::io(
+                "accept",
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ));
+        }
+        self.accept(listener)
+    }
+
+    /// Runs the backend side of the handshake on a connected stream: reads the guest's
+    /// hello and descriptors, validates them, registers the domain, answers.
+    pub fn attach_stream(&self, stream: UnixStream) -> Result<DomainHandle, PlatformError> {
+        stream
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| PlatformError::io("set_read_timeout", e))?;
+        let (hello, fds) = match wire::recv(&stream) {
+            Ok(wire::Recv::Msg(hello @ wire::Msg::Hello { .. }, fds)) => (hello, fds),
+            Ok(wire::Recv::Msg(other, _)) => {
+                return Err(PlatformError::Protocol(format!(
+                    "expected hello, got {other:?}"
+                )))
+            }
+            Ok(wire::Recv::WouldBlock) => {
+                return Err(PlatformError::Protocol(
+                    "no hello within the handshake timeout".into(),
+                ))
+            }
+            Ok(wire::Recv::Eof) => {
+                return Err(PlatformError::Protocol(
+                    "guest hung up before its hello".into(),
+                ))
+            }
+            Err(e) => return Err(PlatformError::Protocol(e)),
+        };
+        let admitted = self.admit(hello, fds);
+        let status = match &admitted {
+            Ok(_) => 0,
+            Err(_) => -libc::EINVAL,
+        };
+        let welcome = wire::Msg::Welcome {
+            status,
+            backend_domid: self.inner.backend_domid,
+        };
+        let sent = wire::send(&stream, welcome, &[]);
+        let dom = match admitted {
+            Ok(dom) => dom,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a simulated guest");
+                return Err(e);
+            }
+        };
+        if let Err(e) = sent.and_then(|_| stream.set_nonblocking(true)) {
+            self.remove(dom.domid);
+            return Err(PlatformError::io("welcome", e));
+        }
+        dom.control().stream = Some(stream);
+        tracing::info!(
+            domid = dom.domid,
+            frames = dom.nr_frames,
+            "simulated guest attached"
+        );
+        Ok(DomainHandle { dom })
+    }
+
+    /// Validates a hello: sizes in range, memfds large enough and sealed against
+    /// shrinking (a guest shrinking its memory under our mappings would SIGBUS us), a
+    /// pipe for liveness, a domid free and not ours.
+    fn admit(&self, hello: wire::Msg, fds: Vec<OwnedFd>) -> Result<Arc<SimDomain>, PlatformError> {
+        let proto = |m: String| Err(PlatformError::Protocol(m));
+        let wire::Msg::Hello {
+            version,
+            domid,
+            nr_frames,
+            nr_entries,
+        } = hello
+        else {
+            return proto("not a hello".into());
+        };
+        if version != wire::VERSION {
+            return proto(format!(
+                "protocol version {version}, expected {}",
+                wire::VERSION
+            ));
+        }
+        if domid >= DOMID_FIRST_RESERVED || domid == self.inner.backend_domid {
+            return proto(format!("domid {domid} is reserved or the backend's own"));
+        }
+        if !(1..=MAX_GUEST_FRAMES).contains(&nr_frames) {
+            return proto(format!("{nr_frames} guest frames (1..={MAX_GUEST_FRAMES})"));
+        }
+        if !(grant_table::NR_RESERVED_ENTRIES + 1..=MAX_GRANT_ENTRIES).contains(&nr_entries) {
+            return proto(format!("{nr_entries} grant entries"));
+        }
+        let Ok::<[OwnedFd; 3], _>([memory, table, liveness]) = fds.try_into() else {
+            return proto("hello must carry exactly 3 descriptors".into());
+        };
+        check_sealed_memfd(
+            &memory,
+            u64::from(nr_frames) * PAGE_SIZE as u64,
+            "guest memory",
+        )?;
+        let table_len = nr_entries as usize * grant_table::ENTRY_SIZE;
+        check_sealed_memfd(&table, table_len as u64, "grant table")?;
+        let st =
+            rustix::fs::fstat(&liveness).map_err(|e| PlatformError::io("fstat liveness", e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Fifo {
+            return proto("liveness descriptor is not a pipe".into());
+        }
+        let table = vm::map_file(table.as_fd(), table_len)
+            .map_err(|e| PlatformError::io("mmap grant table", e))?;
+        let dom = Arc::new(SimDomain {
+            domid,
+            memory: File::from(memory),
+            nr_frames,
+            table,
+            active: ActiveTable::new(nr_entries),
+            liveness,
+            control: Mutex::new(Control::default()),
+        });
+        let mut domains = self
+            .inner
+            .domains
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if domains.contains_key(&domid) {
+            return Err(PlatformError::DomainExists(domid));
+        }
+        domains.insert(domid, dom.clone());
+        Ok(dom)
+    }
+
+    fn remove(&self, domid: DomId) -> Option<Arc<SimDomain>> {
+        self.inner
+            .domains
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&domid)
+    }
+
+    /// Forgets a domain, as Xen does when it destroys one: later maps, copies and binds
+    /// for it fail (`GNTST_bad_domain`, [`PlatformError::UnknownDomain`]); mappings and
+    /// event channels still held stay valid until dropped.
+    pub fn detach(&self, domid: DomId) -> Result<(), PlatformError> {
+        match self.remove(domid) {
+            Some(_) => {
+                tracing::info!(domid, "simulated guest detached");
+                Ok(())
+            }
+            None => Err(PlatformError::UnknownDomain(domid)),
+        }
+    }
+
+    /// The handle of an attached domain.
+    pub fn domain(&self, domid: DomId) -> Option<DomainHandle> {
+        self.lookup(domid).map(|dom| DomainHandle { dom })
+    }
+
+    /// Attached domain ids.
+    pub fn domains(&self) -> Vec<DomId> {
+        let mut v: Vec<DomId> = self
+            .inner
+            .domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn lookup(&self, domid: DomId) -> Option<Arc<SimDomain>> {
+        self.inner
+            .domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&domid)
+            .cloned()
+    }
+
+    /// One grant copy, in Xen's order of checks: domain, entry (pin), page bounds.
+    fn copy_one(&self, op: &mut GrantCopyOp<'_>) -> GrantStatus {
+        let Some(dom) = self.lookup(op.domid()) else {
+            return GrantStatus::BAD_DOMAIN;
+        };
+        let readonly = op.direction() == CopyDirection::FromGuest;
+        let frame = match dom.active.pin(
+            &dom.table,
+            op.gref(),
+            self.inner.backend_domid,
+            readonly,
+            dom.nr_frames,
+            PinKind::Copy,
+        ) {
+            Ok(frame) => frame,
+            Err(status) => return status,
+        };
+        let status = if op.fits_page() {
+            let pos = u64::from(frame) * PAGE_SIZE as u64 + u64::from(op.offset());
+            match copy_bytes(&dom.memory, pos, op) {
+                Ok(()) => GrantStatus::OKAY,
+                Err(e) => {
+                    tracing::error!(domid = dom.domid, gref = op.gref(), error = %e, "grant copy I/O failed");
+                    GrantStatus::GENERAL_ERROR
+                }
+            }
+        } else {
+            GrantStatus::BAD_COPY_ARG
+        };
+        dom.active.unpin(&dom.table, op.gref(), readonly);
+        status
+    }
+}
+
+/// Moves the bytes of one checked copy op through the memfd.
+fn copy_bytes(memory: &File, pos: u64, op: &mut GrantCopyOp<'_>) -> std::io::Result<()> {
+    use crate::mapping::Local;
+    let len = op.len();
+    let direction = op.direction();
+    match &mut op.local {
+        Local::Dst(dst) => memory.read_exact_at(dst, pos),
+        Local::Src(src) => memory.write_all_at(src, pos),
+        Local::Shared { mem, offset } => {
+            let mut bounce = [0u8; PAGE_SIZE];
+            let bounce = &mut bounce[..len];
+            match direction {
+                CopyDirection::FromGuest => {
+                    memory.read_exact_at(bounce, pos)?;
+                    mem.write(*offset, bounce).map_err(std::io::Error::other)
+                }
+                CopyDirection::ToGuest => {
+                    mem.read(*offset, bounce).map_err(std::io::Error::other)?;
+                    memory.write_all_at(bounce, pos)
+                }
+            }
+        }
+    }
+}
+
+fn check_sealed_memfd(fd: &OwnedFd, min_len: u64, what: &str) -> Result<(), PlatformError> {
+    let st = rustix::fs::fstat(fd).map_err(|e| PlatformError::io("fstat memfd", e))?;
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    if size < min_len {
+        return Err(PlatformError::Protocol(format!(
+            "{what}: {size} bytes, need {min_len}"
+        )));
+    }
+    let seals = rustix::fs::fcntl_get_seals(fd)
+        .map_err(|_| PlatformError::Protocol(format!("{what}: not a sealable memfd")))?;
+    if !seals.contains(SealFlags::SHRINK) {
+        return Err(PlatformError::Protocol(format!(
+            "{what}: not sealed against shrinking"
+        )));
+    }
+    Ok(())
+}
+
+impl GrantMapper for SimPlatform {
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<GrantMapping, MapError> {
+        let count = refs.len();
+        if count == 0 || count > MAX_MAP_BATCH {
+            return Err(MapError::BadBatchSize {
+                count,
+                max: MAX_MAP_BATCH,
+            });
+        }
+        let Some(dom) = self.lookup(domid) else {
+            return Err(MapError::Grant {
+                domid,
+                index: 0,
+                gref: refs[0],
+                count,
+                status: GrantStatus::BAD_DOMAIN,
+            });
+        };
+        let readonly = !access.is_writable();
+        let mut frames = Vec::with_capacity(count);
+        for (index, &gref) in refs.iter().enumerate() {
+            match dom.active.pin(
+                &dom.table,
+                gref,
+                self.inner.backend_domid,
+                readonly,
+                dom.nr_frames,
+                PinKind::Map,
+            ) {
+                Ok(frame) => frames.push(frame),
+                Err(status) => {
+                    for &g in &refs[..index] {
+                        dom.active.unpin(&dom.table, g, readonly);
+                    }
+                    tracing::debug!(domid, index, gref, %status, "grant map failed");
+                    return Err(MapError::Grant {
+                        domid,
+                        index,
+                        gref,
+                        count,
+                        status,
+                    });
+                }
+            }
+        }
+        let release = {
+            let dom = dom.clone();
+            let refs = refs.to_vec();
+            let counters = self.inner.counters.clone();
+            Box::new(move || {
+                for &g in &refs {
+                    dom.active.unpin(&dom.table, g, readonly);
+                }
+                counters.mappings.fetch_sub(1, Ordering::AcqRel);
+                counters.pages.fetch_sub(refs.len(), Ordering::AcqRel);
+            })
+        };
+        match vm::map_frames(dom.memory.as_fd(), &frames, access.is_writable(), release) {
+            Ok(mem) => {
+                self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
+                self.inner.counters.pages.fetch_add(count, Ordering::AcqRel);
+                Ok(GrantMapping::new(mem, access, domid, count))
+            }
+            Err(source) => {
+                // `release` was dropped unrun: undo the pins here.
+                for &g in refs {
+                    dom.active.unpin(&dom.table, g, readonly);
+                }
+                Err(MapError::AddressSpace {
+                    pages: count,
+                    source,
+                })
+            }
+        }
+    }
+
+    fn copy(&self, ops: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
+        for op in ops.iter_mut() {
+            let status = self.copy_one(op);
+            op.set_status(status);
+        }
+        Ok(())
+    }
+
+    fn live_mappings(&self) -> usize {
+        self.inner.counters.mappings.load(Ordering::Acquire)
+    }
+
+    fn mapped_pages(&self) -> usize {
+        self.inner.counters.pages.load(Ordering::Acquire)
+    }
+}
+
+/// A bound simulated event channel: two eventfds shared with the guest.
+#[derive(Debug)]
+struct SimEventChannel {
+    local_port: Port,
+    remote_port: Port,
+    to_backend: OwnedFd,
+    to_guest: OwnedFd,
+    dom: Arc<SimDomain>,
+}
+
+impl EventChannel for SimEventChannel {
+    fn fd(&self) -> RawFd {
+        self.to_backend.as_raw_fd()
+    }
+
+    fn notify(&self) -> Result<(), PlatformError> {
+        signal_eventfd(&self.to_guest).map_err(|e| PlatformError::io("evtchn notify", e))
+    }
+
+    fn ack(&self) -> Result<bool, PlatformError> {
+        drain_eventfd(&self.to_backend).map_err(|e| PlatformError::io("evtchn ack", e))
+    }
+
+    fn local_port(&self) -> Port {
+        self.local_port
+    }
+
+    fn remote(&self) -> (DomId, Port) {
+        (self.dom.domid, self.remote_port)
+    }
+}
+
+impl Drop for SimEventChannel {
+    fn drop(&mut self) {
+        // Back to "unbound": the frontend may be bound again after a reconnect.
+        if let Some(p) = self.dom.control().ports.get_mut(&self.remote_port) {
+            p.bound = false;
+        }
+    }
+}
+
+/// Adds 1 to an eventfd. A full counter (2^64-2 pending) already reads as pending.
+pub(crate) fn signal_eventfd(fd: &OwnedFd) -> std::io::Result<()> {
+    match rustix::io::write(fd, &1u64.to_ne_bytes()) {
+        Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads (and so resets) a non-blocking eventfd; `true` if it was signalled.
+pub(crate) fn drain_eventfd(fd: &OwnedFd) -> std::io::Result<bool> {
+    let mut b = [0u8; 8];
+    loop {
+        return match rustix::io::read(fd, &mut b) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::AGAIN) => Ok(false),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
+impl EventChannelBinder for SimPlatform {
+    fn bind_interdomain(
+        &self,
+        domid: DomId,
+        remote_port: Port,
+    ) -> Result<Box<dyn EventChannel>, PlatformError> {
+        let dom = self
+            .lookup(domid)
+            .ok_or(PlatformError::UnknownDomain(domid))?;
+        let bad = |reason| PlatformError::BadPort {
+            domid,
+            port: remote_port,
+            reason,
+        };
+        let mut ctl = dom.control();
+        if !ctl.ports.contains_key(&remote_port) {
+            dom.drain_control(&mut ctl);
+        }
+        let p = ctl
+            .ports
+            .get_mut(&remote_port)
+            .ok_or_else(|| bad("no such unbound port"))?;
+        if p.remote_domid != self.inner.backend_domid {
+            return Err(bad("port is offered to another domain"));
+        }
+        if p.bound {
+            return Err(bad("port is already bound"));
+        }
+        let to_backend = p
+            .to_backend
+            .try_clone()
+            .map_err(|e| PlatformError::io("dup eventfd", e))?;
+        let to_guest = p
+            .to_guest
+            .try_clone()
+            .map_err(|e| PlatformError::io("dup eventfd", e))?;
+        p.bound = true;
+        drop(ctl);
+        let local_port = self.inner.next_port.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(domid, remote_port, local_port, "event channel bound");
+        Ok(Box::new(SimEventChannel {
+            local_port,
+            remote_port,
+            to_backend,
+            to_guest,
+            dom,
+        }))
+    }
+}
+
+impl Platform for SimPlatform {
+    fn xenstore_endpoint(&self) -> Result<XenstoreEndpoint, PlatformError> {
+        match &*self
+            .inner
+            .xenstore
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(p) => Ok(XenstoreEndpoint::UnixSocket(p.clone())),
+            None => Err(PlatformError::NoXenstore { tried: Vec::new() }),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+}
+
+#[cfg(test)]
+mod tests;
