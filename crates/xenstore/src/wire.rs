@@ -375,11 +375,8 @@ mod tests {
         fn decoder_never_panics_or_overallocates(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
             let mut r: &[u8] = &bytes;
             // Decode until the stream is exhausted or broken.
-            loop {
-                match read_message(&mut r) {
-                    Ok(m) => prop_assert!(m.payload.len() <= PAYLOAD_MAX),
-                    Err(_) => break,
-                }
+            while let Ok(m) = read_message(&mut r) {
+                prop_assert!(m.payload.len() <= PAYLOAD_MAX);
             }
         }
 

@@ -371,7 +371,7 @@ impl State {
                     b"F" => false,
                     _ => return Err(Errno::Einval),
                 };
-                if !self.txs.get(&tx_id).is_some_and(|t| t.conn_id == conn.id) {
+                if !matches!(self.txs.get(&tx_id), Some(t) if t.conn_id == conn.id) {
                     return Err(Errno::Enoent);
                 }
                 let Some(tx) = self.txs.remove(&tx_id) else {
