@@ -1,1 +1,34 @@
-//! Device lifecycle over xenstore: the XenbusState machine and negotiation.
+//! Device lifecycle over xenstore: the XenbusState machine and feature negotiation of a
+//! userspace Xen PV block backend.
+//!
+//! This crate does what Linux's `drivers/block/xen-blkback/xenbus.c` (and the generic
+//! `xenbus_probe_backend.c`) do: it watches `backend/<type>/` under our domain's home for
+//! the backend types it serves, reacts to devices appearing and disappearing, publishes
+//! what we offer, reads what the frontend chose, and creates and tears down VBDs through
+//! the engine behind [`vbd::VbdFactory`]. It never touches ring memory.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`manager`] | the control loop: watches, the device table, events, shutdown, status |
+//! | [`device`] | one device's state machine (level-triggered `reconcile`) |
+//! | [`negotiate`] | reading toolstack/frontend nodes, publishing ours (pure functions) |
+//! | [`vbd`] | the engine seam: [`vbd::VbdFactory`], [`vbd::ConnectedVbd`], the types they exchange |
+//! | [`toolstack`] | writing/removing device nodes the way libxl does (for `xenblkd attach`, tests) |
+//! | [`config`] | daemon and per-device settings (TOML) |
+//! | [`store`] | the narrow xenstore interface the above are written against |
+//! | [`memstore`] | an in-memory [`store::Store`] for unit tests |
+//! | [`status`] | the JSON status snapshot and control protocol types |
+//! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
+
+pub mod config;
+pub mod error;
+pub mod memstore;
+pub mod negotiate;
+pub mod parse;
+pub mod state;
+pub mod store;
+pub mod vbd;
+pub mod vdev;
+
+pub use error::{ConfigError, DeviceError, Error, NegotiationError, Result, StoreError, VbdError};
+pub use state::XenbusState;

@@ -1,0 +1,420 @@
+//! Daemon and per-device settings: what `xenblkd serve` reads from its TOML configuration
+//! file (and flags), with validation and per-device overrides.
+//!
+//! ```toml
+//! backend_domid = 0
+//! control_socket = "/run/xenblkd/control"
+//! reactor_threads = 0            # 0: one per core
+//! drain_timeout_ms = 5000
+//!
+//! [[backend_type]]               # default: vbd (waits for the hotplug script) and xenblkd
+//! name = "vbd"
+//! wait_for_hotplug = true
+//!
+//! [defaults]
+//! max_queues = 4
+//! max_ring_page_order = 4
+//! max_indirect_segments = 256
+//! persistent_grants = true
+//! max_persistent_grants = 1056
+//! grant_mode = "auto"            # map | copy | auto
+//! discard = true
+//! direct_io = "auto"             # auto | on | off
+//!
+//! [[device]]                     # overrides, matched on any of type/domid/vdev
+//! domid = 5
+//! vdev = "xvdb"
+//! max_queues = 1
+//! persistent_grants = false
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::vdev;
+
+/// `XENBUS_MAX_RING_GRANT_ORDER`: Linux's (and our) ceiling for `max-ring-page-order`.
+pub const MAX_RING_PAGE_ORDER: u32 = 4;
+/// Ceiling for `multi-queue-max-queues`: every queue costs a ring, an event channel and a
+/// reactor slot, so an operator typo must not let a guest make us allocate thousands.
+pub const MAX_QUEUES: u32 = 64;
+/// Ceiling for `feature-max-indirect-segments`: `BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST` (8)
+/// indirect pages of 512 segment descriptors each.
+pub const MAX_INDIRECT_SEGMENTS: u32 = 4096;
+/// Segments of a direct request (`BLKIF_MAX_SEGMENTS_PER_REQUEST`); advertising fewer
+/// indirect segments than this is pointless, so such a setting means "no indirect".
+pub const DIRECT_SEGMENTS: u32 = 11;
+
+/// The backend type our own `xenblkd attach` writes under, which no stock driver binds.
+pub const XENBLKD_BACKEND_TYPE: &str = "xenblkd";
+/// The backend type libxl writes for `backendtype=phy` disks (kernel blkback's).
+pub const VBD_BACKEND_TYPE: &str = "vbd";
+
+/// How grant pages are accessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantMode {
+    /// Map the guest pages (blkback's way): zero copy.
+    Map,
+    /// Grant-copy to and from private buffers (qdisk's way).
+    Copy,
+    /// Let the engine pick.
+    #[default]
+    Auto,
+}
+
+/// Whether to bypass the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectIo {
+    /// O_DIRECT where the storage supports it.
+    #[default]
+    Auto,
+    /// Require O_DIRECT (opening fails where it is unusable).
+    On,
+    /// Always use the page cache.
+    Off,
+}
+
+/// Settings that apply to one device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceSettings {
+    /// `multi-queue-max-queues`.
+    pub max_queues: u32,
+    /// `max-ring-page-order` (0..=4).
+    pub max_ring_page_order: u32,
+    /// `feature-max-indirect-segments`; 0 disables indirect requests.
+    pub max_indirect_segments: u32,
+    /// Advertise `feature-persistent`.
+    pub persistent_grants: bool,
+    /// Persistent grants kept mapped per ring before LRU purging.
+    pub max_persistent_grants: u32,
+    /// Map or copy grants.
+    pub grant_mode: GrantMode,
+    /// Offer discard when the storage supports it (and the toolstack's `discard-enable`
+    /// does not say otherwise).
+    pub discard: bool,
+    /// Page cache policy.
+    pub direct_io: DirectIo,
+}
+
+impl Default for DeviceSettings {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        DeviceSettings {
+            // blkback's default is one queue per online CPU.
+            max_queues: cpus.clamp(1, MAX_QUEUES),
+            max_ring_page_order: MAX_RING_PAGE_ORDER,
+            // blkback's MAX_INDIRECT_SEGMENTS.
+            max_indirect_segments: 256,
+            persistent_grants: true,
+            // blkback's default max_persistent_grants.
+            max_persistent_grants: 1056,
+            grant_mode: GrantMode::Auto,
+            discard: true,
+            direct_io: DirectIo::Auto,
+        }
+    }
+}
+
+impl DeviceSettings {
+    /// Checks ranges; `key` prefixes error messages.
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
+            key: format!("{key}.{field}"),
+            message,
+        };
+        if self.max_queues == 0 || self.max_queues > MAX_QUEUES {
+            return Err(bad("max_queues", format!("must be 1..={MAX_QUEUES}")));
+        }
+        if self.max_ring_page_order > MAX_RING_PAGE_ORDER {
+            return Err(bad("max_ring_page_order", format!("must be 0..={MAX_RING_PAGE_ORDER}")));
+        }
+        if self.max_indirect_segments != 0
+            && !(DIRECT_SEGMENTS + 1..=MAX_INDIRECT_SEGMENTS).contains(&self.max_indirect_segments)
+        {
+            return Err(bad(
+                "max_indirect_segments",
+                format!("must be 0 (off) or {}..={MAX_INDIRECT_SEGMENTS}", DIRECT_SEGMENTS + 1),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A per-device override: every field present replaces the default for the devices it
+/// matches. Match fields that are absent match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceOverride {
+    /// Match: backend type (`vbd`, `xenblkd`).
+    pub backend_type: Option<String>,
+    /// Match: frontend domain id.
+    pub domid: Option<u32>,
+    /// Match: virtual device, by name (`xvdb`) or number (`51728`).
+    pub vdev: Option<String>,
+    /// See [`DeviceSettings::max_queues`].
+    pub max_queues: Option<u32>,
+    /// See [`DeviceSettings::max_ring_page_order`].
+    pub max_ring_page_order: Option<u32>,
+    /// See [`DeviceSettings::max_indirect_segments`].
+    pub max_indirect_segments: Option<u32>,
+    /// See [`DeviceSettings::persistent_grants`].
+    pub persistent_grants: Option<bool>,
+    /// See [`DeviceSettings::max_persistent_grants`].
+    pub max_persistent_grants: Option<u32>,
+    /// See [`DeviceSettings::grant_mode`].
+    pub grant_mode: Option<GrantMode>,
+    /// See [`DeviceSettings::discard`].
+    pub discard: Option<bool>,
+    /// See [`DeviceSettings::direct_io`].
+    pub direct_io: Option<DirectIo>,
+}
+
+impl DeviceOverride {
+    fn matches(&self, backend_type: &str, domid: u32, devid: u32) -> bool {
+        self.backend_type.as_deref().is_none_or(|t| t == backend_type)
+            && self.domid.is_none_or(|d| d == domid)
+            && self
+                .vdev
+                .as_deref()
+                .is_none_or(|v| vdev::parse_vdev(v).ok() == Some(devid))
+    }
+
+    fn apply(&self, s: &mut DeviceSettings) {
+        if let Some(v) = self.max_queues {
+            s.max_queues = v;
+        }
+        if let Some(v) = self.max_ring_page_order {
+            s.max_ring_page_order = v;
+        }
+        if let Some(v) = self.max_indirect_segments {
+            s.max_indirect_segments = v;
+        }
+        if let Some(v) = self.persistent_grants {
+            s.persistent_grants = v;
+        }
+        if let Some(v) = self.max_persistent_grants {
+            s.max_persistent_grants = v;
+        }
+        if let Some(v) = self.grant_mode {
+            s.grant_mode = v;
+        }
+        if let Some(v) = self.discard {
+            s.discard = v;
+        }
+        if let Some(v) = self.direct_io {
+            s.direct_io = v;
+        }
+    }
+}
+
+/// A backend directory type to serve (`backend/<name>/...`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendType {
+    /// The directory name.
+    pub name: String,
+    /// Open the storage only after the hotplug script wrote `physical-device` (or
+    /// `physical-device-path`), as blkback does: libxl runs the script once the backend is
+    /// in InitWait, and the script may be what makes the storage exist (loop, iSCSI...).
+    #[serde(default)]
+    pub wait_for_hotplug: bool,
+}
+
+impl BackendType {
+    /// The types served by default: libxl's `vbd` (with the hotplug handshake) and our own
+    /// `xenblkd` (written by `xenblkd attach`, no hotplug script).
+    pub fn defaults() -> Vec<BackendType> {
+        vec![
+            BackendType {
+                name: VBD_BACKEND_TYPE.into(),
+                wait_for_hotplug: true,
+            },
+            BackendType {
+                name: XENBLKD_BACKEND_TYPE.into(),
+                wait_for_hotplug: false,
+            },
+        ]
+    }
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our domain id (0 on dom0; a driver domain's id otherwise). Backend directories are
+    /// under `/local/domain/<backend_domid>/backend/`.
+    pub backend_domid: u32,
+    /// Backend types to serve.
+    #[serde(rename = "backend_type")]
+    pub backend_types: Vec<BackendType>,
+    /// Where the JSON control socket listens.
+    pub control_socket: PathBuf,
+    /// Reactor threads of the engine; 0 means one per core.
+    pub reactor_threads: u32,
+    /// How long a disconnect may wait for in-flight I/O before it gives up.
+    pub drain_timeout_ms: u64,
+    /// Settings of every device...
+    pub defaults: DeviceSettings,
+    /// ...unless overridden here (later entries win).
+    #[serde(rename = "device")]
+    pub overrides: Vec<DeviceOverride>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend_domid: 0,
+            backend_types: BackendType::defaults(),
+            control_socket: PathBuf::from("/run/xenblkd/control"),
+            reactor_threads: 0,
+            drain_timeout_ms: 5000,
+            defaults: DeviceSettings::default(),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML configuration.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks every setting, including each override applied on top of the defaults.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.defaults.validate("defaults")?;
+        if self.backend_types.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "backend_type".into(),
+                message: "at least one backend type must be served".into(),
+            });
+        }
+        for (i, t) in self.backend_types.iter().enumerate() {
+            let valid = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: format!("backend_type[{i}].name"),
+                    message: format!("{:?} is not a valid xenstore directory name", t.name),
+                });
+            }
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            if let Some(v) = &o.vdev {
+                vdev::parse_vdev(v).map_err(|e| ConfigError::Invalid {
+                    key: format!("device[{i}].vdev"),
+                    message: e.to_string(),
+                })?;
+            }
+            let mut s = self.defaults.clone();
+            o.apply(&mut s);
+            s.validate(&format!("device[{i}]"))?;
+        }
+        Ok(())
+    }
+
+    /// The settings of one device: the defaults with every matching override applied in
+    /// order.
+    pub fn settings_for(&self, backend_type: &str, domid: u32, devid: u32) -> DeviceSettings {
+        let mut s = self.defaults.clone();
+        for o in self.overrides.iter().filter(|o| o.matches(backend_type, domid, devid)) {
+            o.apply(&mut s);
+        }
+        s
+    }
+
+    /// The served type called `name`.
+    pub fn backend_type(&self, name: &str) -> Option<&BackendType> {
+        self.backend_types.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.backend_types.len(), 2);
+        assert!(c.backend_type("vbd").unwrap().wait_for_hotplug);
+        assert!(!c.backend_type("xenblkd").unwrap().wait_for_hotplug);
+        assert_eq!(Config::from_toml("", "x").unwrap(), c);
+    }
+
+    #[test]
+    fn overrides_apply_in_order() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            max_queues = 4
+            grant_mode = "copy"
+            [[device]]
+            domid = 5
+            max_queues = 2
+            [[device]]
+            domid = 5
+            vdev = "xvdb"
+            max_queues = 1
+            persistent_grants = false
+            [[device]]
+            backend_type = "xenblkd"
+            direct_io = "off"
+            "#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(c.settings_for("vbd", 5, 51712).max_queues, 2);
+        let s = c.settings_for("vbd", 5, 51728);
+        assert_eq!((s.max_queues, s.persistent_grants), (1, false));
+        assert_eq!(c.settings_for("vbd", 6, 51728).max_queues, 4);
+        assert_eq!(c.settings_for("vbd", 6, 51728).grant_mode, GrantMode::Copy);
+        assert_eq!(c.settings_for("xenblkd", 6, 1).direct_io, DirectIo::Off);
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        for (text, key) in [
+            ("[defaults]\nmax_queues = 0", "defaults.max_queues"),
+            ("[defaults]\nmax_ring_page_order = 5", "defaults.max_ring_page_order"),
+            ("[defaults]\nmax_indirect_segments = 8", "defaults.max_indirect_segments"),
+            ("[[device]]\nvdev = \"floppy\"", "device[0].vdev"),
+            ("[[device]]\nmax_queues = 1000", "device[0].max_queues"),
+            ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
+        ] {
+            match Config::from_toml(text, "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(Config::from_toml("bogus = 1", "t"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_toml("[defaults]\nmax_queue = 1", "t"),
+            Err(ConfigError::Parse { .. })
+        ));
+        Config::from_toml("[defaults]\nmax_indirect_segments = 0", "t").unwrap();
+    }
+}

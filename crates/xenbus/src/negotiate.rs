@@ -1,0 +1,879 @@
+//! Reading what the toolstack and the frontend wrote, and publishing what we offer: the
+//! xenstore half of blkback's `xen_blkbk_probe`, `backend_changed`, `connect_ring` and
+//! `connect`, as pure functions over a [`StoreOps`] so each is testable on its own.
+//!
+//! The frontend's nodes are written by the guest: every value is parsed strictly
+//! ([`crate::parse`]) and every count is bounded by what we advertised before any
+//! allocation depends on it.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use tracing::warn;
+
+use crate::config::{DeviceSettings, MAX_RING_PAGE_ORDER};
+use crate::error::{sanitize, DeviceError, NegotiationError, StoreError};
+use crate::parse::{parse_flag, parse_major_minor, parse_params, parse_u32, DiskTarget};
+use crate::state::XenbusState;
+use crate::store::{join, StoreExt, StoreOps};
+use crate::vbd::{
+    sectors_for, BackendFeatures, DeviceConfig, DiskInfo, FrontendParams, Protocol, RingParams,
+    VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
+};
+
+/// What the toolstack wrote in a backend directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendNodes {
+    /// `frontend`: the frontend directory (validated to lie under the frontend's domain).
+    pub frontend: String,
+    /// `frontend-id`.
+    pub frontend_id: u32,
+    /// `params`, raw.
+    pub params: Option<Vec<u8>>,
+    /// `mode` contains no `w`.
+    pub read_only: bool,
+    /// `device-type` is `cdrom`.
+    pub cdrom: bool,
+    /// `removable` is non-zero.
+    pub removable: bool,
+    /// `physical-device`, if the hotplug script wrote it.
+    pub physical_device: Option<(u32, u32)>,
+    /// `physical-device-path`, if the hotplug script wrote it.
+    pub physical_device_path: Option<PathBuf>,
+    /// `direct-io-safe`.
+    pub direct_io_safe: bool,
+    /// `discard-enable` (default true).
+    pub discard_enable: bool,
+    /// `online`, if present.
+    pub online: Option<bool>,
+    /// `state`, if present and valid.
+    pub state: Option<XenbusState>,
+    /// `dev` (the guest's name for the disk, informational).
+    pub dev: Option<String>,
+}
+
+impl BackendNodes {
+    /// Whether the hotplug script has run (blkback's trigger: `physical-device`; our own
+    /// script may write only `physical-device-path` for regular files).
+    pub fn hotplug_done(&self) -> bool {
+        self.physical_device.is_some() || self.physical_device_path.is_some()
+    }
+
+    /// The storage to open: the hotplug script's resolved path when present, else `params`.
+    pub fn target(&self, backend: &str) -> Result<DiskTarget, NegotiationError> {
+        let from_params = match &self.params {
+            Some(p) => Some(parse_params(p).map_err(|e| NegotiationError::Backend(format!(
+                "{}: {e}",
+                join(backend, "params")
+            )))?),
+            None => None,
+        };
+        match (&self.physical_device_path, from_params) {
+            (Some(path), params) => Ok(DiskTarget {
+                // The script resolves where the data is; the format still comes from params.
+                format: params.map_or(crate::parse::DiskFormat::Raw, |t| t.format),
+                path: path.clone(),
+            }),
+            (None, Some(t)) => Ok(t),
+            (None, None) => Err(NegotiationError::Missing {
+                path: join(backend, "params"),
+            }),
+        }
+    }
+}
+
+fn invalid(path: String, value: &[u8]) -> NegotiationError {
+    NegotiationError::Invalid {
+        path,
+        value: sanitize(value),
+    }
+}
+
+/// Reads an optional flag; a value that is not a number counts as absent (with a warning):
+/// optional features must not make a device fail.
+fn read_flag(store: &dyn StoreOps, dir: &str, name: &str, default: bool) -> Result<bool, StoreError> {
+    let path = join(dir, name);
+    Ok(match store.read(&path)? {
+        None => default,
+        Some(v) => parse_flag(&v).unwrap_or_else(|| {
+            warn!(%path, value = %sanitize(&v), "ignoring unparsable flag");
+            default
+        }),
+    })
+}
+
+/// Reads a backend directory. `Ok(None)` if it does not exist (or has no `frontend` yet:
+/// toolstacks that write without a transaction are still writing).
+pub fn read_backend(store: &dyn StoreOps, backend: &str) -> Result<Option<BackendNodes>, DeviceError> {
+    let Some(frontend_raw) = store.read(&join(backend, "frontend"))? else {
+        return Ok(None);
+    };
+    let Some(frontend_id_raw) = store.read(&join(backend, "frontend-id"))? else {
+        return Ok(None);
+    };
+    let frontend_id =
+        parse_u32(&frontend_id_raw).ok_or_else(|| invalid(join(backend, "frontend-id"), &frontend_id_raw))?;
+    let frontend = std::str::from_utf8(&frontend_raw)
+        .ok()
+        .map(|s| s.trim_end_matches('\0').to_string())
+        .filter(|f| f.starts_with(&format!("/local/domain/{frontend_id}/")) && !f.contains("//"))
+        .ok_or_else(|| {
+            NegotiationError::Backend(format!(
+                "frontend {:?} is not under /local/domain/{frontend_id}/",
+                sanitize(&frontend_raw)
+            ))
+        })?;
+    let mode_path = join(backend, "mode");
+    let mode = store
+        .read(&mode_path)?
+        .ok_or(NegotiationError::Missing { path: mode_path })?;
+    let physical_device = match store.read(&join(backend, "physical-device"))? {
+        None => None,
+        Some(v) => {
+            Some(parse_major_minor(&v).ok_or_else(|| invalid(join(backend, "physical-device"), &v))?)
+        }
+    };
+    let physical_device_path = match store.read(&join(backend, "physical-device-path"))? {
+        None => None,
+        Some(v) => {
+            let v = v.strip_suffix(&[0]).unwrap_or(&v).to_vec();
+            if !v.starts_with(b"/") || v.contains(&0) {
+                return Err(invalid(join(backend, "physical-device-path"), &v).into());
+            }
+            Some(PathBuf::from(OsStr::from_bytes(&v)))
+        }
+    };
+    let online = match store.read(&join(backend, "online"))? {
+        None => None,
+        Some(v) => Some(parse_flag(&v).unwrap_or(false)),
+    };
+    Ok(Some(BackendNodes {
+        frontend,
+        frontend_id,
+        params: store.read(&join(backend, "params"))?,
+        read_only: !mode.contains(&b'w'),
+        cdrom: store.read(&join(backend, "device-type"))?.as_deref() == Some(b"cdrom"),
+        removable: read_flag(store, backend, "removable", false)?,
+        physical_device,
+        physical_device_path,
+        direct_io_safe: read_flag(store, backend, "direct-io-safe", false)?,
+        discard_enable: read_flag(store, backend, "discard-enable", true)?,
+        online,
+        state: store.read(&join(backend, "state"))?.and_then(|v| XenbusState::parse(&v)),
+        dev: store.read_string(&join(backend, "dev"))?,
+    }))
+}
+
+/// Builds the device's configuration from its backend nodes and the operator's settings.
+pub fn device_config(
+    backend_type: &str,
+    devid: u32,
+    backend: &str,
+    nodes: &BackendNodes,
+    settings: DeviceSettings,
+) -> Result<DeviceConfig, NegotiationError> {
+    Ok(DeviceConfig {
+        backend_type: backend_type.to_string(),
+        frontend_id: nodes.frontend_id,
+        devid,
+        backend_path: backend.to_string(),
+        frontend_path: nodes.frontend.clone(),
+        target: nodes.target(backend)?,
+        read_only: nodes.read_only,
+        cdrom: nodes.cdrom,
+        removable: nodes.removable,
+        direct_io_safe: nodes.direct_io_safe,
+        discard_enable: nodes.discard_enable,
+        settings,
+    })
+}
+
+/// Writes `state` only if the node still exists, so a device being removed is never
+/// resurrected (Linux's `xenbus_switch_state` rule). Returns whether it was written.
+pub fn write_state(store: &dyn StoreOps, backend: &str, state: XenbusState) -> Result<bool, StoreError> {
+    let path = join(backend, "state");
+    if store.read(&path)?.is_none() {
+        return Ok(false);
+    }
+    store.write_str(&path, &state.node_value())?;
+    Ok(true)
+}
+
+/// The transport limits published before InitWait (blkback's probe), plus the legacy
+/// `max-ring-pages` of the Red Hat/Amazon scheme, which blkif.h asks backends to publish
+/// alongside `max-ring-page-order` for interoperability.
+pub fn initwait_nodes(settings: &DeviceSettings) -> Vec<(&'static str, Option<String>)> {
+    let indirect = (settings.max_indirect_segments > 0).then(|| settings.max_indirect_segments.to_string());
+    vec![
+        ("feature-max-indirect-segments", indirect),
+        ("multi-queue-max-queues", Some(settings.max_queues.to_string())),
+        ("max-ring-page-order", Some(settings.max_ring_page_order.to_string())),
+        ("max-ring-pages", Some((1u32 << settings.max_ring_page_order).to_string())),
+    ]
+}
+
+/// Publishes the InitWait nodes and switches to InitWait in one transaction (so a frontend
+/// that sees InitWait also sees the limits). `Ok(false)` if the device is being removed.
+pub fn publish_initwait(
+    store: &dyn crate::store::Store,
+    backend: &str,
+    settings: &DeviceSettings,
+) -> Result<bool, StoreError> {
+    let mut written = false;
+    store.transaction(&mut |tx| {
+        written = false;
+        if tx.read(&join(backend, "state"))?.is_none() {
+            return Ok(());
+        }
+        for (name, value) in initwait_nodes(settings) {
+            match value {
+                Some(v) => tx.write_str(&join(backend, name), &v)?,
+                None => tx.rm(&join(backend, name))?,
+            }
+        }
+        tx.write_str(&join(backend, "state"), &XenbusState::InitWait.node_value())?;
+        written = true;
+        Ok(())
+    })?;
+    Ok(written)
+}
+
+/// Reads one `u32` node that must exist.
+fn required_u32(store: &dyn StoreOps, path: String) -> Result<u32, DeviceError> {
+    match store.read(&path)? {
+        None => Err(NegotiationError::Missing { path }.into()),
+        Some(v) => parse_u32(&v).ok_or_else(|| invalid(path, &v).into()),
+    }
+}
+
+/// Reads the ring references and event channel of one queue.
+fn read_ring(store: &dyn StoreOps, dir: &str, pages: u32, multi_ref: bool) -> Result<RingParams, DeviceError> {
+    let event_channel = required_u32(store, join(dir, "event-channel"))?;
+    if event_channel == 0 {
+        // Port 0 is never a bound interdomain channel.
+        return Err(invalid(join(dir, "event-channel"), b"0").into());
+    }
+    let mut ring_refs = Vec::with_capacity(pages as usize);
+    for i in 0..pages {
+        let gref = if multi_ref {
+            let name = join(dir, &format!("ring-ref{i}"));
+            match store.read(&name)? {
+                Some(v) => parse_u32(&v).ok_or_else(|| invalid(name, &v))?,
+                // An order-0 ring described with ring-page-order but named the
+                // single-page way: accept the plain name too.
+                None if pages == 1 => required_u32(store, join(dir, "ring-ref"))?,
+                None => return Err(NegotiationError::Missing { path: name }.into()),
+            }
+        } else {
+            required_u32(store, join(dir, "ring-ref"))?
+        };
+        ring_refs.push(gref);
+    }
+    Ok(RingParams {
+        ring_refs,
+        event_channel,
+    })
+}
+
+/// Parses the frontend's `protocol` node.
+///
+/// A missing (or empty) `protocol` means **native**. blkif.h, the normative reference, says
+/// so ("Default Value: XEN_IO_PROTO_ABI_NATIVE"), and QEMU's qdisk follows it. Linux
+/// blkback instead assumes x86_32 on x86 hosts, a relic of the first 32-bit PV guests on
+/// 64-bit dom0s; those guests predate Linux 2.6.26 and libxl writes `protocol` for every PV
+/// guest anyway (`xc_domain_get_native_protocol`), so the case only arises for frontends
+/// that never heard of the node — which are native ones.
+pub fn parse_protocol(value: Option<&[u8]>) -> Result<(Protocol, bool), NegotiationError> {
+    let Some(raw) = value else {
+        return Ok((Protocol::Native, false));
+    };
+    let v = raw.strip_suffix(&[0]).unwrap_or(raw);
+    match v {
+        b"" => Ok((Protocol::Native, false)),
+        b"x86_32-abi" => Ok((Protocol::X86_32, true)),
+        b"x86_64-abi" => Ok((Protocol::X86_64, true)),
+        b"arm-abi" if cfg!(any(target_arch = "arm", target_arch = "aarch64")) => Ok((Protocol::Native, true)),
+        other => Err(NegotiationError::UnknownProtocol(sanitize(other))),
+    }
+}
+
+/// blkback's `connect_ring`: reads and validates the frontend's transport parameters.
+pub fn read_frontend(
+    store: &dyn StoreOps,
+    frontend: &str,
+    settings: &DeviceSettings,
+) -> Result<FrontendParams, DeviceError> {
+    let (protocol, protocol_specified) = parse_protocol(store.read(&join(frontend, "protocol"))?.as_deref())?;
+    let frontend_persistent = read_flag(store, frontend, "feature-persistent", false)?;
+    let large_sector_size = read_flag(store, frontend, "feature-large-sector-size", false)?;
+
+    let nq_path = join(frontend, "multi-queue-num-queues");
+    let num_queues = match store.read(&nq_path)? {
+        None => 1,
+        Some(v) => {
+            let n = crate::parse::parse_u64(&v).ok_or_else(|| invalid(nq_path.clone(), &v))?;
+            if n == 0 || n > u64::from(settings.max_queues) {
+                return Err(NegotiationError::BadQueueCount {
+                    requested: n,
+                    max: settings.max_queues,
+                }
+                .into());
+            }
+            n as u32
+        }
+    };
+
+    let max_order = settings.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
+    let order_path = join(frontend, "ring-page-order");
+    let (order, multi_ref) = match store.read(&order_path)? {
+        Some(v) => {
+            let order = crate::parse::parse_u64(&v).ok_or_else(|| invalid(order_path.clone(), &v))?;
+            if order > u64::from(max_order) {
+                return Err(NegotiationError::RingOrderTooLarge {
+                    requested: order,
+                    max: max_order,
+                }
+                .into());
+            }
+            (order as u32, true)
+        }
+        None => {
+            // The legacy (Red Hat/Amazon) scheme counts pages instead.
+            let pages_path = join(frontend, "num-ring-pages");
+            match store.read(&pages_path)? {
+                None => (0, false),
+                Some(v) => {
+                    let pages = crate::parse::parse_u64(&v).ok_or_else(|| invalid(pages_path.clone(), &v))?;
+                    if pages == 0 || !pages.is_power_of_two() {
+                        return Err(NegotiationError::RingPagesNotPowerOfTwo(pages).into());
+                    }
+                    let order = u64::from(pages.trailing_zeros());
+                    if order > u64::from(max_order) {
+                        return Err(NegotiationError::RingOrderTooLarge {
+                            requested: order,
+                            max: max_order,
+                        }
+                        .into());
+                    }
+                    (order as u32, pages > 1)
+                }
+            }
+        }
+    };
+    let pages = 1u32 << order;
+
+    let queues = if num_queues == 1 {
+        vec![read_ring(store, frontend, pages, multi_ref)?]
+    } else {
+        (0..num_queues)
+            .map(|q| read_ring(store, &join(frontend, &format!("queue-{q}")), pages, multi_ref))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+
+    Ok(FrontendParams {
+        protocol,
+        protocol_specified,
+        queues,
+        ring_page_order: order,
+        frontend_persistent,
+        persistent: settings.persistent_grants && frontend_persistent,
+        large_sector_size,
+    })
+}
+
+/// What to publish at connect, from the storage, the toolstack's and the operator's
+/// settings and what the frontend said about sector units.
+pub fn backend_features(config: &DeviceConfig, info: &DiskInfo, large_sector_size: bool) -> BackendFeatures {
+    let read_only = config.read_only || info.read_only;
+    let sector_size = info.logical_block_size.max(512);
+    let discard = config.settings.discard && config.discard_enable && info.discard && !read_only;
+    let mut bits = 0;
+    if config.cdrom {
+        bits |= VDISK_CDROM;
+    }
+    if config.removable {
+        bits |= VDISK_REMOVABLE;
+    }
+    if read_only {
+        bits |= VDISK_READONLY;
+    }
+    BackendFeatures {
+        // blkback advertises flush and barrier exactly when the device has a write cache.
+        flush: info.flush,
+        barrier: info.flush,
+        discard,
+        secure_discard: discard && info.secure_discard,
+        discard_granularity: if info.discard_granularity == 0 {
+            sector_size
+        } else {
+            info.discard_granularity
+        },
+        discard_alignment: info.discard_alignment,
+        persistent: config.settings.persistent_grants,
+        max_indirect_segments: config.settings.max_indirect_segments,
+        sector_size,
+        physical_sector_size: info.physical_block_size.max(sector_size),
+        sectors: sectors_for(info.size_bytes, sector_size, large_sector_size),
+        info: bits,
+        read_only,
+    }
+}
+
+/// The nodes [`publish_connected`] writes, in order.
+pub fn connect_nodes(f: &BackendFeatures) -> Vec<(&'static str, Option<String>)> {
+    let b = |v: bool| Some(u8::from(v).to_string());
+    let discard_detail = |v: String| f.discard.then_some(v);
+    vec![
+        ("feature-flush-cache", b(f.flush)),
+        ("feature-barrier", b(f.barrier)),
+        ("feature-discard", b(f.discard)),
+        ("discard-granularity", discard_detail(f.discard_granularity.to_string())),
+        ("discard-alignment", discard_detail(f.discard_alignment.to_string())),
+        ("discard-secure", discard_detail(u8::from(f.secure_discard).to_string())),
+        ("feature-persistent", b(f.persistent)),
+        ("sectors", Some(f.sectors.to_string())),
+        ("info", Some(f.info.to_string())),
+        ("sector-size", Some(f.sector_size.to_string())),
+        ("physical-sector-size", Some(f.physical_sector_size.to_string())),
+    ]
+}
+
+/// blkback's `connect`: publishes the device properties and switches to Connected, all in
+/// one transaction. `Ok(false)` if the device is being removed.
+pub fn publish_connected(
+    store: &dyn crate::store::Store,
+    backend: &str,
+    features: &BackendFeatures,
+) -> Result<bool, StoreError> {
+    let mut written = false;
+    store.transaction(&mut |tx| {
+        written = false;
+        if tx.read(&join(backend, "state"))?.is_none() {
+            return Ok(());
+        }
+        for (name, value) in connect_nodes(features) {
+            match value {
+                Some(v) => tx.write_str(&join(backend, name), &v)?,
+                None => tx.rm(&join(backend, name))?,
+            }
+        }
+        tx.rm(&join(backend, "error"))?;
+        tx.write_str(&join(backend, "state"), &XenbusState::Connected.node_value())?;
+        written = true;
+        Ok(())
+    })?;
+    Ok(written)
+}
+
+/// blkback's `xen_vbd_resize`: publishes the new `sectors` and re-writes `state` in one
+/// transaction, so the frontend's watch on our state fires and it re-reads the size.
+pub fn publish_resize(store: &dyn crate::store::Store, backend: &str, sectors: u64) -> Result<bool, StoreError> {
+    let mut written = false;
+    store.transaction(&mut |tx| {
+        written = false;
+        let state_path = join(backend, "state");
+        let Some(state) = tx.read(&state_path)? else {
+            return Ok(());
+        };
+        tx.write_str(&join(backend, "sectors"), &sectors.to_string())?;
+        tx.write(&state_path, &state)?;
+        written = true;
+        Ok(())
+    })?;
+    Ok(written)
+}
+
+/// Where Linux's `xenbus_dev_fatal` puts the error of a device: `error/<nodename>/error`
+/// under the backend domain's home, next to our own `<backend>/error`.
+pub fn linux_error_path(backend: &str) -> Option<String> {
+    // /local/domain/<id>/backend/... -> /local/domain/<id>/error/backend/.../error
+    let rest = backend.strip_prefix("/local/domain/")?;
+    let slash = rest.find('/')?;
+    let (id, nodename) = (&rest[..slash], &rest[slash + 1..]);
+    Some(format!("/local/domain/{id}/error/{nodename}/error"))
+}
+
+/// Reports a fatal error as blkback's `xenbus_dev_fatal` does: the `error` node gets
+/// "`<errno> <message>`" and the device switches to Closing. Both writes skip a device
+/// whose directory is already gone.
+pub fn publish_fatal(store: &dyn crate::store::Store, backend: &str, errno: i32, message: &str) -> Result<(), StoreError> {
+    let text = format!("{errno} {message}");
+    let mut linux_written = false;
+    store.transaction(&mut |tx| {
+        linux_written = false;
+        let state_path = join(backend, "state");
+        if tx.read(&state_path)?.is_none() {
+            return Ok(());
+        }
+        tx.write_str(&join(backend, "error"), &text)?;
+        tx.write_str(&state_path, &XenbusState::Closing.node_value())?;
+        linux_written = true;
+        Ok(())
+    })?;
+    if linux_written {
+        if let Some(p) = linux_error_path(backend) {
+            store.write_str(&p, &text)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memstore::MemStore;
+    use crate::parse::DiskFormat;
+
+    const BE: &str = "/local/domain/0/backend/vbd/5/51712";
+    const FE: &str = "/local/domain/5/device/vbd/51712";
+
+    fn settings() -> DeviceSettings {
+        DeviceSettings {
+            max_queues: 4,
+            max_ring_page_order: 2,
+            ..DeviceSettings::default()
+        }
+    }
+
+    fn store_with(nodes: &[(&str, &str)]) -> MemStore {
+        let s = MemStore::new();
+        for (k, v) in nodes {
+            s.write(k, v.as_bytes()).unwrap();
+        }
+        s
+    }
+
+    fn backend_store() -> MemStore {
+        store_with(&[
+            (&join(BE, "frontend"), FE),
+            (&join(BE, "frontend-id"), "5"),
+            (&join(BE, "params"), "aio:/images/disk.img"),
+            (&join(BE, "mode"), "w"),
+            (&join(BE, "online"), "1"),
+            (&join(BE, "state"), "1"),
+            (&join(BE, "device-type"), "disk"),
+            (&join(BE, "removable"), "0"),
+            (&join(BE, "dev"), "xvda"),
+        ])
+    }
+
+    #[test]
+    fn backend_nodes() {
+        let s = backend_store();
+        let n = read_backend(&s, BE).unwrap().unwrap();
+        assert_eq!(n.frontend, FE);
+        assert_eq!(n.frontend_id, 5);
+        assert!(!n.read_only && !n.cdrom && !n.removable && n.discard_enable && !n.direct_io_safe);
+        assert_eq!(n.online, Some(true));
+        assert_eq!(n.state, Some(XenbusState::Initialising));
+        assert!(!n.hotplug_done());
+        let t = n.target(BE).unwrap();
+        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/images/disk.img"));
+
+        s.write(&join(BE, "physical-device"), b"fd:3").unwrap();
+        s.write(&join(BE, "physical-device-path"), b"/dev/loop3").unwrap();
+        s.write(&join(BE, "mode"), b"r").unwrap();
+        s.write(&join(BE, "discard-enable"), b"0").unwrap();
+        let n = read_backend(&s, BE).unwrap().unwrap();
+        assert!(n.hotplug_done() && n.read_only && !n.discard_enable);
+        assert_eq!(n.physical_device, Some((0xfd, 3)));
+        assert_eq!(n.target(BE).unwrap().path.to_str().unwrap(), "/dev/loop3");
+    }
+
+    #[test]
+    fn backend_nodes_refused() {
+        let s = backend_store();
+        s.write(&join(BE, "frontend"), b"/local/domain/6/device/vbd/51712").unwrap();
+        assert!(matches!(
+            read_backend(&s, BE),
+            Err(DeviceError::Negotiation(NegotiationError::Backend(_)))
+        ));
+        let s = backend_store();
+        s.rm(&join(BE, "mode")).unwrap();
+        assert!(matches!(
+            read_backend(&s, BE),
+            Err(DeviceError::Negotiation(NegotiationError::Missing { .. }))
+        ));
+        let s = backend_store();
+        s.write(&join(BE, "physical-device"), b"zz").unwrap();
+        assert!(read_backend(&s, BE).is_err());
+        let s = backend_store();
+        s.rm(&join(BE, "frontend-id")).unwrap();
+        assert_eq!(read_backend(&s, BE).unwrap(), None);
+        let s = backend_store();
+        s.write(&join(BE, "params"), b"vhd:/x").unwrap();
+        assert!(read_backend(&s, BE).unwrap().unwrap().target(BE).is_err());
+    }
+
+    #[test]
+    fn initwait_publishes_limits_atomically() {
+        let s = backend_store();
+        assert!(publish_initwait(&s, BE, &settings()).unwrap());
+        let get = |n: &str| s.read_string(&join(BE, n)).unwrap();
+        assert_eq!(get("state").as_deref(), Some("2"));
+        assert_eq!(get("multi-queue-max-queues").as_deref(), Some("4"));
+        assert_eq!(get("max-ring-page-order").as_deref(), Some("2"));
+        assert_eq!(get("max-ring-pages").as_deref(), Some("4"));
+        assert_eq!(get("feature-max-indirect-segments").as_deref(), Some("256"));
+        let no_indirect = DeviceSettings {
+            max_indirect_segments: 0,
+            ..settings()
+        };
+        publish_initwait(&s, BE, &no_indirect).unwrap();
+        assert_eq!(get("feature-max-indirect-segments"), None);
+        // A removed device is not resurrected.
+        s.rm(BE).unwrap();
+        assert!(!publish_initwait(&s, BE, &settings()).unwrap());
+        assert!(s.dump(BE).is_empty());
+    }
+
+    fn fe_store(nodes: &[(&str, &str)]) -> MemStore {
+        let owned: Vec<(String, &str)> = nodes.iter().map(|(k, v)| (join(FE, k), *v)).collect();
+        let refs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        store_with(&refs)
+    }
+
+    #[test]
+    fn frontend_single_page_legacy() {
+        let s = fe_store(&[("ring-ref", "8"), ("event-channel", "5")]);
+        let p = read_frontend(&s, FE, &settings()).unwrap();
+        assert_eq!(p.protocol, Protocol::Native);
+        assert!(!p.protocol_specified && !p.persistent && !p.large_sector_size);
+        assert_eq!(p.ring_page_order, 0);
+        assert_eq!(
+            p.queues,
+            vec![RingParams {
+                ring_refs: vec![8],
+                event_channel: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn frontend_multi_page_multi_queue() {
+        let s = fe_store(&[
+            ("protocol", "x86_32-abi"),
+            ("feature-persistent", "1"),
+            ("multi-queue-num-queues", "2"),
+            ("ring-page-order", "1"),
+            ("queue-0/ring-ref0", "10"),
+            ("queue-0/ring-ref1", "11"),
+            ("queue-0/event-channel", "7"),
+            ("queue-1/ring-ref0", "12"),
+            ("queue-1/ring-ref1", "13"),
+            ("queue-1/event-channel", "8"),
+        ]);
+        let p = read_frontend(&s, FE, &settings()).unwrap();
+        assert_eq!(p.protocol, Protocol::X86_32);
+        assert!(p.persistent && p.frontend_persistent);
+        assert_eq!(p.ring_page_order, 1);
+        assert_eq!(p.queues.len(), 2);
+        assert_eq!(p.queues[1].ring_refs, vec![12, 13]);
+        assert_eq!(p.queues[1].event_channel, 8);
+        // Persistent grants need both sides.
+        let off = DeviceSettings {
+            persistent_grants: false,
+            ..settings()
+        };
+        let p = read_frontend(&s, FE, &off).unwrap();
+        assert!(!p.persistent && p.frontend_persistent);
+    }
+
+    #[test]
+    fn frontend_order_zero_and_legacy_pages() {
+        let s = fe_store(&[("ring-page-order", "0"), ("ring-ref", "9"), ("event-channel", "3")]);
+        assert_eq!(read_frontend(&s, FE, &settings()).unwrap().queues[0].ring_refs, vec![9]);
+        let s = fe_store(&[
+            ("num-ring-pages", "2"),
+            ("ring-ref0", "20"),
+            ("ring-ref1", "21"),
+            ("event-channel", "3"),
+            ("protocol", "x86_64-abi"),
+        ]);
+        let p = read_frontend(&s, FE, &settings()).unwrap();
+        assert_eq!((p.ring_page_order, p.protocol), (1, Protocol::X86_64));
+        assert_eq!(p.queues[0].ring_refs, vec![20, 21]);
+        // A single explicit queue uses the top-level keys.
+        let s = fe_store(&[("multi-queue-num-queues", "1"), ("ring-ref", "9"), ("event-channel", "3")]);
+        assert_eq!(read_frontend(&s, FE, &settings()).unwrap().queues.len(), 1);
+    }
+
+    #[test]
+    fn frontend_fatal_cases() {
+        let neg = |nodes: &[(&str, &str)]| match read_frontend(&fe_store(nodes), FE, &settings()) {
+            Err(DeviceError::Negotiation(e)) => e,
+            other => panic!("{nodes:?}: {other:?}"),
+        };
+        let ok = [("ring-ref", "8"), ("event-channel", "5")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut v = ok.to_vec();
+            v.retain(|(k, _)| *k != extra.0);
+            v.push(extra);
+            v
+        };
+        assert!(matches!(neg(&with(("protocol", "sparc-abi"))), NegotiationError::UnknownProtocol(_)));
+        assert!(matches!(
+            neg(&with(("multi-queue-num-queues", "0"))),
+            NegotiationError::BadQueueCount { requested: 0, .. }
+        ));
+        assert!(matches!(
+            neg(&with(("multi-queue-num-queues", "5"))),
+            NegotiationError::BadQueueCount { requested: 5, max: 4 }
+        ));
+        assert!(matches!(
+            neg(&with(("multi-queue-num-queues", "99999999999999999999999"))),
+            NegotiationError::Invalid { .. }
+        ));
+        assert!(matches!(
+            neg(&with(("ring-page-order", "3"))),
+            NegotiationError::RingOrderTooLarge { requested: 3, max: 2 }
+        ));
+        assert!(matches!(
+            neg(&with(("num-ring-pages", "3"))),
+            NegotiationError::RingPagesNotPowerOfTwo(3)
+        ));
+        assert!(matches!(
+            neg(&with(("num-ring-pages", "8"))),
+            NegotiationError::RingOrderTooLarge { requested: 3, .. }
+        ));
+        assert!(matches!(neg(&with(("ring-ref", "-1"))), NegotiationError::Invalid { .. }));
+        assert!(matches!(neg(&with(("ring-ref", "4294967296"))), NegotiationError::Invalid { .. }));
+        assert!(matches!(neg(&with(("event-channel", "0"))), NegotiationError::Invalid { .. }));
+        assert!(matches!(neg(&[("event-channel", "5")]), NegotiationError::Missing { .. }));
+        assert!(matches!(neg(&[("ring-ref", "5")]), NegotiationError::Missing { .. }));
+        // Multi-page ring with a missing page.
+        assert!(matches!(
+            neg(&[("ring-page-order", "1"), ("ring-ref0", "1"), ("event-channel", "5")]),
+            NegotiationError::Missing { .. }
+        ));
+        // Two queues but only one described.
+        assert!(matches!(
+            neg(&[
+                ("multi-queue-num-queues", "2"),
+                ("queue-0/ring-ref", "1"),
+                ("queue-0/event-channel", "5")
+            ]),
+            NegotiationError::Missing { .. }
+        ));
+        // Garbage in an optional flag is not fatal.
+        let s = fe_store(&[("ring-ref", "8"), ("event-channel", "5"), ("feature-persistent", "yes")]);
+        assert!(!read_frontend(&s, FE, &settings()).unwrap().frontend_persistent);
+    }
+
+    fn config() -> DeviceConfig {
+        DeviceConfig {
+            backend_type: "vbd".into(),
+            frontend_id: 5,
+            devid: 51712,
+            backend_path: BE.into(),
+            frontend_path: FE.into(),
+            target: DiskTarget {
+                format: DiskFormat::Raw,
+                path: "/x".into(),
+            },
+            read_only: false,
+            cdrom: false,
+            removable: false,
+            direct_io_safe: false,
+            discard_enable: true,
+            settings: settings(),
+        }
+    }
+
+    fn info() -> DiskInfo {
+        DiskInfo {
+            size_bytes: 1 << 30,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            read_only: false,
+            flush: true,
+            discard: true,
+            secure_discard: false,
+            discard_granularity: 4096,
+            discard_alignment: 0,
+        }
+    }
+
+    #[test]
+    fn features_follow_storage_toolstack_and_operator() {
+        let f = backend_features(&config(), &info(), false);
+        assert!(f.flush && f.barrier && f.discard && !f.secure_discard && f.persistent);
+        assert_eq!((f.sectors, f.sector_size, f.physical_sector_size, f.info), (2 << 20, 512, 4096, 0));
+        let mut c = config();
+        c.discard_enable = false;
+        assert!(!backend_features(&c, &info(), false).discard);
+        let mut c = config();
+        c.settings.discard = false;
+        c.settings.persistent_grants = false;
+        let f = backend_features(&c, &info(), false);
+        assert!(!f.discard && !f.persistent);
+        let mut c = config();
+        c.read_only = true;
+        c.cdrom = true;
+        c.removable = true;
+        let f = backend_features(&c, &info(), false);
+        assert!(f.read_only && !f.discard);
+        assert_eq!(f.info, VDISK_CDROM | VDISK_REMOVABLE | VDISK_READONLY);
+        let i = DiskInfo {
+            logical_block_size: 4096,
+            discard_granularity: 0,
+            ..info()
+        };
+        let f = backend_features(&config(), &i, true);
+        assert_eq!((f.sectors, f.sector_size, f.discard_granularity), (1 << 18, 4096, 4096));
+        assert_eq!(backend_features(&config(), &i, false).sectors, 2 << 20);
+    }
+
+    #[test]
+    fn connect_resize_and_fatal_publishing() {
+        let s = backend_store();
+        let f = backend_features(&config(), &info(), false);
+        s.write(&join(BE, "error"), b"old").unwrap();
+        assert!(publish_connected(&s, BE, &f).unwrap());
+        let get = |n: &str| s.read_string(&join(BE, n)).unwrap();
+        assert_eq!(get("state").as_deref(), Some("4"));
+        assert_eq!(get("sectors").as_deref(), Some("2097152"));
+        assert_eq!(get("feature-flush-cache").as_deref(), Some("1"));
+        assert_eq!(get("feature-barrier").as_deref(), Some("1"));
+        assert_eq!(get("feature-discard").as_deref(), Some("1"));
+        assert_eq!(get("discard-granularity").as_deref(), Some("4096"));
+        assert_eq!(get("discard-alignment").as_deref(), Some("0"));
+        assert_eq!(get("discard-secure").as_deref(), Some("0"));
+        assert_eq!(get("feature-persistent").as_deref(), Some("1"));
+        assert_eq!(get("info").as_deref(), Some("0"));
+        assert_eq!(get("sector-size").as_deref(), Some("512"));
+        assert_eq!(get("physical-sector-size").as_deref(), Some("4096"));
+        assert_eq!(get("error"), None);
+
+        s.force_conflicts(3);
+        let commits = s.commits();
+        assert!(publish_resize(&s, BE, 12345).unwrap());
+        assert_eq!(s.commits(), commits + 1);
+        assert_eq!(get("sectors").as_deref(), Some("12345"));
+        assert_eq!(get("state").as_deref(), Some("4"));
+
+        publish_fatal(&s, BE, 22, "requested ring page order 9 exceed max:4").unwrap();
+        assert_eq!(get("state").as_deref(), Some("5"));
+        assert_eq!(get("error").as_deref(), Some("22 requested ring page order 9 exceed max:4"));
+        assert_eq!(
+            s.read_string("/local/domain/0/error/backend/vbd/5/51712/error").unwrap().as_deref(),
+            Some("22 requested ring page order 9 exceed max:4")
+        );
+
+        s.rm(BE).unwrap();
+        assert!(!publish_connected(&s, BE, &f).unwrap());
+        assert!(!publish_resize(&s, BE, 1).unwrap());
+        publish_fatal(&s, BE, 22, "x").unwrap();
+        assert!(s.dump(BE).is_empty());
+        assert!(!write_state(&s, BE, XenbusState::Closed).unwrap());
+    }
+
+    #[test]
+    fn protocol_default_is_native() {
+        assert_eq!(parse_protocol(None).unwrap(), (Protocol::Native, false));
+        assert_eq!(parse_protocol(Some(b"")).unwrap(), (Protocol::Native, false));
+        assert_eq!(parse_protocol(Some(b"x86_64-abi\0")).unwrap(), (Protocol::X86_64, true));
+        assert!(parse_protocol(Some(b"X86_64-ABI")).is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! Strict parsers for xenstore values.
+//!
+//! Everything a frontend writes is guest-controlled, so these parsers accept exactly the
+//! decimal (or, for `physical-device`, hexadecimal) forms the protocol uses and nothing
+//! else: no sign, no spaces, no radix prefix, bounded length, no overflow. The one
+//! leniency is a single trailing NUL, because some writers store the C terminator.
+//! None of them can panic on any input.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+/// Longest decimal value we parse (`u64::MAX` has 20 digits).
+const MAX_DIGITS: usize = 20;
+
+fn strip_nul(value: &[u8]) -> &[u8] {
+    value.strip_suffix(&[0]).unwrap_or(value)
+}
+
+/// A strictly decimal `u64`.
+pub fn parse_u64(value: &[u8]) -> Option<u64> {
+    let v = strip_nul(value);
+    if v.is_empty() || v.len() > MAX_DIGITS || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter()
+        .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// A strictly decimal `u32`.
+pub fn parse_u32(value: &[u8]) -> Option<u32> {
+    parse_u64(value).and_then(|v| u32::try_from(v).ok())
+}
+
+/// A boolean feature flag as Linux reads it (`xenbus_read_unsigned(..., 0)`): any
+/// non-zero number is true. `None` if it is not a number.
+pub fn parse_flag(value: &[u8]) -> Option<bool> {
+    parse_u64(value).map(|v| v != 0)
+}
+
+/// `physical-device`: `"MAJOR:MINOR"` in hexadecimal, as the hotplug scripts write it
+/// (`printf "%x:%x"`) and blkback reads it (`"%x:%x"`).
+pub fn parse_major_minor(value: &[u8]) -> Option<(u32, u32)> {
+    let v = strip_nul(value);
+    let colon = v.iter().position(|&b| b == b':')?;
+    let hex = |s: &[u8]| -> Option<u32> {
+        if s.is_empty() || s.len() > 8 || !s.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+    };
+    Some((hex(&v[..colon])?, hex(&v[colon + 1..])?))
+}
+
+/// The image format named by a `params` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A raw image, regular file or block device (`raw:`, `aio:` or no prefix).
+    Raw,
+    /// A qcow2 image (`qcow2:`).
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name used in `params` prefixes and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What `params` names: a format and an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskTarget {
+    /// The image format.
+    pub format: DiskFormat,
+    /// The absolute path of the image or device.
+    pub path: PathBuf,
+}
+
+/// Why a `params` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// Empty value.
+    #[error("params is empty")]
+    Empty,
+    /// A `format:` prefix we do not implement.
+    #[error("unsupported image format prefix {0:?}")]
+    UnsupportedFormat(String),
+    /// The path is not absolute (relative paths would depend on the daemon's cwd).
+    #[error("path {0:?} is not absolute")]
+    NotAbsolute(String),
+    /// The path contains a NUL byte.
+    #[error("path contains a NUL byte")]
+    Nul,
+}
+
+/// Parses `params` as libxl and the xl disk syntax write it: a plain absolute path, or
+/// `raw:`, `aio:` (the blktap-era spelling of raw asynchronous I/O) or `qcow2:` followed
+/// by one. The longest path xenstore can carry is 4 KiB, so no extra bound is needed.
+pub fn parse_params(value: &[u8]) -> Result<DiskTarget, ParamsError> {
+    let v = strip_nul(value);
+    if v.is_empty() {
+        return Err(ParamsError::Empty);
+    }
+    let (format, path) = if v.starts_with(b"/") {
+        (DiskFormat::Raw, v)
+    } else if let Some(colon) = v.iter().position(|&b| b == b':') {
+        let (prefix, rest) = (&v[..colon], &v[colon + 1..]);
+        let format = match prefix {
+            b"raw" | b"aio" => DiskFormat::Raw,
+            b"qcow2" => DiskFormat::Qcow2,
+            other => {
+                return Err(ParamsError::UnsupportedFormat(crate::error::sanitize(other)));
+            }
+        };
+        (format, rest)
+    } else {
+        return Err(ParamsError::NotAbsolute(crate::error::sanitize(v)));
+    };
+    if path.contains(&0) {
+        return Err(ParamsError::Nul);
+    }
+    if !path.starts_with(b"/") {
+        return Err(ParamsError::NotAbsolute(crate::error::sanitize(path)));
+    }
+    Ok(DiskTarget {
+        format,
+        path: PathBuf::from(OsStr::from_bytes(path)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_are_strict() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        assert_eq!(parse_u64(b"99999999999999999999"), None);
+        assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
+        assert_eq!(parse_u32(b"4294967296"), None);
+        assert_eq!(parse_u32(b"12\0"), Some(12));
+        for bad in [
+            &b""[..],
+            b"\0",
+            b" 1",
+            b"1 ",
+            b"+1",
+            b"-1",
+            b"0x10",
+            b"1\0\0",
+            b"1e3",
+            b"\xff",
+            b"000000000000000000001",
+        ] {
+            assert_eq!(parse_u64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flags() {
+        assert_eq!(parse_flag(b"1"), Some(true));
+        assert_eq!(parse_flag(b"0"), Some(false));
+        assert_eq!(parse_flag(b"2"), Some(true));
+        assert_eq!(parse_flag(b"yes"), None);
+    }
+
+    #[test]
+    fn major_minor() {
+        assert_eq!(parse_major_minor(b"fd:0"), Some((0xfd, 0)));
+        assert_eq!(parse_major_minor(b"8:10"), Some((8, 0x10)));
+        assert_eq!(parse_major_minor(b"103:1\0"), Some((0x103, 1)));
+        for bad in [&b""[..], b"8", b":1", b"8:", b"g:1", b"8:1:2", b"123456789:1"] {
+            assert_eq!(parse_major_minor(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn params_prefixes() {
+        let t = parse_params(b"/var/lib/xen/disk.img").unwrap();
+        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/var/lib/xen/disk.img"));
+        let t = parse_params(b"aio:/dev/vg/lv").unwrap();
+        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/dev/vg/lv"));
+        let t = parse_params(b"raw:/a:b").unwrap();
+        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/a:b"));
+        let t = parse_params(b"qcow2:/img.qcow2\0").unwrap();
+        assert_eq!(t.format, DiskFormat::Qcow2);
+        // A colon inside an absolute path is part of the path.
+        let t = parse_params(b"/dev/disk/by-path/pci-0:0:1").unwrap();
+        assert_eq!(t.path.to_str().unwrap(), "/dev/disk/by-path/pci-0:0:1");
+        assert_eq!(parse_params(b""), Err(ParamsError::Empty));
+        assert!(matches!(parse_params(b"vhd:/x"), Err(ParamsError::UnsupportedFormat(_))));
+        assert!(matches!(parse_params(b"disk.img"), Err(ParamsError::NotAbsolute(_))));
+        assert!(matches!(parse_params(b"raw:disk.img"), Err(ParamsError::NotAbsolute(_))));
+        assert_eq!(parse_params(b"/a\0b"), Err(ParamsError::Nul));
+    }
+}
