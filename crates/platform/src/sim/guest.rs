@@ -248,6 +248,21 @@ impl SimGuest {
         self.domid
     }
 
+    #[cfg(test)]
+    pub(crate) fn memory_fd_for_test(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.memory_fd.as_fd()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn table_fd_for_test(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.table_fd.as_fd()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn liveness_fd_for_test(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.liveness_read.as_fd()
+    }
+
     /// The backend's domid, once attached.
     pub fn backend_domid(&self) -> Option<DomId> {
         *lock(&self.backend_domid)
