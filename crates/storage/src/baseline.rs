@@ -124,6 +124,9 @@ pub struct BaselineResult {
     pub ops: u64,
     pub bytes: u64,
     pub elapsed: Duration,
+    /// CPU time (user + system) of the driving thread: when the device is the bottleneck,
+    /// IOPS tie and this is where the cost of the storage layer shows.
+    pub cpu: Duration,
     pub latency: LatencySummary,
 }
 
@@ -135,6 +138,11 @@ impl BaselineResult {
     pub fn bytes_per_sec(&self) -> f64 {
         self.bytes as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
     }
+
+    /// CPU microseconds spent by the driving thread per completed I/O.
+    pub fn cpu_us_per_op(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / (self.ops.max(1) as f64)
+    }
 }
 
 impl fmt::Display for BaselineResult {
@@ -142,9 +150,10 @@ impl fmt::Display for BaselineResult {
         let us = |ns: u64| ns as f64 / 1000.0;
         write!(
             f,
-            "iops={:.0} bw={:.1}MiB/s lat_us mean={:.1} p50={:.1} p90={:.1} p99={:.1} p99.9={:.1} max={:.1} ({} ops in {:.2}s)",
+            "iops={:.0} bw={:.1}MiB/s cpu_us/op={:.2} lat_us mean={:.1} p50={:.1} p90={:.1} p99={:.1} p99.9={:.1} max={:.1} ({} ops in {:.2}s)",
             self.iops(),
             self.bytes_per_sec() / (1024.0 * 1024.0),
+            self.cpu_us_per_op(),
             us(self.latency.mean_ns),
             us(self.latency.p50_ns),
             us(self.latency.p90_ns),
@@ -378,6 +387,7 @@ pub fn run(cfg: &BaselineConfig) -> io::Result<BaselineResult> {
         unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("SQ full"))
     };
 
+    let cpu_start = sys::thread_cpu_time();
     let start = Instant::now();
     let deadline = start + cfg.runtime;
     for slot in 0..depth as usize {
@@ -424,6 +434,7 @@ pub fn run(cfg: &BaselineConfig) -> io::Result<BaselineResult> {
         }
     }
     let elapsed = start.elapsed();
+    let cpu = sys::thread_cpu_time().saturating_sub(cpu_start);
     drop(bufs);
     if let Some(e) = first_error {
         return Err(e);
@@ -432,6 +443,7 @@ pub fn run(cfg: &BaselineConfig) -> io::Result<BaselineResult> {
         ops,
         bytes: ops * u64::from(bs),
         elapsed,
+        cpu,
         latency: hist.summary(),
     })
 }
@@ -478,6 +490,7 @@ pub fn run_queue(
         };
     let submit_err = |e: SubmitError| io::Error::other(e.to_string());
 
+    let cpu_start = sys::thread_cpu_time();
     let start = Instant::now();
     let deadline = start + cfg.runtime;
     for slot in 0..depth as usize {
@@ -519,6 +532,7 @@ pub fn run_queue(
         }
     }
     let elapsed = start.elapsed();
+    let cpu = sys::thread_cpu_time().saturating_sub(cpu_start);
     drop(bufs);
     if let Some(e) = first_error {
         return Err(e);
@@ -527,6 +541,7 @@ pub fn run_queue(
         ops,
         bytes: ops * u64::from(bs),
         elapsed,
+        cpu,
         latency: hist.summary(),
     })
 }

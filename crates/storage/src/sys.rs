@@ -229,3 +229,18 @@ pub(crate) fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         }
     }
 }
+
+/// CPU time (user + system) consumed so far by the calling thread.
+pub(crate) fn thread_cpu_time() -> std::time::Duration {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a live, correctly typed out-buffer.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
