@@ -21,16 +21,10 @@ use crate::stats::VbdStats;
 use crate::vbd::{Features, ResolvedGrantMode, VbdShared, VbdSpec, MAX_INDIRECT_SEGMENTS};
 
 /// Engine-wide settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EngineConfig {
     /// Reactor threads; 0 means one per available CPU.
     pub reactors: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self { reactors: 0 }
-    }
 }
 
 /// Starting the engine failed.

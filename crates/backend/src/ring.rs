@@ -418,6 +418,9 @@ impl RingRunner {
     fn consume(&mut self, now: Instant) -> bool {
         let mut progress = false;
         while self.consuming() {
+            // One atomic load: a resize or a withdrawn feature applies from the very next
+            // request, even within one wake-up.
+            self.refresh_limits();
             if !self.slots.has_free() {
                 if self.ring.unconsumed_requests() > 0 {
                     // blkback's st_oo_req: a request waits and no pending_req is free. A
@@ -714,7 +717,7 @@ impl RingRunner {
         let s = self.slots.get_mut(slot);
         s.pending -= 1;
         match result {
-            Ok(n) if expected.map_or(true, |e| n == e) => {}
+            Ok(n) if expected.is_none_or(|e| n == e) => {}
             Ok(n) => {
                 tracing::warn!(
                     vbd = self.vbd.id.0,
@@ -932,11 +935,7 @@ impl RingRunner {
                     .map_err(|e| {
                         tracing::debug!(error = %e, "grant map failed");
                         BLKIF_RSP_ERROR
-                    });
-                let maps = match maps {
-                    Ok(m) => m,
-                    Err(status) => return Err(status),
-                };
+                    })?;
                 for (&i, m) in self.misses[..room].iter().zip(maps) {
                     let gref = s.segs[i].gref;
                     match self.cache.add(gref, m, now) {

@@ -1,0 +1,433 @@
+//! Engine-level tests: the real engine against a minimal frontend on the simulator.
+
+mod harness;
+
+use std::time::Duration;
+
+use backend::{GrantMode, ResolvedGrantMode, VbdEvent};
+use blkif::abi::{
+    BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+};
+use blkif::Protocol;
+use harness::{serial, Harness, Opts, Rng, SECTOR};
+use storage::testing::{FaultInjector, FaultKind, FaultRule};
+use storage::OpKind;
+
+/// Random writes and reads of random shapes (segment sizes, offsets inside pages,
+/// direct and indirect), each read checked against the model, then the whole disk.
+fn random_io(h: &mut Harness, ring: usize, seed: u64, rounds: usize) {
+    let mut rng = Rng::new(seed);
+    let disk_sectors = (h.model.len() / SECTOR) as u64;
+    for _ in 0..rounds {
+        let seg_sectors = 1 + rng.below(8) as usize;
+        let first = rng.below((8 - seg_sectors + 1) as u64) as u8;
+        let max_segs = if h.opts.max_indirect > 0 { 40 } else { 11 };
+        let nsegs = 1 + rng.below(max_segs) as usize;
+        let len = nsegs * seg_sectors * SECTOR;
+        let sector = rng.below(disk_sectors - (len / SECTOR) as u64);
+        let indirect = h.opts.max_indirect > 0 && rng.below(4) == 0;
+        if rng.below(2) == 0 {
+            let data = rng.bytes(len);
+            let b = h.build(BLKIF_OP_WRITE, sector, &data, seg_sectors, first, indirect);
+            h.push(ring, &[&b]);
+            let (rsp, _) = h.complete(ring, b);
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+            assert_eq!(rsp.operation, BLKIF_OP_WRITE);
+        } else {
+            let b = h.build(
+                BLKIF_OP_READ,
+                sector,
+                &vec![0; len],
+                seg_sectors,
+                first,
+                indirect,
+            );
+            h.push(ring, &[&b]);
+            let (rsp, data) = h.complete(ring, b);
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+            let at = sector as usize * SECTOR;
+            assert!(
+                data.as_deref() == Some(&h.model[at..at + len]),
+                "read mismatch"
+            );
+        }
+    }
+}
+
+#[test]
+fn read_write_against_model_in_every_data_path() {
+    let _g = serial();
+    for (persistent, mode, expect) in [
+        (false, GrantMode::Map, ResolvedGrantMode::Map),
+        (true, GrantMode::Map, ResolvedGrantMode::Map),
+        (false, GrantMode::Copy, ResolvedGrantMode::Copy),
+        (true, GrantMode::Copy, ResolvedGrantMode::Copy),
+        (true, GrantMode::Auto, ResolvedGrantMode::Map),
+        (false, GrantMode::Auto, ResolvedGrantMode::Copy),
+    ] {
+        let mut h = Harness::new(Opts {
+            persistent,
+            mode,
+            disk_bytes: 1 << 20,
+            ..Opts::default()
+        });
+        assert_eq!(h.vbd().grant_mode(), expect);
+        random_io(&mut h, 0, 0x5eed + persistent as u64, 60);
+        h.verify_disk(0);
+        let s = h.vbd().stats().total;
+        assert!(s.rd_req > 0 && s.wr_req > 0 && s.rd_sect > 0 && s.wr_sect > 0);
+        assert_eq!(s.errors, 0);
+        if persistent && expect == ResolvedGrantMode::Map {
+            assert!(s.persistent_grants_mapped > 0, "persistent grants cached");
+            assert_eq!(s.persistent_grants_in_use, 0);
+        } else {
+            assert_eq!(s.persistent_grants_mapped, 0);
+            // Only the ring stays mapped between requests.
+            assert_eq!(h.live_mappings(), 1);
+        }
+        h.teardown();
+    }
+}
+
+#[test]
+fn ring_orders_queues_and_protocols() {
+    let _g = serial();
+    for (order, rings, protocol) in [
+        (0, 1, Protocol::X86_32),
+        (1, 1, Protocol::X86_64),
+        (2, 4, Protocol::Native),
+        (3, 1, Protocol::X86_32),
+        (4, 4, Protocol::X86_64),
+    ] {
+        let mut h = Harness::new(Opts {
+            order,
+            rings,
+            protocol,
+            disk_bytes: 1 << 20,
+            ..Opts::default()
+        });
+        for r in 0..rings {
+            random_io(&mut h, r, 7 + r as u64, 12);
+        }
+        // A full ring's worth of requests in one batch, on the last ring.
+        let size = h.fronts[rings - 1].ring.size() as usize;
+        let batch: Vec<_> = (0..size)
+            .map(|i| {
+                h.build(
+                    BLKIF_OP_WRITE,
+                    (i * 8) as u64 % 2040,
+                    &[i as u8; 4096],
+                    8,
+                    0,
+                    false,
+                )
+            })
+            .collect();
+        h.push(rings - 1, &batch.iter().collect::<Vec<_>>());
+        for b in batch {
+            assert_eq!(h.complete(rings - 1, b).0.status, BLKIF_RSP_OKAY);
+        }
+        h.verify_disk(0);
+        let st = h.vbd().stats();
+        assert_eq!(st.rings.len(), rings);
+        assert!(st.rings.iter().all(|s| s.wr_req > 0));
+        let loads = h.engine.as_ref().unwrap().reactor_loads();
+        if rings == 4 {
+            assert_eq!(loads, vec![2, 2], "rings spread across reactors");
+        }
+        h.teardown();
+    }
+}
+
+#[test]
+fn large_indirect_requests_are_split_and_bounded() {
+    let _g = serial();
+    for mode in [GrantMode::Map, GrantMode::Copy] {
+        let mut h = Harness::new(Opts {
+            mode,
+            max_indirect: 4096,
+            disk_bytes: 32 << 20,
+            ..Opts::default()
+        });
+        assert_eq!(h.vbd().max_indirect_segments(), 4096);
+        let mut rng = Rng::new(99);
+        // 4096 one-page segments: 16 MiB in one request, more iovecs than one storage op
+        // takes.
+        let data = rng.bytes(4096 * 4096);
+        let b = h.build(BLKIF_OP_WRITE, 16, &data, 8, 0, true);
+        h.push(0, &[&b]);
+        assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_OKAY);
+        let b = h.build(BLKIF_OP_READ, 16, &vec![0; data.len()], 8, 0, true);
+        h.push(0, &[&b]);
+        let (rsp, back) = h.complete(0, b);
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+        assert!(back.as_deref() == Some(&data[..]));
+        // More segments than the protocol allows: refused before anything is mapped.
+        let id = h.id();
+        h.push_raw(
+            0,
+            &blkif::RawRequest::Indirect {
+                indirect_op: BLKIF_OP_READ,
+                nr_segments: 4097,
+                handle: 0,
+                id,
+                sector_number: 0,
+                indirect_grefs: [0; 8],
+            },
+        );
+        assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        h.teardown();
+    }
+}
+
+#[test]
+fn flush_barrier_discard_and_ordering() {
+    let _g = serial();
+    for mode in [GrantMode::Map, GrantMode::Copy] {
+        let mut h = Harness::new(Opts {
+            mode,
+            ..Opts::default()
+        });
+        let mut rng = Rng::new(3);
+        assert_eq!(h.flush(0).status, BLKIF_RSP_OKAY);
+
+        // Writes, a barrier with data, then a write, all in one batch: the barrier is
+        // answered after every earlier request and before the later one.
+        let before: Vec<_> = (0..6)
+            .map(|i| {
+                let d = rng.bytes(8192);
+                h.build(BLKIF_OP_WRITE, i * 16, &d, 8, 0, false)
+            })
+            .collect();
+        let bd = rng.bytes(4096);
+        let barrier = h.barrier(200, &bd);
+        let after = h.build(BLKIF_OP_WRITE, 300, &rng.bytes(4096), 8, 0, false);
+        let mut all: Vec<&harness::Built> = before.iter().collect();
+        all.push(&barrier);
+        all.push(&after);
+        h.push(0, &all);
+        let ids_before: Vec<u64> = before.iter().map(|b| b.id).collect();
+        let (barrier_id, after_id) = (barrier.id, after.id);
+        for b in before {
+            assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_OKAY);
+        }
+        assert_eq!(h.complete(0, barrier).0.status, BLKIF_RSP_OKAY);
+        assert_eq!(h.complete(0, after).0.status, BLKIF_RSP_OKAY);
+        let arrival = &h.fronts[0].arrival;
+        let pos = |id| arrival.iter().position(|&x| x == id).unwrap();
+        for id in ids_before {
+            assert!(
+                pos(id) < pos(barrier_id),
+                "barrier answered before an earlier write"
+            );
+        }
+        assert!(
+            pos(barrier_id) < pos(after_id),
+            "later write overtook the barrier"
+        );
+
+        // Empty barrier.
+        let b = h.barrier(0, &[]);
+        h.push(0, &[&b]);
+        assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_OKAY);
+
+        // Discard zeroes the range (punched hole) when the file system can.
+        let r = h.write(0, 64, &rng.bytes(8192));
+        assert_eq!(r.status, BLKIF_RSP_OKAY);
+        if h.vbd().features().discard {
+            assert_eq!(h.discard(0, 64, 16, false).status, BLKIF_RSP_OKAY);
+            // Zero-length discard: nothing to do, answered OKAY like blkback.
+            assert_eq!(h.discard(0, 0, 0, false).status, BLKIF_RSP_OKAY);
+        } else {
+            assert_eq!(h.discard(0, 64, 16, false).status, BLKIF_RSP_EOPNOTSUPP);
+        }
+        h.verify_disk(0);
+        let s = h.vbd().stats().total;
+        assert!(s.f_req >= 3);
+        h.teardown();
+    }
+}
+
+#[test]
+fn read_only_vbd_refuses_writes() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        read_only: true,
+        ..Opts::default()
+    });
+    assert!(h.vbd().read_only());
+    let (r, data) = h.read(0, 0, 4096);
+    assert_eq!(r.status, BLKIF_RSP_OKAY);
+    assert_eq!(data.unwrap(), vec![0; 4096]);
+    let w = h.write(0, 0, &[1; 4096]);
+    assert_eq!(w.status, BLKIF_RSP_ERROR);
+    assert_ne!(h.flush(0).status, BLKIF_RSP_OKAY);
+    assert_ne!(h.discard(0, 0, 8, false).status, BLKIF_RSP_OKAY);
+    let b = h.build(BLKIF_OP_WRITE, 0, &[1; 4096 * 12], 8, 0, true);
+    h.push(0, &[&b]);
+    assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_ERROR);
+    assert!(h.vbd().stats().total.errors >= 2);
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn storage_errors_fail_only_their_request() {
+    let _g = serial();
+    for mode in [GrantMode::Map, GrantMode::Copy] {
+        let faults = FaultInjector::new();
+        let mut h = Harness::new(Opts {
+            mode,
+            faults: Some(faults.clone()),
+            ..Opts::default()
+        });
+        let mut rng = Rng::new(11);
+        faults.add(FaultRule::once(OpKind::Write, FaultKind::Error(libc::EIO)).at_offset(8 * 512));
+        let good = h.build(BLKIF_OP_WRITE, 0, &rng.bytes(4096), 8, 0, false);
+        let bad = h.build(BLKIF_OP_WRITE, 8, &rng.bytes(4096), 8, 0, false);
+        let good2 = h.build(BLKIF_OP_WRITE, 16, &rng.bytes(4096), 8, 0, false);
+        h.push(0, &[&good, &bad, &good2]);
+        assert_eq!(h.complete(0, good).0.status, BLKIF_RSP_OKAY);
+        assert_eq!(h.complete(0, bad).0.status, BLKIF_RSP_ERROR);
+        assert_eq!(h.complete(0, good2).0.status, BLKIF_RSP_OKAY);
+
+        faults.add(FaultRule::once(
+            OpKind::Write,
+            FaultKind::Error(libc::ENOSPC),
+        ));
+        assert_eq!(h.write(0, 100, &rng.bytes(4096)).status, BLKIF_RSP_ERROR);
+        faults.add(FaultRule::once(
+            OpKind::Read,
+            FaultKind::Short { bytes: 512 },
+        ));
+        assert_eq!(h.read(0, 0, 8192).0.status, BLKIF_RSP_ERROR);
+
+        // A flush the storage turns out not to support: EOPNOTSUPP, and the feature goes.
+        faults.add(FaultRule::once(
+            OpKind::Flush,
+            FaultKind::Error(libc::EOPNOTSUPP),
+        ));
+        assert_eq!(h.flush(0).status, BLKIF_RSP_EOPNOTSUPP);
+        assert!(!h.vbd().features().flush);
+        assert!(h
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, VbdEvent::FeaturesChanged(f) if !f.flush)));
+        // From then on flushes are refused by validation, as an unadvertised feature.
+        assert_eq!(h.flush(0).status, BLKIF_RSP_EOPNOTSUPP);
+
+        let s = h.vbd().stats().total;
+        assert_eq!(s.errors, 3);
+        assert_eq!(s.unsupported, 2);
+        faults.clear();
+        h.verify_disk(0);
+        h.teardown();
+    }
+}
+
+#[test]
+fn ring_overflow_halts_only_that_ring() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        rings: 2,
+        ..Opts::default()
+    });
+    assert_eq!(h.write(0, 0, &[5; 4096]).status, BLKIF_RSP_OKAY);
+    // The frontend of ring 0 claims far more requests than the ring holds.
+    let size = h.fronts[0].ring.size();
+    h.fronts[0]
+        .ring
+        .memory()
+        .store_u32(0, size * 3, std::sync::atomic::Ordering::Release)
+        .unwrap();
+    h.fronts[0].evtchn.notify().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.vbd().stats().rings[0].halted_rings == 0 {
+        assert!(std::time::Instant::now() < deadline, "ring 0 not halted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h
+        .events
+        .lock()
+        .unwrap()
+        .contains(&VbdEvent::RingHalted { ring: 0 }));
+    // Ring 1 carries on.
+    assert_eq!(h.write(1, 8, &[6; 4096]).status, BLKIF_RSP_OKAY);
+    h.verify_disk(1);
+    assert_eq!(h.vbd().stats().total.halted_rings, 1);
+    h.teardown();
+}
+
+#[test]
+fn bounce_pool_exhaustion_waits_instead_of_failing() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        mode: GrantMode::Copy,
+        max_buffer_pages: 16,
+        max_indirect: 64,
+        ..Opts::default()
+    });
+    let mut rng = Rng::new(5);
+    // Pool = max(16, 64) pages; three 40-page writes cannot all hold pages at once.
+    let reqs: Vec<_> = (0..3)
+        .map(|i| h.build(BLKIF_OP_WRITE, i * 400, &rng.bytes(40 * 4096), 8, 0, true))
+        .collect();
+    h.push(0, &reqs.iter().collect::<Vec<_>>());
+    for b in reqs {
+        assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_OKAY);
+    }
+    assert!(h.vbd().stats().total.oo_req > 0);
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn online_resize_is_seen_by_every_ring() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        rings: 2,
+        disk_bytes: 1 << 20,
+        ..Opts::default()
+    });
+    let old = h.vbd().sectors();
+    assert_eq!(old, 2048);
+    // Beyond the end: refused.
+    assert_eq!(h.write(1, 2048, &[1; 4096]).status, BLKIF_RSP_ERROR);
+    h.disk.as_file().set_len(2 << 20).unwrap();
+    assert_eq!(h.vbd().refresh_size().unwrap(), 4096);
+    assert!(h
+        .events
+        .lock()
+        .unwrap()
+        .contains(&VbdEvent::Resized { sectors: 4096 }));
+    h.model.resize(2 << 20, 0);
+    assert_eq!(h.write(1, 2048, &[1; 4096]).status, BLKIF_RSP_OKAY);
+    assert_eq!(h.write(0, 4000, &[2; 4096]).status, BLKIF_RSP_OKAY);
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn detach_with_requests_outstanding_answers_them_first() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        persistent: true,
+        ..Opts::default()
+    });
+    let mut rng = Rng::new(8);
+    let reqs: Vec<_> = (0..16)
+        .map(|i| h.build(BLKIF_OP_WRITE, i * 8, &rng.bytes(4096), 8, 0, false))
+        .collect();
+    h.push(0, &reqs.iter().collect::<Vec<_>>());
+    // Detach right away: whatever was consumed completes and is answered; nothing leaks.
+    let vbd = h.vbd.take().unwrap();
+    vbd.detach(Duration::from_secs(10)).unwrap();
+    assert_eq!(h.live_mappings(), 0);
+    drop(reqs);
+    h.vbd = None;
+    let engine = h.engine.take().unwrap();
+    assert!(engine.reactor_loads().iter().all(|&l| l == 0));
+    engine.shutdown();
+}

@@ -1,0 +1,537 @@
+//! A minimal frontend for engine tests: a simulated guest (platform `sim`) with
+//! `FrontRing`s from blkif, driving the real engine over real rings, real simulated grant
+//! mappings and real temp-file I/O, with an in-memory model of the disk to check reads.
+//!
+//! Deliberately small; the full simulated frontend lives in `crates/blkfront`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use backend::{
+    Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId, VbdLimits,
+    VbdSpec,
+};
+use blkif::abi::{
+    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, PAGE_SIZE,
+    SEGMENTS_PER_INDIRECT_PAGE,
+};
+use blkif::{FrontRing, Protocol, RawRequest, Response, Segment};
+use platform::sim::{DomainHandle, GuestConfig, GuestEventChannel, SimGuest, SimPlatform};
+use platform::{GrantMapper, GrantRef, Platform};
+use shmem::SharedMemory;
+use storage::testing::{FaultInjector, FaultyStorage};
+use storage::{DirectIo, OpenOptions, Storage};
+
+pub const SECTOR: usize = 512;
+pub const GUEST_DOMID: u16 = 7;
+
+/// Tests share the process's fd table and the leak checks count fds, so they run one at
+/// a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub rings: usize,
+    pub order: u32,
+    pub protocol: Protocol,
+    pub persistent: bool,
+    pub mode: GrantMode,
+    pub max_indirect: u32,
+    pub read_only: bool,
+    pub disk_bytes: u64,
+    pub faults: Option<FaultInjector>,
+    pub max_buffer_pages: usize,
+    pub features: Features,
+    pub reactors: usize,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            rings: 1,
+            order: 0,
+            protocol: Protocol::Native,
+            persistent: false,
+            mode: GrantMode::Map,
+            max_indirect: 256,
+            read_only: false,
+            disk_bytes: 4 << 20,
+            faults: None,
+            max_buffer_pages: 1024,
+            features: Features {
+                flush: true,
+                barrier: true,
+                discard: true,
+                secure_discard: false,
+            },
+            reactors: 2,
+        }
+    }
+}
+
+pub struct Front {
+    pub ring: FrontRing,
+    pub evtchn: GuestEventChannel,
+    ring_grefs: Vec<GrantRef>,
+    /// Responses popped but not yet claimed.
+    pending: HashMap<u64, Response>,
+    /// Order in which responses arrived.
+    pub arrival: Vec<u64>,
+}
+
+/// One data page the frontend uses for a request.
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    frame: u32,
+    gref: GrantRef,
+}
+
+pub struct Harness {
+    // Drop order: engine state first, then the guest it maps.
+    pub vbd: Option<VbdHandle>,
+    pub engine: Option<Engine>,
+    pub fronts: Vec<Front>,
+    pub platform: SimPlatform,
+    pub guest: SimGuest,
+    _domain: DomainHandle,
+    pub disk: tempfile::NamedTempFile,
+    pub model: Vec<u8>,
+    pub events: Arc<Mutex<Vec<VbdEvent>>>,
+    pub opts: Opts,
+    free_frames: Vec<u32>,
+    /// Persistent mode: pages granted once and reused, as blkfront does.
+    persistent_pool: Vec<Page>,
+    next_id: u64,
+    pub fds_before: usize,
+}
+
+impl Harness {
+    pub fn new(opts: Opts) -> Harness {
+        let fds_before = backend::open_fd_count();
+        let pages = 8192;
+        let platform = SimPlatform::new();
+        let guest = SimGuest::new(
+            GUEST_DOMID,
+            GuestConfig {
+                pages,
+                grant_entries: 16 * 512,
+            },
+        )
+        .unwrap();
+        let domain = platform.attach_local(&guest).unwrap();
+
+        let disk = tempfile::NamedTempFile::new().unwrap();
+        disk.as_file().set_len(opts.disk_bytes).unwrap();
+        let raw = storage::open(
+            disk.path(),
+            OpenOptions {
+                read_only: opts.read_only,
+                direct_io: DirectIo::Off,
+                exclusive: false,
+            },
+        )
+        .unwrap();
+        let storage: Arc<dyn Storage> = match &opts.faults {
+            Some(inj) => Arc::new(FaultyStorage::new(raw, inj.clone())),
+            None => raw,
+        };
+
+        let mut h = Harness {
+            vbd: None,
+            engine: Some(
+                Engine::start(EngineConfig {
+                    reactors: opts.reactors,
+                })
+                .unwrap(),
+            ),
+            fronts: Vec::new(),
+            platform,
+            guest,
+            _domain: domain,
+            disk,
+            model: vec![0; opts.disk_bytes as usize],
+            events: Arc::new(Mutex::new(Vec::new())),
+            opts: opts.clone(),
+            free_frames: (0..pages).rev().collect(),
+            persistent_pool: Vec::new(),
+            next_id: 1,
+            fds_before,
+        };
+
+        let mut specs = Vec::new();
+        for _ in 0..opts.rings {
+            let n = 1usize << opts.order;
+            // Ring pages must be contiguous in guest memory for our FrontRing alias.
+            let first = h.alloc_contiguous(n);
+            let ring_grefs: Vec<GrantRef> = (0..n as u32)
+                .map(|i| h.guest.grant_access(0, first + i, false).unwrap())
+                .collect();
+            let ptr = h
+                .guest
+                .memory()
+                .ptr_at(first as usize * PAGE_SIZE, n * PAGE_SIZE)
+                .unwrap();
+            // SAFETY: the alias covers guest frames reserved for this ring; the guest's
+            // memory outlives every `Front` (field order of `Harness`), and the alias has
+            // no release callback of its own.
+            let mem = unsafe {
+                SharedMemory::from_raw_parts(NonNull::new(ptr).unwrap(), n * PAGE_SIZE, None)
+            };
+            let ring = FrontRing::new(mem, opts.protocol).unwrap();
+            let evtchn = h.guest.alloc_event_channel(0).unwrap();
+            specs.push(RingSpec {
+                ring_refs: ring_grefs.clone(),
+                event_channel: evtchn.port(),
+            });
+            h.fronts.push(Front {
+                ring,
+                evtchn,
+                ring_grefs,
+                pending: HashMap::new(),
+                arrival: Vec::new(),
+            });
+        }
+        let events = h.events.clone();
+        let spec = VbdSpec {
+            domid: GUEST_DOMID,
+            storage,
+            read_only: opts.read_only,
+            rings: specs,
+            protocol: opts.protocol,
+            persistent: opts.persistent,
+            grant_mode: opts.mode,
+            features: opts.features,
+            limits: VbdLimits {
+                max_indirect_segments: opts.max_indirect,
+                max_buffer_pages: opts.max_buffer_pages,
+                ..VbdLimits::default()
+            },
+            events: Some(Arc::new(move |_id: VbdId, e: VbdEvent| {
+                events.lock().unwrap().push(e)
+            })),
+        };
+        let platform: Arc<dyn Platform> = Arc::new(h.platform.clone());
+        h.vbd = Some(h.engine.as_ref().unwrap().attach(spec, platform).unwrap());
+        h
+    }
+
+    pub fn vbd(&self) -> &VbdHandle {
+        self.vbd.as_ref().unwrap()
+    }
+
+    fn alloc_contiguous(&mut self, n: usize) -> u32 {
+        // Frames are handed out from the low end, so n pops are contiguous.
+        let first = *self.free_frames.last().unwrap();
+        for i in 0..n as u32 {
+            assert_eq!(self.free_frames.pop(), Some(first + i));
+        }
+        first
+    }
+
+    fn take_page(&mut self, writable_by_backend: bool) -> Page {
+        if self.opts.persistent {
+            if let Some(p) = self.persistent_pool.pop() {
+                return p;
+            }
+            let frame = self.free_frames.pop().expect("guest out of frames");
+            // Persistent grants are granted read-write: the backend keeps them mapped and
+            // may serve a later READ with them.
+            let gref = self.guest.grant_access(0, frame, false).unwrap();
+            return Page { frame, gref };
+        }
+        let frame = self.free_frames.pop().expect("guest out of frames");
+        let gref = self
+            .guest
+            .grant_access(0, frame, !writable_by_backend)
+            .unwrap();
+        Page { frame, gref }
+    }
+
+    fn give_back(&mut self, page: Page) {
+        if self.opts.persistent {
+            self.persistent_pool.push(page);
+        } else {
+            // Fails (and is counted) if the backend still has the grant mapped after
+            // answering: the check that non-persistent grants are unmapped on completion.
+            self.guest.end_access(page.gref).unwrap();
+            self.free_frames.push(page.frame);
+        }
+    }
+
+    pub fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Builds a READ/WRITE/FLUSH/BARRIER of `data.len()` bytes (a multiple of 512) at
+    /// `sector`, cutting it into segments of `seg_sectors` sectors starting at sector
+    /// `first` of their pages; indirect when `indirect` or when it needs more than 11
+    /// segments.
+    pub fn build(
+        &mut self,
+        op: u8,
+        sector: u64,
+        data: &[u8],
+        seg_sectors: usize,
+        first: u8,
+        indirect: bool,
+    ) -> Built {
+        assert_eq!(data.len() % SECTOR, 0);
+        assert!(usize::from(first) + seg_sectors <= 8);
+        let fills_guest = op == BLKIF_OP_READ;
+        let mut segs = Vec::new();
+        let mut pages = Vec::new();
+        for chunk in data.chunks(seg_sectors * SECTOR) {
+            let page = self.take_page(fills_guest);
+            let off = usize::from(first) * SECTOR;
+            if fills_guest {
+                self.guest.fill_page(page.frame, 0xEE).unwrap();
+            } else {
+                self.guest.write_page(page.frame, off, chunk).unwrap();
+            }
+            let n = chunk.len() / SECTOR;
+            segs.push(Segment {
+                gref: page.gref,
+                first_sect: first,
+                last_sect: first + n as u8 - 1,
+            });
+            pages.push((page, off, chunk.len()));
+        }
+        let id = self.id();
+        let mut indirect_pages = Vec::new();
+        let raw = if indirect || segs.len() > 11 {
+            let mut grefs = Vec::new();
+            for chunk in segs.chunks(SEGMENTS_PER_INDIRECT_PAGE) {
+                let frame = self.free_frames.pop().unwrap();
+                let mut bytes = Vec::with_capacity(chunk.len() * 8);
+                for s in chunk {
+                    bytes.extend_from_slice(&s.encode());
+                }
+                self.guest.write_page(frame, 0, &bytes).unwrap();
+                let gref = self.guest.grant_access(0, frame, true).unwrap();
+                grefs.push(gref);
+                indirect_pages.push(Page { frame, gref });
+            }
+            RawRequest::indirect(op, id, 0, sector, segs.len() as u16, &grefs).unwrap()
+        } else {
+            RawRequest::direct(op, id, 0, sector, &segs).unwrap()
+        };
+        Built {
+            id,
+            op,
+            raw,
+            pages,
+            indirect_pages,
+            sector,
+            len: data.len(),
+            write_data: (!fills_guest).then(|| data.to_vec()),
+        }
+    }
+
+    /// Puts requests on ring `r` and notifies once.
+    pub fn push(&mut self, r: usize, reqs: &[&Built]) {
+        let f = &mut self.fronts[r];
+        for b in reqs {
+            f.ring.push_request(&b.raw).unwrap();
+        }
+        if f.ring.push_requests_and_check_notify() {
+            f.evtchn.notify().unwrap();
+        }
+    }
+
+    pub fn push_raw(&mut self, r: usize, raw: &RawRequest) {
+        let f = &mut self.fronts[r];
+        f.ring.push_request(raw).unwrap();
+        if f.ring.push_requests_and_check_notify() {
+            f.evtchn.notify().unwrap();
+        }
+    }
+
+    /// Waits for the response to `id` on ring `r`.
+    pub fn wait(&mut self, r: usize, id: u64) -> Response {
+        let f = &mut self.fronts[r];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(rsp) = f.pending.remove(&id) {
+                return rsp;
+            }
+            while let Some(rsp) = f.ring.pop_response().unwrap() {
+                f.arrival.push(rsp.id);
+                f.pending.insert(rsp.id, rsp);
+            }
+            if f.pending.contains_key(&id) {
+                continue;
+            }
+            if f.ring.final_check_for_responses().unwrap() {
+                continue;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no response to {id} on ring {r}"
+            );
+            f.evtchn.wait(Duration::from_millis(50)).unwrap();
+        }
+    }
+
+    /// Collects a request's outcome: for a successful READ the data the guest got. Releases
+    /// its pages. Updates the model for successful writes.
+    pub fn complete(&mut self, r: usize, b: Built) -> (Response, Option<Vec<u8>>) {
+        let rsp = self.wait(r, b.id);
+        assert_eq!(rsp.id, b.id);
+        let mut data = None;
+        if b.op == BLKIF_OP_READ && rsp.status == 0 {
+            let mut out = Vec::with_capacity(b.len);
+            for &(page, off, len) in &b.pages {
+                let mut buf = vec![0u8; len];
+                self.guest.read_page(page.frame, off, &mut buf).unwrap();
+                out.extend_from_slice(&buf);
+            }
+            data = Some(out);
+        }
+        if rsp.status == 0 {
+            if let Some(w) = &b.write_data {
+                let at = b.sector as usize * SECTOR;
+                self.model[at..at + w.len()].copy_from_slice(w);
+            }
+        }
+        for (page, _, _) in b.pages {
+            self.give_back(page);
+        }
+        for p in b.indirect_pages {
+            self.guest.end_access(p.gref).unwrap();
+            self.free_frames.push(p.frame);
+        }
+        (rsp, data)
+    }
+
+    pub fn write(&mut self, r: usize, sector: u64, data: &[u8]) -> Response {
+        let b = self.build(BLKIF_OP_WRITE, sector, data, 8, 0, false);
+        self.push(r, &[&b]);
+        self.complete(r, b).0
+    }
+
+    pub fn read(&mut self, r: usize, sector: u64, len: usize) -> (Response, Option<Vec<u8>>) {
+        let buf = vec![0u8; len];
+        let b = self.build(BLKIF_OP_READ, sector, &buf, 8, 0, false);
+        self.push(r, &[&b]);
+        self.complete(r, b)
+    }
+
+    pub fn flush(&mut self, r: usize) -> Response {
+        let b = self.build(BLKIF_OP_FLUSH_DISKCACHE, 0, &[], 8, 0, false);
+        self.push(r, &[&b]);
+        self.complete(r, b).0
+    }
+
+    pub fn barrier(&mut self, sector: u64, data: &[u8]) -> Built {
+        self.build(BLKIF_OP_WRITE_BARRIER, sector, data, 8, 0, false)
+    }
+
+    pub fn discard(&mut self, r: usize, sector: u64, sectors: u64, secure: bool) -> Response {
+        let id = self.id();
+        self.push_raw(r, &RawRequest::discard(id, 0, sector, sectors, secure));
+        let rsp = self.wait(r, id);
+        if rsp.status == 0 {
+            let at = sector as usize * SECTOR;
+            self.model[at..at + sectors as usize * SECTOR].fill(0);
+        }
+        rsp
+    }
+
+    /// Reads the whole disk back in 64 KiB indirect-or-direct reads and compares it with
+    /// the model.
+    pub fn verify_disk(&mut self, r: usize) {
+        let total = self.model.len();
+        let step = 44 * 1024; // 11 segments of 4 KiB
+        let mut at = 0;
+        while at < total {
+            let len = step.min(total - at);
+            let (rsp, data) = self.read(r, (at / SECTOR) as u64, len);
+            assert_eq!(rsp.status, 0, "read at {at}");
+            assert!(
+                data.as_deref() == Some(&self.model[at..at + len]),
+                "disk differs from the model at byte {at}"
+            );
+            at += len;
+        }
+    }
+
+    pub fn live_mappings(&self) -> usize {
+        self.platform.live_mappings()
+    }
+
+    /// Detaches and checks that nothing is left: no grant mapped, no ring on a reactor, no
+    /// grant revoke that failed, no fd leaked once everything is dropped.
+    pub fn teardown(mut self) {
+        let vbd = self.vbd.take().unwrap();
+        let stats = vbd.detach(Duration::from_secs(10)).unwrap();
+        assert_eq!(stats.total.in_flight, 0);
+        assert_eq!(self.live_mappings(), 0, "grant mappings left after detach");
+        assert_eq!(self.platform.mapped_pages(), 0);
+        let engine = self.engine.take().unwrap();
+        assert!(
+            engine.reactor_loads().iter().all(|&l| l == 0),
+            "rings left on reactors"
+        );
+        engine.shutdown();
+        for f in &self.fronts {
+            let _ = &f.ring_grefs;
+        }
+        for p in std::mem::take(&mut self.persistent_pool) {
+            self.guest.end_access(p.gref).unwrap();
+        }
+        assert_eq!(
+            self.guest.end_access_failures(),
+            0,
+            "grant revoked while mapped"
+        );
+        let fds_before = self.fds_before;
+        drop(self);
+        assert_eq!(backend::open_fd_count(), fds_before, "fd leak");
+    }
+}
+
+pub struct Built {
+    pub id: u64,
+    pub op: u8,
+    pub raw: RawRequest,
+    pages: Vec<(Page, usize, usize)>,
+    indirect_pages: Vec<Page>,
+    pub sector: u64,
+    pub len: usize,
+    write_data: Option<Vec<u8>>,
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
