@@ -13,6 +13,7 @@ pub mod guest;
 pub mod layout;
 pub mod queue;
 pub mod shadow;
+pub mod sim;
 
 pub use config::{BufferPlacement, FlushPreference, FrontendConfig, Protocol, QueuePolicy};
 pub use error::{Error, IoError, TeardownReport};
