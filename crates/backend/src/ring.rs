@@ -239,6 +239,8 @@ pub(crate) struct RingRunner {
     /// Private copies of indirect descriptor pages (copy mode).
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
     evtchn_fired: bool,
+    /// Responses written since the last publication.
+    responses_unpublished: bool,
     resize_poll: Option<std::time::Duration>,
     next_resize: Option<Instant>,
 }
@@ -296,6 +298,7 @@ impl RingRunner {
             grefs: Vec::new(),
             indirect_pages: Vec::new(),
             evtchn_fired: true,
+            responses_unpublished: false,
             resize_poll: cfg.resize_poll,
             next_resize,
             vbd: cfg.vbd,
@@ -333,7 +336,10 @@ impl RingRunner {
         let now = Instant::now();
 
         // Bounded: each pass either consumes requests or finishes some, and the ring holds
-        // at most `size` of them; the loop ends when a pass made no progress.
+        // at most `size` of them; the loop ends when a pass made no progress. Responses are
+        // published every pass (the frontend may be polling), the event channel kicked
+        // once at the end if any publication asked for it.
+        let mut notify = false;
         loop {
             let mut progress = self.reap(now);
             progress |= self.resume(now);
@@ -342,14 +348,17 @@ impl RingRunner {
                 // The operations stay queued; the next wake-up retries.
                 tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
             }
-            if self.ring.push_responses_and_check_notify() {
-                self.stats.notifications.inc();
-                if let Err(e) = self.evtchn.notify() {
-                    tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel notify failed");
-                }
+            if std::mem::take(&mut self.responses_unpublished) {
+                notify |= self.ring.push_responses_and_check_notify();
             }
             if !progress {
                 break;
+            }
+        }
+        if notify {
+            self.stats.notifications.inc();
+            if let Err(e) = self.evtchn.notify() {
+                tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel notify failed");
             }
         }
         self.update_gauges();
@@ -382,15 +391,15 @@ impl RingRunner {
     /// drain. Returns whether anything moved.
     fn resume(&mut self, now: Instant) -> bool {
         let mut progress = false;
-        for _ in 0..self.retry.len() {
-            let Some(slot) = self.retry.pop_front() else {
-                break;
-            };
-            progress = true;
+        while let Some(slot) = self.retry.pop_front() {
             self.submit_phase(slot, now);
             if self.retry.back() == Some(&slot) {
-                break; // still full: keep the order, wait for completions
+                // Still no room: back to the head of the line; completions will wake us.
+                self.retry.pop_back();
+                self.retry.push_front(slot);
+                break;
             }
+            progress = true;
         }
         if let Some(slot) = self.stalled {
             let n = self.slots.get(slot).segs.len();
@@ -466,8 +475,11 @@ impl RingRunner {
         } else if response.status != BLKIF_RSP_OKAY {
             self.stats.errors.inc();
         }
-        if let Err(e) = self.ring.push_response(&response) {
-            tracing::error!(vbd = self.vbd.id.0, ring = self.index, error = %e, "cannot push response");
+        match self.ring.push_response(&response) {
+            Ok(()) => self.responses_unpublished = true,
+            Err(e) => {
+                tracing::error!(vbd = self.vbd.id.0, ring = self.index, error = %e, "cannot push response")
+            }
         }
     }
 
