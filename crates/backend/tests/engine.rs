@@ -4,6 +4,7 @@ mod harness;
 
 use std::time::Duration;
 
+use backend::persistent_grants::PersistentGrantLimits;
 use backend::{GrantMode, ResolvedGrantMode, VbdEvent};
 use blkif::abi::{
     BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
@@ -430,4 +431,69 @@ fn detach_with_requests_outstanding_answers_them_first() {
     let engine = h.engine.take().unwrap();
     assert!(engine.reactor_loads().iter().all(|&l| l == 0));
     engine.shutdown();
+}
+
+#[test]
+fn persistent_grants_overflow_and_purge() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        persistent: true,
+        persistent_limits: PersistentGrantLimits {
+            max_grants: 4,
+            unused_timeout: Duration::from_millis(300),
+        },
+        ..Opts::default()
+    });
+    let mut rng = Rng::new(21);
+    // 11 grants per request, 4 fit in the cache: the rest are mapped for the request
+    // and unmapped when it completes.
+    for i in 0..4 {
+        assert_eq!(
+            h.write(0, i * 88, &rng.bytes(11 * 4096)).status,
+            BLKIF_RSP_OKAY
+        );
+    }
+    let s = h.vbd().stats().total;
+    assert_eq!(s.persistent_grants_mapped, 4);
+    assert_eq!(s.persistent_grants_in_use, 0);
+    assert_eq!(h.live_mappings(), 1 + 4, "ring + cached grants");
+    // Unused for longer than the timeout: the 100 ms purge unmaps them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.live_mappings() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "persistent grants not purged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(h.vbd().stats().total.persistent_grants_mapped, 0);
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn unsupported_discard_withdraws_the_feature() {
+    let _g = serial();
+    let faults = FaultInjector::new();
+    let mut h = Harness::new(Opts {
+        faults: Some(faults.clone()),
+        ..Opts::default()
+    });
+    if !h.vbd().features().discard {
+        // The temp directory's file system cannot punch holes: validation already
+        // answers EOPNOTSUPP.
+        assert_eq!(h.discard(0, 0, 8, false).status, BLKIF_RSP_EOPNOTSUPP);
+        h.teardown();
+        return;
+    }
+    faults.add(FaultRule::once(
+        OpKind::Discard,
+        FaultKind::Error(libc::EOPNOTSUPP),
+    ));
+    assert_eq!(h.discard(0, 0, 8, false).status, BLKIF_RSP_EOPNOTSUPP);
+    assert!(!h.vbd().features().discard);
+    assert_eq!(h.discard(0, 0, 8, false).status, BLKIF_RSP_EOPNOTSUPP);
+    assert_eq!(h.write(0, 0, &[9; 4096]).status, BLKIF_RSP_OKAY);
+    h.verify_disk(0);
+    h.teardown();
 }

@@ -11,6 +11,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use backend::persistent_grants::PersistentGrantLimits;
 use backend::{
     Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId, VbdLimits,
     VbdSpec,
@@ -51,6 +52,7 @@ pub struct Opts {
     pub max_buffer_pages: usize,
     pub features: Features,
     pub reactors: usize,
+    pub persistent_limits: PersistentGrantLimits,
 }
 
 impl Default for Opts {
@@ -73,6 +75,7 @@ impl Default for Opts {
                 secure_discard: false,
             },
             reactors: 2,
+            persistent_limits: PersistentGrantLimits::default(),
         }
     }
 }
@@ -212,6 +215,7 @@ impl Harness {
             limits: VbdLimits {
                 max_indirect_segments: opts.max_indirect,
                 max_buffer_pages: opts.max_buffer_pages,
+                persistent: opts.persistent_limits,
                 ..VbdLimits::default()
             },
             events: Some(Arc::new(move |_id: VbdId, e: VbdEvent| {
