@@ -497,3 +497,59 @@ fn unsupported_discard_withdraws_the_feature() {
     h.verify_disk(0);
     h.teardown();
 }
+
+#[test]
+fn bad_grants_fail_only_their_request() {
+    let _g = serial();
+    for (mode, persistent) in [
+        (GrantMode::Map, false),
+        (GrantMode::Map, true),
+        (GrantMode::Copy, false),
+    ] {
+        let mut h = Harness::new(Opts {
+            mode,
+            persistent,
+            ..Opts::default()
+        });
+        let bogus = blkif::Segment {
+            gref: 9000,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        for op in [BLKIF_OP_READ, BLKIF_OP_WRITE] {
+            let id = h.id();
+            h.push_raw(
+                0,
+                &blkif::RawRequest::direct(op, id, 0, 0, &[bogus]).unwrap(),
+            );
+            assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        }
+        // An indirect request whose descriptor page is not granted.
+        let id = h.id();
+        h.push_raw(
+            0,
+            &blkif::RawRequest::indirect(BLKIF_OP_READ, id, 0, 0, 20, &[9001]).unwrap(),
+        );
+        assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        // A READ into a page granted read-only cannot be served.
+        let frame = 8000;
+        let gref = h.guest.grant_access(0, frame, true).unwrap();
+        let seg = blkif::Segment {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        let id = h.id();
+        h.push_raw(
+            0,
+            &blkif::RawRequest::direct(BLKIF_OP_READ, id, 0, 0, &[seg]).unwrap(),
+        );
+        assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        h.guest.end_access(gref).unwrap();
+        // Everything else still works, and nothing stayed mapped.
+        assert_eq!(h.write(0, 8, &[3; 8192]).status, BLKIF_RSP_OKAY);
+        h.verify_disk(0);
+        assert!(h.vbd().stats().total.errors >= 4);
+        h.teardown();
+    }
+}
