@@ -38,6 +38,9 @@ struct OutQueue {
     replies: usize,
     events: usize,
     closed: bool,
+    /// Someone (the writer thread, or the reader sending a reply directly)
+    /// is writing to the socket; everyone else queues behind.
+    busy: bool,
 }
 
 /// The part of a connection shared by its reader, its writer, and whoever
@@ -81,19 +84,39 @@ impl Conn {
         self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a reply. Never blocks (room was reserved by `wait_reply_room`).
-    pub fn push_reply(&self, bytes: Vec<u8>) {
+    /// Queues a reply, unless nothing is queued and nobody is writing: then
+    /// the socket is claimed and the reply handed back, for the caller to
+    /// send with [`Conn::write_claimed`] once it has released the tree lock.
+    /// That fast path saves a thread hand-off per request; anything queued
+    /// meanwhile (events fired after this reply) waits until the claim ends,
+    /// so ordering is kept. Never blocks.
+    pub fn reply_or_claim(&self, bytes: Vec<u8>) -> Option<Vec<u8>> {
         let mut q = self.lock();
         if q.closed {
-            return;
+            return None;
+        }
+        if q.items.is_empty() && !q.busy {
+            q.busy = true;
+            return Some(bytes);
         }
         q.replies += 1;
-        q.items.push_back(Outgoing {
-            is_event: false,
-            bytes,
-        });
+        q.items.push_back(Outgoing { is_event: false, bytes });
         drop(q);
         self.cv.notify_all();
+        None
+    }
+
+    /// Sends a reply claimed by [`Conn::reply_or_claim`] and releases the
+    /// socket to the writer thread. May block, but only on this peer, and
+    /// never with the tree lock held.
+    pub fn write_claimed(&self, mut stream: &UnixStream, bytes: &[u8]) {
+        let result = stream.write_all(bytes);
+        self.lock().busy = false;
+        self.cv.notify_all();
+        if let Err(e) = result {
+            debug!(conn = self.id, error = %e, "xenstore write failed");
+            self.close();
+        }
     }
 
     /// Queues a watch event, or drops and counts it if the queue is full.
@@ -135,23 +158,26 @@ impl Conn {
         !q.closed
     }
 
-    /// The next message to send, blocking; `None` once closed.
+    /// The next message to send, claiming the socket; `None` once closed.
     fn next_outgoing(&self) -> Option<Vec<u8>> {
         let mut q = self.lock();
         loop {
             if q.closed {
                 return None;
             }
-            if let Some(item) = q.items.pop_front() {
-                if item.is_event {
-                    q.events -= 1;
-                } else {
-                    q.replies -= 1;
+            if !q.busy {
+                if let Some(item) = q.items.pop_front() {
+                    if item.is_event {
+                        q.events -= 1;
+                    } else {
+                        q.replies -= 1;
+                    }
+                    q.busy = true;
+                    drop(q);
+                    // A reader may be waiting for reply room.
+                    self.cv.notify_all();
+                    return Some(item.bytes);
                 }
-                drop(q);
-                // A reader may be waiting for reply room.
-                self.cv.notify_all();
-                return Some(item.bytes);
             }
             q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
         }
@@ -169,6 +195,7 @@ impl Conn {
         q.items.clear();
         q.replies = 0;
         q.events = 0;
+        q.busy = false;
         drop(q);
         self.cv.notify_all();
         let _ = self.stream.shutdown(Shutdown::Both);
@@ -193,13 +220,9 @@ impl Conn {
 
     /// The writer thread: sends queued messages until the connection closes
     /// or the socket fails.
-    pub fn writer_loop(&self, mut stream: UnixStream) {
+    pub fn writer_loop(&self, stream: UnixStream) {
         while let Some(bytes) = self.next_outgoing() {
-            if let Err(e) = stream.write_all(&bytes) {
-                debug!(conn = self.id, error = %e, "xenstore write failed");
-                self.close();
-                break;
-            }
+            self.write_claimed(&stream, &bytes);
         }
     }
 }

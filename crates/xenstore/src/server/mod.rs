@@ -753,15 +753,20 @@ fn reader_loop(shared: &Shared, conn: &Arc<Conn>, mut stream: UnixStream) {
             break;
         }
         let result = st.handle(conn, limits, &shared.config, &msg);
-        let reply = encode_reply(&msg.header, &result);
-        conn.push_reply(reply);
+        // The reply is ordered before the events this request fires (the
+        // initial event of a watch must follow its acknowledgement).
+        let direct = conn.reply_or_claim(encode_reply(&msg.header, &result));
         if let Ok(outcome) = result {
             st.fire(&outcome.changes);
             if let Some((path, token)) = outcome.initial_fire {
-                if let Some(w) = st.watches_for_initial(conn.id, &path, &token) {
+                if let Some(w) = st.watches.find(conn.id, &path, &token) {
                     w.deliver(&path);
                 }
             }
+        }
+        drop(st);
+        if let Some(reply) = direct {
+            conn.write_claimed(&stream, &reply);
         }
     }
     // Whatever ended the loop, the connection and everything it owned go:
@@ -770,12 +775,6 @@ fn reader_loop(shared: &Shared, conn: &Arc<Conn>, mut stream: UnixStream) {
     st.remove_conn(conn.id);
     drop(st);
     conn.close();
-}
-
-impl State {
-    fn watches_for_initial(&self, conn_id: u64, path: &str, token: &str) -> Option<&Watch> {
-        self.watches.find(conn_id, path, token)
-    }
 }
 
 /// The reply message for a handled request: same type, req_id and tx_id, or
