@@ -32,6 +32,12 @@ pub struct VbdId(pub u64);
 /// How often a reactor runs housekeeping (blkback's `LRU_INTERVAL`).
 pub(crate) const TICK: Duration = crate::persistent_grants::LRU_INTERVAL;
 
+/// How long a shutting-down reactor waits for its rings' in-flight I/O before it drops
+/// them anyway. Dropping is still safe then (the storage queue, dropped first, waits for
+/// the kernel to finish with every operation before any mapping goes); this only bounds
+/// how long shutdown waits for answers the frontend will never read.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A ring as seen by its reactor.
 pub(crate) trait RingTask: Send {
     /// The VBD this ring belongs to.
@@ -176,6 +182,7 @@ struct Reactor {
     free_keys: Vec<usize>,
     ready: Vec<Token>,
     shutting_down: bool,
+    shutdown_deadline: Option<Instant>,
 }
 
 impl Reactor {
@@ -193,6 +200,7 @@ impl Reactor {
             free_keys: Vec::new(),
             ready: Vec::with_capacity(256),
             shutting_down: false,
+            shutdown_deadline: None,
         })
     }
 
@@ -242,6 +250,13 @@ impl Reactor {
             if self.shutting_down && self.entries.iter().all(Option::is_none) {
                 break;
             }
+            if self.shutdown_deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::error!(
+                    rings = self.entries.iter().flatten().count(),
+                    "rings still have I/O in flight at the shutdown deadline; dropping them"
+                );
+                break;
+            }
         }
         // Whatever is left (a failed epoll) is dropped here, which still unmaps and closes.
         for key in 0..self.entries.len() {
@@ -271,6 +286,7 @@ impl Reactor {
                 }
                 Command::Shutdown => {
                     self.shutting_down = true;
+                    self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
                     for e in self.entries.iter_mut().flatten() {
                         if !e.closing {
                             e.closing = true;
