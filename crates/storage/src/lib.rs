@@ -35,7 +35,9 @@
 //!
 //! # Backends
 //! - [`raw`]: a regular file or a block device on io_uring, with O_DIRECT where the file
-//!   system or device allows it ([`open`] picks file or block device by `fstat`).
+//!   system or device allows it ([`open`] picks file or block device by `fstat`). Note that
+//!   tmpfs accepts O_DIRECT since Linux 6.6; ramfs and some FUSE file systems do not, and
+//!   get buffered I/O.
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - [`testing`] (feature `testing` or in this crate's tests): a fault-injection wrapper.
 //!
@@ -153,8 +155,7 @@ impl StorageOp<'_> {
 }
 
 /// The completion callback of [`StorageQueue::reap`]: the operation's tag and either the
-/// number of bytes transferred (0 for flush and discard... discard reports its length) or
-/// the error.
+/// number of bytes transferred (see [`StorageQueue::reap`]) or the error.
 pub type Completion<'a> = &'a mut dyn FnMut(u64, io::Result<u64>);
 
 /// A queue of operations on one storage, owned by one reactor (one per ring).
