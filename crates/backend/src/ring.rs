@@ -1087,7 +1087,10 @@ impl RingTask for RingRunner {
                 self.next_resize = self.resize_poll.map(|p| now + p);
             }
         }
-        if !self.retry.is_empty() || self.stalled.is_some() || self.barrier.is_some() {
+        // Waiting work, and rings being drained, are also driven by the tick: a lost
+        // wake-up then costs at most one tick, never a hang of detach.
+        let draining = self.state == State::Closing && self.slots.in_use() > 0;
+        if draining || !self.retry.is_empty() || self.stalled.is_some() || self.barrier.is_some() {
             self.process();
         } else {
             self.update_gauges();

@@ -118,6 +118,14 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(opts: Opts) -> Harness {
+        Self::new_with_storage(opts, |s| s)
+    }
+
+    /// Like [`Harness::new`], with the storage wrapped by `wrap`.
+    pub fn new_with_storage(
+        opts: Opts,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Harness {
         let fds_before = backend::open_fd_count();
         let pages = 8192;
         let platform = SimPlatform::new();
@@ -146,6 +154,7 @@ impl Harness {
             Some(inj) => Arc::new(FaultyStorage::new(raw, inj.clone())),
             None => raw,
         };
+        let storage = wrap(storage);
 
         let mut h = Harness {
             vbd: None,
