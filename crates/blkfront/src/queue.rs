@@ -890,10 +890,4 @@ impl Queue {
         }
         report
     }
-
-    /// Test hook: the ring's shared memory, for a test playing a hostile backend.
-    #[cfg(test)]
-    pub fn ring_memory(&self) -> &shmem::SharedMemory {
-        self.ring.as_ref().expect("ring alive").memory()
-    }
 }
