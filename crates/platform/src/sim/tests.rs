@@ -573,3 +573,41 @@ fn concurrent_maps_from_reactor_threads_balance() {
         guest.end_access(r).unwrap();
     }
 }
+
+#[test]
+fn revocation_races_maps_faithfully() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (platform, guest, _h) = setup(4);
+    let stop = AtomicBool::new(false);
+    let current = std::sync::Mutex::new(None::<GrantRef>);
+    std::thread::scope(|s| {
+        // Guest: grant, then revoke as soon as the backend lets go, over and over.
+        s.spawn(|| {
+            for _ in 0..500 {
+                let g = guest.grant_access(0, 1, false).unwrap();
+                *current.lock().unwrap() = Some(g);
+                while guest.end_access(g).is_err() {
+                    std::thread::yield_now();
+                }
+                // Revoked: from here on no map of it may succeed.
+                let flags = guest.grant_entry(g).unwrap().flags;
+                assert_eq!(flags, 0);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        // Backend: map whatever is current; a successful map must see the entry pinned.
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(g) = *current.lock().unwrap() else {
+                    continue;
+                };
+                if let Ok(m) = platform.map(GUEST, &[g], Access::ReadWrite) {
+                    let f = guest.grant_entry(g).unwrap().flags;
+                    assert_eq!(f & (GTF_READING | GTF_WRITING), GTF_READING | GTF_WRITING);
+                    drop(m);
+                }
+            }
+        });
+    });
+    assert_eq!(platform.live_mappings(), 0);
+}
