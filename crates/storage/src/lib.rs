@@ -39,11 +39,13 @@
 //!   tmpfs accepts O_DIRECT since Linux 6.6; ramfs and some FUSE file systems do not, and
 //!   get buffered I/O.
 //! - [`null`]: no I/O at all, to measure the protocol cost.
-//! - [`testing`] (feature `testing` or in this crate's tests): a fault-injection wrapper.
+//! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
 //! [`baseline`] holds the benchmark runners: the same workload driven through a
 //! [`StorageQueue`] and through a bare io_uring loop, so the cost of the abstraction is
 //! measured side by side.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::os::fd::RawFd;

@@ -2,7 +2,7 @@
 //!
 //! This module owns opening and probing: O_DIRECT negotiation, geometry (size, logical and
 //! physical block size, DMA alignment), and which of flush / discard / secure discard the
-//! target supports. The I/O itself runs on io_uring in [`crate::uring`].
+//! target supports. The I/O itself runs on io_uring (module `uring`).
 //!
 //! Probing rules:
 //! - **O_DIRECT** ([`DirectIo`]): `Auto` tries O_DIRECT and falls back to buffered I/O with
@@ -16,7 +16,7 @@
 //!   beyond end-of-file (which changes nothing) succeeds; granularity is the file system
 //!   block size; secure discard is never offered for files. On a block device it is
 //!   `BLKDISCARD`, advertised when `queue/discard_max_bytes` is non-zero, and
-//!   `BLKSECDISCARD` when the non-destructive probe in [`crate::sys`] says the device can
+//!   `BLKSECDISCARD` when the non-destructive probe (module `sys`) says the device can
 //!   securely erase.
 //! - **Read-only** opens `O_RDONLY` and offers neither writes nor discards.
 
