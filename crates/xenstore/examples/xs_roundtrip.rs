@@ -4,7 +4,9 @@
 //! cargo run --release -p xenstore --example xs_roundtrip -- [--secs N]
 //! ```
 //!
-//! Measures, each for `--secs` seconds (default 2):
+//! Measures, each for `--secs` seconds (default 1) and repeated `--rounds`
+//! times (default 5, interleaved so background load hits all alike; the
+//! median is reported with the range):
 //! - baseline: a bare request/response ping-pong of the same size over a unix
 //!   socket to an echo thread (the floor any xenstore round trip pays);
 //! - READ and WRITE of a 64-byte value from one thread;
@@ -20,109 +22,114 @@ use std::time::{Duration, Instant};
 use xenstore::wire::{self, MsgType};
 use xenstore::{XenstoreServer, XsClient, XsOps};
 
-fn rate(name: &str, ops: u64, elapsed: Duration) -> f64 {
-    let per_sec = ops as f64 / elapsed.as_secs_f64();
-    println!(
-        "{name:<44} {per_sec:>12.0} ops/s  {:>8.2} µs/op  ({ops} ops)",
-        1e6 / per_sec
-    );
-    per_sec
-}
-
 fn run_for(secs: Duration, mut op: impl FnMut()) -> (u64, Duration) {
     // Warm up (allocator, page faults, thread wake-up paths).
-    for _ in 0..1000 {
+    for _ in 0..200 {
         op();
     }
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < secs {
-        for _ in 0..256 {
+        for _ in 0..64 {
             op();
         }
-        n += 256;
+        n += 64;
     }
     (n, start.elapsed())
 }
 
+fn per_sec((n, t): (u64, Duration)) -> f64 {
+    n as f64 / t.as_secs_f64()
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let secs = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
-    let secs = Duration::from_secs_f64(secs);
+    let secs = Duration::from_secs_f64(arg(&args, "--secs").unwrap_or(1.0));
+    let rounds: usize = arg(&args, "--rounds").unwrap_or(5).max(1);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("xenstored.sock");
     let server = XenstoreServer::default();
     server.listen_as(0, &sock).expect("listen");
-
+    let xs = Arc::new(XsClient::connect_unix(&sock).expect("connect"));
+    let path = "/local/domain/1/device/vbd/51712/state";
     let value = [b'v'; 64];
-    let read_req = wire::encode(MsgType::Read, 1, 0, b"/local/domain/1/device/vbd/51712/state\0").unwrap();
-    let mut read_reply = wire::encode(MsgType::Read, 1, 0, &value).unwrap();
+    xs.write(path, value).unwrap();
 
     // Baseline: the same bytes bounced by an echo thread that reads a whole
     // request and writes a whole reply, like a minimal daemon.
+    let read_req = wire::encode(MsgType::Read, 1, 0, format!("{path}\0").as_bytes()).unwrap();
+    let read_reply = wire::encode(MsgType::Read, 1, 0, &value).unwrap();
     let (mut a, mut b) = UnixStream::pair().unwrap();
     let req_len = read_req.len();
-    let reply = std::mem::take(&mut read_reply);
     let echo = std::thread::spawn(move || {
         let mut buf = vec![0u8; req_len];
         while b.read_exact(&mut buf).is_ok() {
-            if b.write_all(&reply).is_err() {
+            if b.write_all(&read_reply).is_err() {
                 break;
             }
         }
     });
-    let mut rbuf = vec![0u8; 16 + value.len()];
-    let (n, t) = run_for(secs, || {
-        a.write_all(&read_req).unwrap();
-        a.read_exact(&mut rbuf).unwrap();
-    });
-    let baseline = rate("baseline: raw unix-socket ping-pong", n, t);
+    let mut rbuf = vec![0u8; wire::HEADER_LEN + value.len()];
+
+    let names = [
+        "baseline: raw unix-socket ping-pong",
+        "XS_READ  (1 thread)",
+        "XS_WRITE (1 thread)",
+        "XS_READ  (2 threads, one connection, total)",
+        "transaction: start+read+write+commit",
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for _ in 0..rounds {
+        results[0].push(per_sec(run_for(secs, || {
+            a.write_all(&read_req).unwrap();
+            a.read_exact(&mut rbuf).unwrap();
+        })));
+        results[1].push(per_sec(run_for(secs, || drop(xs.read(path).unwrap()))));
+        results[2].push(per_sec(run_for(secs, || xs.write(path, value).unwrap())));
+        let start = Instant::now();
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let xs = xs.clone();
+                std::thread::spawn(move || run_for(secs, || drop(xs.read(path).unwrap())).0)
+            })
+            .collect();
+        let n: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        results[3].push(per_sec((n, start.elapsed())));
+        results[4].push(per_sec(run_for(secs, || {
+            xs.transaction(|tx| {
+                tx.read(path)?;
+                tx.write(path, value)
+            })
+            .unwrap()
+        })));
+    }
     drop(a);
     echo.join().unwrap();
 
-    let xs = Arc::new(XsClient::connect_unix(&sock).expect("connect"));
-    let path = "/local/domain/1/device/vbd/51712/state";
-    xs.write(path, value).unwrap();
-
-    let (n, t) = run_for(secs, || {
-        xs.read(path).unwrap();
-    });
-    let read = rate("XS_READ  (1 thread)", n, t);
-
-    let (n, t) = run_for(secs, || {
-        xs.write(path, value).unwrap();
-    });
-    let write = rate("XS_WRITE (1 thread)", n, t);
-
-    // Two threads on one client: total rate.
-    let start = Instant::now();
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let xs = xs.clone();
-            std::thread::spawn(move || run_for(secs, || drop(xs.read(path).unwrap())).0)
-        })
-        .collect();
-    let n: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    let read2 = rate("XS_READ  (2 threads, one connection)", n, start.elapsed());
-
-    let (n, t) = run_for(secs, || {
-        xs.transaction(|tx| {
-            tx.read(path)?;
-            tx.write(path, value)
-        })
-        .unwrap();
-    });
-    let txs = rate("transaction start+read+write+commit", n, t);
-
+    println!(
+        "{rounds} rounds x {:.1} s each; median (min..max) ops/s",
+        secs.as_secs_f64()
+    );
+    let mut medians = Vec::new();
+    for (name, mut r) in names.iter().zip(results) {
+        r.sort_by(f64::total_cmp);
+        let median = r[r.len() / 2];
+        medians.push(median);
+        println!(
+            "{name:<44} {median:>9.0} ops/s  {:>7.1} µs/op  ({:.0}..{:.0})",
+            1e6 / median,
+            r[0],
+            r[r.len() - 1]
+        );
+    }
     println!();
-    println!("READ / baseline = {:.2}", read / baseline);
-    println!("WRITE / baseline = {:.2}", write / baseline);
-    println!("2-thread READ / 1-thread READ = {:.2}", read2 / read);
-    println!("transactions/s x 4 round trips = {:.0} round trips/s", txs * 4.0);
+    println!("XS_READ / baseline  = {:.2}", medians[1] / medians[0]);
+    println!("XS_WRITE / baseline = {:.2}", medians[2] / medians[0]);
+    println!("transaction round trips/s (x4) = {:.0}", medians[4] * 4.0);
 }

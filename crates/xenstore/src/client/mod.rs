@@ -18,7 +18,7 @@ pub use events::{WatchEvent, WatchEvents};
 pub use transport::{Transport, DEFAULT_SOCKET_PATH, DEFAULT_XENBUS_DEVICE};
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufReader, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
@@ -293,7 +293,9 @@ impl Drop for XsClient {
 }
 
 /// The reader thread: routes replies and watch events until the stream ends.
-fn reader_loop(shared: &Shared, mut reader: TransportReader) {
+fn reader_loop(shared: &Shared, reader: TransportReader) {
+    // Buffered: a header and its payload usually arrive in one read(2).
+    let mut reader = BufReader::with_capacity(2 * (wire::HEADER_LEN + wire::PAYLOAD_MAX), reader);
     loop {
         let msg = match wire::read_message(&mut reader) {
             Ok(m) => m,

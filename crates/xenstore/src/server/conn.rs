@@ -100,7 +100,10 @@ impl Conn {
             return Some(bytes);
         }
         q.replies += 1;
-        q.items.push_back(Outgoing { is_event: false, bytes });
+        q.items.push_back(Outgoing {
+            is_event: false,
+            bytes,
+        });
         drop(q);
         self.cv.notify_all();
         None

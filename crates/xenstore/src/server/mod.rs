@@ -36,7 +36,7 @@ mod store;
 mod watch;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io;
+use std::io::{self, BufReader};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -730,10 +730,12 @@ fn spawn_connection(shared: &Arc<Shared>, domid: u32, stream: UnixStream) -> io:
 
 /// The reader thread: one request at a time, until EOF, a framing error, or
 /// the connection is closed from elsewhere.
-fn reader_loop(shared: &Shared, conn: &Arc<Conn>, mut stream: UnixStream) {
+fn reader_loop(shared: &Shared, conn: &Arc<Conn>, stream: UnixStream) {
     let limits = shared.config.limits();
+    // Buffered: a header and its payload usually arrive in one read(2).
+    let mut input = BufReader::with_capacity(2 * (wire::HEADER_LEN + wire::PAYLOAD_MAX), stream);
     loop {
-        let msg = match wire::read_message(&mut stream) {
+        let msg = match wire::read_message(&mut input) {
             Ok(m) => m,
             Err(ReadError::Eof) => break,
             Err(ReadError::Protocol(e)) => {
@@ -766,7 +768,7 @@ fn reader_loop(shared: &Shared, conn: &Arc<Conn>, mut stream: UnixStream) {
         }
         drop(st);
         if let Some(reply) = direct {
-            conn.write_claimed(&stream, &reply);
+            conn.write_claimed(input.get_ref(), &reply);
         }
     }
     // Whatever ended the loop, the connection and everything it owned go:
