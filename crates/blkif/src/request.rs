@@ -743,14 +743,15 @@ pub enum Validated {
 /// An indirect READ/WRITE whose header passed validation; its descriptors have not
 /// been read yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Its fields are private so the invariants `validate` established (segment count
+/// within the limits, page count at most 8) cannot be broken before `parse_segments`.
 pub struct IndirectRequest {
-    pub id: u64,
-    /// `Read` or `Write`.
-    pub operation: Operation,
-    pub handle: u16,
-    pub sector: u64,
-    /// 1..=`max_indirect_segments` (and at most 4096).
-    pub nr_segments: u16,
+    id: u64,
+    operation: Operation,
+    handle: u16,
+    sector: u64,
+    nr_segments: u16,
     nr_pages: u8,
     grefs: [u32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
 }
@@ -804,6 +805,31 @@ impl<T: DescriptorPage + ?Sized> DescriptorPage for &T {
 }
 
 impl IndirectRequest {
+    /// The guest's `id`.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// [`Operation::Read`] or [`Operation::Write`].
+    pub fn operation(&self) -> Operation {
+        self.operation
+    }
+
+    /// The guest's `handle`.
+    pub fn handle(&self) -> u16 {
+        self.handle
+    }
+
+    /// First 512-byte sector.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+
+    /// Number of segment descriptors: 1..=`max_indirect_segments` (and at most 4096).
+    pub fn nr_segments(&self) -> u16 {
+        self.nr_segments
+    }
+
     /// Grant references of the descriptor pages to map, in order (only as many as
     /// `nr_segments` needs: `ceil(nr_segments / 512)`).
     pub fn indirect_grefs(&self) -> &[u32] {

@@ -70,6 +70,10 @@ pub enum RingError {
     BadSlotLength { expected: usize, got: usize },
 }
 
+/// The private copy of one request slot.
+#[repr(C, align(8))]
+struct SlotCopy([u8; MAX_REQUEST_SIZE]);
+
 /// What both sides share: the mapping, its protocol and its geometry.
 #[derive(Debug)]
 struct Shared {
@@ -116,12 +120,13 @@ impl Shared {
         sring::RING + (index & (self.size - 1)) as usize * self.protocol.slot_size()
     }
 
-    /// Copies a whole request slot out with one read.
-    fn read_request(&self, index: u32) -> [u8; MAX_REQUEST_SIZE] {
-        let mut buf = [0u8; MAX_REQUEST_SIZE];
+    /// Copies a whole request slot out with one read, into a buffer aligned like the
+    /// slot so the copy moves whole words rather than bytes.
+    fn read_request(&self, index: u32) -> SlotCopy {
+        let mut buf = SlotCopy([0u8; MAX_REQUEST_SIZE]);
         let len = self.protocol.request_size();
         self.mem
-            .read(self.slot_offset(index), &mut buf[..len])
+            .read(self.slot_offset(index), &mut buf.0[..len])
             .expect("slot inside the ring: size * slot_size + 64 <= len by construction");
         buf
     }
@@ -294,7 +299,7 @@ impl BackRing {
         }
         let slot = self.shared.read_request(self.req_cons);
         self.req_cons = self.req_cons.wrapping_add(1);
-        Ok(Some(RawRequest::decode(self.shared.protocol, &slot)))
+        Ok(Some(RawRequest::decode(self.shared.protocol, &slot.0)))
     }
 
     /// `RING_HAS_UNCONSUMED_REQUESTS`: requests published and not yet consumed, capped

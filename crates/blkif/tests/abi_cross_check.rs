@@ -452,7 +452,10 @@ fn run_ring(run: Run) {
                             let parsed = ind.parse_segments(&pages, &mut segment_buf);
                             if let Ok(segs) = &parsed {
                                 for (n, s) in segs.iter().enumerate() {
-                                    assert_eq!(*s, indirect_descriptor(ind.id, n as u32, run.lbs));
+                                    assert_eq!(
+                                        *s,
+                                        indirect_descriptor(ind.id(), n as u32, run.lbs)
+                                    );
                                 }
                             }
                             match parsed.and_then(|segs| ind.finish(segs, &limits)) {

@@ -650,7 +650,7 @@ proptest! {
                 prop_assert_eq!(r.response(0).operation, raw.response_operation());
             }
             Ok(Validated::Indirect(i)) => {
-                prop_assert!(i.nr_segments >= 1 && u32::from(i.nr_segments) <= max_indirect);
+                prop_assert!(i.nr_segments() >= 1 && u32::from(i.nr_segments()) <= max_indirect);
                 prop_assert!(i.nr_pages() <= 8);
                 prop_assert_eq!(i.response(0).operation, raw.response_operation());
             }

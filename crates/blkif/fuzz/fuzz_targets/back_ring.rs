@@ -11,7 +11,7 @@
 
 #![no_main]
 
-use blkif::abi::{PAGE_SIZE, MAX_INDIRECT_SEGMENTS, MAX_RESPONSE_SIZE};
+use blkif::abi::{MAX_INDIRECT_SEGMENTS, MAX_RESPONSE_SIZE, PAGE_SIZE};
 use blkif::{
     BackRing, DeviceLimits, FrontRing, Protocol, RawRequest, Response, RingError, Segment,
     Validated,
@@ -138,7 +138,8 @@ fuzz_target!(|data: &[u8]| {
             2 => {
                 let n = usize::from(input.u8()).min(pending.len());
                 for r in pending.drain(..n) {
-                    ring.push_response(&r).expect("answering a consumed request");
+                    ring.push_response(&r)
+                        .expect("answering a consumed request");
                 }
                 let _ = ring.push_responses_and_check_notify();
                 if pending.is_empty() {
@@ -175,7 +176,9 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let which = if input.u8() & 1 == 0 { 12 } else { 8 };
                 let v = input.u32();
-                ring.memory().store_u32(which, v, Ordering::Relaxed).unwrap();
+                ring.memory()
+                    .store_u32(which, v, Ordering::Relaxed)
+                    .unwrap();
             }
         }
     }
@@ -195,11 +198,19 @@ fn answer(
 ) -> Response {
     match raw.validate(limits) {
         Ok(Validated::Ready(req)) => {
-            assert!(req.nr_sectors == 0 || req.sector.checked_add(req.nr_sectors).is_some_and(|e| e <= limits.sectors));
+            assert!(
+                req.nr_sectors == 0
+                    || req
+                        .sector
+                        .checked_add(req.nr_sectors)
+                        .is_some_and(|e| e <= limits.sectors)
+            );
             req.response(0)
         }
         Ok(Validated::Indirect(ind)) => {
-            assert!(ind.nr_pages() <= 8 && u32::from(ind.nr_segments) <= limits.max_indirect_segments);
+            assert!(
+                ind.nr_pages() <= 8 && u32::from(ind.nr_segments()) <= limits.max_indirect_segments
+            );
             let pages: Vec<&Vec<u8>> = ind
                 .indirect_grefs()
                 .iter()
@@ -210,7 +221,10 @@ fn answer(
                 .and_then(|segs| ind.finish(segs, limits))
             {
                 Ok(req) => {
-                    assert!(req.sector.checked_add(req.nr_sectors).is_some_and(|e| e <= limits.sectors));
+                    assert!(req
+                        .sector
+                        .checked_add(req.nr_sectors)
+                        .is_some_and(|e| e <= limits.sectors));
                     req.response(0)
                 }
                 Err(e) => ind.response(e.status()),
@@ -237,7 +251,10 @@ fn fuzz_front(protocol: Protocol, order: u32, data: &[u8]) {
     let mut front = FrontRing::new_at(mem, protocol, start).unwrap();
     let size = front.size();
     let k = u32::from(input.u8()) % (size + 1);
-    let req = RawRequest::Other { operation: 200, id: 1 };
+    let req = RawRequest::Other {
+        operation: 200,
+        id: 1,
+    };
     for _ in 0..k {
         front.push_request(&req).unwrap();
     }
@@ -245,7 +262,10 @@ fn fuzz_front(protocol: Protocol, order: u32, data: &[u8]) {
     assert_eq!(front.free_slots(), size - k);
     // The backend publishes an arbitrary rsp_prod.
     let rsp_prod = start.wrapping_add(input.u32() % (2 * size + 2));
-    front.memory().store_u32(8, rsp_prod, Ordering::Release).unwrap();
+    front
+        .memory()
+        .store_u32(8, rsp_prod, Ordering::Release)
+        .unwrap();
     let mut got = 0u32;
     loop {
         match front.pop_response() {
