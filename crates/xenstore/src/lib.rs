@@ -13,6 +13,40 @@
 //! | [`server`] | [`XenstoreServer`]: node tree, permissions, watches, transactions, quotas |
 //!
 //! This crate knows nothing about block devices.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use xenstore::{Access, Perm, XenstoreServer, XsClient, XsOps};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let server = XenstoreServer::default();
+//! server.listen_as(0, dir.path().join("dom0.sock"))?; // the toolstack / backend
+//! server.listen_as(5, dir.path().join("dom5.sock"))?; // a guest
+//!
+//! let dom0 = XsClient::connect_unix(dir.path().join("dom0.sock"))?;
+//! dom0.mkdir("/local/domain/5")?;
+//! dom0.set_perms("/local/domain/5", &[Perm::new(5, Access::None)])?;
+//!
+//! // The daemon's control thread: watch, then wait for events.
+//! let events = dom0.watch_events(); // also `AsFd`, for poll/epoll loops
+//! dom0.watch("/local/domain/5/device", "vbd")?;
+//! assert_eq!(events.recv_timeout(Duration::from_secs(5))?.path, "/local/domain/5/device"); // initial fire
+//!
+//! // The guest writes under its home, relative paths allowed, atomically.
+//! let guest = XsClient::connect_unix(dir.path().join("dom5.sock"))?;
+//! guest.transaction(|tx| {
+//!     tx.write("device/vbd/51712/state", "1")?;
+//!     tx.write("device/vbd/51712/ring-ref", "8")
+//! })?;
+//! let ev = events.recv_timeout(Duration::from_secs(5))?;
+//! assert!(ev.path.starts_with("/local/domain/5/device/vbd/51712/"));
+//! assert_eq!(ev.token, "vbd");
+//! # Ok(())
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

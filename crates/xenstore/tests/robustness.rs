@@ -411,3 +411,36 @@ fn client_request_timeout() {
     assert!(xs.is_connected());
     assert!(matches!(xs.mkdir("/y"), Err(Error::Timeout)));
 }
+
+#[test]
+fn connections_per_domain_are_limited() {
+    let h = Harness::with_config(ServerConfig {
+        max_connections_per_domain: 2,
+        ..ServerConfig::default()
+    });
+    let a = h.client(5);
+    let b = h.client(5);
+    a.get_domain_path(5).unwrap();
+    b.get_domain_path(5).unwrap();
+    let refused = h.client(5);
+    assert!(matches!(
+        refused.get_domain_path(5),
+        Err(Error::Disconnected) | Err(Error::Io(_))
+    ));
+    drop(a);
+    h.eventually("first connection gone", || {
+        h.server
+            .connection_stats()
+            .iter()
+            .filter(|s| s.domid == 5)
+            .count()
+            == 1
+    });
+    h.client(5).get_domain_path(5).unwrap();
+    // dom0 is not limited.
+    let many: Vec<XsClient> = (0..5).map(|_| h.client(0)).collect();
+    for xs in &many {
+        xs.get_domain_path(0).unwrap();
+    }
+    drop(b);
+}
