@@ -349,6 +349,9 @@ impl RingRunner {
                 tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
             }
             if std::mem::take(&mut self.responses_unpublished) {
+                // Gauges first, so a frontend that sees a response sees its effect in the
+                // statistics too.
+                self.update_gauges();
                 notify |= self.ring.push_responses_and_check_notify();
             }
             if !progress {
@@ -511,14 +514,15 @@ impl RingRunner {
                         (slot, req)
                     }
                     Err(status) => {
+                        let response = ind.response(status);
                         tracing::debug!(
                             vbd = self.vbd.id.0,
                             ring = self.index,
-                            id = ind.id,
+                            id = response.id,
                             "indirect request refused"
                         );
                         self.slots.free(slot);
-                        self.respond_now(ind.response(status));
+                        self.respond_now(response);
                         return;
                     }
                 }
@@ -840,11 +844,14 @@ impl RingRunner {
     /// Reads an indirect request's descriptors (mapped read-only, or grant-copied in copy
     /// mode) into the slot's segment list, then runs the checks that need them.
     fn read_indirect(&mut self, slot: u32, ind: &IndirectRequest) -> Result<Request, i16> {
-        let n = usize::from(ind.nr_segments);
         let grefs = ind.indirect_grefs();
+        // Room for every descriptor the pages can hold (bounded by the advertised
+        // maximum); parsing fills the request's `nr_segments` of them.
+        let room = (grefs.len() * blkif::abi::SEGMENTS_PER_INDIRECT_PAGE)
+            .min(self.limits.max_indirect_segments as usize);
         let s = self.slots.get_mut(slot);
         s.segs.clear();
-        s.segs.resize(n, Segment::default());
+        s.segs.resize(room, Segment::default());
         let parsed = if self.bounce.is_some() {
             if self.indirect_pages.len() < grefs.len() {
                 self.indirect_pages.resize(grefs.len(), [0; PAGE_SIZE]);
@@ -865,7 +872,7 @@ impl RingRunner {
             }
             drop(ops);
             ind.parse_segments(&self.indirect_pages[..grefs.len()], &mut s.segs)
-                .map(|_| ())
+                .map(<[Segment]>::len)
         } else {
             // Descriptor pages are only read, so they are mapped read-only and unmapped
             // right after parsing, whatever `feature-persistent` says (blkback routes them
@@ -884,9 +891,10 @@ impl RingRunner {
                     page,
                 });
             ind.parse_segments(&pages[..grefs.len()], &mut s.segs)
-                .map(|_| ())
+                .map(<[Segment]>::len)
         };
-        parsed.map_err(|e| e.status())?;
+        let n = parsed.map_err(|e| e.status())?;
+        s.segs.truncate(n);
         ind.finish(&s.segs, &self.limits).map_err(|e| e.status())
     }
 
