@@ -89,8 +89,16 @@ pub enum AttachError {
 pub enum DetachError {
     /// Some rings still had I/O in flight at the deadline. Their reactors keep draining
     /// them and release everything when the storage completes.
-    #[error("{pending} ring(s) still draining after {waited:?}")]
-    Timeout { pending: usize, waited: Duration },
+    #[error(
+        "{pending} ring(s) still draining ({in_flight} request(s) in flight) after {waited:?}"
+    )]
+    Timeout {
+        /// Rings not yet released.
+        pending: usize,
+        /// Requests still in flight on the VBD at the deadline.
+        in_flight: u64,
+        waited: Duration,
+    },
 }
 
 struct Inner {
@@ -370,6 +378,7 @@ impl VbdHandle {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(DetachError::Timeout {
                         pending: expected - closed,
+                        in_flight: self.shared.stats().total.in_flight,
                         waited: start.elapsed(),
                     })
                 }
