@@ -131,14 +131,20 @@ impl DeviceSettings {
             return Err(bad("max_queues", format!("must be 1..={MAX_QUEUES}")));
         }
         if self.max_ring_page_order > MAX_RING_PAGE_ORDER {
-            return Err(bad("max_ring_page_order", format!("must be 0..={MAX_RING_PAGE_ORDER}")));
+            return Err(bad(
+                "max_ring_page_order",
+                format!("must be 0..={MAX_RING_PAGE_ORDER}"),
+            ));
         }
         if self.max_indirect_segments != 0
             && !(DIRECT_SEGMENTS + 1..=MAX_INDIRECT_SEGMENTS).contains(&self.max_indirect_segments)
         {
             return Err(bad(
                 "max_indirect_segments",
-                format!("must be 0 (off) or {}..={MAX_INDIRECT_SEGMENTS}", DIRECT_SEGMENTS + 1),
+                format!(
+                    "must be 0 (off) or {}..={MAX_INDIRECT_SEGMENTS}",
+                    DIRECT_SEGMENTS + 1
+                ),
             ));
         }
         Ok(())
@@ -176,7 +182,9 @@ pub struct DeviceOverride {
 
 impl DeviceOverride {
     fn matches(&self, backend_type: &str, domid: u32, devid: u32) -> bool {
-        self.backend_type.as_deref().is_none_or(|t| t == backend_type)
+        self.backend_type
+            .as_deref()
+            .is_none_or(|t| t == backend_type)
             && self.domid.is_none_or(|d| d == domid)
             && self
                 .vdev
@@ -339,7 +347,11 @@ impl Config {
     /// order.
     pub fn settings_for(&self, backend_type: &str, domid: u32, devid: u32) -> DeviceSettings {
         let mut s = self.defaults.clone();
-        for o in self.overrides.iter().filter(|o| o.matches(backend_type, domid, devid)) {
+        for o in self
+            .overrides
+            .iter()
+            .filter(|o| o.matches(backend_type, domid, devid))
+        {
             o.apply(&mut s);
         }
         s
@@ -399,8 +411,14 @@ mod tests {
     fn invalid_settings_are_refused() {
         for (text, key) in [
             ("[defaults]\nmax_queues = 0", "defaults.max_queues"),
-            ("[defaults]\nmax_ring_page_order = 5", "defaults.max_ring_page_order"),
-            ("[defaults]\nmax_indirect_segments = 8", "defaults.max_indirect_segments"),
+            (
+                "[defaults]\nmax_ring_page_order = 5",
+                "defaults.max_ring_page_order",
+            ),
+            (
+                "[defaults]\nmax_indirect_segments = 8",
+                "defaults.max_indirect_segments",
+            ),
             ("[[device]]\nvdev = \"floppy\"", "device[0].vdev"),
             ("[[device]]\nmax_queues = 1000", "device[0].max_queues"),
             ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
@@ -410,7 +428,10 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
-        assert!(matches!(Config::from_toml("bogus = 1", "t"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_toml("bogus = 1", "t"),
+            Err(ConfigError::Parse { .. })
+        ));
         assert!(matches!(
             Config::from_toml("[defaults]\nmax_queue = 1", "t"),
             Err(ConfigError::Parse { .. })

@@ -259,8 +259,22 @@ mod tests {
     #[test]
     fn errnos_follow_blkback() {
         assert_eq!(NegotiationError::UnknownProtocol("x".into()).errno(), 38);
-        assert_eq!(NegotiationError::BadQueueCount { requested: 0, max: 4 }.errno(), 38);
-        assert_eq!(NegotiationError::RingOrderTooLarge { requested: 9, max: 4 }.errno(), 22);
+        assert_eq!(
+            NegotiationError::BadQueueCount {
+                requested: 0,
+                max: 4
+            }
+            .errno(),
+            38
+        );
+        assert_eq!(
+            NegotiationError::RingOrderTooLarge {
+                requested: 9,
+                max: 4
+            }
+            .errno(),
+            22
+        );
         assert!(StoreError::Daemon {
             op: "x",
             path: "/".into(),

@@ -21,14 +21,20 @@
 //! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
 
 pub mod config;
+pub mod device;
 pub mod error;
+pub mod manager;
 pub mod memstore;
 pub mod negotiate;
 pub mod parse;
 pub mod state;
+pub mod status;
 pub mod store;
+pub mod toolstack;
 pub mod vbd;
 pub mod vdev;
 
+pub use device::DeviceKey;
 pub use error::{ConfigError, DeviceError, Error, NegotiationError, Result, StoreError, VbdError};
+pub use manager::{Event, EventSender, Manager};
 pub use state::XenbusState;

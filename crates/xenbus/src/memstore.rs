@@ -45,7 +45,8 @@ fn parent(path: &str) -> Option<&str> {
 
 fn is_same_or_below(path: &str, dir: &str) -> bool {
     path == dir
-        || (path.starts_with(dir) && (dir.ends_with('/') || path.as_bytes().get(dir.len()) == Some(&b'/')))
+        || (path.starts_with(dir)
+            && (dir.ends_with('/') || path.as_bytes().get(dir.len()) == Some(&b'/')))
 }
 
 fn check_path(op: &'static str, path: &str) -> Result<(), StoreError> {
@@ -230,7 +231,11 @@ impl StoreOps for MemStore {
         if !inner.nodes.contains_key(path) {
             return Ok(None);
         }
-        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
+        let prefix = if path == "/" {
+            "/".to_string()
+        } else {
+            format!("{path}/")
+        };
         Ok(Some(
             inner
                 .nodes
@@ -413,7 +418,9 @@ mod tests {
         let s = MemStore::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        s.set_watch_sink(Box::new(move |p, t| seen2.lock().unwrap().push((p.to_string(), t.to_string()))));
+        s.set_watch_sink(Box::new(move |p, t| {
+            seen2.lock().unwrap().push((p.to_string(), t.to_string()))
+        }));
         s.watch("/x/y/state", "t1").unwrap();
         s.watch("/x", "t2").unwrap();
         s.write("/x/y/state", b"1").unwrap();
@@ -421,7 +428,12 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert!(seen.contains(&("/x/y/state".into(), "t1".into())));
         assert!(seen.contains(&("/x".into(), "t2".into())));
-        assert!(seen.iter().filter(|(p, t)| p == "/x/y/state" && t == "t1").count() >= 3);
+        assert!(
+            seen.iter()
+                .filter(|(p, t)| p == "/x/y/state" && t == "t1")
+                .count()
+                >= 3
+        );
     }
 
     #[test]
@@ -437,7 +449,10 @@ mod tests {
         assert_eq!(runs, 3);
         assert_eq!(s.read("/k").unwrap(), Some(b"v".to_vec()));
         s.force_conflicts(100);
-        assert!(matches!(s.transaction(&mut |tx| tx.write("/k", b"w")), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.transaction(&mut |tx| tx.write("/k", b"w")),
+            Err(StoreError::Conflict(_))
+        ));
         assert_eq!(s.read("/k").unwrap(), Some(b"v".to_vec()));
     }
 }

@@ -63,10 +63,9 @@ impl BackendNodes {
     /// The storage to open: the hotplug script's resolved path when present, else `params`.
     pub fn target(&self, backend: &str) -> Result<DiskTarget, NegotiationError> {
         let from_params = match &self.params {
-            Some(p) => Some(parse_params(p).map_err(|e| NegotiationError::Backend(format!(
-                "{}: {e}",
-                join(backend, "params")
-            )))?),
+            Some(p) => Some(parse_params(p).map_err(|e| {
+                NegotiationError::Backend(format!("{}: {e}", join(backend, "params")))
+            })?),
             None => None,
         };
         match (&self.physical_device_path, from_params) {
@@ -92,7 +91,12 @@ fn invalid(path: String, value: &[u8]) -> NegotiationError {
 
 /// Reads an optional flag; a value that is not a number counts as absent (with a warning):
 /// optional features must not make a device fail.
-fn read_flag(store: &dyn StoreOps, dir: &str, name: &str, default: bool) -> Result<bool, StoreError> {
+fn read_flag(
+    store: &dyn StoreOps,
+    dir: &str,
+    name: &str,
+    default: bool,
+) -> Result<bool, StoreError> {
     let path = join(dir, name);
     Ok(match store.read(&path)? {
         None => default,
@@ -105,15 +109,18 @@ fn read_flag(store: &dyn StoreOps, dir: &str, name: &str, default: bool) -> Resu
 
 /// Reads a backend directory. `Ok(None)` if it does not exist (or has no `frontend` yet:
 /// toolstacks that write without a transaction are still writing).
-pub fn read_backend(store: &dyn StoreOps, backend: &str) -> Result<Option<BackendNodes>, DeviceError> {
+pub fn read_backend(
+    store: &dyn StoreOps,
+    backend: &str,
+) -> Result<Option<BackendNodes>, DeviceError> {
     let Some(frontend_raw) = store.read(&join(backend, "frontend"))? else {
         return Ok(None);
     };
     let Some(frontend_id_raw) = store.read(&join(backend, "frontend-id"))? else {
         return Ok(None);
     };
-    let frontend_id =
-        parse_u32(&frontend_id_raw).ok_or_else(|| invalid(join(backend, "frontend-id"), &frontend_id_raw))?;
+    let frontend_id = parse_u32(&frontend_id_raw)
+        .ok_or_else(|| invalid(join(backend, "frontend-id"), &frontend_id_raw))?;
     let frontend = std::str::from_utf8(&frontend_raw)
         .ok()
         .map(|s| s.trim_end_matches('\0').to_string())
@@ -130,9 +137,9 @@ pub fn read_backend(store: &dyn StoreOps, backend: &str) -> Result<Option<Backen
         .ok_or(NegotiationError::Missing { path: mode_path })?;
     let physical_device = match store.read(&join(backend, "physical-device"))? {
         None => None,
-        Some(v) => {
-            Some(parse_major_minor(&v).ok_or_else(|| invalid(join(backend, "physical-device"), &v))?)
-        }
+        Some(v) => Some(
+            parse_major_minor(&v).ok_or_else(|| invalid(join(backend, "physical-device"), &v))?,
+        ),
     };
     let physical_device_path = match store.read(&join(backend, "physical-device-path"))? {
         None => None,
@@ -144,10 +151,9 @@ pub fn read_backend(store: &dyn StoreOps, backend: &str) -> Result<Option<Backen
             Some(PathBuf::from(OsStr::from_bytes(&v)))
         }
     };
-    let online = match store.read(&join(backend, "online"))? {
-        None => None,
-        Some(v) => Some(parse_flag(&v).unwrap_or(false)),
-    };
+    let online = store
+        .read(&join(backend, "online"))?
+        .map(|v| parse_flag(&v).unwrap_or(false));
     Ok(Some(BackendNodes {
         frontend,
         frontend_id,
@@ -160,7 +166,9 @@ pub fn read_backend(store: &dyn StoreOps, backend: &str) -> Result<Option<Backen
         direct_io_safe: read_flag(store, backend, "direct-io-safe", false)?,
         discard_enable: read_flag(store, backend, "discard-enable", true)?,
         online,
-        state: store.read(&join(backend, "state"))?.and_then(|v| XenbusState::parse(&v)),
+        state: store
+            .read(&join(backend, "state"))?
+            .and_then(|v| XenbusState::parse(&v)),
         dev: store.read_string(&join(backend, "dev"))?,
     }))
 }
@@ -191,7 +199,11 @@ pub fn device_config(
 
 /// Writes `state` only if the node still exists, so a device being removed is never
 /// resurrected (Linux's `xenbus_switch_state` rule). Returns whether it was written.
-pub fn write_state(store: &dyn StoreOps, backend: &str, state: XenbusState) -> Result<bool, StoreError> {
+pub fn write_state(
+    store: &dyn StoreOps,
+    backend: &str,
+    state: XenbusState,
+) -> Result<bool, StoreError> {
     let path = join(backend, "state");
     if store.read(&path)?.is_none() {
         return Ok(false);
@@ -204,12 +216,22 @@ pub fn write_state(store: &dyn StoreOps, backend: &str, state: XenbusState) -> R
 /// `max-ring-pages` of the Red Hat/Amazon scheme, which blkif.h asks backends to publish
 /// alongside `max-ring-page-order` for interoperability.
 pub fn initwait_nodes(settings: &DeviceSettings) -> Vec<(&'static str, Option<String>)> {
-    let indirect = (settings.max_indirect_segments > 0).then(|| settings.max_indirect_segments.to_string());
+    let indirect =
+        (settings.max_indirect_segments > 0).then(|| settings.max_indirect_segments.to_string());
     vec![
         ("feature-max-indirect-segments", indirect),
-        ("multi-queue-max-queues", Some(settings.max_queues.to_string())),
-        ("max-ring-page-order", Some(settings.max_ring_page_order.to_string())),
-        ("max-ring-pages", Some((1u32 << settings.max_ring_page_order).to_string())),
+        (
+            "multi-queue-max-queues",
+            Some(settings.max_queues.to_string()),
+        ),
+        (
+            "max-ring-page-order",
+            Some(settings.max_ring_page_order.to_string()),
+        ),
+        (
+            "max-ring-pages",
+            Some((1u32 << settings.max_ring_page_order).to_string()),
+        ),
     ]
 }
 
@@ -248,7 +270,12 @@ fn required_u32(store: &dyn StoreOps, path: String) -> Result<u32, DeviceError> 
 }
 
 /// Reads the ring references and event channel of one queue.
-fn read_ring(store: &dyn StoreOps, dir: &str, pages: u32, multi_ref: bool) -> Result<RingParams, DeviceError> {
+fn read_ring(
+    store: &dyn StoreOps,
+    dir: &str,
+    pages: u32,
+    multi_ref: bool,
+) -> Result<RingParams, DeviceError> {
     let event_channel = required_u32(store, join(dir, "event-channel"))?;
     if event_channel == 0 {
         // Port 0 is never a bound interdomain channel.
@@ -293,7 +320,9 @@ pub fn parse_protocol(value: Option<&[u8]>) -> Result<(Protocol, bool), Negotiat
         b"" => Ok((Protocol::Native, false)),
         b"x86_32-abi" => Ok((Protocol::X86_32, true)),
         b"x86_64-abi" => Ok((Protocol::X86_64, true)),
-        b"arm-abi" if cfg!(any(target_arch = "arm", target_arch = "aarch64")) => Ok((Protocol::Native, true)),
+        b"arm-abi" if cfg!(any(target_arch = "arm", target_arch = "aarch64")) => {
+            Ok((Protocol::Native, true))
+        }
         other => Err(NegotiationError::UnknownProtocol(sanitize(other))),
     }
 }
@@ -304,7 +333,8 @@ pub fn read_frontend(
     frontend: &str,
     settings: &DeviceSettings,
 ) -> Result<FrontendParams, DeviceError> {
-    let (protocol, protocol_specified) = parse_protocol(store.read(&join(frontend, "protocol"))?.as_deref())?;
+    let (protocol, protocol_specified) =
+        parse_protocol(store.read(&join(frontend, "protocol"))?.as_deref())?;
     let frontend_persistent = read_flag(store, frontend, "feature-persistent", false)?;
     let large_sector_size = read_flag(store, frontend, "feature-large-sector-size", false)?;
 
@@ -328,7 +358,8 @@ pub fn read_frontend(
     let order_path = join(frontend, "ring-page-order");
     let (order, multi_ref) = match store.read(&order_path)? {
         Some(v) => {
-            let order = crate::parse::parse_u64(&v).ok_or_else(|| invalid(order_path.clone(), &v))?;
+            let order =
+                crate::parse::parse_u64(&v).ok_or_else(|| invalid(order_path.clone(), &v))?;
             if order > u64::from(max_order) {
                 return Err(NegotiationError::RingOrderTooLarge {
                     requested: order,
@@ -344,7 +375,8 @@ pub fn read_frontend(
             match store.read(&pages_path)? {
                 None => (0, false),
                 Some(v) => {
-                    let pages = crate::parse::parse_u64(&v).ok_or_else(|| invalid(pages_path.clone(), &v))?;
+                    let pages = crate::parse::parse_u64(&v)
+                        .ok_or_else(|| invalid(pages_path.clone(), &v))?;
                     if pages == 0 || !pages.is_power_of_two() {
                         return Err(NegotiationError::RingPagesNotPowerOfTwo(pages).into());
                     }
@@ -367,7 +399,14 @@ pub fn read_frontend(
         vec![read_ring(store, frontend, pages, multi_ref)?]
     } else {
         (0..num_queues)
-            .map(|q| read_ring(store, &join(frontend, &format!("queue-{q}")), pages, multi_ref))
+            .map(|q| {
+                read_ring(
+                    store,
+                    &join(frontend, &format!("queue-{q}")),
+                    pages,
+                    multi_ref,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?
     };
 
@@ -384,7 +423,11 @@ pub fn read_frontend(
 
 /// What to publish at connect, from the storage, the toolstack's and the operator's
 /// settings and what the frontend said about sector units.
-pub fn backend_features(config: &DeviceConfig, info: &DiskInfo, large_sector_size: bool) -> BackendFeatures {
+pub fn backend_features(
+    config: &DeviceConfig,
+    info: &DiskInfo,
+    large_sector_size: bool,
+) -> BackendFeatures {
     let read_only = config.read_only || info.read_only;
     let sector_size = info.logical_block_size.max(512);
     let discard = config.settings.discard && config.discard_enable && info.discard && !read_only;
@@ -428,14 +471,26 @@ pub fn connect_nodes(f: &BackendFeatures) -> Vec<(&'static str, Option<String>)>
         ("feature-flush-cache", b(f.flush)),
         ("feature-barrier", b(f.barrier)),
         ("feature-discard", b(f.discard)),
-        ("discard-granularity", discard_detail(f.discard_granularity.to_string())),
-        ("discard-alignment", discard_detail(f.discard_alignment.to_string())),
-        ("discard-secure", discard_detail(u8::from(f.secure_discard).to_string())),
+        (
+            "discard-granularity",
+            discard_detail(f.discard_granularity.to_string()),
+        ),
+        (
+            "discard-alignment",
+            discard_detail(f.discard_alignment.to_string()),
+        ),
+        (
+            "discard-secure",
+            discard_detail(u8::from(f.secure_discard).to_string()),
+        ),
         ("feature-persistent", b(f.persistent)),
         ("sectors", Some(f.sectors.to_string())),
         ("info", Some(f.info.to_string())),
         ("sector-size", Some(f.sector_size.to_string())),
-        ("physical-sector-size", Some(f.physical_sector_size.to_string())),
+        (
+            "physical-sector-size",
+            Some(f.physical_sector_size.to_string()),
+        ),
     ]
 }
 
@@ -459,7 +514,10 @@ pub fn publish_connected(
             }
         }
         tx.rm(&join(backend, "error"))?;
-        tx.write_str(&join(backend, "state"), &XenbusState::Connected.node_value())?;
+        tx.write_str(
+            &join(backend, "state"),
+            &XenbusState::Connected.node_value(),
+        )?;
         written = true;
         Ok(())
     })?;
@@ -468,7 +526,11 @@ pub fn publish_connected(
 
 /// blkback's `xen_vbd_resize`: publishes the new `sectors` and re-writes `state` in one
 /// transaction, so the frontend's watch on our state fires and it re-reads the size.
-pub fn publish_resize(store: &dyn crate::store::Store, backend: &str, sectors: u64) -> Result<bool, StoreError> {
+pub fn publish_resize(
+    store: &dyn crate::store::Store,
+    backend: &str,
+    sectors: u64,
+) -> Result<bool, StoreError> {
     let mut written = false;
     store.transaction(&mut |tx| {
         written = false;
@@ -497,7 +559,12 @@ pub fn linux_error_path(backend: &str) -> Option<String> {
 /// Reports a fatal error as blkback's `xenbus_dev_fatal` does: the `error` node gets
 /// "`<errno> <message>`" and the device switches to Closing. Both writes skip a device
 /// whose directory is already gone.
-pub fn publish_fatal(store: &dyn crate::store::Store, backend: &str, errno: i32, message: &str) -> Result<(), StoreError> {
+pub fn publish_fatal(
+    store: &dyn crate::store::Store,
+    backend: &str,
+    errno: i32,
+    message: &str,
+) -> Result<(), StoreError> {
     let text = format!("{errno} {message}");
     let mut linux_written = false;
     store.transaction(&mut |tx| {
@@ -569,10 +636,14 @@ mod tests {
         assert_eq!(n.state, Some(XenbusState::Initialising));
         assert!(!n.hotplug_done());
         let t = n.target(BE).unwrap();
-        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/images/disk.img"));
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Raw, "/images/disk.img")
+        );
 
         s.write(&join(BE, "physical-device"), b"fd:3").unwrap();
-        s.write(&join(BE, "physical-device-path"), b"/dev/loop3").unwrap();
+        s.write(&join(BE, "physical-device-path"), b"/dev/loop3")
+            .unwrap();
         s.write(&join(BE, "mode"), b"r").unwrap();
         s.write(&join(BE, "discard-enable"), b"0").unwrap();
         let n = read_backend(&s, BE).unwrap().unwrap();
@@ -584,7 +655,8 @@ mod tests {
     #[test]
     fn backend_nodes_refused() {
         let s = backend_store();
-        s.write(&join(BE, "frontend"), b"/local/domain/6/device/vbd/51712").unwrap();
+        s.write(&join(BE, "frontend"), b"/local/domain/6/device/vbd/51712")
+            .unwrap();
         assert!(matches!(
             read_backend(&s, BE),
             Err(DeviceError::Negotiation(NegotiationError::Backend(_)))
@@ -682,8 +754,15 @@ mod tests {
 
     #[test]
     fn frontend_order_zero_and_legacy_pages() {
-        let s = fe_store(&[("ring-page-order", "0"), ("ring-ref", "9"), ("event-channel", "3")]);
-        assert_eq!(read_frontend(&s, FE, &settings()).unwrap().queues[0].ring_refs, vec![9]);
+        let s = fe_store(&[
+            ("ring-page-order", "0"),
+            ("ring-ref", "9"),
+            ("event-channel", "3"),
+        ]);
+        assert_eq!(
+            read_frontend(&s, FE, &settings()).unwrap().queues[0].ring_refs,
+            vec![9]
+        );
         let s = fe_store(&[
             ("num-ring-pages", "2"),
             ("ring-ref0", "20"),
@@ -695,7 +774,11 @@ mod tests {
         assert_eq!((p.ring_page_order, p.protocol), (1, Protocol::X86_64));
         assert_eq!(p.queues[0].ring_refs, vec![20, 21]);
         // A single explicit queue uses the top-level keys.
-        let s = fe_store(&[("multi-queue-num-queues", "1"), ("ring-ref", "9"), ("event-channel", "3")]);
+        let s = fe_store(&[
+            ("multi-queue-num-queues", "1"),
+            ("ring-ref", "9"),
+            ("event-channel", "3"),
+        ]);
         assert_eq!(read_frontend(&s, FE, &settings()).unwrap().queues.len(), 1);
     }
 
@@ -712,14 +795,20 @@ mod tests {
             v.push(extra);
             v
         };
-        assert!(matches!(neg(&with(("protocol", "sparc-abi"))), NegotiationError::UnknownProtocol(_)));
+        assert!(matches!(
+            neg(&with(("protocol", "sparc-abi"))),
+            NegotiationError::UnknownProtocol(_)
+        ));
         assert!(matches!(
             neg(&with(("multi-queue-num-queues", "0"))),
             NegotiationError::BadQueueCount { requested: 0, .. }
         ));
         assert!(matches!(
             neg(&with(("multi-queue-num-queues", "5"))),
-            NegotiationError::BadQueueCount { requested: 5, max: 4 }
+            NegotiationError::BadQueueCount {
+                requested: 5,
+                max: 4
+            }
         ));
         assert!(matches!(
             neg(&with(("multi-queue-num-queues", "99999999999999999999999"))),
@@ -727,7 +816,10 @@ mod tests {
         ));
         assert!(matches!(
             neg(&with(("ring-page-order", "3"))),
-            NegotiationError::RingOrderTooLarge { requested: 3, max: 2 }
+            NegotiationError::RingOrderTooLarge {
+                requested: 3,
+                max: 2
+            }
         ));
         assert!(matches!(
             neg(&with(("num-ring-pages", "3"))),
@@ -737,14 +829,33 @@ mod tests {
             neg(&with(("num-ring-pages", "8"))),
             NegotiationError::RingOrderTooLarge { requested: 3, .. }
         ));
-        assert!(matches!(neg(&with(("ring-ref", "-1"))), NegotiationError::Invalid { .. }));
-        assert!(matches!(neg(&with(("ring-ref", "4294967296"))), NegotiationError::Invalid { .. }));
-        assert!(matches!(neg(&with(("event-channel", "0"))), NegotiationError::Invalid { .. }));
-        assert!(matches!(neg(&[("event-channel", "5")]), NegotiationError::Missing { .. }));
-        assert!(matches!(neg(&[("ring-ref", "5")]), NegotiationError::Missing { .. }));
+        assert!(matches!(
+            neg(&with(("ring-ref", "-1"))),
+            NegotiationError::Invalid { .. }
+        ));
+        assert!(matches!(
+            neg(&with(("ring-ref", "4294967296"))),
+            NegotiationError::Invalid { .. }
+        ));
+        assert!(matches!(
+            neg(&with(("event-channel", "0"))),
+            NegotiationError::Invalid { .. }
+        ));
+        assert!(matches!(
+            neg(&[("event-channel", "5")]),
+            NegotiationError::Missing { .. }
+        ));
+        assert!(matches!(
+            neg(&[("ring-ref", "5")]),
+            NegotiationError::Missing { .. }
+        ));
         // Multi-page ring with a missing page.
         assert!(matches!(
-            neg(&[("ring-page-order", "1"), ("ring-ref0", "1"), ("event-channel", "5")]),
+            neg(&[
+                ("ring-page-order", "1"),
+                ("ring-ref0", "1"),
+                ("event-channel", "5")
+            ]),
             NegotiationError::Missing { .. }
         ));
         // Two queues but only one described.
@@ -757,8 +868,16 @@ mod tests {
             NegotiationError::Missing { .. }
         ));
         // Garbage in an optional flag is not fatal.
-        let s = fe_store(&[("ring-ref", "8"), ("event-channel", "5"), ("feature-persistent", "yes")]);
-        assert!(!read_frontend(&s, FE, &settings()).unwrap().frontend_persistent);
+        let s = fe_store(&[
+            ("ring-ref", "8"),
+            ("event-channel", "5"),
+            ("feature-persistent", "yes"),
+        ]);
+        assert!(
+            !read_frontend(&s, FE, &settings())
+                .unwrap()
+                .frontend_persistent
+        );
     }
 
     fn config() -> DeviceConfig {
@@ -799,7 +918,10 @@ mod tests {
     fn features_follow_storage_toolstack_and_operator() {
         let f = backend_features(&config(), &info(), false);
         assert!(f.flush && f.barrier && f.discard && !f.secure_discard && f.persistent);
-        assert_eq!((f.sectors, f.sector_size, f.physical_sector_size, f.info), (2 << 20, 512, 4096, 0));
+        assert_eq!(
+            (f.sectors, f.sector_size, f.physical_sector_size, f.info),
+            (2 << 20, 512, 4096, 0)
+        );
         let mut c = config();
         c.discard_enable = false;
         assert!(!backend_features(&c, &info(), false).discard);
@@ -821,7 +943,10 @@ mod tests {
             ..info()
         };
         let f = backend_features(&config(), &i, true);
-        assert_eq!((f.sectors, f.sector_size, f.discard_granularity), (1 << 18, 4096, 4096));
+        assert_eq!(
+            (f.sectors, f.sector_size, f.discard_granularity),
+            (1 << 18, 4096, 4096)
+        );
         assert_eq!(backend_features(&config(), &i, false).sectors, 2 << 20);
     }
 
@@ -855,9 +980,14 @@ mod tests {
 
         publish_fatal(&s, BE, 22, "requested ring page order 9 exceed max:4").unwrap();
         assert_eq!(get("state").as_deref(), Some("5"));
-        assert_eq!(get("error").as_deref(), Some("22 requested ring page order 9 exceed max:4"));
         assert_eq!(
-            s.read_string("/local/domain/0/error/backend/vbd/5/51712/error").unwrap().as_deref(),
+            get("error").as_deref(),
+            Some("22 requested ring page order 9 exceed max:4")
+        );
+        assert_eq!(
+            s.read_string("/local/domain/0/error/backend/vbd/5/51712/error")
+                .unwrap()
+                .as_deref(),
             Some("22 requested ring page order 9 exceed max:4")
         );
 
@@ -872,8 +1002,14 @@ mod tests {
     #[test]
     fn protocol_default_is_native() {
         assert_eq!(parse_protocol(None).unwrap(), (Protocol::Native, false));
-        assert_eq!(parse_protocol(Some(b"")).unwrap(), (Protocol::Native, false));
-        assert_eq!(parse_protocol(Some(b"x86_64-abi\0")).unwrap(), (Protocol::X86_64, true));
+        assert_eq!(
+            parse_protocol(Some(b"")).unwrap(),
+            (Protocol::Native, false)
+        );
+        assert_eq!(
+            parse_protocol(Some(b"x86_64-abi\0")).unwrap(),
+            (Protocol::X86_64, true)
+        );
         assert!(parse_protocol(Some(b"X86_64-ABI")).is_err());
     }
 }

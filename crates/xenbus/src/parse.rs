@@ -23,8 +23,9 @@ pub fn parse_u64(value: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > MAX_DIGITS || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    v.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// A strictly decimal `u32`.
@@ -114,7 +115,9 @@ pub fn parse_params(value: &[u8]) -> Result<DiskTarget, ParamsError> {
             b"raw" | b"aio" => DiskFormat::Raw,
             b"qcow2" => DiskFormat::Qcow2,
             other => {
-                return Err(ParamsError::UnsupportedFormat(crate::error::sanitize(other)));
+                return Err(ParamsError::UnsupportedFormat(crate::error::sanitize(
+                    other,
+                )));
             }
         };
         (format, rest)
@@ -176,7 +179,15 @@ mod tests {
         assert_eq!(parse_major_minor(b"fd:0"), Some((0xfd, 0)));
         assert_eq!(parse_major_minor(b"8:10"), Some((8, 0x10)));
         assert_eq!(parse_major_minor(b"103:1\0"), Some((0x103, 1)));
-        for bad in [&b""[..], b"8", b":1", b"8:", b"g:1", b"8:1:2", b"123456789:1"] {
+        for bad in [
+            &b""[..],
+            b"8",
+            b":1",
+            b"8:",
+            b"g:1",
+            b"8:1:2",
+            b"123456789:1",
+        ] {
             assert_eq!(parse_major_minor(bad), None, "{bad:?}");
         }
     }
@@ -184,20 +195,38 @@ mod tests {
     #[test]
     fn params_prefixes() {
         let t = parse_params(b"/var/lib/xen/disk.img").unwrap();
-        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/var/lib/xen/disk.img"));
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Raw, "/var/lib/xen/disk.img")
+        );
         let t = parse_params(b"aio:/dev/vg/lv").unwrap();
-        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/dev/vg/lv"));
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Raw, "/dev/vg/lv")
+        );
         let t = parse_params(b"raw:/a:b").unwrap();
-        assert_eq!((t.format, t.path.to_str().unwrap()), (DiskFormat::Raw, "/a:b"));
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Raw, "/a:b")
+        );
         let t = parse_params(b"qcow2:/img.qcow2\0").unwrap();
         assert_eq!(t.format, DiskFormat::Qcow2);
         // A colon inside an absolute path is part of the path.
         let t = parse_params(b"/dev/disk/by-path/pci-0:0:1").unwrap();
         assert_eq!(t.path.to_str().unwrap(), "/dev/disk/by-path/pci-0:0:1");
         assert_eq!(parse_params(b""), Err(ParamsError::Empty));
-        assert!(matches!(parse_params(b"vhd:/x"), Err(ParamsError::UnsupportedFormat(_))));
-        assert!(matches!(parse_params(b"disk.img"), Err(ParamsError::NotAbsolute(_))));
-        assert!(matches!(parse_params(b"raw:disk.img"), Err(ParamsError::NotAbsolute(_))));
+        assert!(matches!(
+            parse_params(b"vhd:/x"),
+            Err(ParamsError::UnsupportedFormat(_))
+        ));
+        assert!(matches!(
+            parse_params(b"disk.img"),
+            Err(ParamsError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            parse_params(b"raw:disk.img"),
+            Err(ParamsError::NotAbsolute(_))
+        ));
         assert_eq!(parse_params(b"/a\0b"), Err(ParamsError::Nul));
     }
 }

@@ -105,7 +105,16 @@ mod tests {
             assert_eq!(XenbusState::parse(s.node_value().as_bytes()), Some(s));
         }
         assert_eq!(XenbusState::parse(b"4\0"), Some(XenbusState::Connected));
-        for bad in [&b""[..], b"9", b" 4", b"4 ", b"+4", b"-1", b"0x4", b"44444444444444444444"] {
+        for bad in [
+            &b""[..],
+            b"9",
+            b" 4",
+            b"4 ",
+            b"+4",
+            b"-1",
+            b"0x4",
+            b"44444444444444444444",
+        ] {
             assert_eq!(XenbusState::parse(bad), None, "{bad:?}");
         }
     }

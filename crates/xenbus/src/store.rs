@@ -44,7 +44,10 @@ impl Perm {
 /// The permissions libxl gives a device's directories (`libxl__device_generic_add`):
 /// owned by `owner`, nobody else may access it, except `reader` who may read.
 pub fn owned_readable_by(owner: u32, reader: u32) -> [Perm; 2] {
-    [Perm::new(owner, Access::None), Perm::new(reader, Access::Read)]
+    [
+        Perm::new(owner, Access::None),
+        Perm::new(reader, Access::Read),
+    ]
 }
 
 /// Store operations valid both inside and outside a transaction.
@@ -76,6 +79,12 @@ pub trait Store: StoreOps + Send + Sync {
         &self,
         f: &mut dyn FnMut(&dyn StoreOps) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
+    /// Whether xenstored has `domid` introduced (`XS_IS_DOMAIN_INTRODUCED`); `None` when the
+    /// store cannot tell.
+    fn domain_introduced(&self, domid: u32) -> Result<Option<bool>, StoreError> {
+        let _ = domid;
+        Ok(None)
+    }
 }
 
 /// Convenience readers over any [`StoreOps`].

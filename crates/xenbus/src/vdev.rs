@@ -35,7 +35,10 @@ pub fn parse_vdev(spec: &str) -> Result<u32, VdevError> {
     let disk = disk_index(letters).ok_or_else(err)?;
     let part = if digits.is_empty() {
         0
-    } else if digits.len() <= 3 && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0') {
+    } else if digits.len() <= 3
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
         digits.parse::<u32>().map_err(|_| err())?
     } else {
         return Err(err());
@@ -109,10 +112,23 @@ mod tests {
         assert_eq!(parse_vdev("hda"), Ok(768));
         assert_eq!(parse_vdev("hdc"), Ok(22 << 8));
         assert_eq!(parse_vdev("51712"), Ok(51712));
-        for bad in ["", "xvd", "xvdA", "xvda0", "xvda01", "hde", "floppy", "xvdabcd", "99999999999", "sdq"] {
+        for bad in [
+            "",
+            "xvd",
+            "xvdA",
+            "xvda0",
+            "xvda01",
+            "hde",
+            "floppy",
+            "xvdabcd",
+            "99999999999",
+            "sdq",
+        ] {
             assert!(parse_vdev(bad).is_err(), "{bad}");
         }
-        for name in ["xvda", "xvdb", "xvdp", "xvdq", "xvdz", "xvdaa", "xvdzz", "xvda3"] {
+        for name in [
+            "xvda", "xvdb", "xvdp", "xvdq", "xvdz", "xvdaa", "xvdzz", "xvda3",
+        ] {
             assert_eq!(vdev_name(parse_vdev(name).unwrap()), name);
         }
         assert_eq!(vdev_name(2048), "2048");

@@ -1,0 +1,620 @@
+//! One device's state machine.
+//!
+//! [`Device::reconcile`] is *level-triggered*: whatever event woke it, it re-reads the
+//! backend directory and the frontend's `state` and moves the device toward what they
+//! ask for. Watch events only say "something changed here"; they can be coalesced,
+//! reordered with our own writes, or dropped by a full queue, and Linux blkback carries
+//! comments about exactly that ("Ensure we connect even when two watches fire in close
+//! succession"). Re-reading makes every such race harmless.
+//!
+//! The transitions follow blkback's `frontend_changed` and libxl's expectations:
+//!
+//! | frontend | backend does |
+//! |---|---|
+//! | (device appears) | open storage (unless waiting for the hotplug script), publish limits, InitWait |
+//! | Initialising, InitWait | if we are Closed: InitWait again (guest reboot, resume) |
+//! | Initialised, Connected | read rings (fatal on bad values), connect VBD, publish, Connected |
+//! | Closing | Closing |
+//! | Closed | disconnect (drain, unmap, unbind), Closed |
+//! | gone / domain gone | disconnect, Closed |
+//!
+//! and from the toolstack: `online` = 0 (libxl's destroy also writes `state` = Closing)
+//! asks for a clean close; removal of the backend directory tears down at once. A fatal
+//! error writes `error` and goes to Closing, touching no other device.
+//!
+//! Disconnecting can wait for storage, so it runs on a worker thread; the device is
+//! `disconnecting` meanwhile and the manager re-reconciles it when the worker reports.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::config::{BackendType, Config};
+use crate::error::{DeviceError, NegotiationError};
+use crate::negotiate::{self, BackendNodes};
+use crate::state::XenbusState;
+use crate::status::DeviceStatus;
+use crate::store::{join, Store, StoreExt};
+use crate::vbd::{
+    BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo,
+    Feature, FrontendParams, VbdEvent, VbdFactory,
+};
+use crate::vdev::vdev_name;
+
+/// Identifies a device: `backend/<backend_type>/<domid>/<devid>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceKey {
+    /// Backend directory type.
+    pub backend_type: String,
+    /// Frontend domain.
+    pub domid: u32,
+    /// Virtual device number.
+    pub devid: u32,
+}
+
+impl fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.backend_type, self.domid, self.devid)
+    }
+}
+
+/// What the manager gives a device to act with.
+pub(crate) struct Ctx<'a> {
+    pub store: &'a Arc<dyn Store>,
+    pub factory: &'a Arc<dyn VbdFactory>,
+    pub config: &'a Config,
+    pub backend_type: &'a BackendType,
+    /// True while the daemon shuts down: every device is asked to close.
+    pub shutting_down: bool,
+    /// The manager's event channel (engine reports, disconnect results).
+    pub events: &'a std::sync::mpsc::Sender<crate::manager::Event>,
+    /// How long a disconnect may wait for in-flight I/O.
+    pub drain_timeout: Duration,
+}
+
+/// What the manager must do after a reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Nothing more.
+    Idle,
+    /// Watch the frontend's `state` at this path (first sight of the frontend path).
+    WatchFrontend,
+    /// The backend directory is gone and nothing is left running: forget the device.
+    Forget,
+}
+
+/// A connected session.
+struct Session {
+    vbd: Box<dyn ConnectedVbd>,
+    frontend: FrontendParams,
+    features: BackendFeatures,
+}
+
+/// One device.
+pub(crate) struct Device {
+    pub key: DeviceKey,
+    pub backend_path: String,
+    /// The frontend directory, once read from the backend's `frontend` node.
+    pub frontend_path: Option<String>,
+    /// The frontend `state` path we watch, if any.
+    pub watched_frontend: Option<String>,
+    config: Option<DeviceConfig>,
+    disk: Option<Arc<dyn Disk>>,
+    disk_info: Option<DiskInfo>,
+    /// What we last wrote in `state`.
+    published: XenbusState,
+    frontend_state: XenbusState,
+    /// The frontend's `state` existed at some point (so its absence now means it is gone).
+    frontend_seen: bool,
+    /// The frontend's domain is gone (`@releaseDomain` and no `/local/domain/<id>`).
+    pub domain_gone: bool,
+    /// The fatal error that put us in Closing; cleared when the frontend closes.
+    failed: Option<String>,
+    session: Option<Session>,
+    /// Incremented per connect; events of older sessions are stale.
+    session_id: u64,
+    sessions: u64,
+    pub disconnecting: bool,
+    last_disconnect: Option<DisconnectReport>,
+    /// We wrote Linux's `error/...` node and must remove it when the device goes.
+    wrote_linux_error: bool,
+}
+
+impl Device {
+    pub fn new(key: DeviceKey, backend_path: String) -> Device {
+        Device {
+            key,
+            backend_path,
+            frontend_path: None,
+            watched_frontend: None,
+            config: None,
+            disk: None,
+            disk_info: None,
+            published: XenbusState::Unknown,
+            frontend_state: XenbusState::Unknown,
+            frontend_seen: false,
+            domain_gone: false,
+            failed: None,
+            session: None,
+            session_id: 0,
+            sessions: 0,
+            disconnecting: false,
+            last_disconnect: None,
+            wrote_linux_error: false,
+        }
+    }
+
+    /// True while rings are connected or being disconnected.
+    pub fn busy(&self) -> bool {
+        self.session.is_some() || self.disconnecting
+    }
+
+    /// Moves the device toward what xenstore asks for.
+    pub fn reconcile(&mut self, ctx: &Ctx<'_>) -> Result<Outcome, DeviceError> {
+        if self.disconnecting {
+            // The worker's report triggers the next reconcile.
+            return Ok(Outcome::Idle);
+        }
+        let store: &dyn Store = ctx.store.as_ref();
+        let nodes = match negotiate::read_backend(store, &self.backend_path) {
+            Ok(n) => n,
+            Err(DeviceError::Negotiation(e)) => {
+                // The toolstack wrote something unusable; report it like any fatal error.
+                self.fail(ctx, &DeviceError::Negotiation(e))?;
+                return Ok(Outcome::Idle);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(nodes) = nodes else {
+            if store.exists(&self.backend_path)? {
+                // Still being written (no `frontend` yet); the next write wakes us.
+                return Ok(Outcome::Idle);
+            }
+            info!(device = %self.key, "backend directory removed");
+            if self.session.is_some() {
+                self.start_disconnect(ctx);
+                return Ok(Outcome::Idle);
+            }
+            self.cleanup(ctx);
+            return Ok(Outcome::Forget);
+        };
+
+        let mut outcome = Outcome::Idle;
+        if self.frontend_path.as_deref() != Some(nodes.frontend.as_str()) {
+            if self.frontend_path.is_some() {
+                warn!(device = %self.key, frontend = %nodes.frontend, "frontend path changed; following it");
+            }
+            self.frontend_path = Some(nodes.frontend.clone());
+            outcome = Outcome::WatchFrontend;
+        }
+        let frontend = nodes.frontend.clone();
+
+        let fe_raw = store.read(&join(&frontend, "state"))?;
+        let fe_state = match &fe_raw {
+            Some(v) => XenbusState::parse(v).unwrap_or_else(|| {
+                warn!(device = %self.key, value = %crate::error::sanitize(v), "unparsable frontend state");
+                XenbusState::Unknown
+            }),
+            None => XenbusState::Unknown,
+        };
+        if fe_raw.is_some() {
+            self.frontend_seen = true;
+        }
+        if fe_state != self.frontend_state {
+            debug!(device = %self.key, from = %self.frontend_state, to = %fe_state, "frontend state");
+            self.frontend_state = fe_state;
+        }
+        let frontend_gone = self.domain_gone || (fe_raw.is_none() && self.frontend_seen);
+        let close_requested = ctx.shutting_down || nodes.online == Some(false);
+
+        // Device setup: blkback's probe (limits, InitWait) and backend_changed (open the
+        // storage once the hotplug script has run).
+        if self.published == XenbusState::Unknown && self.failed.is_none() {
+            if close_requested
+                || frontend_gone
+                || matches!(fe_state, XenbusState::Closing | XenbusState::Closed)
+            {
+                // Nothing to set up for a device that is going away.
+            } else {
+                if !ctx.backend_type.wait_for_hotplug {
+                    // Our own backend type has no hotplug script: open first, so a bad
+                    // image fails the device before the frontend starts.
+                    if let Err(e) = self.ensure_disk(ctx, &nodes) {
+                        self.fail(ctx, &e)?;
+                        return Ok(outcome);
+                    }
+                }
+                let settings = self.settings(ctx);
+                if negotiate::publish_initwait(store, &self.backend_path, &settings)? {
+                    info!(device = %self.key, "InitWait");
+                    self.published = XenbusState::InitWait;
+                }
+            }
+        }
+        if self.published == XenbusState::InitWait
+            && self.disk.is_none()
+            && self.failed.is_none()
+            && nodes.hotplug_done()
+        {
+            if let Err(e) = self.ensure_disk(ctx, &nodes) {
+                self.fail(ctx, &e)?;
+                return Ok(outcome);
+            }
+        }
+
+        if frontend_gone {
+            if self.session.is_some() {
+                info!(device = %self.key, "frontend gone; tearing down");
+                self.start_disconnect(ctx);
+                return Ok(outcome);
+            }
+            self.publish(ctx, &nodes, XenbusState::Closed)?;
+            return Ok(outcome);
+        }
+
+        match fe_state {
+            XenbusState::Unknown => {
+                // The frontend directory is not written yet: wait in InitWait.
+            }
+            XenbusState::Initialising | XenbusState::InitWait => {
+                if self.session.is_some() {
+                    // A frontend that restarts without closing (crash + kexec): its old
+                    // rings are gone, ours must go too before it reconnects.
+                    info!(device = %self.key, "frontend restarted without closing; disconnecting");
+                    self.start_disconnect(ctx);
+                    return Ok(outcome);
+                }
+                if close_requested {
+                    self.publish(ctx, &nodes, XenbusState::Closed)?;
+                } else if self.published != XenbusState::InitWait && self.failed.is_none() {
+                    // Closed (or torn down above): blkback's "prepare for reconnect".
+                    info!(device = %self.key, "frontend is back: prepare for reconnect");
+                    let settings = self.settings(ctx);
+                    if negotiate::publish_initwait(store, &self.backend_path, &settings)? {
+                        self.published = XenbusState::InitWait;
+                    }
+                }
+            }
+            XenbusState::Initialised | XenbusState::Connected => {
+                if close_requested {
+                    self.publish(ctx, &nodes, XenbusState::Closing)?;
+                } else if self.session.is_none()
+                    && self.failed.is_none()
+                    && self.published == XenbusState::InitWait
+                    && self.disk.is_some()
+                {
+                    if let Err(e) = self.connect(ctx, &frontend) {
+                        self.fail(ctx, &e)?;
+                    }
+                }
+            }
+            XenbusState::Closing => {
+                self.publish(ctx, &nodes, XenbusState::Closing)?;
+            }
+            XenbusState::Closed => {
+                if self.session.is_some() {
+                    self.start_disconnect(ctx);
+                    return Ok(outcome);
+                }
+                self.publish(ctx, &nodes, XenbusState::Closed)?;
+                // A later Initialising may retry what failed.
+                self.failed = None;
+            }
+            XenbusState::Reconfiguring | XenbusState::Reconfigured => {
+                if self.failed.is_none() {
+                    let e = NegotiationError::BadFrontendState(fe_state.as_u32().to_string());
+                    self.fail(ctx, &e.into())?;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn settings(&self, ctx: &Ctx<'_>) -> crate::config::DeviceSettings {
+        ctx.config
+            .settings_for(&self.key.backend_type, self.key.domid, self.key.devid)
+    }
+
+    /// Writes `state` unless it already holds `state` (or the device is being removed).
+    fn publish(
+        &mut self,
+        ctx: &Ctx<'_>,
+        nodes: &BackendNodes,
+        state: XenbusState,
+    ) -> Result<(), DeviceError> {
+        if nodes.state == Some(state) && self.published == state {
+            return Ok(());
+        }
+        if negotiate::write_state(ctx.store.as_ref(), &self.backend_path, state)? {
+            if self.published != state {
+                info!(device = %self.key, %state, "backend state");
+            }
+            self.published = state;
+        }
+        Ok(())
+    }
+
+    /// Opens the storage once per device.
+    fn ensure_disk(&mut self, ctx: &Ctx<'_>, nodes: &BackendNodes) -> Result<(), DeviceError> {
+        if self.disk.is_some() {
+            return Ok(());
+        }
+        let config = negotiate::device_config(
+            &self.key.backend_type,
+            self.key.devid,
+            &self.backend_path,
+            nodes,
+            self.settings(ctx),
+        )?;
+        let disk = ctx.factory.open(&config)?;
+        let info = disk.info();
+        info!(
+            device = %self.key,
+            path = %config.target.path.display(),
+            format = config.target.format.name(),
+            size = info.size_bytes,
+            sector_size = info.logical_block_size,
+            read_only = config.read_only || info.read_only,
+            "storage opened"
+        );
+        self.disk_info = Some(info);
+        self.disk = Some(disk);
+        self.config = Some(config);
+        Ok(())
+    }
+
+    /// blkback's `connect_ring` + `connect`.
+    fn connect(&mut self, ctx: &Ctx<'_>, frontend: &str) -> Result<(), DeviceError> {
+        let (Some(config), Some(disk)) = (self.config.as_ref(), self.disk.as_ref()) else {
+            return Ok(());
+        };
+        let params = negotiate::read_frontend(ctx.store.as_ref(), frontend, &config.settings)?;
+        let info = disk.info();
+        let features = negotiate::backend_features(config, &info, params.large_sector_size);
+        if info.logical_block_size > 512 && !params.large_sector_size {
+            // What Linux blkback does too; Linux blkfront copes, others may not.
+            warn!(
+                device = %self.key,
+                sector_size = info.logical_block_size,
+                "frontend did not advertise feature-large-sector-size"
+            );
+        }
+        self.session_id += 1;
+        let vbd = ctx.factory.connect(ConnectRequest {
+            config,
+            disk,
+            frontend: &params,
+            features: &features,
+            events: crate::manager::session_sink(ctx.events, &self.key, self.session_id),
+        })?;
+        self.sessions += 1;
+        info!(
+            device = %self.key,
+            protocol = ?params.protocol,
+            queues = params.queues.len(),
+            ring_page_order = params.ring_page_order,
+            persistent = params.persistent,
+            "rings connected"
+        );
+        self.disk_info = Some(info);
+        self.session = Some(Session {
+            vbd,
+            frontend: params,
+            features,
+        });
+        match negotiate::publish_connected(ctx.store.as_ref(), &self.backend_path, &features) {
+            Ok(true) => {
+                self.published = XenbusState::Connected;
+                info!(device = %self.key, sectors = features.sectors, "Connected");
+                Ok(())
+            }
+            Ok(false) => {
+                // Removed under us: the next reconcile tears down.
+                self.start_disconnect(ctx);
+                Ok(())
+            }
+            Err(e) => {
+                self.start_disconnect(ctx);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// blkback's `xenbus_dev_fatal`: `error` node, Closing; rings (if any) disconnected.
+    fn fail(&mut self, ctx: &Ctx<'_>, err: &DeviceError) -> Result<(), DeviceError> {
+        let Some((errno, message)) = err.fatal_report() else {
+            return Err(err.clone());
+        };
+        warn!(device = %self.key, errno, %message, "device failed");
+        negotiate::publish_fatal(ctx.store.as_ref(), &self.backend_path, errno, &message)?;
+        self.wrote_linux_error = true;
+        self.failed = Some(format!("{errno} {message}"));
+        self.published = XenbusState::Closing;
+        if self.session.is_some() {
+            self.start_disconnect(ctx);
+        }
+        Ok(())
+    }
+
+    fn start_disconnect(&mut self, ctx: &Ctx<'_>) {
+        if let Some(s) = self.session.take() {
+            info!(device = %self.key, "disconnecting");
+            self.disconnecting = true;
+            crate::manager::spawn_disconnect(
+                ctx.events,
+                &self.key,
+                self.session_id,
+                s.vbd,
+                ctx.drain_timeout,
+            );
+        }
+    }
+
+    /// The worker finished a disconnect.
+    pub fn disconnected(
+        &mut self,
+        session: u64,
+        result: Result<DisconnectReport, crate::VbdError>,
+    ) {
+        if session != self.session_id {
+            return;
+        }
+        self.disconnecting = false;
+        match result {
+            Ok(report) => {
+                if report.drained {
+                    info!(device = %self.key, "disconnected");
+                } else {
+                    warn!(device = %self.key, abandoned = report.abandoned_requests, detail = %report.detail,
+                        "disconnected without draining");
+                }
+                self.last_disconnect = Some(report);
+            }
+            Err(e) => {
+                warn!(device = %self.key, error = %e, "disconnect failed");
+                self.last_disconnect = Some(DisconnectReport {
+                    drained: false,
+                    abandoned_requests: 0,
+                    detail: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// An engine report.
+    pub fn vbd_event(
+        &mut self,
+        ctx: &Ctx<'_>,
+        session: u64,
+        event: VbdEvent,
+    ) -> Result<(), DeviceError> {
+        if session != self.session_id {
+            return Ok(());
+        }
+        let Some(s) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let store = ctx.store.as_ref();
+        match event {
+            VbdEvent::Resized(size_bytes) => {
+                let sectors = crate::vbd::sectors_for(
+                    size_bytes,
+                    s.features.sector_size,
+                    s.frontend.large_sector_size,
+                );
+                if sectors == s.features.sectors {
+                    return Ok(());
+                }
+                if negotiate::publish_resize(store, &self.backend_path, sectors)? {
+                    info!(device = %self.key, from = s.features.sectors, to = sectors, "resized");
+                    s.features.sectors = sectors;
+                    if let Some(i) = self.disk_info.as_mut() {
+                        i.size_bytes = size_bytes;
+                    }
+                }
+            }
+            VbdEvent::FeatureLost(feature) => {
+                let nodes: &[&str] = match feature {
+                    Feature::Flush => {
+                        s.features.flush = false;
+                        s.features.barrier = false;
+                        &["feature-flush-cache", "feature-barrier"]
+                    }
+                    Feature::Barrier => {
+                        s.features.barrier = false;
+                        &["feature-barrier"]
+                    }
+                    Feature::Discard => {
+                        s.features.discard = false;
+                        &["feature-discard"]
+                    }
+                };
+                for n in nodes {
+                    if store.exists(&self.backend_path)? {
+                        store.write_str(&join(&self.backend_path, n), "0")?;
+                    }
+                }
+                info!(device = %self.key, ?feature, "feature withdrawn");
+            }
+            VbdEvent::Fatal(message) => {
+                let e = DeviceError::Vbd(crate::VbdError::new("engine", message, 5));
+                self.fail(ctx, &e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the storage for its size and publishes it if it changed.
+    pub fn refresh_size(&mut self, ctx: &Ctx<'_>) -> Result<(), DeviceError> {
+        let Some(disk) = self.disk.clone() else {
+            return Ok(());
+        };
+        let size = disk.refresh_size()?;
+        if self.session.is_some() {
+            let id = self.session_id;
+            self.vbd_event(ctx, id, VbdEvent::Resized(size))?;
+        } else if let Some(i) = self.disk_info.as_mut() {
+            i.size_bytes = size;
+        }
+        Ok(())
+    }
+
+    /// Removes what we wrote outside the backend directory.
+    fn cleanup(&mut self, ctx: &Ctx<'_>) {
+        if self.wrote_linux_error {
+            if let Some(p) = negotiate::linux_error_path(&self.backend_path) {
+                // The error directory of this device only.
+                let dir = p.trim_end_matches("/error").to_string();
+                if let Err(e) = ctx.store.rm(&dir) {
+                    debug!(device = %self.key, error = %e, "removing error node");
+                }
+            }
+        }
+    }
+
+    /// The status snapshot.
+    pub fn status(&self) -> DeviceStatus {
+        DeviceStatus {
+            backend_type: self.key.backend_type.clone(),
+            domid: self.key.domid,
+            devid: self.key.devid,
+            vdev: vdev_name(self.key.devid),
+            backend_path: self.backend_path.clone(),
+            frontend_path: self.frontend_path.clone(),
+            state: self.published,
+            frontend_state: self.frontend_state,
+            target: self
+                .config
+                .as_ref()
+                .map(|c| c.target.path.display().to_string()),
+            format: self
+                .config
+                .as_ref()
+                .map(|c| c.target.format.name().to_string()),
+            disk: self.disk_info,
+            frontend: self.session.as_ref().map(|s| s.frontend.clone()),
+            features: self.session.as_ref().map(|s| s.features),
+            stats: self
+                .session
+                .as_ref()
+                .map(|s| s.vbd.stats())
+                .unwrap_or_default(),
+            error: self.failed.clone(),
+            sessions: self.sessions,
+            last_disconnect: self.last_disconnect.clone(),
+            disconnecting: self.disconnecting,
+        }
+    }
+
+    /// Disconnects synchronously (daemon exit after the shutdown deadline).
+    pub fn force_disconnect(&mut self, timeout: Duration) {
+        if let Some(s) = self.session.take() {
+            let r = s.vbd.disconnect(timeout);
+            let id = self.session_id;
+            self.disconnecting = true;
+            self.disconnected(id, r);
+        }
+    }
+}

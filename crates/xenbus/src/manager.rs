@@ -1,0 +1,610 @@
+//! The control loop: watches the backend directories of the types we serve, keeps the
+//! device table, routes events to devices, answers status queries and shuts down cleanly.
+//!
+//! Everything arrives on one channel ([`Event`]): xenstore watch events (forwarded by
+//! whoever owns the connection), engine reports, finished disconnects, status queries and
+//! the shutdown request. One thread runs [`Manager::run`]; devices are reconciled in
+//! batches: all pending events are drained first and each affected device is reconciled
+//! once, so the burst of watch events a transaction causes costs one pass per device.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::device::{Ctx, Device, DeviceKey, Outcome};
+use crate::error::{DeviceError, StoreError, VbdError};
+use crate::parse::parse_u32;
+use crate::status::{DaemonStatus, DeviceStatus};
+use crate::store::{join, Store, StoreExt};
+use crate::vbd::{ConnectedVbd, DisconnectReport, VbdEvent, VbdEventSink, VbdFactory};
+
+const TOKEN_PREFIX: &str = "xenblkd:";
+const RELEASE_DOMAIN: &str = "@releaseDomain";
+/// How often the loop wakes without events (shutdown deadline, retries).
+const TICK: Duration = Duration::from_millis(100);
+/// Backend nodes whose change can move a device; writes to any other node (most of them
+/// ours: features, sectors) are ignored instead of re-reading the whole device.
+const RELEVANT_BACKEND_NODES: &[&str] = &[
+    "state",
+    "online",
+    "physical-device",
+    "physical-device-path",
+    "params",
+    "mode",
+    "frontend",
+    "frontend-id",
+];
+
+/// Something for the control loop.
+pub enum Event {
+    /// A xenstore watch fired.
+    Watch {
+        /// The path that changed.
+        path: String,
+        /// The watch's token.
+        token: String,
+    },
+    /// Watch events were lost (queue overflow, reconnect): rescan everything.
+    Rescan,
+    /// An engine report about a device's session.
+    Vbd {
+        /// The device.
+        key: DeviceKey,
+        /// The session it is about.
+        session: u64,
+        /// What happened.
+        event: VbdEvent,
+    },
+    /// A disconnect worker finished.
+    Disconnected {
+        /// The device.
+        key: DeviceKey,
+        /// The session that was disconnected.
+        session: u64,
+        /// How it went.
+        result: Result<DisconnectReport, VbdError>,
+    },
+    /// A status query.
+    Status(Sender<(DaemonStatus, Vec<DeviceStatus>)>),
+    /// Re-read every device's storage size (operator-triggered resize check).
+    RefreshSizes,
+    /// Close every device and stop.
+    Shutdown,
+}
+
+/// A cloneable handle to send events to a [`Manager`] from any thread.
+#[derive(Clone)]
+pub struct EventSender(Sender<Event>);
+
+impl EventSender {
+    /// Forwards a watch event.
+    pub fn watch_fired(&self, path: &str, token: &str) {
+        let _ = self.0.send(Event::Watch {
+            path: path.to_string(),
+            token: token.to_string(),
+        });
+    }
+
+    /// Sends any event; false if the manager is gone.
+    pub fn send(&self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+
+    /// Asks the manager to close every device and return from [`Manager::run`].
+    pub fn shutdown(&self) {
+        let _ = self.0.send(Event::Shutdown);
+    }
+
+    /// Queries the status (`None` if the manager does not answer within `timeout`).
+    pub fn status(&self, timeout: Duration) -> Option<(DaemonStatus, Vec<DeviceStatus>)> {
+        let (tx, rx) = mpsc::channel();
+        self.0.send(Event::Status(tx)).ok()?;
+        rx.recv_timeout(timeout).ok()
+    }
+}
+
+/// The device manager.
+pub struct Manager {
+    store: Arc<dyn Store>,
+    factory: Arc<dyn VbdFactory>,
+    config: Config,
+    home: String,
+    devices: BTreeMap<DeviceKey, Device>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    /// Set when shutdown was requested: the deadline after which devices are forced.
+    shutdown_deadline: Option<Instant>,
+    /// Devices whose reconcile hit a transient store error, retried on the next tick.
+    retry: BTreeSet<DeviceKey>,
+}
+
+impl Manager {
+    /// A manager serving `config.backend_types` under `/local/domain/<backend_domid>`.
+    pub fn new(store: Arc<dyn Store>, factory: Arc<dyn VbdFactory>, config: Config) -> Manager {
+        let (tx, rx) = mpsc::channel();
+        let home = format!("/local/domain/{}", config.backend_domid);
+        Manager {
+            store,
+            factory,
+            config,
+            home,
+            devices: BTreeMap::new(),
+            tx,
+            rx,
+            shutdown_deadline: None,
+            retry: BTreeSet::new(),
+        }
+    }
+
+    /// A handle to send events (watch events, shutdown, status queries).
+    pub fn sender(&self) -> EventSender {
+        EventSender(self.tx.clone())
+    }
+
+    /// The backend directory of a type: `/local/domain/<id>/backend/<type>`.
+    pub fn backend_dir(&self, backend_type: &str) -> String {
+        format!("{}/backend/{backend_type}", self.home)
+    }
+
+    /// Registers the watches. Each fires once right away, which triggers the initial scan.
+    pub fn start(&mut self) -> Result<(), StoreError> {
+        for t in self.config.backend_types.clone() {
+            let dir = self.backend_dir(&t.name);
+            info!(path = %dir, wait_for_hotplug = t.wait_for_hotplug, "serving backend type");
+            self.store
+                .watch(&dir, &format!("{TOKEN_PREFIX}be:{}", t.name))?;
+        }
+        self.store
+            .watch(RELEASE_DOMAIN, &format!("{TOKEN_PREFIX}release"))?;
+        Ok(())
+    }
+
+    /// Runs until shutdown completes (every device closed and disconnected), or the
+    /// xenstore connection is lost.
+    pub fn run(&mut self) -> Result<(), StoreError> {
+        loop {
+            if let Some(deadline) = self.shutdown_deadline {
+                if !self.devices.values().any(Device::busy) {
+                    info!("every device is closed");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    warn!("shutdown deadline passed; forcing the remaining devices down");
+                    self.force_all();
+                    return Ok(());
+                }
+            }
+            let first = match self.rx.recv_timeout(TICK) {
+                Ok(ev) => Some(ev),
+                Err(RecvTimeoutError::Timeout) => None,
+                // Impossible while we hold `tx`; treat as shutdown.
+                Err(RecvTimeoutError::Disconnected) => Some(Event::Shutdown),
+            };
+            let mut batch: Vec<Event> = first.into_iter().collect();
+            batch.extend(self.rx.try_iter());
+            self.process(batch)?;
+        }
+    }
+
+    /// Handles a batch of events, then reconciles every device they touched once.
+    pub fn process(&mut self, batch: Vec<Event>) -> Result<(), StoreError> {
+        let mut dirty: BTreeSet<DeviceKey> = std::mem::take(&mut self.retry);
+        let mut rescan: BTreeSet<String> = BTreeSet::new();
+        for ev in batch {
+            match ev {
+                Event::Watch { path, token } => {
+                    let mut released = BTreeSet::new();
+                    self.route_watch(&path, &token, &mut dirty, &mut rescan, &mut released);
+                    for dev in self
+                        .devices
+                        .values_mut()
+                        .filter(|d| released.contains(&d.key.domid))
+                    {
+                        dev.domain_gone = true;
+                    }
+                }
+                Event::Rescan => {
+                    rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
+                    dirty.extend(self.devices.keys().cloned());
+                }
+                Event::Vbd {
+                    key,
+                    session,
+                    event,
+                } => {
+                    let ctx_parts = self.ctx_parts();
+                    if let Some(dev) = self.devices.get_mut(&key) {
+                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                            continue;
+                        };
+                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                        if let Err(e) = dev.vbd_event(&ctx, session, event) {
+                            warn!(device = %key, error = %e, "handling engine event");
+                        }
+                        dirty.insert(key);
+                    }
+                }
+                Event::Disconnected {
+                    key,
+                    session,
+                    result,
+                } => {
+                    if let Some(dev) = self.devices.get_mut(&key) {
+                        dev.disconnected(session, result);
+                        dirty.insert(key);
+                    }
+                }
+                Event::Status(reply) => {
+                    let _ = reply.send((self.daemon_status(), self.status()));
+                }
+                Event::RefreshSizes => {
+                    let ctx_parts = self.ctx_parts();
+                    for (key, dev) in self.devices.iter_mut() {
+                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                            continue;
+                        };
+                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                        if let Err(e) = dev.refresh_size(&ctx) {
+                            warn!(device = %key, error = %e, "size refresh");
+                        }
+                    }
+                }
+                Event::Shutdown => {
+                    if self.shutdown_deadline.is_none() {
+                        info!(
+                            devices = self.devices.len(),
+                            "shutting down: closing every device"
+                        );
+                        self.shutdown_deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(self.config.drain_timeout_ms.max(1)),
+                        );
+                        dirty.extend(self.devices.keys().cloned());
+                    }
+                }
+            }
+        }
+        for t in rescan {
+            self.scan_type(&t, &mut dirty)?;
+        }
+        for key in dirty {
+            self.reconcile(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Maps a watch event to the devices (or backend types) it concerns.
+    fn route_watch(
+        &self,
+        path: &str,
+        token: &str,
+        dirty: &mut BTreeSet<DeviceKey>,
+        rescan: &mut BTreeSet<String>,
+        released: &mut BTreeSet<u32>,
+    ) {
+        let Some(what) = token.strip_prefix(TOKEN_PREFIX) else {
+            debug!(%path, %token, "foreign watch token ignored");
+            return;
+        };
+        if let Some(t) = what.strip_prefix("be:") {
+            let dir = self.backend_dir(t);
+            let Some(rest) = path.strip_prefix(&dir) else {
+                return;
+            };
+            let mut parts = rest
+                .trim_start_matches('/')
+                .split('/')
+                .filter(|s| !s.is_empty());
+            let (Some(domid), Some(devid)) = (parts.next(), parts.next()) else {
+                // The type or a domain directory itself changed: rescan it.
+                rescan.insert(t.to_string());
+                return;
+            };
+            let (Some(domid), Some(devid)) =
+                (parse_u32(domid.as_bytes()), parse_u32(devid.as_bytes()))
+            else {
+                debug!(%path, "ignoring non-numeric backend entry");
+                return;
+            };
+            if let Some(node) = parts.next() {
+                if !RELEVANT_BACKEND_NODES.contains(&node) {
+                    return;
+                }
+            }
+            dirty.insert(DeviceKey {
+                backend_type: t.to_string(),
+                domid,
+                devid,
+            });
+        } else if let Some(k) = what.strip_prefix("fe:") {
+            if let Some(key) = parse_fe_token(k) {
+                dirty.insert(key);
+            }
+        } else if what == "release" {
+            // Which domain died is not said; check every domain we serve.
+            let domids: BTreeSet<u32> = self.devices.keys().map(|k| k.domid).collect();
+            for domid in domids {
+                match self.domain_alive(domid) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        info!(domid, "domain is gone");
+                        released.insert(domid);
+                        dirty.extend(self.devices.keys().filter(|k| k.domid == domid).cloned());
+                    }
+                    Err(e) => warn!(domid, error = %e, "checking domain"),
+                }
+            }
+        }
+    }
+
+    /// Whether a domain still exists: xenstored still has it introduced (when the store
+    /// can tell) and its home directory is still there.
+    fn domain_alive(&self, domid: u32) -> Result<bool, StoreError> {
+        if self.store.domain_introduced(domid)? == Some(false) {
+            return Ok(false);
+        }
+        self.domain_exists(domid)
+    }
+
+    fn domain_exists(&self, domid: u32) -> Result<bool, StoreError> {
+        self.store.exists(&format!("/local/domain/{domid}"))
+    }
+
+    /// Lists `backend/<type>/*/*` and marks every device found (new or known) and every
+    /// known device not found (removed) dirty.
+    fn scan_type(&mut self, t: &str, dirty: &mut BTreeSet<DeviceKey>) -> Result<(), StoreError> {
+        let dir = self.backend_dir(t);
+        let mut found = BTreeSet::new();
+        for domid in self.store.directory(&dir)?.unwrap_or_default() {
+            let Some(domid_n) = parse_u32(domid.as_bytes()) else {
+                continue;
+            };
+            for devid in self
+                .store
+                .directory(&join(&dir, &domid))?
+                .unwrap_or_default()
+            {
+                let Some(devid_n) = parse_u32(devid.as_bytes()) else {
+                    continue;
+                };
+                found.insert(DeviceKey {
+                    backend_type: t.to_string(),
+                    domid: domid_n,
+                    devid: devid_n,
+                });
+            }
+        }
+        dirty.extend(
+            self.devices
+                .keys()
+                .filter(|k| k.backend_type == t && !found.contains(k))
+                .cloned(),
+        );
+        dirty.extend(found);
+        Ok(())
+    }
+
+    fn ctx_parts(&self) -> CtxParts {
+        CtxParts {
+            tx: self.tx.clone(),
+            shutting_down: self.shutdown_deadline.is_some(),
+            drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
+        }
+    }
+
+    /// Reconciles one device, creating it on first sight and forgetting it when done.
+    fn reconcile(&mut self, key: &DeviceKey) -> Result<(), StoreError> {
+        let Some(bt) = self.config.backend_type(&key.backend_type).cloned() else {
+            return Ok(());
+        };
+        if !self.devices.contains_key(key) {
+            let backend_path = format!(
+                "{}/{}/{}",
+                self.backend_dir(&key.backend_type),
+                key.domid,
+                key.devid
+            );
+            if !self.store.exists(&backend_path)? {
+                return Ok(());
+            }
+            if self.shutdown_deadline.is_some() {
+                // Not the time to start serving new devices.
+                return Ok(());
+            }
+            debug!(device = %key, "new device");
+            self.devices
+                .insert(key.clone(), Device::new(key.clone(), backend_path));
+        }
+        let parts = self.ctx_parts();
+        // A domain found dead on @releaseDomain stays dead until it is seen alive again
+        // (a new domain reusing the id).
+        let still_gone = match self.devices.get(key) {
+            Some(d) if d.domain_gone => !self.domain_alive(key.domid)?,
+            _ => false,
+        };
+        let Some(dev) = self.devices.get_mut(key) else {
+            return Ok(());
+        };
+        dev.domain_gone = still_gone;
+        let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
+        match dev.reconcile(&ctx) {
+            Ok(Outcome::Idle) => {}
+            Ok(Outcome::WatchFrontend) => {
+                if let Some(fe) = dev.frontend_path.clone() {
+                    let state = join(&fe, "state");
+                    if let Some(old) = dev.watched_frontend.take() {
+                        let _ = self.store.unwatch(&old, &fe_token(key));
+                    }
+                    match self.store.watch(&state, &fe_token(key)) {
+                        Ok(()) => dev.watched_frontend = Some(state),
+                        Err(e) => {
+                            warn!(device = %key, error = %e, "watching frontend state");
+                            self.retry.insert(key.clone());
+                        }
+                    }
+                }
+            }
+            Ok(Outcome::Forget) => {
+                if let Some(dev) = self.devices.remove(key) {
+                    if let Some(w) = dev.watched_frontend {
+                        let _ = self.store.unwatch(&w, &fe_token(key));
+                    }
+                }
+                info!(device = %key, "device removed");
+            }
+            Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
+            Err(e) => {
+                warn!(device = %key, error = %e, "reconcile failed; will retry");
+                self.retry.insert(key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Disconnects every device synchronously and writes Closed (shutdown deadline).
+    fn force_all(&mut self) {
+        let timeout = Duration::from_millis(self.config.drain_timeout_ms);
+        for dev in self.devices.values_mut() {
+            dev.force_disconnect(timeout);
+            let _ = crate::negotiate::write_state(
+                self.store.as_ref(),
+                &dev.backend_path,
+                crate::XenbusState::Closed,
+            );
+        }
+    }
+
+    /// Every device's status.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.devices.values().map(Device::status).collect()
+    }
+
+    fn daemon_status(&self) -> DaemonStatus {
+        DaemonStatus {
+            backend_types: self
+                .config
+                .backend_types
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            home: self.home.clone(),
+            shutting_down: self.shutdown_deadline.is_some(),
+        }
+    }
+}
+
+/// The pieces of a [`Ctx`] that do not borrow the manager's device table.
+struct CtxParts {
+    tx: Sender<Event>,
+    shutting_down: bool,
+    drain_timeout: Duration,
+}
+
+impl CtxParts {
+    fn ctx<'a>(
+        &'a self,
+        store: &'a Arc<dyn Store>,
+        factory: &'a Arc<dyn VbdFactory>,
+        config: &'a Config,
+        backend_type: &'a crate::config::BackendType,
+    ) -> Ctx<'a> {
+        Ctx {
+            store,
+            factory,
+            config,
+            backend_type,
+            shutting_down: self.shutting_down,
+            events: &self.tx,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+/// The event sink of one session of one device.
+pub(crate) fn session_sink(tx: &Sender<Event>, key: &DeviceKey, session: u64) -> VbdEventSink {
+    let tx = tx.clone();
+    let key = key.clone();
+    VbdEventSink::new(move |event| {
+        let _ = tx.send(Event::Vbd {
+            key: key.clone(),
+            session,
+            event,
+        });
+    })
+}
+
+/// Disconnects a VBD on a worker thread and reports the result as an event, so a slow
+/// drain never stalls other devices.
+pub(crate) fn spawn_disconnect(
+    tx: &Sender<Event>,
+    key: &DeviceKey,
+    session: u64,
+    vbd: Box<dyn ConnectedVbd>,
+    timeout: Duration,
+) {
+    let name = format!("disconnect-{}-{}", key.domid, key.devid);
+    let spawned = std::thread::Builder::new().name(name).spawn({
+        let key = key.clone();
+        let tx = tx.clone();
+        move || {
+            let result = vbd.disconnect(timeout);
+            let _ = tx.send(Event::Disconnected {
+                key,
+                session,
+                result,
+            });
+        }
+    });
+    if let Err(e) = spawned {
+        // No thread: the VBD was moved into the closure and dropped with it, which the
+        // engine must treat as a disconnect; report the failure.
+        let _ = tx.send(Event::Disconnected {
+            key: key.clone(),
+            session,
+            result: Err(VbdError::new("spawning disconnect thread", e, 11)),
+        });
+    }
+}
+
+fn fe_token(key: &DeviceKey) -> String {
+    format!(
+        "{TOKEN_PREFIX}fe:{}/{}/{}",
+        key.backend_type, key.domid, key.devid
+    )
+}
+
+fn parse_fe_token(s: &str) -> Option<DeviceKey> {
+    let mut it = s.rsplitn(3, '/');
+    let devid = parse_u32(it.next()?.as_bytes())?;
+    let domid = parse_u32(it.next()?.as_bytes())?;
+    let backend_type = it.next()?.to_string();
+    Some(DeviceKey {
+        backend_type,
+        domid,
+        devid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fe_tokens_round_trip() {
+        let k = DeviceKey {
+            backend_type: "vbd".into(),
+            domid: 7,
+            devid: 51712,
+        };
+        let t = fe_token(&k);
+        assert_eq!(
+            parse_fe_token(t.strip_prefix("xenblkd:fe:").unwrap()),
+            Some(k)
+        );
+        assert_eq!(parse_fe_token("x/y"), None);
+    }
+}

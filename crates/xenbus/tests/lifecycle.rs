@@ -1,0 +1,627 @@
+//! The device state machine end to end over the in-memory store, with a fake engine: the
+//! test plays the toolstack (libxl's nodes and timeouts) and the frontend (blkfront's
+//! nodes), the manager runs on its own thread as in the daemon.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use xenbus::config::{BackendType, Config, DeviceSettings};
+use xenbus::memstore::MemStore;
+use xenbus::store::{join, Store, StoreExt, StoreOps};
+use xenbus::toolstack::{self, DiskSpec, Removal};
+use xenbus::vbd::{
+    ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
+    FrontendParams, VbdEvent, VbdEventSink, VbdFactory,
+};
+use xenbus::{EventSender, Manager, StoreError, VbdError, XenbusState};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Shared {
+    live: AtomicUsize,
+    opened: Mutex<Vec<PathBuf>>,
+    fail_open: Mutex<HashSet<PathBuf>>,
+    sizes: Mutex<BTreeMap<PathBuf, u64>>,
+    connects: Mutex<Vec<(DeviceConfig, FrontendParams)>>,
+    sinks: Mutex<Vec<VbdEventSink>>,
+    disconnect_delay: Mutex<Duration>,
+}
+
+struct FakeDisk {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl Disk for FakeDisk {
+    fn info(&self) -> DiskInfo {
+        DiskInfo {
+            size_bytes: self.size(),
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            read_only: false,
+            flush: true,
+            discard: true,
+            secure_discard: false,
+            discard_granularity: 4096,
+            discard_alignment: 0,
+        }
+    }
+
+    fn refresh_size(&self) -> Result<u64, VbdError> {
+        Ok(self.size())
+    }
+}
+
+impl FakeDisk {
+    fn size(&self) -> u64 {
+        *self
+            .shared
+            .sizes
+            .lock()
+            .unwrap()
+            .get(&self.path)
+            .unwrap_or(&(64 << 20))
+    }
+}
+
+struct FakeVbd {
+    shared: Arc<Shared>,
+}
+
+impl ConnectedVbd for FakeVbd {
+    fn stats(&self) -> BTreeMap<String, u64> {
+        BTreeMap::from([("rd_req".to_string(), 3)])
+    }
+
+    fn disconnect(self: Box<Self>, _timeout: Duration) -> Result<DisconnectReport, VbdError> {
+        let delay = *self.shared.disconnect_delay.lock().unwrap();
+        thread::sleep(delay);
+        self.shared.live.fetch_sub(1, Ordering::SeqCst);
+        Ok(DisconnectReport {
+            drained: true,
+            abandoned_requests: 0,
+            detail: String::new(),
+        })
+    }
+}
+
+struct FakeFactory(Arc<Shared>);
+
+impl VbdFactory for FakeFactory {
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
+        let path = config.target.path.clone();
+        if self.0.fail_open.lock().unwrap().contains(&path) {
+            return Err(VbdError::new(
+                format!("opening {}", path.display()),
+                "No such file or directory",
+                2,
+            ));
+        }
+        self.0.opened.lock().unwrap().push(path.clone());
+        Ok(Arc::new(FakeDisk {
+            shared: self.0.clone(),
+            path,
+        }))
+    }
+
+    fn connect(&self, req: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError> {
+        if let Some(bad) = req
+            .frontend
+            .queues
+            .iter()
+            .flat_map(|q| q.ring_refs.iter())
+            .find(|&&r| r == 0xbad)
+        {
+            return Err(VbdError::new(
+                format!("mapping ring-ref {bad}"),
+                "grant map failed",
+                22,
+            ));
+        }
+        self.0.live.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .connects
+            .lock()
+            .unwrap()
+            .push((req.config.clone(), req.frontend.clone()));
+        self.0.sinks.lock().unwrap().push(req.events.clone());
+        Ok(Box::new(FakeVbd {
+            shared: self.0.clone(),
+        }))
+    }
+}
+
+struct Harness {
+    store: MemStore,
+    shared: Arc<Shared>,
+    sender: EventSender,
+    thread: Option<JoinHandle<Result<(), StoreError>>>,
+}
+
+impl Harness {
+    fn start(config: Config) -> Harness {
+        let store = MemStore::new();
+        let shared = Arc::new(Shared::default());
+        let mut manager = Manager::new(
+            Arc::new(store.clone()),
+            Arc::new(FakeFactory(shared.clone())),
+            config,
+        );
+        let sender = manager.sender();
+        let s2 = sender.clone();
+        store.set_watch_sink(Box::new(move |p, t| s2.watch_fired(p, t)));
+        let thread = thread::spawn(move || {
+            manager.start()?;
+            manager.run()
+        });
+        Harness {
+            store,
+            shared,
+            sender,
+            thread: Some(thread),
+        }
+    }
+
+    fn default() -> Harness {
+        let config = Config {
+            defaults: DeviceSettings {
+                max_queues: 4,
+                max_ring_page_order: 2,
+                ..DeviceSettings::default()
+            },
+            drain_timeout_ms: 1000,
+            ..Config::default()
+        };
+        Harness::start(config)
+    }
+
+    fn state(&self, dir: &str) -> XenbusState {
+        toolstack::read_state(&self.store, dir).unwrap()
+    }
+
+    fn wait_state(&self, dir: &str, want: XenbusState) {
+        toolstack::wait_state(&self.store, dir, WAIT, &format!("{dir} {want}"), |s| {
+            s == want
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{:#?}", self.store.dump("/local")));
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        self.store.read_string(path).unwrap()
+    }
+
+    /// What blkfront writes for a single-page, single-queue ring, then Initialised.
+    fn frontend_connect(&self, fe: &str, extra: &[(&str, &str)]) {
+        let mut nodes: Vec<(&str, &str)> = vec![("ring-ref", "8"), ("event-channel", "5")];
+        nodes.extend_from_slice(extra);
+        self.store
+            .transaction(&mut |tx| {
+                for (k, v) in &nodes {
+                    tx.write(&join(fe, k), v.as_bytes())?;
+                }
+                tx.write(&join(fe, "state"), b"3")
+            })
+            .unwrap();
+    }
+
+    fn set_frontend_state(&self, fe: &str, state: XenbusState) {
+        self.store
+            .write(&join(fe, "state"), state.node_value().as_bytes())
+            .unwrap();
+    }
+
+    fn live(&self) -> usize {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+
+    fn wait_until(&self, what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{:#?}",
+                self.store.dump("/local")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) {
+        self.sender.shutdown();
+        self.thread.take().unwrap().join().unwrap().unwrap();
+    }
+}
+
+/// Attaches a disk under our own type and takes it to Connected.
+fn connected_disk(h: &Harness, domid: u32, devid: u32, image: &str) -> (String, String) {
+    let spec = DiskSpec::new("xenblkd", domid, devid, image);
+    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    h.frontend_connect(&fe, &[("protocol", "x86_64-abi")]);
+    h.wait_state(&be, XenbusState::Connected);
+    h.set_frontend_state(&fe, XenbusState::Connected);
+    (be, fe)
+}
+
+#[test]
+fn connect_publishes_features_and_status() {
+    let h = Harness::default();
+    let spec = DiskSpec::new("xenblkd", 5, 51728, "raw:/images/a.img");
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    assert_eq!(
+        toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap(),
+        XenbusState::InitWait
+    );
+    assert_eq!(
+        h.get(&join(&be, "multi-queue-max-queues")).as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        h.get(&join(&be, "max-ring-page-order")).as_deref(),
+        Some("2")
+    );
+    assert_eq!(h.get(&join(&be, "max-ring-pages")).as_deref(), Some("4"));
+    assert_eq!(
+        h.get(&join(&be, "feature-max-indirect-segments"))
+            .as_deref(),
+        Some("256")
+    );
+    // Our own type opens the storage before InitWait.
+    assert_eq!(
+        h.shared.opened.lock().unwrap().as_slice(),
+        &[PathBuf::from("/images/a.img")]
+    );
+
+    h.frontend_connect(
+        &fe,
+        &[
+            ("protocol", "x86_32-abi"),
+            ("feature-persistent", "1"),
+            ("multi-queue-num-queues", "2"),
+            ("ring-page-order", "1"),
+            ("queue-0/ring-ref0", "10"),
+            ("queue-0/ring-ref1", "11"),
+            ("queue-0/event-channel", "7"),
+            ("queue-1/ring-ref0", "12"),
+            ("queue-1/ring-ref1", "13"),
+            ("queue-1/event-channel", "9"),
+        ],
+    );
+    h.wait_state(&be, XenbusState::Connected);
+    for (node, value) in [
+        ("sectors", "131072"),
+        ("sector-size", "512"),
+        ("physical-sector-size", "4096"),
+        ("info", "0"),
+        ("feature-flush-cache", "1"),
+        ("feature-barrier", "1"),
+        ("feature-discard", "1"),
+        ("discard-granularity", "4096"),
+        ("discard-alignment", "0"),
+        ("discard-secure", "0"),
+        ("feature-persistent", "1"),
+    ] {
+        assert_eq!(h.get(&join(&be, node)).as_deref(), Some(value), "{node}");
+    }
+    let connects = h.shared.connects.lock().unwrap().clone();
+    assert_eq!(connects.len(), 1);
+    let p = &connects[0].1;
+    assert_eq!(p.queues.len(), 2);
+    assert_eq!(p.queues[1].ring_refs, vec![12, 13]);
+    assert!(p.persistent);
+
+    let (daemon, devices) = h.sender.status(WAIT).unwrap();
+    assert_eq!(daemon.backend_types, vec!["vbd", "xenblkd"]);
+    assert_eq!(devices.len(), 1);
+    let d = &devices[0];
+    assert_eq!(
+        (d.domid, d.devid, d.vdev.as_str(), d.state),
+        (5, 51728, "xvdb", XenbusState::Connected)
+    );
+    assert_eq!(d.frontend.as_ref().unwrap().queues.len(), 2);
+    assert!(d.features.unwrap().persistent);
+    assert_eq!(d.stats.get("rd_req"), Some(&3));
+    h.stop();
+}
+
+#[test]
+fn vbd_type_waits_for_the_hotplug_script() {
+    let h = Harness::default();
+    let mut spec = DiskSpec::new("vbd", 3, 51712, "/dev/vg/guest");
+    spec.script = Some("/etc/xen/scripts/xenblkd-hotplug".into());
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    // libxl: write the nodes, wait (10 s at most) for InitWait, then run the script.
+    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    assert!(
+        h.shared.opened.lock().unwrap().is_empty(),
+        "opened before the hotplug script ran"
+    );
+    // The frontend may be ready before the script: nothing connects without storage.
+    h.frontend_connect(&fe, &[]);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.state(&be), XenbusState::InitWait);
+    // The script resolves the device.
+    h.store
+        .write(&join(&be, "physical-device-path"), b"/dev/dm-3")
+        .unwrap();
+    h.store
+        .write(&join(&be, "physical-device"), b"fd:3")
+        .unwrap();
+    h.wait_state(&be, XenbusState::Connected);
+    assert_eq!(
+        h.shared.opened.lock().unwrap().as_slice(),
+        &[PathBuf::from("/dev/dm-3")]
+    );
+    // Missing protocol means native.
+    let connects = h.shared.connects.lock().unwrap().clone();
+    assert_eq!(connects[0].1.protocol, xenbus::vbd::Protocol::Native);
+    assert!(!connects[0].1.protocol_specified);
+    h.stop();
+}
+
+#[test]
+fn fatal_cases_write_error_and_close_only_that_device() {
+    let h = Harness::default();
+    let (good_be, _) = connected_disk(&h, 5, 51712, "/images/good.img");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("protocol", "ppc-abi")], "38 unknown fe protocol ppc-abi"),
+        (
+            &[("multi-queue-num-queues", "0")],
+            "38 guest requested 0 queues",
+        ),
+        (
+            &[("multi-queue-num-queues", "9")],
+            "38 guest requested 9 queues, exceeding the maximum of 4.",
+        ),
+        (
+            &[("ring-page-order", "7")],
+            "22 requested ring page order 7 exceed max:2",
+        ),
+        (&[("ring-ref", "banana")], "22 reading"),
+        (&[("ring-ref", "2989")], "22 mapping ring-ref 2989"),
+        (&[("event-channel", "")], "22 reading"),
+    ];
+    for (i, (nodes, expect)) in cases.iter().enumerate() {
+        let devid = 51728 + 16 * i as u32;
+        let spec = DiskSpec::new("xenblkd", 6, devid, "/images/bad.img");
+        toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+        let (be, fe) = (spec.backend_path(), spec.frontend_path());
+        h.frontend_connect(&fe, nodes);
+        h.wait_state(&be, XenbusState::Closing);
+        let err = h.get(&join(&be, "error")).unwrap();
+        assert!(
+            err.starts_with(expect),
+            "{err:?} does not start with {expect:?}"
+        );
+        let linux = format!("/local/domain/0/error/backend/xenblkd/6/{devid}/error");
+        assert_eq!(h.get(&linux), Some(err));
+        // blkfront answers Closing with Closed; the device stays Closed (online).
+        h.set_frontend_state(&fe, XenbusState::Closed);
+        h.wait_state(&be, XenbusState::Closed);
+        assert_eq!(h.state(&good_be), XenbusState::Connected);
+    }
+    // "2989" is 0xbad: the fake engine's mapping failure.
+    assert_eq!(h.live(), 1);
+    // A storage that cannot be opened fails that device only.
+    h.shared
+        .fail_open
+        .lock()
+        .unwrap()
+        .insert(PathBuf::from("/images/missing.img"));
+    let spec = DiskSpec::new("xenblkd", 7, 51712, "/images/missing.img");
+    toolstack::add_disk(&h.store, &spec).unwrap();
+    h.wait_state(&spec.backend_path(), XenbusState::Closing);
+    assert!(h
+        .get(&join(&spec.backend_path(), "error"))
+        .unwrap()
+        .starts_with("2 opening /images/missing.img"));
+    assert_eq!(h.state(&good_be), XenbusState::Connected);
+    h.stop();
+}
+
+#[test]
+fn frontend_close_and_reconnect() {
+    let h = Harness::default();
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    assert_eq!(h.live(), 1);
+    // Guest shutdown of the device: Closing, then Closed.
+    h.set_frontend_state(&fe, XenbusState::Closing);
+    h.wait_state(&be, XenbusState::Closing);
+    h.set_frontend_state(&fe, XenbusState::Closed);
+    h.wait_state(&be, XenbusState::Closed);
+    h.wait_until("disconnect", || h.live() == 0);
+    // Guest reboot: the frontend comes back; served again without a daemon restart.
+    for round in 2..=4 {
+        h.set_frontend_state(&fe, XenbusState::Initialising);
+        h.wait_state(&be, XenbusState::InitWait);
+        h.frontend_connect(&fe, &[]);
+        h.wait_state(&be, XenbusState::Connected);
+        assert_eq!(h.live(), 1);
+        assert_eq!(h.shared.connects.lock().unwrap().len(), round);
+        h.set_frontend_state(&fe, XenbusState::Closed);
+        h.wait_state(&be, XenbusState::Closed);
+        h.wait_until("disconnect", || h.live() == 0);
+    }
+    // The storage was opened once for all sessions.
+    assert_eq!(h.shared.opened.lock().unwrap().len(), 1);
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    assert_eq!(devices[0].sessions, 4);
+    h.stop();
+}
+
+#[test]
+fn frontend_restart_without_closing_reconnects() {
+    let h = Harness::default();
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    h.set_frontend_state(&fe, XenbusState::Initialising);
+    h.wait_state(&be, XenbusState::InitWait);
+    assert_eq!(h.live(), 0);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    assert_eq!(h.live(), 1);
+    h.stop();
+}
+
+#[test]
+fn toolstack_detach_with_cooperative_frontend() {
+    let h = Harness::default();
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    // A frontend that follows the backend's Closing, as blkfront does.
+    let store = h.store.clone();
+    let fe2 = fe.clone();
+    let be2 = be.clone();
+    let guest = thread::spawn(move || {
+        toolstack::wait_state(&store, &be2, WAIT, "Closing", |s| s == XenbusState::Closing)
+            .unwrap();
+        store.write(&join(&fe2, "state"), b"6").unwrap();
+    });
+    let start = Instant::now();
+    assert_eq!(
+        toolstack::remove_disk(&h.store, &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
+        Removal::Clean
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    guest.join().unwrap();
+    h.wait_until("device forgotten", || {
+        h.sender.status(WAIT).unwrap().1.is_empty()
+    });
+    assert_eq!(h.live(), 0);
+    h.stop();
+}
+
+#[test]
+fn online_zero_closes_an_idle_device_at_once() {
+    let h = Harness::default();
+    let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
+    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    // The frontend never connected (no blkfront in the guest): no 10 s wait.
+    let start = Instant::now();
+    assert_eq!(
+        toolstack::remove_disk(&h.store, &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
+        Removal::Clean
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    h.stop();
+}
+
+#[test]
+fn backend_removal_and_domain_death_tear_down() {
+    let h = Harness::default();
+    let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    let (be2, _fe2) = connected_disk(&h, 6, 51712, "/images/b.img");
+    assert_eq!(h.live(), 2);
+    // Forced removal of the backend directory.
+    h.store.rm(&be).unwrap();
+    h.wait_until("disconnect after rm", || h.live() == 1);
+    assert!(
+        h.store.dump(&be).is_empty(),
+        "backend directory resurrected"
+    );
+    // Domain 6 dies: its home goes, xenstored fires @releaseDomain.
+    h.store.rm("/local/domain/6").unwrap();
+    h.store.release_domain();
+    h.wait_until("disconnect after domain death", || h.live() == 0);
+    h.wait_state(&be2, XenbusState::Closed);
+    h.wait_until("device of the removed backend forgotten", || {
+        h.sender.status(WAIT).unwrap().1.len() == 1
+    });
+    h.stop();
+}
+
+#[test]
+fn resize_and_lost_features_are_published() {
+    let h = Harness::default();
+    let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    assert_eq!(h.get(&join(&be, "sectors")).as_deref(), Some("131072"));
+    let sink = h.shared.sinks.lock().unwrap()[0].clone();
+    h.store.force_conflicts(2);
+    sink.send(VbdEvent::Resized(128 << 20));
+    h.wait_until("sectors", || {
+        h.get(&join(&be, "sectors")).as_deref() == Some("262144")
+    });
+    assert_eq!(h.state(&be), XenbusState::Connected);
+    sink.send(VbdEvent::FeatureLost(Feature::Flush));
+    h.wait_until("flush withdrawn", || {
+        h.get(&join(&be, "feature-flush-cache")).as_deref() == Some("0")
+    });
+    assert_eq!(h.get(&join(&be, "feature-barrier")).as_deref(), Some("0"));
+    // An operator-triggered refresh picks up a grown file.
+    h.shared
+        .sizes
+        .lock()
+        .unwrap()
+        .insert(PathBuf::from("/images/a.img"), 256 << 20);
+    h.sender.send(xenbus::Event::RefreshSizes);
+    h.wait_until("refreshed sectors", || {
+        h.get(&join(&be, "sectors")).as_deref() == Some("524288")
+    });
+    // A fatal engine report closes the device with an error.
+    sink.send(VbdEvent::Fatal("ring overflow".into()));
+    h.wait_state(&be, XenbusState::Closing);
+    assert_eq!(
+        h.get(&join(&be, "error")).as_deref(),
+        Some("5 engine: ring overflow")
+    );
+    h.wait_until("disconnect", || h.live() == 0);
+    h.stop();
+}
+
+#[test]
+fn shutdown_closes_every_device() {
+    let h = Harness::default();
+    let devices: Vec<(String, String)> = (0..3)
+        .map(|i| connected_disk(&h, 5 + i, 51712, "/images/a.img"))
+        .collect();
+    // Cooperative frontends follow Closing to Closed.
+    let store = h.store.clone();
+    let devs = devices.clone();
+    let guests = thread::spawn(move || {
+        for (be, fe) in devs {
+            toolstack::wait_state(&store, &be, WAIT, "Closing", |s| s == XenbusState::Closing)
+                .unwrap();
+            store.write(&join(&fe, "state"), b"6").unwrap();
+        }
+    });
+    *h.shared.disconnect_delay.lock().unwrap() = Duration::from_millis(50);
+    let shared = h.shared.clone();
+    let store = h.store.clone();
+    h.stop();
+    guests.join().unwrap();
+    assert_eq!(shared.live.load(Ordering::SeqCst), 0);
+    for (be, _) in devices {
+        assert_eq!(
+            toolstack::read_state(&store, &be).unwrap(),
+            XenbusState::Closed
+        );
+    }
+}
+
+#[test]
+fn shutdown_forces_unresponsive_frontends_after_the_deadline() {
+    let config = Config {
+        drain_timeout_ms: 300,
+        backend_types: vec![BackendType {
+            name: "xenblkd".into(),
+            wait_for_hotplug: false,
+        }],
+        ..Config::default()
+    };
+    let h = Harness::start(config);
+    let (be, _) = connected_disk(&h, 5, 51712, "/images/a.img");
+    let shared = h.shared.clone();
+    let store = h.store.clone();
+    let start = Instant::now();
+    h.stop();
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(shared.live.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        toolstack::read_state(&store, &be).unwrap(),
+        XenbusState::Closed
+    );
+}
