@@ -669,3 +669,89 @@ fn detach_waits_boundedly_and_drains_in_the_background() {
     assert!(engine.reactor_loads().iter().all(|&l| l == 0));
     engine.shutdown();
 }
+
+#[test]
+fn failed_attach_leaves_nothing_behind() {
+    use std::sync::Arc;
+
+    use backend::{AttachError, Engine, EngineConfig, RingSpec, VbdSpec};
+    use platform::sim::{GuestConfig, SimGuest, SimPlatform};
+    use platform::{GrantMapper, Platform};
+
+    let _g = serial();
+    let fds_before = backend::open_fd_count();
+    {
+        let sim = SimPlatform::new();
+        let guest = SimGuest::new(harness::GUEST_DOMID, GuestConfig::default()).unwrap();
+        let _dom = sim.attach_local(&guest).unwrap();
+        let engine = Engine::start(EngineConfig { reactors: 1 }).unwrap();
+        let storage: Arc<dyn storage::Storage> =
+            Arc::new(storage::NullStorage::new(storage::NullConfig::default()).unwrap());
+        let good = guest.grant_access(0, 0, false).unwrap();
+        let chan0 = guest.alloc_event_channel(0).unwrap();
+        let chan1 = guest.alloc_event_channel(0).unwrap();
+        let spec = |rings: Vec<RingSpec>| VbdSpec {
+            domid: harness::GUEST_DOMID,
+            storage: storage.clone(),
+            read_only: false,
+            rings,
+            protocol: Protocol::Native,
+            persistent: false,
+            grant_mode: GrantMode::Map,
+            features: backend::Features::default(),
+            limits: backend::VbdLimits::default(),
+            events: None,
+        };
+        let platform: Arc<dyn Platform> = Arc::new(sim.clone());
+        // Ring 0 is fine, ring 1 names a grant that does not exist.
+        let err = engine
+            .attach(
+                spec(vec![
+                    RingSpec {
+                        ring_refs: vec![good],
+                        event_channel: chan0.port(),
+                    },
+                    RingSpec {
+                        ring_refs: vec![4000],
+                        event_channel: chan1.port(),
+                    },
+                ]),
+                platform.clone(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(err, AttachError::MapRing { ring: 1, .. }), "{err}");
+        // Three ring pages is not a ring.
+        let err = engine
+            .attach(
+                spec(vec![RingSpec {
+                    ring_refs: vec![good, good, good],
+                    event_channel: chan0.port(),
+                }]),
+                platform.clone(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(
+            err,
+            AttachError::BadRingPages { ring: 0, count: 3 }
+        ));
+        assert_eq!(sim.live_mappings(), 0);
+        assert_eq!(engine.reactor_loads(), vec![0]);
+        // The event channel of ring 0 was unbound: it can be bound again.
+        let h = engine
+            .attach(
+                spec(vec![RingSpec {
+                    ring_refs: vec![good],
+                    event_channel: chan0.port(),
+                }]),
+                platform,
+            )
+            .unwrap();
+        h.detach(Duration::from_secs(5)).unwrap();
+        assert_eq!(sim.live_mappings(), 0);
+        engine.shutdown();
+        guest.end_access(good).unwrap();
+    }
+    assert_eq!(backend::open_fd_count(), fds_before);
+}
