@@ -2,7 +2,7 @@
 //! and exposes in sysfs (`oo_req`, `rd_req`, `wr_req`, `f_req`, `ds_req`, `rd_sect`,
 //! `wr_sect`), plus persistent-grant occupancy, error counts and ring health.
 //!
-//! Each ring owns one [`RingStats`]. Its reactor thread is the only writer, so a counter
+//! Each ring owns one `RingStats`. Its reactor thread is the only writer, so a counter
 //! is bumped with a relaxed load and store (no locked read-modify-write on the
 //! per-request path); any other thread may read at any time and sees each counter
 //! monotonically, though not a consistent cut across counters. [`Stats`] is the plain

@@ -1,6 +1,6 @@
 //! What a VBD is to the engine: its specification ([`VbdSpec`], [`RingSpec`]), the
 //! choices it was attached with ([`GrantMode`], [`VbdLimits`]), and the state its rings
-//! share ([`VbdShared`]): size, still-supported features, the persistent-grant overflow
+//! share (`VbdShared`): size, still-supported features, the persistent-grant overflow
 //! flag, per-ring statistics, and the callback through which the xenbus layer learns
 //! about resizes, lost features and halted rings.
 //!
