@@ -217,20 +217,23 @@ fn introduce_and_release_over_the_wire() {
     let events = dom0.watch_events();
     dom0.watch("@introduceDomain", "i").unwrap();
     assert_eq!(next(&events), ev("@introduceDomain", "i"));
-    dom0.raw_request(MsgType::Introduce, b"9\x0012345\x004\0")
-        .unwrap();
+    assert!(!dom0.is_domain_introduced(9).unwrap());
+    dom0.introduce_domain(9, 12345, 4).unwrap();
     assert_eq!(next(&events), ev("@introduceDomain", "i"));
+    assert!(dom0.is_domain_introduced(9).unwrap());
     assert_eq!(
         dom0.raw_request(MsgType::IsDomainIntroduced, b"9\0")
             .unwrap(),
         b"T\0"
     );
-    dom0.raw_request(MsgType::Release, b"9\0").unwrap();
-    assert_eq!(
-        dom0.raw_request(MsgType::IsDomainIntroduced, b"9\0")
-            .unwrap(),
-        b"F\0"
-    );
+    // Malformed INTRODUCE: missing arguments.
+    assert!(matches!(
+        dom0.raw_request(MsgType::Introduce, b"9\0"),
+        Err(xenstore::Error::Xs(xenstore::Errno::Einval))
+    ));
+    dom0.release_domain(9).unwrap();
+    assert!(!dom0.is_domain_introduced(9).unwrap());
+    assert!(dom0.is_domain_introduced(0).unwrap());
     let guest = h.client(9);
     assert!(matches!(
         guest.raw_request(MsgType::Release, b"0\0"),

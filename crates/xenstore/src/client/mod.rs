@@ -161,6 +161,31 @@ impl XsClient {
         string_reply(&reply)
     }
 
+    /// `XS_IS_DOMAIN_INTRODUCED`: whether the daemon knows `domid`.
+    pub fn is_domain_introduced(&self, domid: u32) -> Result<bool> {
+        let payload = args(&[&domid.to_string()])?;
+        let reply = self.request(MsgType::IsDomainIntroduced, 0, &payload)?;
+        match string_reply(&reply)?.as_str() {
+            "T" => Ok(true),
+            "F" => Ok(false),
+            _ => Err(ProtocolError::Malformed("IS_DOMAIN_INTRODUCED reply").into()),
+        }
+    }
+
+    /// `XS_INTRODUCE` (toolstack only): tells the daemon about a new domain
+    /// whose xenstore ring is at guest frame `mfn`, bound to event channel
+    /// `port`. Fires `@introduceDomain`.
+    pub fn introduce_domain(&self, domid: u32, mfn: u64, port: u32) -> Result<()> {
+        let payload = args(&[&domid.to_string(), &mfn.to_string(), &port.to_string()])?;
+        self.request(MsgType::Introduce, 0, &payload).map(drop)
+    }
+
+    /// `XS_RELEASE` (toolstack only): the domain is gone. Fires `@releaseDomain`.
+    pub fn release_domain(&self, domid: u32) -> Result<()> {
+        let payload = args(&[&domid.to_string()])?;
+        self.request(MsgType::Release, 0, &payload).map(drop)
+    }
+
     /// Starts a transaction. Prefer [`XsClient::transaction`], which retries
     /// on conflict; a `Transaction` dropped without commit is aborted.
     pub fn transaction_start(&self) -> Result<Transaction<'_>> {

@@ -158,7 +158,7 @@ impl Outcome {
     }
 }
 
-fn parse_domid(arg: &[u8]) -> Result<u32, Errno> {
+fn parse_u32(arg: &[u8]) -> Result<u32, Errno> {
     std::str::from_utf8(arg)
         .ok()
         .filter(|s| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()))
@@ -316,7 +316,7 @@ impl State {
             MsgType::DirectoryPart => {
                 let args = wire::split_exact(payload, 2).ok_or(Errno::Einval)?;
                 let path = node_path(args[0])?;
-                let offset = parse_domid(args[1])? as usize;
+                let offset = parse_u32(args[1])? as usize;
                 let (list, _) = self.in_context(conn, tx_id, |v| {
                     Ok((store::directory_part(v, caller, &path, offset)?, None))
                 })?;
@@ -384,13 +384,13 @@ impl State {
                 Ok(Outcome::ok_with(changes))
             }
             MsgType::GetDomainPath => {
-                let domid = parse_domid(one_arg(payload)?)?;
+                let domid = parse_u32(one_arg(payload)?)?;
                 Ok(Outcome::data(
                     format!("{}\0", domain_path(domid)).into_bytes(),
                 ))
             }
             MsgType::IsDomainIntroduced => {
-                let domid = parse_domid(one_arg(payload)?)?;
+                let domid = parse_u32(one_arg(payload)?)?;
                 let answer: &[u8] = if self.introduced.contains(&domid) {
                     b"T\0"
                 } else {
@@ -405,14 +405,14 @@ impl State {
                     return Err(Errno::Eacces);
                 }
                 let args = wire::split_exact(payload, 3).ok_or(Errno::Einval)?;
-                let domid = parse_domid(args[0])?;
+                let domid = parse_u32(args[0])?;
                 Ok(Outcome::ok_with(self.introduce(domid)))
             }
             MsgType::Release => {
                 if !caller.privileged {
                     return Err(Errno::Eacces);
                 }
-                let domid = parse_domid(one_arg(payload)?)?;
+                let domid = parse_u32(one_arg(payload)?)?;
                 Ok(Outcome::ok_with(self.release(domid)))
             }
             MsgType::ResetWatches => {
