@@ -397,3 +397,24 @@ impl Drop for VbdHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_be_shared_across_threads() {
+        send_sync::<Engine>();
+        send_sync::<VbdHandle>();
+    }
+
+    #[test]
+    fn start_and_shutdown_with_default_reactor_count() {
+        let e = Engine::start(EngineConfig::default()).unwrap();
+        assert!(e.reactors() >= 1);
+        assert!(e.reactor_loads().iter().all(|&l| l == 0));
+        e.shutdown();
+    }
+}
