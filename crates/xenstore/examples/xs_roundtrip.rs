@@ -22,6 +22,40 @@ use std::time::{Duration, Instant};
 use xenstore::wire::{self, MsgType};
 use xenstore::{XenstoreServer, XsClient, XsOps};
 
+/// CPU time (user + system) of the whole process so far, threads that have
+/// exited included, from /proc/self/stat (USER_HZ is 100 on Linux).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, i.e. the 12th and
+    // 13th after the parenthesised command name.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// One measurement: operations per second, and process CPU per operation
+/// (client and server threads together: the cost, whatever the load).
+#[derive(Clone, Copy)]
+struct Sample {
+    per_sec: f64,
+    cpu_us: f64,
+}
+
+fn measure(f: impl FnOnce() -> (u64, Duration)) -> Sample {
+    let cpu0 = process_cpu();
+    let (n, t) = f();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    Sample {
+        per_sec: n as f64 / t.as_secs_f64(),
+        cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+    }
+}
+
 fn run_for(secs: Duration, mut op: impl FnMut()) -> (u64, Duration) {
     // Warm up (allocator, page faults, thread wake-up paths).
     for _ in 0..200 {
@@ -38,13 +72,14 @@ fn run_for(secs: Duration, mut op: impl FnMut()) -> (u64, Duration) {
     (n, start.elapsed())
 }
 
-fn per_sec((n, t): (u64, Duration)) -> f64 {
-    n as f64 / t.as_secs_f64()
-}
-
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     let i = args.iter().position(|a| a == name)?;
     args.get(i + 1)?.parse().ok()
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn main() {
@@ -84,48 +119,52 @@ fn main() {
         "XS_READ  (2 threads, one connection, total)",
         "transaction: start+read+write+commit",
     ];
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds {
-        results[0].push(per_sec(run_for(secs, || {
-            a.write_all(&read_req).unwrap();
-            a.read_exact(&mut rbuf).unwrap();
-        })));
-        results[1].push(per_sec(run_for(secs, || drop(xs.read(path).unwrap()))));
-        results[2].push(per_sec(run_for(secs, || xs.write(path, value).unwrap())));
-        let start = Instant::now();
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let xs = xs.clone();
-                std::thread::spawn(move || run_for(secs, || drop(xs.read(path).unwrap())).0)
+        results[0].push(measure(|| {
+            run_for(secs, || {
+                a.write_all(&read_req).unwrap();
+                a.read_exact(&mut rbuf).unwrap();
             })
-            .collect();
-        let n: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-        results[3].push(per_sec((n, start.elapsed())));
-        results[4].push(per_sec(run_for(secs, || {
-            xs.transaction(|tx| {
-                tx.read(path)?;
-                tx.write(path, value)
+        }));
+        results[1].push(measure(|| run_for(secs, || drop(xs.read(path).unwrap()))));
+        results[2].push(measure(|| run_for(secs, || xs.write(path, value).unwrap())));
+        results[3].push(measure(|| {
+            let start = Instant::now();
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let xs = xs.clone();
+                    std::thread::spawn(move || run_for(secs, || drop(xs.read(path).unwrap())).0)
+                })
+                .collect();
+            let n: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+            (n, start.elapsed())
+        }));
+        results[4].push(measure(|| {
+            run_for(secs, || {
+                xs.transaction(|tx| {
+                    tx.read(path)?;
+                    tx.write(path, value)
+                })
+                .unwrap()
             })
-            .unwrap()
-        })));
+        }));
     }
     drop(a);
     echo.join().unwrap();
 
     println!(
-        "{rounds} rounds x {:.1} s each; median (min..max) ops/s",
+        "{rounds} rounds x {:.1} s each; median (min..max); cpu = whole-process CPU per op",
         secs.as_secs_f64()
     );
     let mut medians = Vec::new();
-    for (name, mut r) in names.iter().zip(results) {
-        r.sort_by(f64::total_cmp);
-        let median = r[r.len() / 2];
-        medians.push(median);
+    for (name, r) in names.iter().zip(results) {
+        let (rate, lo, hi) = median(r.iter().map(|s| s.per_sec).collect());
+        let (cpu, _, _) = median(r.iter().map(|s| s.cpu_us).collect());
+        medians.push(rate);
         println!(
-            "{name:<44} {median:>9.0} ops/s  {:>7.1} µs/op  ({:.0}..{:.0})",
-            1e6 / median,
-            r[0],
-            r[r.len() - 1]
+            "{name:<44} {rate:>9.0} ops/s {:>7.1} µs/op ({lo:.0}..{hi:.0})  cpu {cpu:>5.1} µs/op",
+            1e6 / rate
         );
     }
     println!();
