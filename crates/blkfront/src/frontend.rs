@@ -59,6 +59,8 @@ pub struct Frontend {
     sectors: AtomicU64,
     queues: Vec<Mutex<Queue>>,
     round_robin: AtomicUsize,
+    /// No new requests (the backend is closing); completions are still reaped.
+    stopped: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -202,6 +204,7 @@ impl Frontend {
             disk,
             queues,
             round_robin: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
@@ -466,9 +469,16 @@ impl Frontend {
 
     // ----- teardown ------------------------------------------------------------------
 
+    /// Refuses new requests from now on ([`Error::Closed`]) while letting those in
+    /// flight complete: what Linux does when the backend starts closing.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
     /// Tears the queues down, ending every grant (`blkif_free`). Call after the backend
     /// disconnected; grants it still maps are reported and their pages never reused.
     pub fn close(&self) -> TeardownReport {
+        self.stopped.store(true, Ordering::Release);
         if self.closed.swap(true, Ordering::AcqRel) {
             return TeardownReport::default();
         }
@@ -583,6 +593,9 @@ impl Frontend {
         parts: usize,
         mut push: impl FnMut(&mut Queue, &Shared, u64, usize) -> Result<(), Error>,
     ) -> Result<(), Error> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         let mut q = self.lock(queue)?;
         q.check_usable()?;
         if q.free_slots() < parts {
@@ -615,6 +628,9 @@ impl Frontend {
     ) -> Result<Completion, Error> {
         let timeout = self.config.io_timeout;
         let deadline = Instant::now() + timeout;
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         let mut q = self.lock(queue)?;
         q.check_usable()?;
         let join = q.begin(0, op, true, parts, read_len);

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod queue;
 pub mod shadow;
 pub mod sim;
+pub mod xenbus;
 
 pub use config::{BufferPlacement, FlushPreference, FrontendConfig, Protocol, QueuePolicy};
 pub use error::{Error, IoError, TeardownReport};
@@ -21,3 +22,4 @@ pub use features::{BackendFeatures, CacheControl, DiscardParams, DiskInfo, Negot
 pub use frontend::{ConnectInfo, Frontend, QueueConnectInfo};
 pub use guest::{EndAccessError, Guest, GuestError, GuestEventChannel};
 pub use queue::{Completion, FrontendStats, IoOp};
+pub use xenbus::{XenbusFrontend, XenbusState};
