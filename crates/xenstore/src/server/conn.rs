@@ -114,8 +114,16 @@ impl Conn {
     /// never with the tree lock held.
     pub fn write_claimed(&self, mut stream: &UnixStream, bytes: &[u8]) {
         let result = stream.write_all(bytes);
-        self.lock().busy = false;
-        self.cv.notify_all();
+        let mut q = self.lock();
+        q.busy = false;
+        // Wake the writer thread only if something queued up meanwhile (a
+        // reader waiting for reply room implies that too). An unconditional
+        // notify would cost a context switch per request.
+        let wake = !q.items.is_empty();
+        drop(q);
+        if wake {
+            self.cv.notify_all();
+        }
         if let Err(e) = result {
             debug!(conn = self.id, error = %e, "xenstore write failed");
             self.close();
