@@ -77,12 +77,19 @@ impl Hand {
     }
 }
 
+/// The fd leak check counts the whole process's fds: one bench at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Bench {
+    fds_before: usize,
     fe: Frontend,
     hand: Hand,
     platform: SimPlatform,
     services: Arc<SimGuestServices>,
     _domain: DomainHandle,
+    /// Last: fields drop in order, and the next bench must not start before the rest
+    /// of this one is gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 fn offer() -> BackendFeatures {
@@ -102,6 +109,8 @@ fn offer() -> BackendFeatures {
 }
 
 fn bench(config: FrontendConfig, offer: BackendFeatures) -> Bench {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let fds_before = backend::open_fd_count();
     let platform = SimPlatform::new();
     let guest = Arc::new(
         SimGuest::new(
@@ -129,6 +138,8 @@ fn bench(config: FrontendConfig, offer: BackendFeatures) -> Bench {
     let evt = platform.bind_interdomain(DOMID, q.event_channel).unwrap();
     let size = blkif::ring_size(info.protocol, info.ring_order).unwrap();
     Bench {
+        _serial: serial,
+        fds_before,
         fe,
         hand: Hand {
             ring,
@@ -195,14 +206,29 @@ impl Bench {
     }
 
     /// Closes the frontend and checks it ended every grant and freed every page.
+    /// Then drops everything and checks no fd is left open.
     fn finish(self) -> blkfront::FrontendStats {
-        let stats = self.fe.stats();
-        drop(self.hand);
-        let report = self.fe.close();
+        let Bench {
+            _serial,
+            fds_before,
+            fe,
+            hand,
+            platform,
+            services,
+            _domain,
+        } = self;
+        let stats = fe.stats();
+        drop(hand);
+        let report = fe.close();
         assert!(report.is_clean(), "{report:?}");
-        drop(self.fe);
-        assert_eq!(self.services.free_frames_count(), PAGES as usize);
-        assert_eq!(self.platform.live_mappings(), 0);
+        drop(fe);
+        assert_eq!(services.free_frames_count(), PAGES as usize);
+        assert_eq!(platform.live_mappings(), 0);
+        drop(_domain);
+        drop(services);
+        let _ = platform.detach(DOMID);
+        drop(platform);
+        assert_eq!(backend::open_fd_count(), fds_before, "fds leaked");
         stats
     }
 }

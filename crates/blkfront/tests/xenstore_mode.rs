@@ -219,7 +219,11 @@ impl ToyBackend {
     }
 }
 
+static SERIAL: Mutex<()> = Mutex::new(());
+
 struct World {
+    serial: Option<std::sync::MutexGuard<'static, ()>>,
+    fds_before: usize,
     server: XenstoreServer,
     dom0: XsClient,
     backend: Arc<ToyBackend>,
@@ -231,6 +235,8 @@ struct World {
 
 impl World {
     fn new() -> World {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let fds_before = backend::open_fd_count();
         let server = XenstoreServer::new(ServerConfig::default());
         server.introduce_domain(GUEST as u32);
         let dom0 = client(&server, 0);
@@ -263,6 +269,8 @@ impl World {
         let b = backend.clone();
         let thread = thread::spawn(move || b.run());
         World {
+            serial: Some(serial),
+            fds_before,
             server,
             dom0,
             backend,
@@ -283,6 +291,23 @@ impl World {
         .unwrap()
     }
 
+    /// Stops everything and checks no fd is left open.
+    fn finish(mut self) {
+        self.stop_backend();
+        let fds_before = self.fds_before;
+        let serial = self.serial.take();
+        drop(self);
+        assert_eq!(backend::open_fd_count(), fds_before, "fds leaked");
+        drop(serial);
+    }
+
+    fn stop_backend(&mut self) {
+        self.backend.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
     fn layout(&self) -> Vec<(String, String)> {
         self.backend.seen.lock().unwrap().last().unwrap().clone()
     }
@@ -290,10 +315,9 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        self.backend.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_backend();
+        self.server.shutdown();
+        let _ = self.platform.detach(GUEST);
     }
 }
 
@@ -354,6 +378,8 @@ fn linux_layout_single_queue_single_page() {
     assert_eq!(state(&w.dom0, &be_path()), 6);
     assert_eq!(w.services.free_frames_count(), PAGES as usize);
     assert_eq!(w.platform.live_mappings(), 0);
+    drop(x);
+    w.finish();
 }
 
 #[test]
@@ -394,6 +420,8 @@ fn multi_queue_multi_page_layout() {
     });
     drop(fe);
     assert!(x.close().unwrap().is_clean());
+    drop(x);
+    w.finish();
 }
 
 #[test]
@@ -420,6 +448,8 @@ fn odd_frontends_omit_protocol_and_use_ring_ref0() {
     assert_eq!(b, [5u8; 4096]);
     drop(fe);
     assert!(x.close().unwrap().is_clean());
+    drop(x);
+    w.finish();
 }
 
 #[test]
@@ -470,6 +500,8 @@ fn resize_backend_close_and_reconnect() {
     assert!(x.close().unwrap().is_clean());
     assert_eq!(w.services.free_frames_count(), PAGES as usize);
     assert_eq!(w.platform.live_mappings(), 0);
+    drop(x);
+    w.finish();
 }
 
 #[test]
@@ -490,4 +522,5 @@ fn a_backend_that_never_answers_times_out_cleanly() {
     .unwrap_err();
     assert!(matches!(err, blkfront::Error::Xenbus(_)), "{err:?}");
     assert_eq!(w.services.free_frames_count(), PAGES as usize);
+    w.finish();
 }
