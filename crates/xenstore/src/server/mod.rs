@@ -669,7 +669,11 @@ fn accept_loop(shared: &Arc<Shared>, domid: u32, listener: UnixListener) {
                     warn!(domid, error = %e, "could not start xenstore connection");
                 }
             }
-            Err(e) => warn!(domid, error = %e, "xenstore accept failed"),
+            Err(e) => {
+                warn!(domid, error = %e, "xenstore accept failed");
+                // Persistent failures (EMFILE) would otherwise spin this loop.
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
     }
     debug!(domid, "xenstore accept loop stopped");
