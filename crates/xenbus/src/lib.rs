@@ -16,6 +16,7 @@
 //! | [`toolstack`] | writing/removing device nodes the way libxl does (for `xenblkd attach`, tests) |
 //! | [`config`] | daemon and per-device settings (TOML) |
 //! | [`store`] | the narrow xenstore interface the above are written against |
+//! | [`xs`] | [`store::Store`] over the `xenstore` crate's client, and its watch forwarder |
 //! | [`memstore`] | an in-memory [`store::Store`] for unit tests |
 //! | [`status`] | the JSON status snapshot and control protocol types |
 //! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
@@ -33,6 +34,7 @@ pub mod store;
 pub mod toolstack;
 pub mod vbd;
 pub mod vdev;
+pub mod xs;
 
 pub use device::DeviceKey;
 pub use error::{ConfigError, DeviceError, Error, NegotiationError, Result, StoreError, VbdError};

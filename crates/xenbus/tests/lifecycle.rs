@@ -1,6 +1,8 @@
-//! The device state machine end to end over the in-memory store, with a fake engine: the
-//! test plays the toolstack (libxl's nodes and timeouts) and the frontend (blkfront's
-//! nodes), the manager runs on its own thread as in the daemon.
+//! The device state machine end to end with a fake engine: the test plays the toolstack
+//! (libxl's nodes and timeouts) and the frontend (blkfront's nodes), the manager runs on its
+//! own thread as in the daemon. Every scenario runs twice: over [`MemStore`] and over the
+//! `xenstore` crate's real in-memory server, where the manager is dom0 and each frontend
+//! writes through its own connection as its guest domain (so Xen's permission rules apply).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -11,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use xenbus::config::{BackendType, Config, DeviceSettings};
 use xenbus::memstore::MemStore;
-use xenbus::store::{join, Store, StoreExt, StoreOps};
+use xenbus::store::{join, Store, StoreExt};
 use xenbus::toolstack::{self, DiskSpec, Removal};
 use xenbus::vbd::{
     ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
     FrontendParams, VbdEvent, VbdEventSink, VbdFactory,
 };
+use xenbus::xs::{spawn_watch_forwarder, XsStore};
 use xenbus::{EventSender, Manager, StoreError, VbdError, XenbusState};
+use xenstore::{ClientConfig, Transport, XenstoreServer, XsClient};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -136,38 +140,131 @@ impl VbdFactory for FakeFactory {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Mem,
+    Server,
+}
+
 struct Harness {
-    store: MemStore,
+    /// The toolstack's view (dom0).
+    store: Arc<dyn Store>,
+    mem: Option<MemStore>,
+    server: Option<Arc<XenstoreServer>>,
+    guests: Mutex<BTreeMap<u32, Arc<dyn Store>>>,
     shared: Arc<Shared>,
     sender: EventSender,
     thread: Option<JoinHandle<Result<(), StoreError>>>,
 }
 
+fn client(server: &XenstoreServer, domid: u32) -> Arc<XsClient> {
+    let stream = server.connect_as(domid).unwrap();
+    Arc::new(XsClient::new(Transport::Unix(stream), ClientConfig::default()).unwrap())
+}
+
 impl Harness {
-    fn start(config: Config) -> Harness {
-        let store = MemStore::new();
+    fn start(kind: Kind, config: Config) -> Harness {
         let shared = Arc::new(Shared::default());
-        let mut manager = Manager::new(
-            Arc::new(store.clone()),
-            Arc::new(FakeFactory(shared.clone())),
-            config,
-        );
+        let factory = Arc::new(FakeFactory(shared.clone()));
+        let (store, mem, server, manager) = match kind {
+            Kind::Mem => {
+                let mem = MemStore::new();
+                let manager = Manager::new(Arc::new(mem.clone()), factory, config);
+                let sender = manager.sender();
+                mem.set_watch_sink(Box::new(move |p, t| sender.watch_fired(p, t)));
+                (
+                    Arc::new(mem.clone()) as Arc<dyn Store>,
+                    Some(mem),
+                    None,
+                    manager,
+                )
+            }
+            Kind::Server => {
+                let server = Arc::new(XenstoreServer::default());
+                let daemon = client(&server, 0);
+                let manager = Manager::new(Arc::new(XsStore::new(daemon.clone())), factory, config);
+                spawn_watch_forwarder(&daemon, manager.sender()).unwrap();
+                let toolstack = Arc::new(XsStore::new(client(&server, 0))) as Arc<dyn Store>;
+                (toolstack, None, Some(server), manager)
+            }
+        };
+        let mut manager = manager;
         let sender = manager.sender();
-        let s2 = sender.clone();
-        store.set_watch_sink(Box::new(move |p, t| s2.watch_fired(p, t)));
         let thread = thread::spawn(move || {
             manager.start()?;
             manager.run()
         });
         Harness {
             store,
+            mem,
+            server,
+            guests: Mutex::new(BTreeMap::new()),
             shared,
             sender,
             thread: Some(thread),
         }
     }
 
-    fn default() -> Harness {
+    /// The frontend's connection: as the guest domain on the real server.
+    fn guest(&self, domid: u32) -> Arc<dyn Store> {
+        let Some(server) = &self.server else {
+            return self.store.clone();
+        };
+        self.guests
+            .lock()
+            .unwrap()
+            .entry(domid)
+            .or_insert_with(|| {
+                server.introduce_domain(domid);
+                Arc::new(XsStore::new(client(server, domid))) as Arc<dyn Store>
+            })
+            .clone()
+    }
+
+    fn domid_of(fe: &str) -> u32 {
+        fe.strip_prefix("/local/domain/")
+            .and_then(|r| r.split('/').next())
+            .and_then(|d| d.parse().ok())
+            .unwrap()
+    }
+
+    /// libxl's attach. The guest exists (is introduced to xenstored) before its devices,
+    /// as on real Xen.
+    fn attach(&self, spec: &DiskSpec) -> XenbusState {
+        self.guest(spec.domid);
+        toolstack::attach_disk(self.store.as_ref(), spec, toolstack::INIT_TIMEOUT).unwrap()
+    }
+
+    /// Every node under `dir`, for failure messages.
+    fn dump(&self, dir: &str) -> Vec<(String, String)> {
+        fn walk(s: &dyn Store, path: &str, out: &mut Vec<(String, String)>) {
+            if let Ok(Some(v)) = s.read_string(path) {
+                out.push((path.to_string(), v));
+            }
+            for child in s.directory(path).ok().flatten().unwrap_or_default() {
+                walk(s, &join(path, &child), out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.store.as_ref(), dir, &mut out);
+        out
+    }
+
+    fn force_conflicts(&self, n: u32) {
+        if let Some(m) = &self.mem {
+            m.force_conflicts(n);
+        }
+    }
+
+    fn release_domain(&self, domid: u32) {
+        match (&self.mem, &self.server) {
+            (Some(m), _) => m.release_domain(),
+            (_, Some(s)) => s.release_domain(domid),
+            _ => unreachable!(),
+        }
+    }
+
+    fn default(kind: Kind) -> Harness {
         let config = Config {
             defaults: DeviceSettings {
                 max_queues: 4,
@@ -177,18 +274,22 @@ impl Harness {
             drain_timeout_ms: 1000,
             ..Config::default()
         };
-        Harness::start(config)
+        Harness::start(kind, config)
     }
 
     fn state(&self, dir: &str) -> XenbusState {
-        toolstack::read_state(&self.store, dir).unwrap()
+        toolstack::read_state(self.store.as_ref(), dir).unwrap()
     }
 
     fn wait_state(&self, dir: &str, want: XenbusState) {
-        toolstack::wait_state(&self.store, dir, WAIT, &format!("{dir} {want}"), |s| {
-            s == want
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{:#?}", self.store.dump("/local")));
+        toolstack::wait_state(
+            self.store.as_ref(),
+            dir,
+            WAIT,
+            &format!("{dir} {want}"),
+            |s| s == want,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{:#?}", self.dump("/local")));
     }
 
     fn get(&self, path: &str) -> Option<String> {
@@ -199,7 +300,7 @@ impl Harness {
     fn frontend_connect(&self, fe: &str, extra: &[(&str, &str)]) {
         let mut nodes: Vec<(&str, &str)> = vec![("ring-ref", "8"), ("event-channel", "5")];
         nodes.extend_from_slice(extra);
-        self.store
+        self.guest(Harness::domid_of(fe))
             .transaction(&mut |tx| {
                 for (k, v) in &nodes {
                     tx.write(&join(fe, k), v.as_bytes())?;
@@ -225,22 +326,27 @@ impl Harness {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for {what}\n{:#?}",
-                self.store.dump("/local")
+                self.dump("/local")
             );
             thread::sleep(Duration::from_millis(10));
         }
     }
 
-    fn stop(mut self) {
+    /// Stops the manager (SIGTERM's path) and waits for it; the store stays usable.
+    fn shutdown(&mut self) {
         self.sender.shutdown();
         self.thread.take().unwrap().join().unwrap().unwrap();
+    }
+
+    fn stop(mut self) {
+        self.shutdown();
     }
 }
 
 /// Attaches a disk under our own type and takes it to Connected.
 fn connected_disk(h: &Harness, domid: u32, devid: u32, image: &str) -> (String, String) {
     let spec = DiskSpec::new("xenblkd", domid, devid, image);
-    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    h.attach(&spec);
     let (be, fe) = (spec.backend_path(), spec.frontend_path());
     h.frontend_connect(&fe, &[("protocol", "x86_64-abi")]);
     h.wait_state(&be, XenbusState::Connected);
@@ -248,15 +354,11 @@ fn connected_disk(h: &Harness, domid: u32, devid: u32, image: &str) -> (String, 
     (be, fe)
 }
 
-#[test]
-fn connect_publishes_features_and_status() {
-    let h = Harness::default();
+fn connect_publishes_features_and_status(kind: Kind) {
+    let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51728, "raw:/images/a.img");
     let (be, fe) = (spec.backend_path(), spec.frontend_path());
-    assert_eq!(
-        toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap(),
-        XenbusState::InitWait
-    );
+    assert_eq!(h.attach(&spec), XenbusState::InitWait);
     assert_eq!(
         h.get(&join(&be, "multi-queue-max-queues")).as_deref(),
         Some("4")
@@ -329,14 +431,13 @@ fn connect_publishes_features_and_status() {
     h.stop();
 }
 
-#[test]
-fn vbd_type_waits_for_the_hotplug_script() {
-    let h = Harness::default();
+fn vbd_type_waits_for_the_hotplug_script(kind: Kind) {
+    let h = Harness::default(kind);
     let mut spec = DiskSpec::new("vbd", 3, 51712, "/dev/vg/guest");
     spec.script = Some("/etc/xen/scripts/xenblkd-hotplug".into());
     let (be, fe) = (spec.backend_path(), spec.frontend_path());
     // libxl: write the nodes, wait (10 s at most) for InitWait, then run the script.
-    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    h.attach(&spec);
     assert!(
         h.shared.opened.lock().unwrap().is_empty(),
         "opened before the hotplug script ran"
@@ -364,9 +465,8 @@ fn vbd_type_waits_for_the_hotplug_script() {
     h.stop();
 }
 
-#[test]
-fn fatal_cases_write_error_and_close_only_that_device() {
-    let h = Harness::default();
+fn fatal_cases_write_error_and_close_only_that_device(kind: Kind) {
+    let h = Harness::default(kind);
     let (good_be, _) = connected_disk(&h, 5, 51712, "/images/good.img");
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[("protocol", "ppc-abi")], "38 unknown fe protocol ppc-abi"),
@@ -389,7 +489,7 @@ fn fatal_cases_write_error_and_close_only_that_device() {
     for (i, (nodes, expect)) in cases.iter().enumerate() {
         let devid = 51728 + 16 * i as u32;
         let spec = DiskSpec::new("xenblkd", 6, devid, "/images/bad.img");
-        toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+        h.attach(&spec);
         let (be, fe) = (spec.backend_path(), spec.frontend_path());
         h.frontend_connect(&fe, nodes);
         h.wait_state(&be, XenbusState::Closing);
@@ -414,7 +514,8 @@ fn fatal_cases_write_error_and_close_only_that_device() {
         .unwrap()
         .insert(PathBuf::from("/images/missing.img"));
     let spec = DiskSpec::new("xenblkd", 7, 51712, "/images/missing.img");
-    toolstack::add_disk(&h.store, &spec).unwrap();
+    h.guest(spec.domid);
+    toolstack::add_disk(h.store.as_ref(), &spec).unwrap();
     h.wait_state(&spec.backend_path(), XenbusState::Closing);
     assert!(h
         .get(&join(&spec.backend_path(), "error"))
@@ -424,9 +525,8 @@ fn fatal_cases_write_error_and_close_only_that_device() {
     h.stop();
 }
 
-#[test]
-fn frontend_close_and_reconnect() {
-    let h = Harness::default();
+fn frontend_close_and_reconnect(kind: Kind) {
+    let h = Harness::default(kind);
     let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     assert_eq!(h.live(), 1);
     // Guest shutdown of the device: Closing, then Closed.
@@ -454,9 +554,8 @@ fn frontend_close_and_reconnect() {
     h.stop();
 }
 
-#[test]
-fn frontend_restart_without_closing_reconnects() {
-    let h = Harness::default();
+fn frontend_restart_without_closing_reconnects(kind: Kind) {
+    let h = Harness::default(kind);
     let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     h.set_frontend_state(&fe, XenbusState::Initialising);
     h.wait_state(&be, XenbusState::InitWait);
@@ -467,22 +566,23 @@ fn frontend_restart_without_closing_reconnects() {
     h.stop();
 }
 
-#[test]
-fn toolstack_detach_with_cooperative_frontend() {
-    let h = Harness::default();
+fn toolstack_detach_with_cooperative_frontend(kind: Kind) {
+    let h = Harness::default(kind);
     let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     // A frontend that follows the backend's Closing, as blkfront does.
     let store = h.store.clone();
     let fe2 = fe.clone();
     let be2 = be.clone();
     let guest = thread::spawn(move || {
-        toolstack::wait_state(&store, &be2, WAIT, "Closing", |s| s == XenbusState::Closing)
-            .unwrap();
+        toolstack::wait_state(store.as_ref(), &be2, WAIT, "Closing", |s| {
+            s == XenbusState::Closing
+        })
+        .unwrap();
         store.write(&join(&fe2, "state"), b"6").unwrap();
     });
     let start = Instant::now();
     assert_eq!(
-        toolstack::remove_disk(&h.store, &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
+        toolstack::remove_disk(h.store.as_ref(), &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
         Removal::Clean
     );
     assert!(start.elapsed() < Duration::from_secs(2));
@@ -494,38 +594,33 @@ fn toolstack_detach_with_cooperative_frontend() {
     h.stop();
 }
 
-#[test]
-fn online_zero_closes_an_idle_device_at_once() {
-    let h = Harness::default();
+fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
+    let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
-    toolstack::attach_disk(&h.store, &spec, toolstack::INIT_TIMEOUT).unwrap();
+    h.attach(&spec);
     let (be, fe) = (spec.backend_path(), spec.frontend_path());
     // The frontend never connected (no blkfront in the guest): no 10 s wait.
     let start = Instant::now();
     assert_eq!(
-        toolstack::remove_disk(&h.store, &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
+        toolstack::remove_disk(h.store.as_ref(), &be, &fe, toolstack::DESTROY_TIMEOUT).unwrap(),
         Removal::Clean
     );
     assert!(start.elapsed() < Duration::from_secs(2));
     h.stop();
 }
 
-#[test]
-fn backend_removal_and_domain_death_tear_down() {
-    let h = Harness::default();
+fn backend_removal_and_domain_death_tear_down(kind: Kind) {
+    let h = Harness::default(kind);
     let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     let (be2, _fe2) = connected_disk(&h, 6, 51712, "/images/b.img");
     assert_eq!(h.live(), 2);
     // Forced removal of the backend directory.
     h.store.rm(&be).unwrap();
     h.wait_until("disconnect after rm", || h.live() == 1);
-    assert!(
-        h.store.dump(&be).is_empty(),
-        "backend directory resurrected"
-    );
+    assert!(h.dump(&be).is_empty(), "backend directory resurrected");
     // Domain 6 dies: its home goes, xenstored fires @releaseDomain.
     h.store.rm("/local/domain/6").unwrap();
-    h.store.release_domain();
+    h.release_domain(6);
     h.wait_until("disconnect after domain death", || h.live() == 0);
     h.wait_state(&be2, XenbusState::Closed);
     h.wait_until("device of the removed backend forgotten", || {
@@ -534,13 +629,12 @@ fn backend_removal_and_domain_death_tear_down() {
     h.stop();
 }
 
-#[test]
-fn resize_and_lost_features_are_published() {
-    let h = Harness::default();
+fn resize_and_lost_features_are_published(kind: Kind) {
+    let h = Harness::default(kind);
     let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     assert_eq!(h.get(&join(&be, "sectors")).as_deref(), Some("131072"));
     let sink = h.shared.sinks.lock().unwrap()[0].clone();
-    h.store.force_conflicts(2);
+    h.force_conflicts(2);
     sink.send(VbdEvent::Resized(128 << 20));
     h.wait_until("sectors", || {
         h.get(&join(&be, "sectors")).as_deref() == Some("262144")
@@ -572,9 +666,8 @@ fn resize_and_lost_features_are_published() {
     h.stop();
 }
 
-#[test]
-fn shutdown_closes_every_device() {
-    let h = Harness::default();
+fn shutdown_closes_every_device(kind: Kind) {
+    let h = Harness::default(kind);
     let devices: Vec<(String, String)> = (0..3)
         .map(|i| connected_disk(&h, 5 + i, 51712, "/images/a.img"))
         .collect();
@@ -583,27 +676,29 @@ fn shutdown_closes_every_device() {
     let devs = devices.clone();
     let guests = thread::spawn(move || {
         for (be, fe) in devs {
-            toolstack::wait_state(&store, &be, WAIT, "Closing", |s| s == XenbusState::Closing)
-                .unwrap();
+            toolstack::wait_state(store.as_ref(), &be, WAIT, "Closing", |s| {
+                s == XenbusState::Closing
+            })
+            .unwrap();
             store.write(&join(&fe, "state"), b"6").unwrap();
         }
     });
     *h.shared.disconnect_delay.lock().unwrap() = Duration::from_millis(50);
     let shared = h.shared.clone();
     let store = h.store.clone();
-    h.stop();
+    let mut h = h;
+    h.shutdown();
     guests.join().unwrap();
     assert_eq!(shared.live.load(Ordering::SeqCst), 0);
     for (be, _) in devices {
         assert_eq!(
-            toolstack::read_state(&store, &be).unwrap(),
+            toolstack::read_state(store.as_ref(), &be).unwrap(),
             XenbusState::Closed
         );
     }
 }
 
-#[test]
-fn shutdown_forces_unresponsive_frontends_after_the_deadline() {
+fn shutdown_forces_unresponsive_frontends_after_the_deadline(kind: Kind) {
     let config = Config {
         drain_timeout_ms: 300,
         backend_types: vec![BackendType {
@@ -612,16 +707,43 @@ fn shutdown_forces_unresponsive_frontends_after_the_deadline() {
         }],
         ..Config::default()
     };
-    let h = Harness::start(config);
+    let h = Harness::start(kind, config);
     let (be, _) = connected_disk(&h, 5, 51712, "/images/a.img");
     let shared = h.shared.clone();
     let store = h.store.clone();
     let start = Instant::now();
-    h.stop();
+    let mut h = h;
+    h.shutdown();
     assert!(start.elapsed() < Duration::from_secs(3));
     assert_eq!(shared.live.load(Ordering::SeqCst), 0);
     assert_eq!(
-        toolstack::read_state(&store, &be).unwrap(),
+        toolstack::read_state(store.as_ref(), &be).unwrap(),
         XenbusState::Closed
     );
 }
+
+/// Runs each scenario over both stores.
+macro_rules! over_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod mem {
+            $(#[test] fn $name() { super::$name(super::Kind::Mem) })*
+        }
+        mod server {
+            $(#[test] fn $name() { super::$name(super::Kind::Server) })*
+        }
+    };
+}
+
+over_both_stores!(
+    connect_publishes_features_and_status,
+    vbd_type_waits_for_the_hotplug_script,
+    fatal_cases_write_error_and_close_only_that_device,
+    frontend_close_and_reconnect,
+    frontend_restart_without_closing_reconnects,
+    toolstack_detach_with_cooperative_frontend,
+    online_zero_closes_an_idle_device_at_once,
+    backend_removal_and_domain_death_tear_down,
+    resize_and_lost_features_are_published,
+    shutdown_closes_every_device,
+    shutdown_forces_unresponsive_frontends_after_the_deadline,
+);
