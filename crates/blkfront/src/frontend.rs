@@ -64,6 +64,9 @@ pub struct Frontend {
     closed: AtomicBool,
 }
 
+/// Longest single wait on an event channel; see [`Frontend::wait_completions`].
+const WAIT_SLICE: Duration = Duration::from_millis(10);
+
 thread_local! {
     static THREAD_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
 }
@@ -128,7 +131,7 @@ pub(crate) fn build_queue(
         ring,
         ring_frames: frames,
         ring_grefs: grefs,
-        evtchn,
+        evtchn: Arc::from(evtchn),
     })
 }
 
@@ -463,7 +466,9 @@ impl Frontend {
             if n > 0 || now >= deadline {
                 return Ok(n);
             }
-            self.lock(queue)?.wait(deadline - now)?;
+            // Wait without holding the queue, so other threads may submit meanwhile.
+            let evtchn = self.lock(queue)?.event_channel();
+            evtchn.wait((deadline - now).min(WAIT_SLICE))?;
         }
     }
 
@@ -663,7 +668,9 @@ impl Frontend {
                 q.abandon(join, next);
                 return Err(Error::Timeout(timeout));
             }
-            q.wait(deadline - now)?;
+            // In slices: another thread polling this queue may consume the notification
+            // meant for us, which then costs one slice instead of the whole timeout.
+            q.wait((deadline - now).min(WAIT_SLICE))?;
         }
     }
 }

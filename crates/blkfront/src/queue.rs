@@ -9,7 +9,7 @@
 //! Requests are grouped in *joins*: one block-layer I/O (a caller's read, write, flush or
 //! discard) split into one or more ring requests, completed when its last part completes.
 //! A queue is driven by one thread at a time (the frontend wraps it in a mutex), so none
-//! of this needs atomics; what all queues share is in [`Shared`].
+//! of this needs atomics; what all queues share is in `Shared`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -204,7 +204,7 @@ pub(crate) struct QueueResources {
     pub ring: FrontRing,
     pub ring_frames: Vec<Frame>,
     pub ring_grefs: Vec<GrantRef>,
-    pub evtchn: Box<dyn GuestEventChannel>,
+    pub evtchn: Arc<dyn GuestEventChannel>,
 }
 
 pub(crate) struct Queue {
@@ -212,7 +212,7 @@ pub(crate) struct Queue {
     ring: Option<FrontRing>,
     ring_frames: Vec<Frame>,
     ring_grefs: Vec<GrantRef>,
-    evtchn: Box<dyn GuestEventChannel>,
+    evtchn: Arc<dyn GuestEventChannel>,
     shadow: ShadowTable<Pending>,
     joins: ShadowTable<Join>,
     /// Free persistent grants (Linux's `rinfo->grants`).
@@ -370,6 +370,11 @@ impl Queue {
     /// Waits for the backend's next notification.
     pub fn wait(&self, timeout: Duration) -> Result<bool, Error> {
         Ok(self.evtchn.wait(timeout)?)
+    }
+
+    /// The event channel, to wait on without holding the queue.
+    pub fn event_channel(&self) -> Arc<dyn GuestEventChannel> {
+        self.evtchn.clone()
     }
 
     // ----- grants ---------------------------------------------------------------
