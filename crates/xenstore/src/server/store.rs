@@ -739,4 +739,151 @@ mod tests {
         rm(&mut t, DOM5, "/d/1").unwrap();
         write(&mut t, DOM5, LIMITS, "/d/x", b"").unwrap();
     }
+
+    /// Structural invariants of the committed tree.
+    fn check_invariants(t: &Nodes) {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for (path, node) in &t.map {
+            *counts.entry(node.owner()).or_insert(0) += 1;
+            assert!(!node.perms.is_empty(), "{path} has no perms");
+            if let Some(p) = parent(path) {
+                let parent_node = t
+                    .map
+                    .get(p)
+                    .unwrap_or_else(|| panic!("{path}: parent missing"));
+                assert!(
+                    parent_node.children.contains(basename(path)),
+                    "{path} not listed in parent"
+                );
+            }
+            for c in &node.children {
+                assert!(
+                    t.map.contains_key(&join(path, c)),
+                    "{path} lists missing child {c}"
+                );
+            }
+        }
+        assert_eq!(counts, t.owner_counts, "owner counts drifted");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(usize, u8),
+        Mkdir(usize),
+        Rm(usize),
+        Chown(usize, u32),
+    }
+
+    const PATHS: [&str; 8] = [
+        "/a", "/a/b", "/a/b/c", "/a/d", "/e", "/e/f/g", "/a/b/c/h", "/e/f",
+    ];
+
+    fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let p = 0..PATHS.len();
+        prop_oneof![
+            (p.clone(), any::<u8>()).prop_map(|(i, v)| Op::Write(i, v)),
+            p.clone().prop_map(Op::Mkdir),
+            p.clone().prop_map(Op::Rm),
+            (p, 0u32..3).prop_map(|(i, d)| Op::Chown(i, d)),
+        ]
+    }
+
+    fn apply(v: &mut dyn View, op: &Op) {
+        let _ = match op {
+            Op::Write(i, b) => write(v, DOM0, LIMITS, PATHS[*i], &[*b]).map(drop),
+            Op::Mkdir(i) => mkdir(v, DOM0, LIMITS, PATHS[*i]).map(drop),
+            Op::Rm(i) => rm(v, DOM0, PATHS[*i]).map(drop),
+            Op::Chown(i, d) => {
+                set_perms(v, DOM0, PATHS[*i], vec![Perm::new(*d, Access::None)]).map(drop)
+            }
+        };
+    }
+
+    /// Values, perms and children of every node, for comparing two trees.
+    type Contents = std::collections::BTreeMap<String, (Vec<u8>, Vec<Perm>, BTreeSet<String>)>;
+
+    fn contents(t: &Nodes) -> Contents {
+        t.map
+            .iter()
+            .map(|(k, n)| {
+                (
+                    k.clone(),
+                    (n.value.clone(), n.perms.clone(), n.children.clone()),
+                )
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Random operations, some batched in transactions, keep the tree
+        /// consistent, and a committed transaction has exactly the effect
+        /// of running its operations directly.
+        #[test]
+        fn random_ops_keep_tree_consistent(
+            batches in proptest::collection::vec(
+                (proptest::collection::vec(op_strategy(), 1..8), proptest::bool::ANY),
+                1..12,
+            )
+        ) {
+            let mut t = Nodes::new();
+            let mut model = Nodes::new();
+            for (ops, in_tx) in &batches {
+                if *in_tx {
+                    let mut tx = Tx::new(1);
+                    for op in ops {
+                        apply(&mut TxView { nodes: &t, tx: &mut tx }, op);
+                    }
+                    tx.commit(&mut t, DOM0, LIMITS).unwrap();
+                } else {
+                    for op in ops {
+                        apply(&mut t, op);
+                    }
+                }
+                for op in ops {
+                    apply(&mut model, op);
+                }
+                check_invariants(&t);
+                proptest::prop_assert_eq!(contents(&t), contents(&model));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Serializability: a transaction that commits despite concurrent
+        /// direct writes has the same effect as running after them; one
+        /// that fails with EAGAIN has no effect at all.
+        #[test]
+        fn committed_transactions_are_serializable(
+            setup in proptest::collection::vec(op_strategy(), 0..10),
+            tx_ops in proptest::collection::vec(op_strategy(), 1..6),
+            concurrent in proptest::collection::vec(op_strategy(), 0..4),
+        ) {
+            let mut t = Nodes::new();
+            for op in &setup {
+                apply(&mut t, op);
+            }
+            let mut tx = Tx::new(1);
+            for op in &tx_ops {
+                apply(&mut TxView { nodes: &t, tx: &mut tx }, op);
+            }
+            for op in &concurrent {
+                apply(&mut t, op);
+            }
+            let mut serial = Nodes::new();
+            for op in setup.iter().chain(&concurrent) {
+                apply(&mut serial, op);
+            }
+            match tx.commit(&mut t, DOM0, LIMITS) {
+                Ok(_) => {
+                    for op in &tx_ops {
+                        apply(&mut serial, op);
+                    }
+                }
+                Err(e) => proptest::prop_assert_eq!(e, Errno::Eagain),
+            }
+            check_invariants(&t);
+            proptest::prop_assert_eq!(contents(&t), contents(&serial));
+        }
+    }
 }
