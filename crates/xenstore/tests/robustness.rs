@@ -444,3 +444,76 @@ fn connections_per_domain_are_limited() {
     }
     drop(b);
 }
+
+/// Many connections doing everything at once, including watchers that never
+/// read and connections that come and go: every request completes (each is
+/// bounded by the client timeout, so a deadlock fails rather than hangs) and
+/// the server stays consistent.
+#[test]
+fn concurrent_mixed_load_does_not_deadlock() {
+    let h = std::sync::Arc::new(Harness::with_config(ServerConfig {
+        max_queued_watch_events: 32,
+        ..ServerConfig::default()
+    }));
+    let dom0 = h.client(0);
+    for d in 1..=2 {
+        h.make_home(&dom0, d);
+    }
+    // A watcher that never reads, on the busiest subtree.
+    let mut stalled = h.raw(0);
+    roundtrip(&mut stalled, MsgType::Watch, 1, b"/local\0stall\0");
+
+    let workers: Vec<_> = (0..4u32)
+        .map(|w| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let domid = w % 3; // dom0, dom1, dom2
+                for round in 0..3 {
+                    let xs = h.client(domid);
+                    let events = xs.watch_events();
+                    xs.watch("/local/domain", &format!("w{w}")).unwrap();
+                    for i in 0..60u32 {
+                        let base = if domid == 0 {
+                            format!("/local/domain/0/w{w}")
+                        } else {
+                            format!("w{w}")
+                        };
+                        let p = format!("{base}/n{}", i % 7);
+                        match i % 5 {
+                            0 => xs.write(&p, i.to_string()).unwrap(),
+                            1 => drop(xs.read_opt(&p).unwrap()),
+                            2 => xs
+                                .transaction(|tx| {
+                                    let v = tx.read_opt(&p)?.unwrap_or_default();
+                                    tx.write(
+                                        &p,
+                                        [v.as_slice(), b"+"].concat().get(..64).unwrap_or(b"+"),
+                                    )
+                                })
+                                .unwrap(),
+                            3 => xs.rm(&p).unwrap(),
+                            _ => drop(xs.directory(&base).unwrap_or_default()),
+                        }
+                        while events.try_recv().is_ok() {}
+                    }
+                    if round == 1 {
+                        // Leave with a transaction open.
+                        std::mem::forget(xs.transaction_start().unwrap());
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    h.eventually("worker connections closed", || {
+        h.server.connection_stats().len() == 2
+    });
+    let stats = h.server.connection_stats();
+    assert!(stats
+        .iter()
+        .all(|s| s.transactions == 0 && s.queued_events <= 32));
+    dom0.write("/done", "1").unwrap();
+    assert_eq!(dom0.read("/done").unwrap(), b"1");
+}
