@@ -226,7 +226,11 @@ fn introduce_and_release_over_the_wire() {
             .unwrap(),
         b"T\0"
     );
-    // Malformed INTRODUCE: missing arguments.
+    // Malformed INTRODUCE: bad frame number, missing arguments.
+    assert!(matches!(
+        dom0.raw_request(MsgType::Introduce, b"9\0x\x004\0"),
+        Err(xenstore::Error::Xs(xenstore::Errno::Einval))
+    ));
     assert!(matches!(
         dom0.raw_request(MsgType::Introduce, b"9\0"),
         Err(xenstore::Error::Xs(xenstore::Errno::Einval))

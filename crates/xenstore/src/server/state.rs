@@ -306,6 +306,11 @@ impl State {
                 }
                 let args = wire::split_exact(payload, 3).ok_or(Errno::Einval)?;
                 let domid = parse_u32(args[0])?;
+                let mfn_ok = std::str::from_utf8(args[1]).is_ok_and(|m| m.parse::<u64>().is_ok());
+                if !mfn_ok {
+                    return Err(Errno::Einval);
+                }
+                parse_u32(args[2])?;
                 Ok(Outcome::ok_with(self.introduce(domid)))
             }
             MsgType::Release => {
