@@ -1,15 +1,58 @@
-//! The xenblkd binary: `serve`, `demo`, `bench`, `status`.
+//! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `demo`, `bench`. Each
+//! subcommand lives in its own module; this file only dispatches.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+mod attach;
+mod bench;
+mod engine_glue;
+mod serve;
+mod simstack;
+mod status;
+mod xenstored;
 
 #[derive(Parser)]
 #[command(name = "xenblkd", version, about = "Userspace Xen PV block backend")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// fio-like benchmark through the simulated stack, optionally against io_uring on the same image.
+    Bench(bench::BenchArgs),
+    /// Run the daemon: serve the backend devices xenstore announces.
+    Serve(serve::ServeArgs),
+    /// Attach a disk to a guest under xenblkd's own backend type (the toolstack's part).
+    Attach(attach::AttachArgs),
+    /// Detach a disk attached with `attach`.
+    Detach(attach::DetachArgs),
+    /// List the daemon's devices, what they negotiated and their statistics.
+    Status(status::StatusArgs),
+    /// Run the in-memory xenstored (one socket per domain) for simulations.
+    Xenstored(xenstored::XenstoredArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
-    let _cli = Cli::parse();
+    match Cli::parse().command {
+        Command::Bench(args) => {
+            let report = bench::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bench::print_text(&report);
+            }
+        }
+        Command::Serve(args) => serve::run(&args)?,
+        Command::Attach(args) => attach::run_attach(&args)?,
+        Command::Detach(args) => attach::run_detach(&args)?,
+        Command::Status(args) => status::run(&args)?,
+        Command::Xenstored(args) => xenstored::run(&args)?,
+    }
     Ok(())
 }
