@@ -201,3 +201,66 @@ impl GuestEventChannel for SimChannel {
             .map_err(|e| GuestError::platform("wait for backend", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platform::sim::GuestConfig;
+
+    fn services(pages: u32) -> SimGuestServices {
+        let g = SimGuest::new(
+            1,
+            GuestConfig {
+                pages,
+                grant_entries: 64,
+            },
+        )
+        .unwrap();
+        SimGuestServices::new(Arc::new(g))
+    }
+
+    #[test]
+    fn multi_page_allocations_are_contiguous_and_mappable() {
+        let s = services(16);
+        let single = s.alloc_frames(1).unwrap();
+        let ring = s.alloc_frames(4).unwrap();
+        assert!(ring.windows(2).all(|w| w[1] == w[0] + 1));
+        assert!(!ring.contains(&single[0]));
+        let mem = s.map_frames(&ring).unwrap();
+        mem.write(PAGE_SIZE + 5, b"ring").unwrap();
+        let mut back = [0u8; 4];
+        s.read_frame(ring[1], 5, &mut back).unwrap();
+        assert_eq!(&back, b"ring", "the mapping aliases guest memory");
+        assert!(s.map_frames(&[ring[0], ring[2]]).is_err());
+        drop(mem);
+        s.free_frames(&ring);
+        s.free_frames(&single);
+        assert_eq!(s.free_frames_count(), 16);
+    }
+
+    #[test]
+    fn exhaustion_and_fragmentation_are_reported() {
+        let s = services(4);
+        let a = s.alloc_frames(1).unwrap();
+        let _b = s.alloc_frames(1).unwrap();
+        s.free_frames(&a);
+        // Frames 0, 2, 3 are free: no run of three.
+        assert!(matches!(
+            s.alloc_frames(3),
+            Err(GuestError::OutOfMemory { wanted: 3 })
+        ));
+        assert_eq!(s.alloc_frames(2).unwrap(), vec![2, 3]);
+        assert_eq!(s.alloc_frames(1).unwrap(), vec![0]);
+        assert!(s.alloc_frames(1).is_err());
+    }
+
+    #[test]
+    fn end_access_of_an_unknown_grant_is_invalid() {
+        let s = services(4);
+        assert_eq!(s.end_access(30), Err(EndAccessError::Invalid(30)));
+        let f = s.alloc_frames(1).unwrap()[0];
+        let g = s.grant_access(0, f, true).unwrap();
+        assert_eq!(s.end_access(g), Ok(()));
+        assert_eq!(s.end_access(g), Err(EndAccessError::Invalid(g)));
+    }
+}
