@@ -171,7 +171,8 @@ impl XenbusFrontend {
         Ok(this)
     }
 
-    /// The connected device, or `None` after the backend closed it.
+    /// The device. After the backend closed it, it refuses I/O with [`Error::Closed`]
+    /// until [`XenbusFrontend::reconnect`]; `None` after [`XenbusFrontend::close`].
     pub fn frontend(&self) -> Option<&Arc<Frontend>> {
         self.frontend.as_ref()
     }
