@@ -77,6 +77,9 @@ pub trait Disk: Send + Sync {
     fn info(&self) -> DiskInfo;
     /// Re-reads the size (online resize) and returns it in bytes.
     fn refresh_size(&self) -> Result<u64, VbdError>;
+    /// The concrete type, so a factory can get its own disk back in
+    /// [`VbdFactory::connect`].
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// The request/response layout the frontend uses (its `protocol` node).

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use tracing::{debug, warn};
-use xenstore::wire::MsgType;
 use xenstore::{Errno, XsClient, XsOps};
 
 use crate::error::StoreError;
@@ -168,12 +167,8 @@ impl Store for XsStore {
     }
 
     fn domain_introduced(&self, domid: u32) -> Result<Option<bool>, StoreError> {
-        let payload = format!("{domid}\0");
-        match self
-            .client
-            .raw_request(MsgType::IsDomainIntroduced, payload.as_bytes())
-        {
-            Ok(reply) => Ok(Some(reply.first() == Some(&b'T'))),
+        match self.client.is_domain_introduced(domid) {
+            Ok(v) => Ok(Some(v)),
             // A daemon that does not implement the request cannot tell.
             Err(xenstore::Error::Xs(Errno::Enosys | Errno::Einval | Errno::Eacces)) => Ok(None),
             Err(e) => Err(convert("is_domain_introduced", "", e)),

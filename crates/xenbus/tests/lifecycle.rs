@@ -59,6 +59,10 @@ impl Disk for FakeDisk {
     fn refresh_size(&self) -> Result<u64, VbdError> {
         Ok(self.size())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 impl FakeDisk {

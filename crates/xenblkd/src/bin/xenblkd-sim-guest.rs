@@ -1,0 +1,282 @@
+//! A simulated guest in its own process, for multi-process tests of `xenblkd serve`: a
+//! `platform::sim` guest attached over the daemon's `--sim-socket`, running the simulated
+//! xen-blkfront over xenstore (its own domain's socket of `xenblkd xenstored`), then a
+//! script of steps. Each step prints one line on stdout (`ok <step> ...` or
+//! `err <step>: ...`), so a test can follow and synchronise with it.
+//!
+//! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
+//! `flush`, `discard`, `loop` (verified I/O until the backend goes away; ends `ok loop`),
+//! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
+//! (until the backend closes the device), `sleep:MS`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blkfront::sim::SimGuestServices;
+use blkfront::{FlushPreference, FrontendConfig, Protocol, XenbusFrontend, XenbusState};
+use clap::Parser;
+use platform::sim::{GuestConfig, SimGuest};
+use xenstore::XsClient;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProtocolArg {
+    /// Write no `protocol` node (the backend must assume native).
+    None,
+    Native,
+    X86_32,
+    X86_64,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xenblkd-sim-guest",
+    about = "A simulated Xen guest running blkfront, for tests"
+)]
+struct Args {
+    /// The guest's own socket of `xenblkd xenstored`.
+    #[arg(long)]
+    xenstore_socket: PathBuf,
+    /// The daemon's `--sim-socket`.
+    #[arg(long)]
+    sim_socket: PathBuf,
+    #[arg(long)]
+    domid: u16,
+    /// Virtual device number (51712 = xvda).
+    #[arg(long, default_value_t = 51712)]
+    devid: u32,
+    /// Guest memory in 4 KiB pages.
+    #[arg(long, default_value_t = 4096)]
+    pages: u32,
+    #[arg(long, value_enum, default_value = "x86-64")]
+    protocol: ProtocolArg,
+    #[arg(long, default_value_t = 1)]
+    max_queues: u32,
+    #[arg(long, default_value_t = 0)]
+    max_ring_order: u32,
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+    persistent: bool,
+    /// 0 disables indirect requests.
+    #[arg(long, default_value_t = 32)]
+    max_indirect_segments: u32,
+    /// Use BLKIF_OP_WRITE_BARRIER for flushes when offered.
+    #[arg(long)]
+    barrier: bool,
+    /// The script.
+    #[arg(long, default_value = "connect,io:16,close")]
+    script: String,
+    /// Seed of the data patterns.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// A small deterministic generator (xorshift64*), so data is reproducible per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+struct Guest {
+    args: Args,
+    services: Arc<SimGuestServices>,
+    xenbus: Option<XenbusFrontend>,
+    rng: Rng,
+    ops: u64,
+}
+
+impl Guest {
+    fn frontend_path(&self) -> String {
+        format!(
+            "/local/domain/{}/device/vbd/{}",
+            self.args.domid, self.args.devid
+        )
+    }
+
+    fn config(&self) -> FrontendConfig {
+        let a = &self.args;
+        let (protocol, write_protocol) = match a.protocol {
+            ProtocolArg::None => (Protocol::Native, false),
+            ProtocolArg::Native => (Protocol::Native, true),
+            ProtocolArg::X86_32 => (Protocol::X86_32, true),
+            ProtocolArg::X86_64 => (Protocol::X86_64, true),
+        };
+        FrontendConfig {
+            protocol,
+            write_protocol,
+            max_queues: a.max_queues,
+            max_ring_order: a.max_ring_order,
+            persistent: a.persistent,
+            max_indirect_segments: a.max_indirect_segments,
+            flush: if a.barrier {
+                FlushPreference::PreferBarrier
+            } else {
+                FlushPreference::PreferFlush
+            },
+            connect_timeout: Duration::from_secs(15),
+            ..FrontendConfig::default()
+        }
+    }
+
+    fn frontend(&self) -> anyhow::Result<Arc<blkfront::Frontend>> {
+        self.xenbus
+            .as_ref()
+            .and_then(|x| x.frontend().cloned())
+            .context("not connected")
+    }
+
+    /// One verified round: write a pattern at a random place, read it back, compare.
+    fn io_round(&mut self) -> anyhow::Result<()> {
+        let fe = self.frontend()?;
+        let sector = fe.disk().sector_size.max(512) as u64;
+        let capacity = fe.capacity();
+        let max_len = (fe.max_request_bytes() as u64 * 2).clamp(sector, 256 << 10);
+        let len = (self.rng.next() % (max_len / sector) + 1) * sector;
+        if capacity < len {
+            bail!("disk of {capacity} bytes too small");
+        }
+        let offset = (self.rng.next() % ((capacity - len) / sector + 1)) * sector;
+        let tag = self.rng.next();
+        let data: Vec<u8> = (0..len as usize)
+            .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(tag) >> 7) as u8)
+            .collect();
+        fe.write(offset, &data)
+            .with_context(|| format!("write {len} at {offset}"))?;
+        let mut back = vec![0u8; len as usize];
+        fe.read(offset, &mut back)
+            .with_context(|| format!("read {len} at {offset}"))?;
+        if back != data {
+            bail!("data mismatch: {len} bytes at {offset}");
+        }
+        self.ops += 1;
+        Ok(())
+    }
+
+    fn step(&mut self, step: &str) -> anyhow::Result<String> {
+        let (name, arg) = step.split_once(':').unwrap_or((step, ""));
+        match name {
+            "connect" => {
+                let xs = XsClient::connect_unix(&self.args.xenstore_socket)
+                    .context("connecting to xenstored")?;
+                let services: Arc<dyn blkfront::Guest> = self.services.clone();
+                let xb =
+                    XenbusFrontend::connect(services, self.config(), xs, &self.frontend_path())
+                        .context("xenbus handshake")?;
+                self.xenbus = Some(xb);
+                let fe = self.frontend()?;
+                let n = fe.negotiated();
+                Ok(format!(
+                    "queues={} order={} persistent={} indirect={} capacity={} sector={}",
+                    fe.num_queues(),
+                    n.ring_order,
+                    u8::from(n.persistent),
+                    n.max_indirect_segments,
+                    fe.capacity(),
+                    fe.disk().sector_size
+                ))
+            }
+            "io" => {
+                let n: u64 = arg.parse().context("io:N")?;
+                for _ in 0..n {
+                    self.io_round()?;
+                }
+                Ok(format!("{n}"))
+            }
+            "flush" => {
+                self.frontend()?.flush()?;
+                Ok(String::new())
+            }
+            "discard" => {
+                let fe = self.frontend()?;
+                let secure = false;
+                fe.discard(0, 1 << 20, secure)?;
+                Ok(String::new())
+            }
+            "loop" => {
+                let err = loop {
+                    if let Err(e) = self.io_round() {
+                        break e;
+                    }
+                    if self.ops.is_multiple_of(64) {
+                        println!("progress {}", self.ops);
+                    }
+                };
+                Ok(format!("after {} verified rounds: {err:#}", self.ops))
+            }
+            "close" => {
+                let xb = self.xenbus.as_mut().context("not connected")?;
+                let report = xb.close()?;
+                if !report.is_clean() {
+                    bail!("grants still mapped by the backend after close: {report:?}");
+                }
+                Ok(format!("grants_ended={}", report.grants_ended))
+            }
+            "reconnect" => {
+                let xb = self.xenbus.as_mut().context("not connected")?;
+                xb.reconnect()?;
+                Ok(format!("capacity={}", self.frontend()?.capacity()))
+            }
+            "wait-close" => {
+                let xb = self.xenbus.as_ref().context("not connected")?;
+                xb.wait_backend_state(XenbusState::Closed, Duration::from_secs(15))?;
+                let report = xb.take_teardown_report().unwrap_or_default();
+                if !report.is_clean() {
+                    bail!("grants still mapped after the backend closed: {report:?}");
+                }
+                Ok(String::new())
+            }
+            "sleep" => {
+                std::thread::sleep(Duration::from_millis(arg.parse().context("sleep:MS")?));
+                Ok(String::new())
+            }
+            other => bail!("unknown step {other:?}"),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let sim = SimGuest::connect(
+        &args.sim_socket,
+        args.domid,
+        GuestConfig {
+            pages: args.pages,
+            grant_entries: 16 * 512,
+        },
+    )
+    .context("attaching to the simulated hypervisor")?;
+    let services = Arc::new(SimGuestServices::new(Arc::new(sim)));
+    let script: Vec<String> = args
+        .script
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let seed = args.seed;
+    let mut guest = Guest {
+        args,
+        services,
+        xenbus: None,
+        rng: Rng(seed.max(1)),
+        ops: 0,
+    };
+    for step in &script {
+        match guest.step(step) {
+            Ok(detail) => println!("ok {step} {detail}"),
+            Err(e) => {
+                println!("err {step}: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Glue between the xenbus layer and the engine: [`xenbus::vbd::VbdFactory`] implemented
+//! with `storage::open` and `backend::Engine::attach`, translating between the two crates'
+//! vocabularies (and nothing more: decisions stay in the layers).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backend::{DetachError, Engine, Features, RingSpec, VbdHandle, VbdLimits, VbdSpec};
+use platform::Platform;
+use storage::{DirectIo, OpenOptions, Storage};
+use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
+use xenbus::parse::DiskFormat;
+use xenbus::vbd::{
+    ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
+    Protocol, VbdEvent, VbdFactory,
+};
+use xenbus::VbdError;
+
+const EINVAL: i32 = 22;
+const EOPNOTSUPP: i32 = 95;
+
+/// An opened storage as the xenbus layer sees it.
+pub struct StorageDisk {
+    storage: Arc<dyn Storage>,
+}
+
+impl StorageDisk {
+    /// Wraps an opened storage.
+    pub fn new(storage: Arc<dyn Storage>) -> StorageDisk {
+        StorageDisk { storage }
+    }
+}
+
+impl Disk for StorageDisk {
+    fn info(&self) -> DiskInfo {
+        let i = self.storage.info();
+        DiskInfo {
+            size_bytes: i.size_bytes,
+            logical_block_size: i.logical_block_size,
+            physical_block_size: i.physical_block_size,
+            read_only: i.read_only,
+            flush: i.flush,
+            discard: i.discard,
+            secure_discard: i.secure_discard,
+            discard_granularity: i.discard_granularity,
+            discard_alignment: i.discard_alignment,
+        }
+    }
+
+    fn refresh_size(&self) -> Result<u64, VbdError> {
+        self.storage
+            .refresh_size()
+            .map_err(|e| VbdError::io("re-reading the storage size", &e))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The storage open options for a device.
+///
+/// O_DIRECT policy `auto` follows QEMU's qdisk: the page cache is bypassed only when the
+/// toolstack says O_DIRECT is safe for this storage (`direct-io-safe`, see blkif.h and the
+/// 2012 xen-devel thread on grant pages still referenced by network storage after an
+/// O_DIRECT write completed). `on`/`off` override.
+pub fn open_options(config: &DeviceConfig) -> OpenOptions {
+    let direct_io = match config.settings.direct_io {
+        DirectIoSetting::On => DirectIo::On,
+        DirectIoSetting::Off => DirectIo::Off,
+        DirectIoSetting::Auto if config.direct_io_safe => DirectIo::Auto,
+        DirectIoSetting::Auto => DirectIo::Off,
+    };
+    OpenOptions {
+        read_only: config.read_only,
+        direct_io,
+        // Claim block devices exclusively, as kernel blkback does: a device mounted in
+        // dom0 (or served twice) must fail to attach rather than be corrupted.
+        exclusive: true,
+    }
+}
+
+/// [`VbdFactory`] over the engine and a platform.
+pub struct EngineFactory {
+    engine: Engine,
+    platform: Arc<dyn Platform>,
+}
+
+impl EngineFactory {
+    /// A factory attaching VBDs to `engine`, mapping grants through `platform`.
+    pub fn new(engine: Engine, platform: Arc<dyn Platform>) -> EngineFactory {
+        EngineFactory { engine, platform }
+    }
+}
+
+fn protocol(p: Protocol) -> blkif::abi::Protocol {
+    match p {
+        Protocol::Native => blkif::abi::Protocol::Native,
+        Protocol::X86_32 => blkif::abi::Protocol::X86_32,
+        Protocol::X86_64 => blkif::abi::Protocol::X86_64,
+    }
+}
+
+fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
+    match m {
+        GrantModeSetting::Map => backend::GrantMode::Map,
+        GrantModeSetting::Copy => backend::GrantMode::Copy,
+        GrantModeSetting::Auto => backend::GrantMode::Auto,
+    }
+}
+
+impl VbdFactory for EngineFactory {
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
+        let path = &config.target.path;
+        let context = || format!("opening {}", path.display());
+        match config.target.format {
+            DiskFormat::Raw => {}
+            DiskFormat::Qcow2 => {
+                return Err(VbdError::new(
+                    context(),
+                    "qcow2 images are not supported by this build's storage layer",
+                    EOPNOTSUPP,
+                ))
+            }
+        }
+        let storage = storage::open(path, open_options(config)).map_err(|e| {
+            let errno = match &e {
+                storage::StorageError::Open { source, .. }
+                | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
+                _ => 5,
+            };
+            VbdError::new(context(), e, errno)
+        })?;
+        Ok(Arc::new(StorageDisk::new(storage)))
+    }
+
+    fn connect(&self, req: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError> {
+        let disk = req
+            .disk
+            .as_any()
+            .downcast_ref::<StorageDisk>()
+            .ok_or_else(|| {
+                VbdError::new("connecting", "disk was not opened by this factory", EINVAL)
+            })?;
+        let domid = u16::try_from(req.config.frontend_id)
+            .ok()
+            .filter(|&d| d < platform::DOMID_FIRST_RESERVED)
+            .ok_or_else(|| {
+                VbdError::new(
+                    "connecting",
+                    format!("domain id {} out of range", req.config.frontend_id),
+                    EINVAL,
+                )
+            })?;
+        let settings = &req.config.settings;
+        let advertised = Features {
+            flush: req.features.flush,
+            barrier: req.features.barrier,
+            discard: req.features.discard,
+            secure_discard: req.features.secure_discard,
+        };
+        // The engine reports feature changes as the new set; the xenbus layer wants what
+        // was lost, so remember what is still advertised.
+        let still = Arc::new(Mutex::new(advertised));
+        let sink = req.events.clone();
+        let events: backend::EventCallback = Arc::new(move |_id, event| match event {
+            backend::VbdEvent::Resized { sectors } => {
+                sink.send(VbdEvent::Resized(sectors.saturating_mul(512)))
+            }
+            backend::VbdEvent::FeaturesChanged(now) => {
+                let mut was = still.lock().unwrap_or_else(|p| p.into_inner());
+                if was.flush && !now.flush {
+                    sink.send(VbdEvent::FeatureLost(Feature::Flush));
+                } else if was.barrier && !now.barrier {
+                    sink.send(VbdEvent::FeatureLost(Feature::Barrier));
+                }
+                if was.discard && !now.discard {
+                    sink.send(VbdEvent::FeatureLost(Feature::Discard));
+                }
+                *was = now;
+            }
+            backend::VbdEvent::RingHalted { ring } => sink.send(VbdEvent::Fatal(format!(
+                "ring {ring} halted: the frontend claimed more requests than the ring holds"
+            ))),
+        });
+        let spec = VbdSpec {
+            domid,
+            storage: disk.storage.clone(),
+            read_only: req.features.read_only,
+            rings: req
+                .frontend
+                .queues
+                .iter()
+                .map(|q| RingSpec {
+                    ring_refs: q.ring_refs.clone(),
+                    event_channel: q.event_channel,
+                })
+                .collect(),
+            protocol: protocol(req.frontend.protocol),
+            persistent: req.frontend.persistent,
+            grant_mode: grant_mode(settings.grant_mode),
+            features: advertised,
+            limits: VbdLimits {
+                max_indirect_segments: settings.max_indirect_segments,
+                persistent: backend::persistent_grants::PersistentGrantLimits {
+                    max_grants: settings.max_persistent_grants as usize,
+                    ..Default::default()
+                },
+                ..VbdLimits::default()
+            },
+            events: Some(events),
+        };
+        let handle = self
+            .engine
+            .attach(spec, self.platform.clone())
+            .map_err(|e| VbdError::new("connecting the rings", &e, attach_errno(&e)))?;
+        Ok(Box::new(EngineVbd { handle }))
+    }
+}
+
+/// The errno blkback would report for an attach failure.
+fn attach_errno(e: &backend::AttachError) -> i32 {
+    use backend::AttachError as A;
+    match e {
+        A::MapRing { .. } | A::RingNotWritable { .. } | A::BadRingPages { .. } | A::Ring { .. } => {
+            EINVAL
+        }
+        A::EventChannel { .. } => EINVAL,
+        A::NoRings | A::TooManyIndirectSegments(_) => EINVAL,
+        A::StorageQueue { .. } | A::Io { .. } => 12,
+        A::EngineStopped => 108,
+    }
+}
+
+/// A VBD served by the engine.
+pub struct EngineVbd {
+    handle: VbdHandle,
+}
+
+impl ConnectedVbd for EngineVbd {
+    fn stats(&self) -> BTreeMap<String, u64> {
+        let s = self.handle.stats();
+        let t = s.total;
+        let mut m = BTreeMap::from([
+            ("oo_req".to_string(), t.oo_req),
+            ("rd_req".to_string(), t.rd_req),
+            ("wr_req".to_string(), t.wr_req),
+            ("f_req".to_string(), t.f_req),
+            ("ds_req".to_string(), t.ds_req),
+            ("rd_sect".to_string(), t.rd_sect),
+            ("wr_sect".to_string(), t.wr_sect),
+            ("errors".to_string(), t.errors),
+            ("unsupported".to_string(), t.unsupported),
+            ("in_flight".to_string(), t.in_flight),
+            (
+                "persistent_grants_in_use".to_string(),
+                t.persistent_grants_in_use,
+            ),
+            (
+                "persistent_grants_mapped".to_string(),
+                t.persistent_grants_mapped,
+            ),
+            ("notifications".to_string(), t.notifications),
+            ("halted_rings".to_string(), t.halted_rings),
+            ("rings".to_string(), s.rings.len() as u64),
+        ]);
+        m.insert(
+            "grant_copy".to_string(),
+            u64::from(self.handle.grant_mode() == backend::ResolvedGrantMode::Copy),
+        );
+        m
+    }
+
+    fn disconnect(self: Box<Self>, timeout: Duration) -> Result<DisconnectReport, VbdError> {
+        match self.handle.detach(timeout) {
+            Ok(stats) => Ok(DisconnectReport {
+                drained: true,
+                abandoned_requests: 0,
+                detail: format!(
+                    "{} reads, {} writes, {} errors served",
+                    stats.total.rd_req, stats.total.wr_req, stats.total.errors
+                ),
+            }),
+            Err(DetachError::Timeout {
+                pending,
+                in_flight,
+                waited,
+            }) => Ok(DisconnectReport {
+                drained: false,
+                abandoned_requests: in_flight,
+                detail: format!(
+                    "{pending} ring(s) still draining after {waited:?}; the engine releases them when the storage completes"
+                ),
+            }),
+        }
+    }
+}

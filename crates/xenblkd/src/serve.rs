@@ -1,0 +1,459 @@
+//! `xenblkd serve`: the daemon. Wires the layers together and runs the xenbus manager on
+//! the main thread until SIGTERM/SIGINT, then closes every device and exits.
+//!
+//! Threads: the manager (main), the xenstore client's reader and the watch forwarder, the
+//! engine's reactors, the control socket, the signal waiter and, in simulator mode, the
+//! thread accepting simulated guests.
+//!
+//! On real Xen the platform is `platform::linux` and xenstore is found where libxenstore
+//! looks; with `--sim-socket` the platform is `platform::sim`, guests attach over that
+//! socket, and `--xenstore-socket` names the in-memory xenstored's dom0 socket.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use backend::{Engine, EngineConfig};
+use platform::sim::{DomainHandle, SimPlatform};
+use platform::{Platform, XenstoreEndpoint};
+use tracing::{error, info, warn};
+use xenbus::config::{BackendType, Config, DirectIo, GrantMode, VBD_BACKEND_TYPE};
+use xenbus::status::{ControlReply, ControlRequest};
+use xenbus::xs::{spawn_watch_forwarder, XsStore};
+use xenbus::{EventSender, Manager};
+use xenstore::XsClient;
+
+use crate::engine_glue::EngineFactory;
+
+/// Where a kernel blkback shows itself; serving `vbd` beside it would race it for every
+/// device.
+const BLKBACK_MARKERS: &[&str] = &[
+    "/sys/module/xen_blkback",
+    "/sys/bus/xen-backend/drivers/vbd",
+];
+
+/// Longest control request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum GrantModeArg {
+    Map,
+    Copy,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DirectIoArg {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// xenstored's unix socket (default: where libxenstore looks, else /dev/xen/xenbus).
+    #[arg(long, value_name = "PATH")]
+    pub xenstore_socket: Option<PathBuf>,
+    /// Simulator mode: accept simulated guests on this unix socket (platform::sim).
+    #[arg(long, value_name = "PATH")]
+    pub sim_socket: Option<PathBuf>,
+    /// Control socket answering `xenblkd status`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Our domain id (0 on dom0, the driver domain's otherwise).
+    #[arg(long)]
+    pub backend_domid: Option<u32>,
+    /// Backend type to serve, repeatable; `NAME:hotplug` waits for the hotplug script.
+    /// Default: `vbd:hotplug` and `xenblkd`.
+    #[arg(long = "type", value_name = "NAME[:hotplug]")]
+    pub types: Vec<String>,
+    /// multi-queue-max-queues.
+    #[arg(long)]
+    pub max_queues: Option<u32>,
+    /// max-ring-page-order (0..=4).
+    #[arg(long)]
+    pub max_ring_page_order: Option<u32>,
+    /// feature-max-indirect-segments (0 disables).
+    #[arg(long)]
+    pub max_indirect_segments: Option<u32>,
+    /// Advertise feature-persistent.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub persistent_grants: Option<bool>,
+    /// Persistent grants kept mapped per ring.
+    #[arg(long)]
+    pub max_persistent_grants: Option<u32>,
+    /// Grant data path.
+    #[arg(long, value_enum)]
+    pub grant_mode: Option<GrantModeArg>,
+    /// Page-cache policy.
+    #[arg(long, value_enum)]
+    pub direct_io: Option<DirectIoArg>,
+    /// Reactor threads (0: one per core).
+    #[arg(long)]
+    pub reactor_threads: Option<u32>,
+    /// How long shutdown and disconnects wait for in-flight I/O.
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+    /// Serve `vbd` even though the kernel's xen-blkback is loaded.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Builds the configuration from the file and the flags.
+fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, bool)> {
+    let mut config = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    let mut types_explicit = config.backend_types != BackendType::defaults();
+    if !args.types.is_empty() {
+        types_explicit = true;
+        config.backend_types = args
+            .types
+            .iter()
+            .map(|t| match t.split_once(':') {
+                Some((name, "hotplug")) => Ok(BackendType {
+                    name: name.to_string(),
+                    wait_for_hotplug: true,
+                }),
+                Some((_, other)) => {
+                    bail!("--type {t}: unknown option {other:?} (expected `hotplug`)")
+                }
+                None => Ok(BackendType {
+                    name: t.clone(),
+                    wait_for_hotplug: false,
+                }),
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(v) = &args.control_socket {
+        config.control_socket = v.clone();
+    }
+    if let Some(v) = args.backend_domid {
+        config.backend_domid = v;
+    }
+    if let Some(v) = args.reactor_threads {
+        config.reactor_threads = v;
+    }
+    if let Some(v) = args.drain_timeout_ms {
+        config.drain_timeout_ms = v;
+    }
+    let d = &mut config.defaults;
+    if let Some(v) = args.max_queues {
+        d.max_queues = v;
+    }
+    if let Some(v) = args.max_ring_page_order {
+        d.max_ring_page_order = v;
+    }
+    if let Some(v) = args.max_indirect_segments {
+        d.max_indirect_segments = v;
+    }
+    if let Some(v) = args.persistent_grants {
+        d.persistent_grants = v;
+    }
+    if let Some(v) = args.max_persistent_grants {
+        d.max_persistent_grants = v;
+    }
+    if let Some(v) = args.grant_mode {
+        d.grant_mode = match v {
+            GrantModeArg::Map => GrantMode::Map,
+            GrantModeArg::Copy => GrantMode::Copy,
+            GrantModeArg::Auto => GrantMode::Auto,
+        };
+    }
+    if let Some(v) = args.direct_io {
+        d.direct_io = match v {
+            DirectIoArg::Auto => DirectIo::Auto,
+            DirectIoArg::On => DirectIo::On,
+            DirectIoArg::Off => DirectIo::Off,
+        };
+    }
+    config.validate()?;
+    Ok((config, types_explicit))
+}
+
+/// The kernel blkback marker present on this host, if any.
+pub fn kernel_blkback() -> Option<&'static str> {
+    BLKBACK_MARKERS
+        .iter()
+        .copied()
+        .find(|p| Path::new(p).exists())
+}
+
+/// Refuses to race a loaded blkback for `vbd` devices: an explicit request is an error
+/// (unless forced), the default quietly serves only our own type.
+fn avoid_blkback(config: &mut Config, explicit: bool, force: bool) -> anyhow::Result<()> {
+    let Some(marker) = kernel_blkback() else {
+        return Ok(());
+    };
+    if config.backend_type(VBD_BACKEND_TYPE).is_none() || force {
+        if force {
+            warn!(%marker, "kernel xen-blkback is loaded; serving vbd anyway (--force): both will race for every vbd device");
+        }
+        return Ok(());
+    }
+    if explicit {
+        bail!(
+            "the kernel's xen-blkback is loaded ({marker} exists): it serves backend/vbd itself and \
+             xenblkd would race it for every device. Unload it (rmmod xen-blkback), or use \
+             `xenblkd attach` (backend type `xenblkd`) for the disks xenblkd should serve, \
+             or pass --force."
+        );
+    }
+    warn!(
+        %marker,
+        "the kernel's xen-blkback is loaded: not serving backend/vbd (it would race blkback); \
+         serving only the xenblkd backend type written by `xenblkd attach`"
+    );
+    config.backend_types.retain(|t| t.name != VBD_BACKEND_TYPE);
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it spawns later), so
+/// that only the signal thread receives them, synchronously, through `sigwait`.
+fn block_termination_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and fill the local
+    // set; pthread_sigmask only reads it and changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// Waits for SIGTERM/SIGINT and asks the manager to shut down (a second signal is
+/// logged; the manager's shutdown deadline bounds how long the first one takes).
+fn spawn_signal_thread(set: libc::sigset_t, sender: EventSender) -> anyhow::Result<()> {
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised sigset owned by this closure; `sig` is a
+            // valid out-pointer for the duration of the call.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                error!(error = %std::io::Error::from_raw_os_error(rc), "sigwait failed");
+                return;
+            }
+            info!(signal = sig, "termination signal: closing every device");
+            sender.shutdown();
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// Binds the control socket: root-only, refusing to steal the socket of a live daemon.
+fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use: another xenblkd is running", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers one control connection: one request line, one reply line.
+fn serve_control_connection(stream: UnixStream, sender: &EventSender) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
+        Ok(ControlRequest::Status) => match sender.status(Duration::from_secs(5)) {
+            Some((daemon, devices)) => ControlReply::Status {
+                ok: true,
+                daemon,
+                devices,
+            },
+            None => ControlReply::error("the device manager did not answer"),
+        },
+        Err(e) => ControlReply::error(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    (&stream).write_all(&out)
+}
+
+fn spawn_control_server(listener: UnixListener, sender: EventSender) -> anyhow::Result<()> {
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = serve_control_connection(s, &sender) {
+                            warn!(error = %e, "control connection");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("spawning the control thread")?;
+    Ok(())
+}
+
+/// Simulator mode: accepts simulated guests and forgets those whose process died (as
+/// Xen forgets a destroyed domain), so a rebooted guest with the same id can attach again.
+fn spawn_sim_acceptor(platform: SimPlatform, listener: UnixListener) -> anyhow::Result<()> {
+    let handles: Arc<Mutex<HashMap<u16, DomainHandle>>> = Arc::default();
+    let reap = {
+        let platform = platform.clone();
+        let handles = handles.clone();
+        move || {
+            let mut h = handles.lock().unwrap_or_else(|p| p.into_inner());
+            h.retain(|&domid, handle| {
+                if handle.is_alive() {
+                    return true;
+                }
+                info!(
+                    domid,
+                    "simulated guest process exited; destroying the domain"
+                );
+                let _ = platform.detach(domid);
+                false
+            });
+        }
+    };
+    let reap2 = reap.clone();
+    thread::Builder::new()
+        .name("sim-reaper".into())
+        .spawn(move || loop {
+            thread::sleep(Duration::from_millis(50));
+            reap2();
+        })
+        .context("spawning the simulator reaper")?;
+    thread::Builder::new()
+        .name("sim-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "sim socket accept");
+                        thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                // A guest reconnecting under the id of one that just died must not find
+                // the dead one still registered.
+                reap();
+                match platform.attach_stream(stream) {
+                    Ok(handle) => {
+                        handles
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(handle.domid(), handle);
+                    }
+                    Err(e) => warn!(error = %e, "refused a simulated guest"),
+                }
+            }
+        })
+        .context("spawning the simulator acceptor")?;
+    Ok(())
+}
+
+fn connect_xenstore(args: &ServeArgs, platform: &dyn Platform) -> anyhow::Result<XsClient> {
+    if let Some(p) = &args.xenstore_socket {
+        return XsClient::connect_unix(p)
+            .with_context(|| format!("connecting to xenstored at {}", p.display()));
+    }
+    match platform.xenstore_endpoint().context("finding xenstore")? {
+        XenstoreEndpoint::UnixSocket(p) => XsClient::connect_unix(&p)
+            .with_context(|| format!("connecting to xenstored at {}", p.display())),
+        XenstoreEndpoint::XenbusDevice(p) => {
+            XsClient::open_xenbus_device(&p).with_context(|| format!("opening {}", p.display()))
+        }
+    }
+}
+
+/// Runs the daemon until a termination signal.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let sigset = block_termination_signals()?;
+    let (mut config, types_explicit) = build_config(args)?;
+
+    let platform: Arc<dyn Platform> = match &args.sim_socket {
+        Some(sim) => {
+            if args.xenstore_socket.is_none() {
+                bail!(
+                    "--sim-socket needs --xenstore-socket (the simulated xenstored's dom0 socket)"
+                );
+            }
+            let backend_domid =
+                u16::try_from(config.backend_domid).context("backend domid out of range")?;
+            let platform = SimPlatform::with_backend_domid(backend_domid);
+            if let Some(xs) = &args.xenstore_socket {
+                platform.set_xenstore_socket(xs);
+            }
+            if sim.exists() {
+                std::fs::remove_file(sim)
+                    .with_context(|| format!("removing stale {}", sim.display()))?;
+            }
+            let listener =
+                UnixListener::bind(sim).with_context(|| format!("binding {}", sim.display()))?;
+            spawn_sim_acceptor(platform.clone(), listener)?;
+            info!(socket = %sim.display(), "simulator mode: accepting simulated guests");
+            Arc::new(platform)
+        }
+        None => {
+            avoid_blkback(&mut config, types_explicit, args.force)?;
+            Arc::new(platform::linux::LinuxPlatform::open().context("opening the Xen devices")?)
+        }
+    };
+    if config.backend_types.is_empty() {
+        bail!("no backend type left to serve");
+    }
+
+    let client = Arc::new(connect_xenstore(args, platform.as_ref())?);
+    let engine = Engine::start(EngineConfig {
+        reactors: config.reactor_threads as usize,
+    })
+    .context("starting the engine")?;
+    let factory = Arc::new(EngineFactory::new(engine, platform));
+    let control_path = config.control_socket.clone();
+    let control = bind_control_socket(&control_path)?;
+
+    let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
+    spawn_watch_forwarder(&client, manager.sender()).context("spawning the watch forwarder")?;
+    spawn_signal_thread(sigset, manager.sender())?;
+    spawn_control_server(control, manager.sender())?;
+    manager.start().context("registering xenstore watches")?;
+    info!(control = %control_path.display(), "xenblkd ready");
+
+    let result = manager.run();
+    drop(manager);
+    let _ = std::fs::remove_file(&control_path);
+    match result {
+        Ok(()) => {
+            info!("xenblkd stopped");
+            Ok(())
+        }
+        Err(e) => Err(e).context("xenstore connection lost"),
+    }
+}
