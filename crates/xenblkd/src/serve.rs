@@ -393,6 +393,24 @@ fn connect_xenstore(args: &ServeArgs, platform: &dyn Platform) -> anyhow::Result
     }
 }
 
+/// Threads of this process (`/proc/self/task`).
+fn thread_count() -> u64 {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count() as u64)
+}
+
+/// The gauges `xenblkd status` shows for the daemon: what a leak would make grow.
+fn process_metrics(platform: &dyn Platform) -> std::collections::BTreeMap<String, u64> {
+    std::collections::BTreeMap::from([
+        (
+            "grant_mappings".to_string(),
+            platform.live_mappings() as u64,
+        ),
+        ("mapped_pages".to_string(), platform.mapped_pages() as u64),
+        ("open_fds".to_string(), backend::open_fd_count() as u64),
+        ("threads".to_string(), thread_count()),
+    ])
+}
+
 /// Runs the daemon until a termination signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let sigset = block_termination_signals()?;
@@ -435,11 +453,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         reactors: config.reactor_threads as usize,
     })
     .context("starting the engine")?;
-    let factory = Arc::new(EngineFactory::new(engine, platform));
+    let factory = Arc::new(EngineFactory::new(engine, platform.clone()));
     let control_path = config.control_socket.clone();
     let control = bind_control_socket(&control_path)?;
 
     let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
+    manager.set_metrics(Box::new(move || process_metrics(platform.as_ref())));
     spawn_watch_forwarder(&client, manager.sender()).context("spawning the watch forwarder")?;
     spawn_signal_thread(sigset, manager.sender())?;
     spawn_control_server(control, manager.sender())?;

@@ -104,6 +104,17 @@ pub fn render(reply: &Value) -> String {
             ""
         }
     ));
+    if let Some(m) = daemon
+        .get("metrics")
+        .and_then(Value::as_object)
+        .filter(|m| !m.is_empty())
+    {
+        let line: Vec<String> = m
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
+            .collect();
+        out.push_str(&format!("  daemon: {}\n", line.join(", ")));
+    }
     for d in &devices {
         out.push_str(&format!(
             "\n{}/{}/{} ({}): backend {}, frontend {}\n",

@@ -279,7 +279,15 @@ impl Device {
             }
             XenbusState::Initialised | XenbusState::Connected => {
                 if close_requested {
-                    self.publish(ctx, &nodes, XenbusState::Closing)?;
+                    // With rings connected, ask the frontend to finish and close (it
+                    // answers Closed, then we disconnect); with nothing connected there is
+                    // nothing to wait for.
+                    let state = if self.session.is_some() {
+                        XenbusState::Closing
+                    } else {
+                        XenbusState::Closed
+                    };
+                    self.publish(ctx, &nodes, state)?;
                 } else if self.session.is_none()
                     && self.failed.is_none()
                     && self.published == XenbusState::InitWait
@@ -291,7 +299,12 @@ impl Device {
                 }
             }
             XenbusState::Closing => {
-                self.publish(ctx, &nodes, XenbusState::Closing)?;
+                let state = if close_requested && self.session.is_none() {
+                    XenbusState::Closed
+                } else {
+                    XenbusState::Closing
+                };
+                self.publish(ctx, &nodes, state)?;
             }
             XenbusState::Closed => {
                 if self.session.is_some() {

@@ -120,7 +120,12 @@ pub struct Manager {
     shutdown_deadline: Option<Instant>,
     /// Devices whose reconcile hit a transient store error, retried on the next tick.
     retry: BTreeSet<DeviceKey>,
+    /// Daemon-wide gauges for status replies.
+    metrics: Option<Metrics>,
 }
+
+/// Produces the daemon-wide gauges of a status reply.
+pub type Metrics = Box<dyn Fn() -> BTreeMap<String, u64> + Send>;
 
 impl Manager {
     /// A manager serving `config.backend_types` under `/local/domain/<backend_domid>`.
@@ -137,7 +142,13 @@ impl Manager {
             rx,
             shutdown_deadline: None,
             retry: BTreeSet::new(),
+            metrics: None,
         }
+    }
+
+    /// Adds daemon-wide gauges (grant mappings, fds, threads) to status replies.
+    pub fn set_metrics(&mut self, metrics: Metrics) {
+        self.metrics = Some(metrics);
     }
 
     /// A handle to send events (watch events, shutdown, status queries).
@@ -493,6 +504,7 @@ impl Manager {
                 .collect(),
             home: self.home.clone(),
             shutting_down: self.shutdown_deadline.is_some(),
+            metrics: self.metrics.as_ref().map(|m| m()).unwrap_or_default(),
         }
     }
 }

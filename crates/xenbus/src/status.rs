@@ -93,6 +93,9 @@ pub struct DaemonStatus {
     pub home: String,
     /// True once SIGTERM (or a shutdown request) was received.
     pub shutting_down: bool,
+    /// Process-wide gauges the daemon adds (grant mappings alive, open fds, threads), so
+    /// leaks are measurable from outside.
+    pub metrics: BTreeMap<String, u64>,
 }
 
 impl ControlReply {

@@ -7,7 +7,8 @@
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
 //! `flush`, `discard`, `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
-//! (until the backend closes the device), `sleep:MS`.
+//! (until the backend closes the device), `wait-file:PATH` (until the test creates PATH),
+//! `sleep:MS`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -228,6 +229,16 @@ impl Guest {
                 let report = xb.take_teardown_report().unwrap_or_default();
                 if !report.is_clean() {
                     bail!("grants still mapped after the backend closed: {report:?}");
+                }
+                Ok(String::new())
+            }
+            "wait-file" => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !std::path::Path::new(arg).exists() {
+                    if std::time::Instant::now() >= deadline {
+                        bail!("{arg} did not appear");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 Ok(String::new())
             }

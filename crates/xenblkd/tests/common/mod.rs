@@ -1,0 +1,414 @@
+//! A simulated Xen host made of processes: `xenblkd xenstored` (the in-memory xenstored,
+//! one socket per domain), `xenblkd serve` (the daemon under test, simulator mode) and
+//! `xenblkd-sim-guest` processes (blkfront over xenstore). The test itself plays the
+//! toolstack through its own dom0 xenstore connection, with libxl's node layout and
+//! timeouts (10 s for InitWait on attach and for Closed on removal).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xenbus::store::{join, StoreExt, StoreOps};
+use xenbus::toolstack::{self, DiskSpec, Removal};
+use xenbus::xs::XsStore;
+use xenbus::XenbusState;
+use xenstore::XsClient;
+
+pub const XENBLKD: &str = env!("CARGO_BIN_EXE_xenblkd");
+pub const SIM_GUEST: &str = env!("CARGO_BIN_EXE_xenblkd-sim-guest");
+
+/// How long any single wait in these tests may take before it is a failure.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Kills a child on drop (a failing test must not leave processes behind).
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Collects a child's stdout lines.
+fn line_reader(child: &mut Child) -> Receiver<String> {
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A simulated guest process.
+pub struct Guest {
+    pub proc: Proc,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+    pub domid: u32,
+    pub devid: u32,
+}
+
+impl Guest {
+    /// Waits for a stdout line starting with `prefix` (failing on `err ...`).
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                    assert!(
+                        !line.starts_with("err "),
+                        "guest d{} failed waiting for {prefix:?}: {line}\n{:?}",
+                        self.domid,
+                        self.seen
+                    );
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "guest d{}: no {prefix:?} within {WAIT:?}; saw {:?}",
+                        self.domid, self.seen
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "guest d{} exited before {prefix:?}; saw {:?}",
+                        self.domid, self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit successfully, having printed every step's `ok`.
+    pub fn finish(mut self) -> Vec<String> {
+        let status = self.proc.wait_timeout(WAIT).expect("guest did not exit");
+        self.seen.extend(self.lines.try_iter());
+        assert!(
+            status.success(),
+            "guest d{} failed: {status}\n{:?}",
+            self.domid,
+            self.seen
+        );
+        self.seen
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.signal(libc::SIGKILL);
+        let _ = self.proc.wait_timeout(WAIT);
+    }
+}
+
+/// The whole simulated host.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub xenstored: Proc,
+    pub daemon: Option<Proc>,
+    pub xs: Arc<XsStore>,
+    pub control: PathBuf,
+    pub sim_socket: PathBuf,
+}
+
+impl Host {
+    /// Starts xenstored and the daemon (extra `serve` flags in `serve_args`).
+    pub fn start(serve_args: &[&str]) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let xs_dir = dir.path().join("xs");
+        let mut xenstored = Command::new(XENBLKD)
+            .args(["xenstored", "--socket-dir"])
+            .arg(&xs_dir)
+            .args(["--domains", "1-64"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ready = line_reader(&mut xenstored)
+            .recv_timeout(WAIT)
+            .expect("xenstored ready");
+        assert!(ready.starts_with("xenstored ready"), "{ready}");
+        let xenstored = Proc {
+            child: xenstored,
+            name: "xenstored".into(),
+        };
+        let client = XsClient::connect_unix(xs_dir.join("d0.sock")).unwrap();
+        let xs = Arc::new(XsStore::new(Arc::new(client)));
+        let mut host = Host {
+            control: dir.path().join("control"),
+            sim_socket: dir.path().join("sim.sock"),
+            dir,
+            xenstored,
+            daemon: None,
+            xs,
+        };
+        host.start_daemon(serve_args);
+        host
+    }
+
+    pub fn xs_socket(&self, domid: u32) -> PathBuf {
+        self.dir.path().join("xs").join(format!("d{domid}.sock"))
+    }
+
+    pub fn start_daemon(&mut self, serve_args: &[&str]) {
+        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
+        let child = Command::new(XENBLKD)
+            .arg("serve")
+            .arg("--xenstore-socket")
+            .arg(self.xs_socket(0))
+            .arg("--sim-socket")
+            .arg(&self.sim_socket)
+            .arg("--control-socket")
+            .arg(&self.control)
+            .args(["--reactor-threads", "2"])
+            .args(serve_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(Proc {
+            child,
+            name: "xenblkd serve".into(),
+        });
+        let deadline = Instant::now() + WAIT;
+        while self.try_status().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = Command::new(XENBLKD)
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.control)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status failed\n{}", self.log()))
+    }
+
+    /// `xenblkd status` as a person reads it.
+    pub fn status_text(&self) -> String {
+        let out = Command::new(XENBLKD)
+            .args(["status", "--control-socket"])
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn device_status(&self, backend_type: &str, domid: u32, devid: u32) -> Option<Value> {
+        self.status()["devices"]
+            .as_array()?
+            .iter()
+            .find(|d| {
+                d["backend_type"] == backend_type && d["domid"] == domid && d["devid"] == devid
+            })
+            .cloned()
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        self.status()["daemon"]["metrics"][name].as_u64().unwrap()
+    }
+
+    /// A sparse image of `mib` MiB in the host's directory.
+    pub fn image(&self, name: &str, mib: u64) -> PathBuf {
+        let p = self.dir.path().join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(mib << 20).unwrap();
+        p
+    }
+
+    /// libxl creates a domain (and introduces it to xenstored) before its devices.
+    pub fn create_domain(&self, domid: u32) {
+        self.xs.client().introduce_domain(domid, 0, 0).unwrap();
+        self.xs
+            .write_str(
+                &format!("/local/domain/{domid}/name"),
+                &format!("guest{domid}"),
+            )
+            .unwrap();
+    }
+
+    /// libxl's disk add: write the nodes, then the backend has 10 s to reach InitWait.
+    pub fn attach(&self, spec: &DiskSpec) -> XenbusState {
+        toolstack::attach_disk(self.xs.as_ref(), spec, toolstack::INIT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("attach {}: {e}\n{}", spec.backend_path(), self.log()))
+    }
+
+    /// libxl's disk remove: online 0 + Closing, the backend has 10 s to reach Closed.
+    pub fn detach(&self, spec: &DiskSpec) -> Removal {
+        toolstack::remove_disk(
+            self.xs.as_ref(),
+            &spec.backend_path(),
+            &spec.frontend_path(),
+            toolstack::DESTROY_TIMEOUT,
+        )
+        .unwrap()
+    }
+
+    /// libxl's domain destroy after the guest died: devices removed (forced if need be),
+    /// the domain's home removed, the domain released (`@releaseDomain`).
+    pub fn destroy_domain(&self, domid: u32, specs: &[&DiskSpec]) {
+        self.xs.client().release_domain(domid).unwrap();
+        for spec in specs {
+            self.detach(spec);
+        }
+        self.xs.rm(&format!("/local/domain/{domid}")).unwrap();
+    }
+
+    pub fn state(&self, dir: &str) -> XenbusState {
+        toolstack::read_state(self.xs.as_ref(), dir).unwrap()
+    }
+
+    pub fn wait_state(&self, dir: &str, want: XenbusState) {
+        toolstack::wait_state(self.xs.as_ref(), dir, WAIT, &format!("{dir} {want}"), |s| {
+            s == want
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
+
+    pub fn read(&self, path: &str) -> Option<String> {
+        self.xs.read_string(path).unwrap()
+    }
+
+    /// Starts a simulated guest process running `script` on device `devid` of `domid`.
+    pub fn guest(&self, domid: u32, devid: u32, args: &[&str], script: &str) -> Guest {
+        let mut child = Command::new(SIM_GUEST)
+            .arg("--xenstore-socket")
+            .arg(self.xs_socket(domid))
+            .arg("--sim-socket")
+            .arg(&self.sim_socket)
+            .args(["--domid", &domid.to_string(), "--devid", &devid.to_string()])
+            .args(["--script", script])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = line_reader(&mut child);
+        Guest {
+            proc: Proc {
+                child,
+                name: format!("guest d{domid}"),
+            },
+            lines,
+            seen: Vec::new(),
+            domid,
+            devid,
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop_daemon(&mut self) -> ExitStatus {
+        let mut d = self.daemon.take().expect("daemon running");
+        d.signal(libc::SIGTERM);
+        d.wait_timeout(WAIT)
+            .unwrap_or_else(|| panic!("daemon did not exit\n{}", self.log()))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- xenblkd serve log -----\n{}", self.log());
+        }
+    }
+}
+
+/// A disk spec under our own backend type.
+pub fn disk(backend_type: &str, domid: u32, devid: u32, image: &Path) -> DiskSpec {
+    let mut spec = DiskSpec::new(backend_type, domid, devid, &image.display().to_string());
+    spec.direct_io_safe = true;
+    spec
+}
+
+/// Reads `<dir>/<node>` as a number.
+pub fn node_u64(host: &Host, dir: &str, node: &str) -> Option<u64> {
+    host.read(&join(dir, node)).and_then(|v| v.parse().ok())
+}
+
+/// What `ok connect ...` reported, as key → value.
+pub fn connect_facts(line: &str) -> std::collections::BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Keeps a store alive for guest-side writes in hostile-frontend tests: a connection as
+/// the guest domain.
+pub fn guest_store(host: &Host, domid: u32) -> XsStore {
+    XsStore::new(Arc::new(
+        XsClient::connect_unix(host.xs_socket(domid)).unwrap(),
+    ))
+}
