@@ -402,9 +402,73 @@ fn drive_queue(
     })
 }
 
+/// What driving a connected frontend measured.
+pub struct Measured {
+    pub ios: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub iops: f64,
+    pub bw_mib_s: f64,
+    pub lat_us: Latency,
+}
+
+/// Drives `args.queues` queues of a connected frontend for `args.runtime` seconds over
+/// the first `size` bytes (one driver thread per queue, each over its own slice).
+pub fn measure_frontend(
+    fe: &blkfront::Frontend,
+    args: &BenchArgs,
+    size: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<Measured> {
+    let per_queue = (size / args.queues as u64) / args.bs * args.bs;
+    if per_queue == 0 {
+        bail!("the region is smaller than one block per queue");
+    }
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<QueueResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.queues as usize)
+            .map(|q| {
+                let region = (q as u64 * per_queue, (q as u64 + 1) * per_queue);
+                s.spawn(move || drive_queue(fe, q, args, region, stop))
+            })
+            .collect();
+        let deadline = t0 + Duration::from_secs_f64(args.runtime);
+        while Instant::now() < deadline && !handles.iter().any(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10).min(deadline - Instant::now()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("driver thread panicked")))
+            })
+            .collect()
+    });
+    let elapsed = t0.elapsed();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let (mut ios, mut errors, mut bytes) = (0, 0, 0);
+    for r in results {
+        let r = r?;
+        ios += r.ios;
+        errors += r.errors;
+        bytes += r.bytes;
+        hist.add(&r.hist).context("merging latency histograms")?;
+    }
+    let secs = elapsed.as_secs_f64();
+    Ok(Measured {
+        ios,
+        errors,
+        elapsed,
+        iops: ios as f64 / secs,
+        bw_mib_s: bytes as f64 / MIB / secs,
+        lat_us: latency_of(&hist),
+    })
+}
+
 /// Runs the benchmark and returns its report.
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    if args.bs == 0 || args.bs % 512 != 0 {
+    if args.bs == 0 || !args.bs.is_multiple_of(512) {
         bail!("--bs must be a non-zero multiple of 512");
     }
     if args.iodepth == 0 || args.queues == 0 {
@@ -466,45 +530,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         );
     }
 
-    let stop = AtomicBool::new(false);
-    let per_queue = (size / args.queues as u64) / args.bs * args.bs;
     let cpu0 = reactor_cpu_ns();
-    let t0 = Instant::now();
-    let results: Vec<anyhow::Result<QueueResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..args.queues as usize)
-            .map(|q| {
-                let fe = &stack.frontend;
-                let stop = &stop;
-                let region = (q as u64 * per_queue, (q as u64 + 1) * per_queue);
-                s.spawn(move || drive_queue(fe, q, args, region, stop))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_secs_f64(args.runtime));
-        stop.store(true, Ordering::Relaxed);
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("driver thread panicked")))
-            })
-            .collect()
-    });
-    let elapsed = t0.elapsed();
+    let stop = AtomicBool::new(false);
+    let measured = measure_frontend(&stack.frontend, args, size, &stop);
     let backend_cpu = reactor_cpu_ns().saturating_sub(cpu0);
     let vbd_stats = stack.vbd().stats().total;
     stack
         .teardown()
         .context("tearing the simulated stack down")?;
-
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
-    let (mut ios, mut errors, mut bytes) = (0, 0, 0);
-    for r in results {
-        let r = r?;
-        ios += r.ios;
-        errors += r.errors;
-        bytes += r.bytes;
-        hist.add(&r.hist).context("merging latency histograms")?;
-    }
+    let Measured {
+        ios,
+        errors,
+        elapsed,
+        iops,
+        bw_mib_s,
+        lat_us,
+    } = measured?;
     let secs = elapsed.as_secs_f64();
     let mut report = BenchReport {
         rw: args.rw,
@@ -517,9 +558,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         runtime_s: secs,
         ios,
         errors,
-        iops: ios as f64 / secs,
-        bw_mib_s: bytes as f64 / MIB / secs,
-        lat_us: latency_of(&hist),
+        iops,
+        bw_mib_s,
+        lat_us,
         backend_cpu_us_per_io: backend_cpu as f64 / 1000.0 / ios.max(1) as f64,
         backend_cpu_util: backend_cpu as f64 / 1e9 / secs,
         negotiated,

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod attach;
 mod bench;
+mod demo;
 mod engine_glue;
 mod serve;
 mod simstack;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: daemon, in-memory xenstore and a simulated guest on a default disk; write, verify, benchmark.
+    Demo(demo::DemoArgs),
     /// fio-like benchmark through the simulated stack, optionally against io_uring on the same image.
     Bench(bench::BenchArgs),
     /// Run the daemon: serve the backend devices xenstore announces.
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Demo(args) => demo::run(&args)?,
         Command::Bench(args) => {
             let report = bench::run(&args)?;
             if args.json {
