@@ -220,7 +220,20 @@ impl Guest {
             }
             "reconnect" => {
                 let xb = self.xenbus.as_mut().context("not connected")?;
-                xb.reconnect()?;
+                // blkfront's handshake treats a backend still Closed right after it wrote
+                // Initialising as final, but blkback (and xenblkd) only leave Closed when
+                // they see that Initialising: give the backend a moment and retry.
+                let mut attempt = 0;
+                loop {
+                    match xb.reconnect() {
+                        Ok(()) => break,
+                        Err(e) if attempt < 50 && e.to_string().contains("backend is Closed") => {
+                            attempt += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Ok(format!("capacity={}", self.frontend()?.capacity()))
             }
             "wait-close" => {
