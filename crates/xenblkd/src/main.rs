@@ -10,6 +10,7 @@ mod engine_glue;
 mod serve;
 mod simstack;
 mod status;
+mod xenstore_cli;
 mod xenstored;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Run the in-memory xenstored (one socket per domain) for simulations.
     Xenstored(xenstored::XenstoredArgs),
+    /// Read, write, remove or list xenstore nodes (the simulator has no xenstore-utils).
+    Xenstore(xenstore_cli::XenstoreArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Detach(args) => attach::run_detach(&args)?,
         Command::Status(args) => status::run(&args)?,
         Command::Xenstored(args) => xenstored::run(&args)?,
+        Command::Xenstore(args) => xenstore_cli::run(&args)?,
     }
     Ok(())
 }

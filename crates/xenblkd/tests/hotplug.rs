@@ -1,0 +1,163 @@
+//! libxl's route end to end, multi-process: the test writes a `backendtype=phy` disk with
+//! `script=` the way libxl does, waits for InitWait (libxl's 10 s), then runs the shipped
+//! `scripts/xenblkd-hotplug add` exactly as libxl would (XENBUS_PATH, `add`), the guest
+//! connects and does verified I/O; on removal the script runs with `remove`.
+//!
+//! The script talks to xenstore with xenstore-read/-write/-rm. Here those are thin shims
+//! over `xenblkd xenstore` (the simulator's xenstored speaks the same protocol as the real
+//! one; Debian's xenstore-utils work against it too, through XENSTORED_PATH).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{disk, Host, XENBLKD};
+use xenbus::store::join;
+use xenbus::toolstack::Removal;
+use xenbus::XenbusState;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/xenblkd-hotplug")
+}
+
+/// A directory with xenstore-read/-write/-rm shims.
+fn shims(dir: &Path) -> PathBuf {
+    let bin = dir.join("shim-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (tool, op) in [
+        ("xenstore-read", "read"),
+        ("xenstore-write", "write"),
+        ("xenstore-rm", "rm"),
+    ] {
+        let p = bin.join(tool);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\nexec '{XENBLKD}' xenstore {op} \"$@\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// Runs the hotplug script as libxl does; returns (success, stderr).
+fn run_script(host: &Host, action: &str, xenbus_path: &str) -> (bool, String) {
+    let path = format!(
+        "{}:{}",
+        shims(host.dir.path()).display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(script())
+        .arg(action)
+        .env("XENBUS_PATH", xenbus_path)
+        .env("XENBUS_TYPE", "vbd")
+        .env("XENBUS_BASE_PATH", "backend")
+        .env("XENSTORED_PATH", host.xs_socket(0))
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn libxl_phy_route_with_the_hotplug_script() {
+    let host = Host::start(&[]);
+    let file_img = host.image("file.img", 16);
+    let dev_img = host.image("dev.img", 16);
+    let lo = Loop::new(&dev_img);
+    // (domid, params as the xl disk line's target gives it)
+    let cases = [
+        (1u32, format!("aio:{}", file_img.display())),
+        (2, lo.0.clone()),
+    ];
+    for (domid, params) in cases {
+        host.create_domain(domid);
+        let mut spec = disk("vbd", domid, 51712, Path::new("/unused"));
+        spec.params = params.clone();
+        spec.script = Some(script().display().to_string());
+        assert_eq!(host.attach(&spec), XenbusState::InitWait);
+        let be = spec.backend_path();
+        let xenbus_path = format!("backend/vbd/{domid}/51712");
+        let (ok, err) = run_script(&host, "add", &xenbus_path);
+        assert!(ok, "hotplug add failed: {err}");
+        assert_eq!(
+            host.read(&join(&be, "hotplug-status")).as_deref(),
+            Some("connected")
+        );
+        let resolved = host.read(&join(&be, "physical-device-path")).unwrap();
+        if domid == 2 {
+            assert_eq!(resolved, lo.0);
+            let devnum = host.read(&join(&be, "physical-device")).unwrap();
+            assert!(
+                devnum.starts_with("7:"),
+                "loop devices are major 7: {devnum}"
+            );
+        } else {
+            assert_eq!(
+                Path::new(&resolved),
+                std::fs::canonicalize(&file_img).unwrap()
+            );
+            assert_eq!(host.read(&join(&be, "physical-device")), None);
+        }
+        let g = host.guest(
+            domid,
+            51712,
+            &["--max-queues", "2"],
+            "connect,io:16,flush,close",
+        );
+        g.finish();
+        assert_eq!(host.detach(&spec), Removal::Clean);
+        let (ok, err) = run_script(&host, "remove", &xenbus_path);
+        assert!(ok, "hotplug remove failed: {err}");
+    }
+    // A target the script refuses: libxl reads hotplug-error and fails the attach.
+    host.create_domain(3);
+    let mut spec = disk("vbd", 3, 51712, Path::new("/unused"));
+    spec.params = "vhd:/images/x.vhd".into();
+    spec.script = Some(script().display().to_string());
+    host.attach(&spec);
+    let (ok, _) = run_script(&host, "add", "backend/vbd/3/51712");
+    assert!(!ok);
+    let be = spec.backend_path();
+    assert!(host
+        .read(&join(&be, "hotplug-error"))
+        .unwrap()
+        .contains("unsupported target"));
+    assert_eq!(
+        host.read(&join(&be, "hotplug-status")).as_deref(),
+        Some("error")
+    );
+    // The device never opened anything and is removed cleanly.
+    assert_eq!(host.detach(&spec), Removal::Clean);
+}
