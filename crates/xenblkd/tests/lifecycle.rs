@@ -159,6 +159,38 @@ fn sigterm_drains_and_closes_every_device() {
     );
 }
 
+#[test]
+fn online_resize_reaches_the_guest() {
+    let host = Host::start(&[]);
+    host.create_domain(9);
+    let img = host.image("grow.img", 16);
+    let spec = disk("xenblkd", 9, 51712, &img);
+    host.attach(&spec);
+    let grown: u64 = 48 << 20;
+    let mut g = host.guest(
+        9,
+        51712,
+        &[],
+        &format!("connect,io:4,wait-capacity:{grown},io:32,close"),
+    );
+    g.expect("ok io:4");
+    // The image grows under the running guest; the engine notices (it polls the size),
+    // the daemon publishes `sectors` and re-writes `state`, blkfront re-reads the size.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
+    g.expect("ok wait-capacity");
+    let be = spec.backend_path();
+    assert_eq!(common::node_u64(&host, &be, "sectors"), Some(grown / 512));
+    let st = host.device_status("xenblkd", 9, 51712).unwrap();
+    assert_eq!(st["disk"]["size_bytes"], grown);
+    g.finish();
+    assert_eq!(host.detach(&spec), Removal::Clean);
+}
+
 /// Waits for a daemon gauge to settle at `want` (disconnect threads finish after the
 /// state is published).
 fn wait_metric(host: &Host, name: &str, want: u64) {

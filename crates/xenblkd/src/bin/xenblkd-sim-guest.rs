@@ -7,7 +7,8 @@
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
 //! `flush`, `discard`, `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
-//! (until the backend closes the device), `wait-file:PATH` (until the test creates PATH),
+//! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
+//! reached the frontend), `wait-file:PATH` (until the test creates PATH),
 //! `sleep:MS`.
 
 use std::path::PathBuf;
@@ -244,6 +245,18 @@ impl Guest {
                     bail!("grants still mapped after the backend closed: {report:?}");
                 }
                 Ok(String::new())
+            }
+            "wait-capacity" => {
+                let want: u64 = arg.parse().context("wait-capacity:BYTES")?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let fe = self.frontend()?;
+                while fe.capacity() != want {
+                    if std::time::Instant::now() >= deadline {
+                        bail!("capacity stayed {} (waiting for {want})", fe.capacity());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(format!("{want}"))
             }
             "wait-file" => {
                 let deadline = std::time::Instant::now() + Duration::from_secs(30);
