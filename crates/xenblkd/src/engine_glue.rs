@@ -125,6 +125,9 @@ impl VbdFactory for EngineFactory {
                 ))
             }
         }
+        if let Some(expected) = config.physical_device {
+            check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
+        }
         let storage = storage::open(path, open_options(config)).map_err(|e| {
             let errno = match &e {
                 storage::StorageError::Open { source, .. }
@@ -220,6 +223,32 @@ impl VbdFactory for EngineFactory {
     }
 }
 
+/// Linux's `dev_t` encoding (glibc's `gnu_dev_major`/`gnu_dev_minor`).
+fn major_minor(rdev: u64) -> (u32, u32) {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    (major as u32, minor as u32)
+}
+
+/// When the hotplug script published both `physical-device` and a path, they must name
+/// the same block device: a stale or tampered path must not make us serve another disk.
+fn check_device_number(path: &std::path::Path, expected: (u32, u32)) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_block_device() {
+        // A regular file has no device number to compare (our script writes none for it).
+        return Ok(());
+    }
+    let actual = major_minor(meta.rdev());
+    if actual != expected {
+        return Err(format!(
+            "is device {:x}:{:x}, but physical-device says {:x}:{:x}",
+            actual.0, actual.1, expected.0, expected.1
+        ));
+    }
+    Ok(())
+}
+
 /// The errno blkback would report for an attach failure.
 fn attach_errno(e: &backend::AttachError) -> i32 {
     use backend::AttachError as A;
@@ -295,5 +324,20 @@ impl ConnectedVbd for EngineVbd {
                 ),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers() {
+        // makedev(7, 3) and makedev(259, 65536) in glibc's encoding.
+        assert_eq!(major_minor(0x703), (7, 3));
+        let dev = (259u64 << 8) | ((65536u64 & !0xff) << 12);
+        assert_eq!(major_minor(dev), (259, 65536));
+        assert!(check_device_number(std::path::Path::new("/dev/null"), (1, 3)).is_ok());
+        assert!(check_device_number(std::path::Path::new("/etc/hostname"), (9, 9)).is_ok());
     }
 }

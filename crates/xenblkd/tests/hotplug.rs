@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{disk, Host, XENBLKD};
-use xenbus::store::join;
+use xenbus::store::{join, Store};
 use xenbus::toolstack::Removal;
 use xenbus::XenbusState;
 
@@ -159,5 +159,22 @@ fn libxl_phy_route_with_the_hotplug_script() {
         Some("error")
     );
     // The device never opened anything and is removed cleanly.
+    assert_eq!(host.detach(&spec), Removal::Clean);
+
+    // A script that publishes a path and a device number that disagree: refused.
+    host.create_domain(4);
+    let mut spec = disk("vbd", 4, 51712, Path::new("/unused"));
+    spec.params = lo.0.clone();
+    host.attach(&spec);
+    let be = spec.backend_path();
+    host.xs
+        .transaction(&mut |tx| {
+            tx.write(&join(&be, "physical-device-path"), lo.0.as_bytes())?;
+            tx.write(&join(&be, "physical-device"), b"1:3")
+        })
+        .unwrap();
+    host.wait_state(&be, XenbusState::Closing);
+    let err = host.read(&join(&be, "error")).unwrap();
+    assert!(err.contains("but physical-device says 1:3"), "{err}");
     assert_eq!(host.detach(&spec), Removal::Clean);
 }

@@ -68,14 +68,26 @@ impl BackendNodes {
             })?),
             None => None,
         };
-        match (&self.physical_device_path, from_params) {
-            (Some(path), params) => Ok(DiskTarget {
-                // The script resolves where the data is; the format still comes from params.
-                format: params.map_or(crate::parse::DiskFormat::Raw, |t| t.format),
+        let format = from_params
+            .as_ref()
+            .map_or(crate::parse::DiskFormat::Raw, |t| t.format);
+        match (
+            &self.physical_device_path,
+            self.physical_device,
+            from_params,
+        ) {
+            // The script resolved where the data is; the format still comes from params.
+            (Some(path), _, _) => Ok(DiskTarget {
+                format,
                 path: path.clone(),
             }),
-            (None, Some(t)) => Ok(t),
-            (None, None) => Err(NegotiationError::Missing {
+            // Only the device number (what blkback itself uses): its /dev/block node.
+            (None, Some((major, minor)), _) => Ok(DiskTarget {
+                format,
+                path: PathBuf::from(format!("/dev/block/{major}:{minor}")),
+            }),
+            (None, None, Some(t)) => Ok(t),
+            (None, None, None) => Err(NegotiationError::Missing {
                 path: join(backend, "params"),
             }),
         }
@@ -188,6 +200,7 @@ pub fn device_config(
         backend_path: backend.to_string(),
         frontend_path: nodes.frontend.clone(),
         target: nodes.target(backend)?,
+        physical_device: nodes.physical_device,
         read_only: nodes.read_only,
         cdrom: nodes.cdrom,
         removable: nodes.removable,
@@ -650,6 +663,13 @@ mod tests {
         assert!(n.hotplug_done() && n.read_only && !n.discard_enable);
         assert_eq!(n.physical_device, Some((0xfd, 3)));
         assert_eq!(n.target(BE).unwrap().path.to_str().unwrap(), "/dev/loop3");
+        // Only a device number: its /dev/block node (blkback opens by number too).
+        s.rm(&join(BE, "physical-device-path")).unwrap();
+        let n = read_backend(&s, BE).unwrap().unwrap();
+        assert_eq!(
+            n.target(BE).unwrap().path.to_str().unwrap(),
+            "/dev/block/253:3"
+        );
     }
 
     #[test]
@@ -891,6 +911,7 @@ mod tests {
                 format: DiskFormat::Raw,
                 path: "/x".into(),
             },
+            physical_device: None,
             read_only: false,
             cdrom: false,
             removable: false,

@@ -32,8 +32,12 @@ pub struct DeviceConfig {
     pub backend_path: String,
     /// Absolute frontend directory.
     pub frontend_path: String,
-    /// What to open: `physical-device-path` when the hotplug script wrote one, else `params`.
+    /// What to open: `physical-device-path` when the hotplug script wrote one, else the
+    /// `/dev/block` node of `physical-device`, else `params`.
     pub target: DiskTarget,
+    /// `physical-device` (major, minor), if the hotplug script wrote it: the opened block
+    /// device must be that one.
+    pub physical_device: Option<(u32, u32)>,
     /// `mode` is `r`.
     pub read_only: bool,
     /// `device-type` is `cdrom`.
