@@ -192,7 +192,17 @@ pub fn kernel_blkback() -> Option<&'static str> {
 /// Refuses to race a loaded blkback for `vbd` devices: an explicit request is an error
 /// (unless forced), the default quietly serves only our own type.
 fn avoid_blkback(config: &mut Config, explicit: bool, force: bool) -> anyhow::Result<()> {
-    let Some(marker) = kernel_blkback() else {
+    avoid_blkback_marker(config, explicit, force, kernel_blkback())
+}
+
+/// [`avoid_blkback`] with the detection result given (testable without a kernel).
+fn avoid_blkback_marker(
+    config: &mut Config,
+    explicit: bool,
+    force: bool,
+    marker: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(marker) = marker else {
         return Ok(());
     };
     if config.backend_type(VBD_BACKEND_TYPE).is_none() || force {
@@ -474,5 +484,76 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => Err(e).context("xenstore connection lost"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MARKER: Option<&str> = Some("/sys/module/xen_blkback");
+
+    #[test]
+    fn blkback_is_never_raced() {
+        // Default types: vbd is dropped, our own type stays.
+        let mut c = Config::default();
+        avoid_blkback_marker(&mut c, false, false, MARKER).unwrap();
+        let names: Vec<&str> = c.backend_types.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["xenblkd"]);
+        // Asked for explicitly: a clear error naming the way out.
+        let mut c = Config::default();
+        let e = avoid_blkback_marker(&mut c, true, false, MARKER)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("xen-blkback is loaded") && e.contains("xenblkd attach"),
+            "{e}"
+        );
+        // Forced: kept, with a warning.
+        let mut c = Config::default();
+        avoid_blkback_marker(&mut c, true, true, MARKER).unwrap();
+        assert_eq!(c.backend_types.len(), 2);
+        // No blkback: nothing changes.
+        let mut c = Config::default();
+        avoid_blkback_marker(&mut c, true, false, None).unwrap();
+        assert_eq!(c.backend_types.len(), 2);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let t = T::parse_from([
+            "t",
+            "--type",
+            "vbd:hotplug",
+            "--type",
+            "mine",
+            "--max-queues",
+            "3",
+            "--persistent-grants",
+            "false",
+            "--grant-mode",
+            "copy",
+            "--backend-domid",
+            "5",
+        ]);
+        let (c, explicit) = build_config(&t.serve).unwrap();
+        assert!(explicit);
+        assert_eq!(c.backend_types.len(), 2);
+        assert!(c.backend_type("vbd").unwrap().wait_for_hotplug);
+        assert!(!c.backend_type("mine").unwrap().wait_for_hotplug);
+        assert_eq!(c.defaults.max_queues, 3);
+        assert!(!c.defaults.persistent_grants);
+        assert_eq!(c.defaults.grant_mode, GrantMode::Copy);
+        assert_eq!(c.backend_domid, 5);
+        let bad = T::parse_from(["t", "--type", "vbd:wait"]);
+        assert!(build_config(&bad.serve).is_err());
+        let bad = T::parse_from(["t", "--max-ring-page-order", "9"]);
+        assert!(build_config(&bad.serve).is_err());
     }
 }
