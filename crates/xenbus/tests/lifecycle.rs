@@ -598,6 +598,27 @@ fn toolstack_detach_with_cooperative_frontend(kind: Kind) {
     h.stop();
 }
 
+fn unresponsive_frontend_is_torn_down_by_forced_removal(kind: Kind) {
+    let h = Harness::default(kind);
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    // The guest ignores Closing (hung kernel). libxl times out, removes the frontend
+    // directory and waits again: the backend must then tear down and reach Closed.
+    let timeout = Duration::from_millis(300);
+    let start = Instant::now();
+    let r = toolstack::remove_disk(h.store.as_ref(), &be, &fe, timeout).unwrap();
+    assert_eq!(
+        r,
+        Removal::Clean,
+        "Closed after the forced frontend removal"
+    );
+    assert!(start.elapsed() < timeout * 2);
+    h.wait_until("disconnect", || h.live() == 0);
+    h.wait_until("device forgotten", || {
+        h.sender.status(WAIT).unwrap().1.is_empty()
+    });
+    h.stop();
+}
+
 fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
     let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
@@ -746,6 +767,7 @@ over_both_stores!(
     frontend_restart_without_closing_reconnects,
     toolstack_detach_with_cooperative_frontend,
     online_zero_closes_an_idle_device_at_once,
+    unresponsive_frontend_is_torn_down_by_forced_removal,
     backend_removal_and_domain_death_tear_down,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
