@@ -12,7 +12,8 @@
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
 //! - `slots`: the per-ring request slot pool;
 //! - [`stats`]: run-time counters;
-//! - `sys`: epoll/timerfd/eventfd wrappers.
+//! - `sys`: epoll/timerfd/eventfd wrappers;
+//! - [`testing`]: fd-leak checks for tests of this crate and the layers around it.
 
 pub mod bounce;
 pub mod engine;
@@ -22,6 +23,7 @@ mod ring;
 mod slots;
 pub mod stats;
 mod sys;
+pub mod testing;
 pub mod vbd;
 
 pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};

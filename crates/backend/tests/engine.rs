@@ -679,7 +679,7 @@ fn failed_attach_leaves_nothing_behind() {
     use platform::{GrantMapper, Platform};
 
     let _g = serial();
-    let fds_before = backend::open_fd_count();
+    let fds_before = harness::FdTable::now();
     {
         let sim = SimPlatform::new();
         let guest = SimGuest::new(harness::GUEST_DOMID, GuestConfig::default()).unwrap();
@@ -753,5 +753,5 @@ fn failed_attach_leaves_nothing_behind() {
         engine.shutdown();
         guest.end_access(good).unwrap();
     }
-    assert_eq!(backend::open_fd_count(), fds_before);
+    fds_before.assert_unchanged("after a failed attach");
 }

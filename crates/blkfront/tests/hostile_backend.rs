@@ -77,11 +77,10 @@ impl Hand {
     }
 }
 
-/// The fd leak check counts the whole process's fds: one bench at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+/// The fd leak check compares the whole process's fd table: one bench at a time, each
+/// after the previous test's thread has exited (see [`backend::testing`]).
 struct Bench {
-    fds_before: usize,
+    fds_before: backend::testing::FdTable,
     fe: Frontend,
     hand: Hand,
     platform: SimPlatform,
@@ -89,7 +88,7 @@ struct Bench {
     _domain: DomainHandle,
     /// Last: fields drop in order, and the next bench must not start before the rest
     /// of this one is gone.
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: std::sync::MutexGuard<'static, Option<i32>>,
 }
 
 fn offer() -> BackendFeatures {
@@ -109,8 +108,8 @@ fn offer() -> BackendFeatures {
 }
 
 fn bench(config: FrontendConfig, offer: BackendFeatures) -> Bench {
-    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let fds_before = backend::open_fd_count();
+    let serial = backend::testing::serial();
+    let fds_before = backend::testing::FdTable::now();
     let platform = SimPlatform::new();
     let guest = Arc::new(
         SimGuest::new(
@@ -228,7 +227,7 @@ impl Bench {
         drop(services);
         let _ = platform.detach(DOMID);
         drop(platform);
-        assert_eq!(backend::open_fd_count(), fds_before, "fds leaked");
+        fds_before.assert_unchanged("after teardown");
         stats
     }
 }

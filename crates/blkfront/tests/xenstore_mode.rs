@@ -219,11 +219,9 @@ impl ToyBackend {
     }
 }
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
 struct World {
-    serial: Option<std::sync::MutexGuard<'static, ()>>,
-    fds_before: usize,
+    serial: Option<std::sync::MutexGuard<'static, Option<i32>>>,
+    fds_before: backend::testing::FdTable,
     server: XenstoreServer,
     dom0: XsClient,
     backend: Arc<ToyBackend>,
@@ -235,8 +233,10 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let fds_before = backend::open_fd_count();
+        // The leak check compares the process's fd table: one world at a time, each
+        // after the previous test's thread has exited (see `backend::testing`).
+        let serial = backend::testing::serial();
+        let fds_before = backend::testing::FdTable::now();
         let server = XenstoreServer::new(ServerConfig::default());
         server.introduce_domain(GUEST as u32);
         let dom0 = client(&server, 0);
@@ -294,10 +294,10 @@ impl World {
     /// Stops everything and checks no fd is left open.
     fn finish(mut self) {
         self.stop_backend();
-        let fds_before = self.fds_before;
+        let fds_before = std::mem::take(&mut self.fds_before);
         let serial = self.serial.take();
         drop(self);
-        assert_eq!(backend::open_fd_count(), fds_before, "fds leaked");
+        fds_before.assert_unchanged("after the world stopped");
         drop(serial);
     }
 

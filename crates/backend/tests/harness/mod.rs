@@ -30,12 +30,12 @@ use storage::{DirectIo, OpenOptions, Storage};
 pub const SECTOR: usize = 512;
 pub const GUEST_DOMID: u16 = 7;
 
-/// Tests share the process's fd table and the leak checks count fds, so they run one at
-/// a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+pub use backend::testing::FdTable;
 
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// Tests share the process's fd table and the leak checks compare it, so they run one at
+/// a time, each after the previous test's thread has exited (see [`backend::testing`]).
+pub fn serial() -> MutexGuard<'static, Option<i32>> {
+    backend::testing::serial()
 }
 
 #[derive(Debug, Clone)]
@@ -113,7 +113,7 @@ pub struct Harness {
     /// Persistent mode: pages granted once and reused, as blkfront does.
     persistent_pool: Vec<Page>,
     next_id: u64,
-    pub fds_before: usize,
+    pub fds_before: FdTable,
 }
 
 impl Harness {
@@ -126,7 +126,7 @@ impl Harness {
         opts: Opts,
         wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
     ) -> Harness {
-        let fds_before = backend::open_fd_count();
+        let fds_before = FdTable::now();
         let pages = 8192;
         let platform = SimPlatform::new();
         let guest = SimGuest::new(
@@ -506,9 +506,9 @@ impl Harness {
             0,
             "grant revoked while mapped"
         );
-        let fds_before = self.fds_before;
+        let fds_before = std::mem::take(&mut self.fds_before);
         drop(self);
-        assert_eq!(backend::open_fd_count(), fds_before, "fd leak");
+        fds_before.assert_unchanged("after teardown");
     }
 }
 

@@ -3,9 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
+use backend::testing::FdTable;
 use backend::{Engine, EngineConfig, Features, GrantMode, RingSpec, VbdHandle, VbdLimits, VbdSpec};
 use blkfront::sim::SimGuestServices;
 use blkfront::{BackendFeatures, DiscardParams, Frontend, FrontendConfig};
@@ -15,11 +16,10 @@ use storage::{DirectIo, OpenOptions, Storage};
 
 pub const GUEST_DOMID: u16 = 9;
 
-/// The leak checks count the process's fds, so rigs run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// The leak checks compare the process's fd table, so rigs run one at a time, each after
+/// the previous test's thread has exited (see [`backend::testing`]).
+pub fn serial() -> MutexGuard<'static, Option<i32>> {
+    backend::testing::serial()
 }
 
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ pub struct Rig {
     pub disk: tempfile::NamedTempFile,
     pub model: Vec<u8>,
     pub opts: RigOpts,
-    fds_before: usize,
+    fds_before: FdTable,
 }
 
 pub fn open_storage(path: &std::path::Path, read_only: bool) -> Arc<dyn Storage> {
@@ -89,7 +89,7 @@ pub fn open_storage(path: &std::path::Path, read_only: bool) -> Arc<dyn Storage>
 
 impl Rig {
     pub fn new(opts: RigOpts) -> Rig {
-        let fds_before = backend::open_fd_count();
+        let fds_before = FdTable::now();
         let platform = SimPlatform::new();
         let guest = Arc::new(
             SimGuest::new(
@@ -222,9 +222,9 @@ impl Rig {
         );
         self.domain.take();
         let _ = self.platform.detach(GUEST_DOMID);
-        let fds_before = self.fds_before;
+        let fds_before = std::mem::take(&mut self.fds_before);
         drop(self);
-        assert_eq!(backend::open_fd_count(), fds_before, "fds leaked");
+        fds_before.assert_unchanged("after teardown");
         stats
     }
 }
