@@ -256,7 +256,11 @@ impl Device {
 
         match fe_state {
             XenbusState::Unknown => {
-                // The frontend directory is not written yet: wait in InitWait.
+                // The frontend directory is not written yet: wait in InitWait, unless
+                // asked to close.
+                if close_requested {
+                    self.publish(ctx, &nodes, XenbusState::Closed)?;
+                }
             }
             XenbusState::Initialising | XenbusState::InitWait => {
                 if self.session.is_some() {
@@ -440,6 +444,14 @@ impl Device {
         let Some((errno, message)) = err.fatal_report() else {
             return Err(err.clone());
         };
+        if self.failed.is_some() {
+            // Already reported and Closing. Writing again would fire our own watch on
+            // `state` and, with a toolstack error that persists, loop forever.
+            if self.session.is_some() {
+                self.start_disconnect(ctx);
+            }
+            return Ok(());
+        }
         warn!(device = %self.key, errno, %message, "device failed");
         negotiate::publish_fatal(ctx.store.as_ref(), &self.backend_path, errno, &message)?;
         self.wrote_linux_error = true;

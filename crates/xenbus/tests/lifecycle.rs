@@ -619,6 +619,42 @@ fn unresponsive_frontend_is_torn_down_by_forced_removal(kind: Kind) {
     h.stop();
 }
 
+fn toolstack_junk_is_reported_once(kind: Kind) {
+    let h = Harness::default(kind);
+    let mut spec = DiskSpec::new("xenblkd", 5, 51712, "vhd:/images/a.vhd");
+    spec.backend_domid = 0;
+    h.guest(5);
+    toolstack::add_disk(h.store.as_ref(), &spec).unwrap();
+    let be = spec.backend_path();
+    h.wait_state(&be, XenbusState::Closing);
+    assert!(h
+        .get(&join(&be, "error"))
+        .unwrap()
+        .contains("unsupported image format"));
+    // The toolstack now writes a `frontend` outside the guest's domain: also refused,
+    // and neither error makes the daemon rewrite its nodes in a loop.
+    h.store
+        .write(&join(&be, "frontend"), b"/local/domain/9/device/vbd/51712")
+        .unwrap();
+    let commits = h.mem.as_ref().map(|m| m.commits());
+    thread::sleep(Duration::from_millis(300));
+    if let (Some(m), Some(before)) = (&h.mem, commits) {
+        assert!(
+            m.commits() <= before + 1,
+            "{} commits in 300 ms",
+            m.commits() - before
+        );
+    }
+    assert_eq!(h.state(&be), XenbusState::Closing);
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    assert!(devices[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("unsupported image format"));
+    h.stop();
+}
+
 fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
     let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
@@ -768,6 +804,7 @@ over_both_stores!(
     toolstack_detach_with_cooperative_frontend,
     online_zero_closes_an_idle_device_at_once,
     unresponsive_frontend_is_torn_down_by_forced_removal,
+    toolstack_junk_is_reported_once,
     backend_removal_and_domain_death_tear_down,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
