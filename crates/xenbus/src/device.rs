@@ -181,6 +181,29 @@ impl Device {
             return Ok(Outcome::Forget);
         };
 
+        if nodes.state == Some(XenbusState::Initialising) && self.published != XenbusState::Unknown
+        {
+            // Only the toolstack writes Initialising, when it creates a device: this is a
+            // new device under the same name (detach and attach faster than we saw the
+            // removal). Nothing of the old one may survive, least of all its storage.
+            if self.session.is_some() {
+                info!(device = %self.key, "device re-created; tearing down the old one first");
+                self.start_disconnect(ctx);
+                return Ok(Outcome::Idle);
+            }
+            info!(device = %self.key, "device re-created");
+            let (key, path) = (self.key.clone(), self.backend_path.clone());
+            let watched = self.watched_frontend.take();
+            let frontend_path = self.frontend_path.take();
+            let sessions = self.sessions;
+            let session_id = self.session_id;
+            *self = Device::new(key, path);
+            self.watched_frontend = watched;
+            self.frontend_path = frontend_path;
+            self.sessions = sessions;
+            self.session_id = session_id;
+        }
+
         let mut outcome = Outcome::Idle;
         if self.frontend_path.as_deref() != Some(nodes.frontend.as_str()) {
             if self.frontend_path.is_some() {

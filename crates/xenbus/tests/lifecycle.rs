@@ -655,6 +655,30 @@ fn toolstack_junk_is_reported_once(kind: Kind) {
     h.stop();
 }
 
+fn recreated_device_does_not_inherit_the_old_storage(kind: Kind) {
+    let h = Harness::default(kind);
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/old.img");
+    // The toolstack replaces the device in one transaction (no removal seen in between).
+    let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/new.img");
+    h.store
+        .transaction(&mut |tx| {
+            tx.rm(&be)?;
+            tx.rm(&fe)
+        })
+        .unwrap();
+    toolstack::add_disk(h.store.as_ref(), &spec).unwrap();
+    h.wait_state(&be, XenbusState::InitWait);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    let connects = h.shared.connects.lock().unwrap().clone();
+    assert_eq!(
+        connects.last().unwrap().0.target.path,
+        PathBuf::from("/images/new.img")
+    );
+    assert_eq!(h.live(), 1);
+    h.stop();
+}
+
 fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
     let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
@@ -805,6 +829,7 @@ over_both_stores!(
     online_zero_closes_an_idle_device_at_once,
     unresponsive_frontend_is_torn_down_by_forced_removal,
     toolstack_junk_is_reported_once,
+    recreated_device_does_not_inherit_the_old_storage,
     backend_removal_and_domain_death_tear_down,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
