@@ -226,6 +226,35 @@ fn feature_matrix_minimal_backend() {
     );
     g.finish();
     assert_eq!(host.detach(&spec), Removal::Clean);
+
+    // A read-only disk whose toolstack line said no-discard: the backend says VDISK_READONLY
+    // and no discard, and refuses the writes a frontend sends anyway.
+    host.create_domain(8);
+    let mut ro = disk("xenblkd", 8, 51712, &host.image("ro.img", 8));
+    ro.writable = false;
+    ro.discard_enable = false;
+    host.attach(&ro);
+    let g = host.guest(
+        8,
+        51712,
+        &["--no-honour-read-only"],
+        "connect,ro-check,close",
+    );
+    let seen = g.finish();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("ok ro-check write refused")),
+        "{seen:?}"
+    );
+    let be = ro.backend_path();
+    assert_eq!(host.read(&join(&be, "info")).as_deref(), Some("4"));
+    assert_eq!(
+        host.read(&join(&be, "feature-discard")).as_deref(),
+        Some("0")
+    );
+    let st = host.device_status("xenblkd", 8, 51712).unwrap();
+    println!("read-only device: {}", st["last_disconnect"]);
+    assert_eq!(host.detach(&ro), Removal::Clean);
 }
 
 /// libxl's route: backendtype=phy with our hotplug script. The backend reaches InitWait

@@ -5,7 +5,7 @@
 //! `err <step>: ...`), so a test can follow and synchronise with it.
 //!
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
-//! `flush`, `discard`, `loop` (verified I/O until the backend goes away; ends `ok loop`),
+//! `flush`, `discard`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
 //! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
@@ -65,6 +65,9 @@ struct Args {
     /// Use BLKIF_OP_WRITE_BARRIER for flushes when offered.
     #[arg(long)]
     barrier: bool,
+    /// Send writes to a read-only disk anyway (to test the backend's refusal).
+    #[arg(long)]
+    no_honour_read_only: bool,
     /// The script.
     #[arg(long, default_value = "connect,io:16,close")]
     script: String,
@@ -122,6 +125,7 @@ impl Guest {
                 FlushPreference::PreferFlush
             },
             connect_timeout: Duration::from_secs(15),
+            honour_read_only: !a.no_honour_read_only,
             ..FrontendConfig::default()
         }
     }
@@ -245,6 +249,21 @@ impl Guest {
                     bail!("grants still mapped after the backend closed: {report:?}");
                 }
                 Ok(String::new())
+            }
+            "ro-check" => {
+                let fe = self.frontend()?;
+                if !fe.disk().read_only() {
+                    bail!(
+                        "the backend did not report the disk read-only (info {})",
+                        fe.disk().info
+                    );
+                }
+                let mut buf = vec![0u8; 4096];
+                fe.read(0, &mut buf).context("reading a read-only disk")?;
+                match fe.write(0, &buf) {
+                    Ok(()) => bail!("a write to a read-only disk succeeded"),
+                    Err(e) => Ok(format!("write refused: {e}")),
+                }
             }
             "wait-capacity" => {
                 let want: u64 = arg.parse().context("wait-capacity:BYTES")?;
