@@ -1064,15 +1064,7 @@ impl RingTask for RingRunner {
     }
 
     fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        // SAFETY: both descriptors are owned by objects this ring owns (the event channel
-        // and the storage queue), which outlive the borrow: the reactor deregisters them
-        // before it drops the ring.
-        unsafe {
-            vec![
-                BorrowedFd::borrow_raw(self.evtchn.fd()),
-                BorrowedFd::borrow_raw(self.queue.completion_fd()),
-            ]
-        }
+        vec![self.evtchn.fd(), self.queue.completion_fd()]
     }
 
     fn ready(&mut self, which: usize) {

@@ -557,7 +557,7 @@ fn bad_grants_fail_only_their_request() {
 mod gated {
     //! A storage whose completions are held back until the test opens a gate.
     use std::io;
-    use std::os::fd::RawFd;
+    use std::os::fd::BorrowedFd;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -600,7 +600,7 @@ mod gated {
         fn commit(&mut self) -> io::Result<()> {
             self.inner.commit()
         }
-        fn completion_fd(&self) -> RawFd {
+        fn completion_fd(&self) -> BorrowedFd<'_> {
             self.inner.completion_fd()
         }
         fn reap(&mut self, f: Completion<'_>) -> usize {

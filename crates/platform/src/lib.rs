@@ -25,7 +25,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 
 pub mod grant_table;
@@ -313,8 +313,9 @@ pub trait GrantMapper: Send + Sync {
 
 /// One bound interdomain event channel: one per ring. Unbinds on drop.
 pub trait EventChannel: Send + Sync {
-    /// Pollable fd, readable when the other side notified. Owned by the channel.
-    fn fd(&self) -> RawFd;
+    /// Pollable fd, readable when the other side notified. Owned by the channel, so the
+    /// borrow cannot outlive it.
+    fn fd(&self) -> BorrowedFd<'_>;
     /// Kicks the other side.
     fn notify(&self) -> Result<(), PlatformError>;
     /// Consumes pending notifications and re-enables delivery. `true` if one was

@@ -189,9 +189,7 @@ impl Drop for GuestProcess {
     }
 }
 
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
-    // SAFETY: `fd` belongs to an event channel that outlives this call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
     let mut fds = [rustix::event::PollFd::new(
         &fd,
         rustix::event::PollFlags::IN,

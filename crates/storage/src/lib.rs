@@ -48,7 +48,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -177,9 +177,9 @@ pub trait StorageQueue: Send {
     /// queued). On error the operations stay queued and a later `commit` retries them.
     fn commit(&mut self) -> io::Result<()>;
 
-    /// An eventfd that becomes readable when completions are ready. It is always an
-    /// eventfd, so wrappers may signal it by writing to it.
-    fn completion_fd(&self) -> RawFd;
+    /// An eventfd that becomes readable when completions are ready, owned by the queue.
+    /// It is always an eventfd, so wrappers may signal it by writing to it.
+    fn completion_fd(&self) -> BorrowedFd<'_>;
 
     /// Delivers every completion that is ready, each exactly once, and clears the
     /// completion fd. Returns the number delivered. `Ok(n)` carries the bytes transferred

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::sys::EventFd;
 use crate::{
@@ -126,8 +126,8 @@ impl StorageQueue for NullQueue {
         self.eventfd.signal()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.eventfd.as_fd()
     }
 
     fn reap(&mut self, f: Completion<'_>) -> usize {

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// A non-blocking, close-on-exec eventfd used as a queue's completion fd.
@@ -39,6 +39,12 @@ impl EventFd {
     }
 }
 
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
@@ -54,13 +60,14 @@ fn signal_raw(mut f: &File) -> io::Result<()> {
     }
 }
 
-/// Signals an eventfd known only by its raw descriptor (a wrapped queue's completion fd).
-/// The caller guarantees `fd` is an open eventfd for the duration of the call.
+/// Signals an eventfd known only by a borrowed descriptor (a wrapped queue's completion
+/// fd).
 #[cfg(any(test, feature = "testing"))]
-pub(crate) fn eventfd_signal_raw(fd: RawFd) -> io::Result<()> {
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
     let value = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer; `fd` is the caller's open eventfd.
-    let n = unsafe { libc::write(fd, value.as_ptr().cast(), value.len()) };
+    // SAFETY: writes 8 bytes from a live local buffer to a descriptor the borrow keeps
+    // open for the duration of the call.
+    let n = unsafe { libc::write(fd.as_raw_fd(), value.as_ptr().cast(), value.len()) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::WouldBlock {
@@ -211,9 +218,9 @@ pub(crate) fn sysfs_u64(path: &Path) -> Option<u64> {
 
 /// Waits until `fd` is readable or `timeout_ms` passes (benchmark driver; the engine uses
 /// epoll). Returns whether it is readable.
-pub(crate) fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
-        fd,
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };

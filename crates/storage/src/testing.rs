@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use crate::{
@@ -225,12 +225,12 @@ impl StorageQueue for FaultyQueue {
             self.ready.append(&mut self.queued);
             // The inner completion fd is an eventfd (trait contract); signal it so the
             // reactor reaps the injected completions.
-            sys::eventfd_signal_raw(self.inner.completion_fd())?;
+            sys::eventfd_signal(self.inner.completion_fd())?;
         }
         self.inner.commit()
     }
 
-    fn completion_fd(&self) -> RawFd {
+    fn completion_fd(&self) -> BorrowedFd<'_> {
         self.inner.completion_fd()
     }
 

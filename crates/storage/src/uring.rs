@@ -32,7 +32,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -519,8 +519,8 @@ impl StorageQueue for UringQueue {
         self.submit_queued()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.eventfd.as_fd()
     }
 
     fn reap(&mut self, f: Completion<'_>) -> usize {

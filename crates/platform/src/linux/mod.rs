@@ -22,7 +22,7 @@ pub mod abi;
 use std::ffi::c_void;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -373,8 +373,8 @@ struct LinuxEventChannel {
 }
 
 impl EventChannel for LinuxEventChannel {
-    fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     fn notify(&self) -> Result<(), PlatformError> {

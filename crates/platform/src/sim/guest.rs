@@ -5,7 +5,7 @@
 //! ([`SimGuest::grant_access`], [`SimGuest::end_access`]) it can write any raw grant
 //! entry ([`SimGuest::write_raw_entry`]).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -449,8 +449,8 @@ impl GuestEventChannel {
     }
 
     /// Pollable fd, readable when the backend notified.
-    pub fn fd(&self) -> RawFd {
-        self.to_guest.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.to_guest.as_fd()
     }
 
     /// Consumes a pending notification; `true` if there was one.

@@ -30,7 +30,7 @@ mod wire;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -650,8 +650,8 @@ struct SimEventChannel {
 }
 
 impl EventChannel for SimEventChannel {
-    fn fd(&self) -> RawFd {
-        self.to_backend.as_raw_fd()
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.to_backend.as_fd()
     }
 
     fn notify(&self) -> Result<(), PlatformError> {

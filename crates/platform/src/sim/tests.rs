@@ -389,8 +389,7 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
     assert!(!ch.ack().unwrap());
     gch.notify().unwrap();
     gch.notify().unwrap();
-    let fd = unsafe_free_borrow(ch.fd());
-    assert!(wire::wait_readable(fd, Duration::from_secs(1)));
+    assert!(wire::wait_readable(ch.fd(), Duration::from_secs(1)));
     assert!(ch.ack().unwrap(), "coalesced notifications read once");
     assert!(!ch.ack().unwrap());
     assert!(!gch.wait(Duration::from_millis(10)).unwrap());
@@ -409,11 +408,6 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
 }
 
 /// Borrows a raw fd owned by a value that outlives the borrow (test helper).
-fn unsafe_free_borrow<'a>(fd: std::os::fd::RawFd) -> BorrowedFd<'a> {
-    // SAFETY (test): the channel owning `fd` lives until the end of the test.
-    unsafe { BorrowedFd::borrow_raw(fd) }
-}
-
 #[test]
 fn alloc_event_channel_needs_a_backend() {
     let guest = SimGuest::new(4, GuestConfig::default()).unwrap();

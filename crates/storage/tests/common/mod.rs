@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use storage::{AlignedBuf, StorageOp, StorageQueue, SubmitError};
 
 /// Polls `fd` for readability for up to `timeout`.
-pub fn readable(fd: RawFd, timeout: Duration) -> bool {
+pub fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
-        fd,
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
