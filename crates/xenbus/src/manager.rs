@@ -122,6 +122,8 @@ pub struct Manager {
     retry: BTreeSet<DeviceKey>,
     /// Daemon-wide gauges for status replies.
     metrics: Option<Metrics>,
+    /// A scan failed transiently; scan every type again on the next tick.
+    rescan_pending: bool,
 }
 
 /// Produces the daemon-wide gauges of a status reply.
@@ -143,6 +145,7 @@ impl Manager {
             shutdown_deadline: None,
             retry: BTreeSet::new(),
             metrics: None,
+            rescan_pending: false,
         }
     }
 
@@ -205,6 +208,9 @@ impl Manager {
     pub fn process(&mut self, batch: Vec<Event>) -> Result<(), StoreError> {
         let mut dirty: BTreeSet<DeviceKey> = std::mem::take(&mut self.retry);
         let mut rescan: BTreeSet<String> = BTreeSet::new();
+        if std::mem::take(&mut self.rescan_pending) {
+            rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
+        }
         for ev in batch {
             match ev {
                 Event::Watch { path, token } => {
@@ -280,10 +286,23 @@ impl Manager {
             }
         }
         for t in rescan {
-            self.scan_type(&t, &mut dirty)?;
+            if let Err(e) = self.scan_type(&t, &mut dirty) {
+                if e.is_disconnected() {
+                    return Err(e);
+                }
+                // Transient: try the whole type again on the next tick.
+                warn!(backend_type = %t, error = %e, "scanning backend directory");
+                self.rescan_pending = true;
+            }
         }
         for key in dirty {
-            self.reconcile(&key)?;
+            if let Err(e) = self.reconcile(&key) {
+                if e.is_disconnected() {
+                    return Err(e);
+                }
+                warn!(device = %key, error = %e, "reconcile failed; will retry");
+                self.retry.insert(key);
+            }
         }
         Ok(())
     }
