@@ -1,6 +1,6 @@
 //! One device's state machine.
 //!
-//! [`Device::reconcile`] is *level-triggered*: whatever event woke it, it re-reads the
+//! `Device::reconcile` is *level-triggered*: whatever event woke it, it re-reads the
 //! backend directory and the frontend's `state` and moves the device toward what they
 //! ask for. Watch events only say "something changed here"; they can be coalesced,
 //! reordered with our own writes, or dropped by a full queue, and Linux blkback carries
