@@ -7,12 +7,11 @@
 //! the guest so they never hand out the same frame twice.
 
 use std::collections::BTreeSet;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use platform::sim::{GuestError as SimError, SimGuest};
-use shmem::{SharedMemory, PAGE_SIZE};
+use shmem::SharedMemory;
 
 use crate::guest::{EndAccessError, Frame, GrantRef, Guest, GuestError, GuestEventChannel, Port};
 
@@ -132,21 +131,9 @@ impl Guest for SimGuestServices {
                 "ring frames must be contiguous in simulated guest memory",
             ));
         }
-        let len = frames.len() * PAGE_SIZE;
-        let ptr = self
-            .guest
-            .memory()
-            .ptr_at(first as usize * PAGE_SIZE, len)
-            .map_err(|e| GuestError::platform("map ring frames", e))?;
-        let ptr = NonNull::new(ptr).ok_or(GuestError::BadFrame(first))?;
-        // The alias keeps the guest (and so its memory mapping) alive until it is dropped.
-        let keep = self.guest.clone();
-        let release = Box::new(move |_: NonNull<u8>, _: usize| drop(keep));
-        // SAFETY: `ptr..ptr+len` lies inside the guest's memory mapping (bounds checked by
-        // `ptr_at`), which is page aligned, readable and writable, and stays mapped while
-        // `keep` holds the SimGuest, i.e. until this SharedMemory is dropped. SharedMemory
-        // only ever accesses it with volatile copies, like every other view of guest memory.
-        Ok(unsafe { SharedMemory::from_raw_parts(ptr, len, Some(release)) })
+        self.guest
+            .map_frames(first, frames.len() as u32)
+            .map_err(sim_err("map ring frames"))
     }
 
     fn grant_access(
@@ -206,6 +193,7 @@ impl GuestEventChannel for SimChannel {
 mod tests {
     use super::*;
     use platform::sim::GuestConfig;
+    use shmem::PAGE_SIZE;
 
     fn services(pages: u32) -> SimGuestServices {
         let g = SimGuest::new(

@@ -7,7 +7,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,13 +16,12 @@ use backend::{
     VbdSpec,
 };
 use blkif::abi::{
-    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, PAGE_SIZE,
+    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
     SEGMENTS_PER_INDIRECT_PAGE,
 };
 use blkif::{FrontRing, Protocol, RawRequest, Response, Segment};
 use platform::sim::{DomainHandle, GuestConfig, GuestEventChannel, SimGuest, SimPlatform};
 use platform::{GrantMapper, GrantRef, Platform};
-use shmem::SharedMemory;
 use storage::testing::{FaultInjector, FaultyStorage};
 use storage::{DirectIo, OpenOptions, Storage};
 
@@ -181,22 +179,12 @@ impl Harness {
         let mut specs = Vec::new();
         for _ in 0..opts.rings {
             let n = 1usize << opts.order;
-            // Ring pages must be contiguous in guest memory for our FrontRing alias.
+            // Ring pages must be contiguous: the guest maps them as one region.
             let first = h.alloc_contiguous(n);
             let ring_grefs: Vec<GrantRef> = (0..n as u32)
                 .map(|i| h.guest.grant_access(0, first + i, false).unwrap())
                 .collect();
-            let ptr = h
-                .guest
-                .memory()
-                .ptr_at(first as usize * PAGE_SIZE, n * PAGE_SIZE)
-                .unwrap();
-            // SAFETY: the alias covers guest frames reserved for this ring; the guest's
-            // memory outlives every `Front` (field order of `Harness`), and the alias has
-            // no release callback of its own.
-            let mem = unsafe {
-                SharedMemory::from_raw_parts(NonNull::new(ptr).unwrap(), n * PAGE_SIZE, None)
-            };
+            let mem = h.guest.map_frames(first, n as u32).unwrap();
             let ring = FrontRing::new(mem, opts.protocol).unwrap();
             let evtchn = h.guest.alloc_event_channel(0).unwrap();
             specs.push(RingSpec {

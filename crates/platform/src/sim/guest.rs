@@ -283,6 +283,33 @@ impl SimGuest {
         &self.memory
     }
 
+    /// Maps guest frames `first..first + count` as one region of `count` pages: the
+    /// guest's own view of them (a frontend's multi-page ring), shared with every other
+    /// view of guest memory and with the backend's grant mappings of those frames. The
+    /// region is a mapping of its own, unmapped when the value is dropped, so it may
+    /// outlive this `SimGuest`.
+    pub fn map_frames(&self, first: u32, count: u32) -> Result<SharedMemory, GuestError> {
+        let oob = GuestError::OutOfRange {
+            frame: first,
+            offset: 0,
+            len: count as usize * PAGE_SIZE,
+            nr_frames: self.nr_frames,
+        };
+        match first.checked_add(count) {
+            Some(end) if count > 0 && end <= self.nr_frames => {}
+            _ => return Err(oob),
+        }
+        let frames: Vec<u32> = (first..first + count).collect();
+        // The memfd is sealed against shrinking and holds `nr_frames` pages (checked
+        // above), which is what `map_frames` requires.
+        vm::map_frames(self.memory_fd.as_fd(), &frames, true, Box::new(|| {})).map_err(|e| {
+            GuestError::Io {
+                op: "mmap guest frames",
+                source: e,
+            }
+        })
+    }
+
     fn page_offset(&self, frame: u32, offset: usize, len: usize) -> Result<usize, GuestError> {
         let oob = GuestError::OutOfRange {
             frame,

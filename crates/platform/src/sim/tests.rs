@@ -147,6 +147,44 @@ fn mapping_is_zero_copy_and_contiguous() {
 }
 
 #[test]
+fn guest_views_of_frames_alias_guest_memory_and_backend_maps() {
+    let (platform, guest, _h) = setup(8);
+    let view = guest.map_frames(2, 3).unwrap();
+    assert_eq!(view.len(), 3 * PAGE_SIZE);
+    view.write(PAGE_SIZE + 7, b"ring").unwrap();
+    let mut back = [0u8; 4];
+    guest.read_page(3, 7, &mut back).unwrap();
+    assert_eq!(&back, b"ring", "the view is guest memory");
+    // The backend's grant mapping of the same frame sees the same bytes, both ways.
+    let g = guest.grant_access(0, 3, false).unwrap();
+    let m = platform.map(GUEST, &[g], Access::ReadWrite).unwrap();
+    m.read(7, &mut back).unwrap();
+    assert_eq!(&back, b"ring");
+    m.write(100, b"back").unwrap();
+    view.read(PAGE_SIZE + 100, &mut back).unwrap();
+    assert_eq!(&back, b"back");
+    drop(m);
+    guest.end_access(g).unwrap();
+    // Out of range or empty: refused.
+    assert!(matches!(
+        guest.map_frames(6, 3),
+        Err(GuestError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        guest.map_frames(0, 0),
+        Err(GuestError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        guest.map_frames(u32::MAX, 2),
+        Err(GuestError::OutOfRange { .. })
+    ));
+    // The view is a mapping of its own: it outlives the guest.
+    drop(guest);
+    view.read(PAGE_SIZE + 7, &mut back).unwrap();
+    assert_eq!(&back, b"ring");
+}
+
+#[test]
 fn read_only_mapping_is_really_read_only() {
     let (platform, guest, _h) = setup(4);
     let g = guest.grant_access(0, 1, true).unwrap();
