@@ -422,3 +422,44 @@ fn fatal_cases_close_only_their_device() {
     println!("good device: {last}");
     assert_eq!(host.metric("grant_mappings"), 0);
 }
+
+/// A hostile frontend flapping its state as fast as it can (connect attempts with refs it
+/// never granted, closes, restarts) costs the daemon nothing lasting: the other device
+/// keeps serving, the daemon stays responsive, nothing leaks.
+#[test]
+fn flapping_frontend_is_harmless() {
+    let host = Host::start(&[]);
+    host.create_domain(1);
+    let good = disk("xenblkd", 1, 51712, &host.image("good.img", 16));
+    host.attach(&good);
+    let mut g = host.guest(1, 51712, &[], "connect,loop");
+    g.expect("progress");
+    let before = host.status()["daemon"]["metrics"].clone();
+
+    host.create_domain(2);
+    let bad = disk("xenblkd", 2, 51712, &host.image("bad.img", 1));
+    host.attach(&bad);
+    let gs = guest_store(&host, 2);
+    let fe = bad.frontend_path();
+    gs.write_str(&join(&fe, "ring-ref"), "77").unwrap();
+    gs.write_str(&join(&fe, "event-channel"), "5").unwrap();
+    for round in 0..300 {
+        let state = ["3", "5", "6", "1", "4", "2", "9", "garbage"][round % 8];
+        gs.write_str(&join(&fe, "state"), state).unwrap();
+    }
+    gs.write_str(&join(&fe, "state"), "6").unwrap();
+    let be = bad.backend_path();
+    host.wait_state(&be, XenbusState::Closed);
+    // Still serving the other guest, still answering.
+    g.expect("progress");
+    assert_eq!(host.state(&good.backend_path()), XenbusState::Connected);
+    let after = host.status()["daemon"]["metrics"].clone();
+    println!("before flapping: {before}\nafter flapping:  {after}");
+    assert_eq!(host.detach(&bad), Removal::Clean);
+    assert_eq!(host.detach(&good), Removal::Clean);
+    g.finish();
+    assert_eq!(host.metric("grant_mappings"), 0);
+    // Back to the descriptors of a daemon serving nothing (the good device's storage,
+    // rings and event channels included in `before` are gone too).
+    assert!(host.metric("open_fds") < before["open_fds"].as_u64().unwrap());
+}
