@@ -209,7 +209,7 @@ impl VbdFactory for EngineFactory {
                 max_indirect_segments: settings.max_indirect_segments,
                 persistent: backend::persistent_grants::PersistentGrantLimits {
                     max_grants: settings.max_persistent_grants as usize,
-                    ..Default::default()
+                    unused_timeout: Duration::from_secs(settings.persistent_grant_unused_secs),
                 },
                 ..VbdLimits::default()
             },

@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Persistent grants kept mapped per ring.
     #[arg(long)]
     pub max_persistent_grants: Option<u32>,
+    /// Unmap a persistent grant unused this long (0: never).
+    #[arg(long, value_name = "SECS")]
+    pub persistent_grant_unused_secs: Option<u64>,
     /// Grant data path.
     #[arg(long, value_enum)]
     pub grant_mode: Option<GrantModeArg>,
@@ -162,6 +165,9 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, bool)> {
     }
     if let Some(v) = args.max_persistent_grants {
         d.max_persistent_grants = v;
+    }
+    if let Some(v) = args.persistent_grant_unused_secs {
+        d.persistent_grant_unused_secs = v;
     }
     if let Some(v) = args.grant_mode {
         d.grant_mode = match v {

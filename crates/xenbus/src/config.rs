@@ -17,6 +17,7 @@
 //! max_indirect_segments = 256
 //! persistent_grants = true
 //! max_persistent_grants = 1056
+//! persistent_grant_unused_secs = 60
 //! grant_mode = "auto"            # map | copy | auto
 //! discard = true
 //! direct_io = "auto"             # auto | on | off
@@ -92,6 +93,8 @@ pub struct DeviceSettings {
     pub persistent_grants: bool,
     /// Persistent grants kept mapped per ring before LRU purging.
     pub max_persistent_grants: u32,
+    /// A persistent grant unused this long is unmapped at the next purge (0: never).
+    pub persistent_grant_unused_secs: u64,
     /// Map or copy grants.
     pub grant_mode: GrantMode,
     /// Offer discard when the storage supports it (and the toolstack's `discard-enable`
@@ -113,6 +116,8 @@ impl Default for DeviceSettings {
             persistent_grants: true,
             // blkback's default max_persistent_grants.
             max_persistent_grants: 1056,
+            // blkback's persistent_grant_unused_seconds.
+            persistent_grant_unused_secs: 60,
             grant_mode: GrantMode::Auto,
             discard: true,
             direct_io: DirectIo::Auto,
@@ -172,6 +177,8 @@ pub struct DeviceOverride {
     pub persistent_grants: Option<bool>,
     /// See [`DeviceSettings::max_persistent_grants`].
     pub max_persistent_grants: Option<u32>,
+    /// See [`DeviceSettings::persistent_grant_unused_secs`].
+    pub persistent_grant_unused_secs: Option<u64>,
     /// See [`DeviceSettings::grant_mode`].
     pub grant_mode: Option<GrantMode>,
     /// See [`DeviceSettings::discard`].
@@ -207,6 +214,9 @@ impl DeviceOverride {
         }
         if let Some(v) = self.max_persistent_grants {
             s.max_persistent_grants = v;
+        }
+        if let Some(v) = self.persistent_grant_unused_secs {
+            s.persistent_grant_unused_secs = v;
         }
         if let Some(v) = self.grant_mode {
             s.grant_mode = v;
