@@ -38,8 +38,8 @@ use blkif::{
     Response, Segment, Segments, Validated,
 };
 use platform::{
-    Access, CopyDirection, DomId, EventChannel, GrantCopyOp, GrantMapping, OutOfBounds, Platform,
-    MAX_MAP_BATCH,
+    Access, CopyBuffer, CopyDirection, CopySegment, DomId, EventChannel, GrantMapping, OutOfBounds,
+    Platform, MAX_MAP_BATCH,
 };
 use storage::{is_unsupported, StorageOp, StorageQueue, SubmitError};
 
@@ -238,6 +238,8 @@ pub(crate) struct RingRunner {
     grefs: Vec<u32>,
     /// Private copies of indirect descriptor pages (copy mode).
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
+    /// Grant-copy segments of the request being copied, reused (copy mode).
+    copy_segs: Vec<CopySegment>,
     evtchn_fired: bool,
     /// Responses written since the last publication.
     responses_unpublished: bool,
@@ -297,6 +299,7 @@ impl RingRunner {
             misses: Vec::new(),
             grefs: Vec::new(),
             indirect_pages: Vec::new(),
+            copy_segs: Vec::new(),
             evtchn_fired: true,
             responses_unpublished: false,
             resize_poll: cfg.resize_poll,
@@ -856,21 +859,23 @@ impl RingRunner {
             if self.indirect_pages.len() < grefs.len() {
                 self.indirect_pages.resize(grefs.len(), [0; PAGE_SIZE]);
             }
-            let mut ops: Vec<GrantCopyOp<'_>> = self
-                .indirect_pages
-                .iter_mut()
-                .zip(grefs)
-                .map(|(page, &gref)| GrantCopyOp::from_guest(self.domid, gref, 0, &mut page[..]))
-                .collect();
-            if let Err(e) = self.platform.copy(&mut ops) {
-                tracing::debug!(error = %e, "grant copy of indirect pages failed");
-                return Err(BLKIF_RSP_ERROR);
-            }
-            if let Some(op) = ops.iter().find(|op| !op.status().is_ok()) {
-                tracing::debug!(gref = op.gref(), status = %op.status(), "indirect page copy refused");
-                return Err(BLKIF_RSP_ERROR);
-            }
-            drop(ops);
+            self.copy_segs.clear();
+            self.copy_segs
+                .extend(grefs.iter().enumerate().map(|(i, &gref)| {
+                    CopySegment::new(
+                        CopyDirection::FromGuest,
+                        self.domid,
+                        gref,
+                        0,
+                        PAGE_SIZE as u16,
+                        i * PAGE_SIZE,
+                    )
+                }));
+            let copied = self.platform.copy_segments(
+                CopyBuffer::Private(self.indirect_pages.as_flattened_mut()),
+                &mut self.copy_segs,
+            );
+            check_copied(copied, &self.copy_segs)?;
             ind.parse_segments(&self.indirect_pages[..grefs.len()], &mut s.segs)
                 .map(<[Segment]>::len)
         } else {
@@ -998,34 +1003,23 @@ impl RingRunner {
     /// bounce pages.
     fn copy_data(&mut self, slot: u32, direction: CopyDirection) -> Result<(), i16> {
         let pool = self.bounce.as_ref().expect("copy mode");
-        let region = pool.region();
         let s = self.slots.get(slot);
-        let ops: Result<Vec<GrantCopyOp<'_>>, OutOfBounds> = s
-            .segs
-            .iter()
-            .zip(&s.bounce)
-            .map(|(seg, &page)| {
-                GrantCopyOp::with_shared(
+        self.copy_segs.clear();
+        self.copy_segs
+            .extend(s.segs.iter().zip(&s.bounce).map(|(seg, &page)| {
+                CopySegment::new(
                     direction,
                     self.domid,
                     seg.gref,
                     seg.offset_bytes() as u16,
-                    region,
+                    seg.len_bytes() as u16,
                     BouncePool::offset(page) + seg.offset_bytes(),
-                    seg.len_bytes(),
                 )
-            })
-            .collect();
-        let mut ops = ops.map_err(|_| BLKIF_RSP_ERROR)?;
-        if let Err(e) = self.platform.copy(&mut ops) {
-            tracing::debug!(error = %e, "grant copy failed");
-            return Err(BLKIF_RSP_ERROR);
-        }
-        if let Some(op) = ops.iter().find(|op| !op.status().is_ok()) {
-            tracing::debug!(gref = op.gref(), status = %op.status(), "grant copy refused");
-            return Err(BLKIF_RSP_ERROR);
-        }
-        Ok(())
+            }));
+        let copied = self
+            .platform
+            .copy_segments(CopyBuffer::Shared(pool.region()), &mut self.copy_segs);
+        check_copied(copied, &self.copy_segs)
     }
 
     fn purge(&mut self, now: Instant) {
@@ -1043,6 +1037,22 @@ impl RingRunner {
         }
         drop(purged);
     }
+}
+
+/// The outcome of a grant copy as a response status.
+fn check_copied(
+    copied: Result<(), platform::PlatformError>,
+    segs: &[CopySegment],
+) -> Result<(), i16> {
+    if let Err(e) = copied {
+        tracing::debug!(error = %e, "grant copy failed");
+        return Err(BLKIF_RSP_ERROR);
+    }
+    if let Some(seg) = segs.iter().find(|s| !s.status.is_ok()) {
+        tracing::debug!(gref = seg.gref, status = %seg.status, "grant copy refused");
+        return Err(BLKIF_RSP_ERROR);
+    }
+    Ok(())
 }
 
 /// Storage tags: the slot in the low half, the data chunk in the high half.

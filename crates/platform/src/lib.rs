@@ -33,7 +33,9 @@ pub mod linux;
 mod mapping;
 pub mod sim;
 
-pub use mapping::{CopyDirection, GrantCopyOp, GrantMapping, ReadOnlyMapping};
+pub use mapping::{
+    CopyBuffer, CopyDirection, CopySegment, GrantCopyOp, GrantMapping, ReadOnlyMapping,
+};
 pub use shmem::{OutOfBounds, SharedMemory, PAGE_SIZE};
 
 /// A Xen domain id (`domid_t`).
@@ -302,6 +304,18 @@ pub trait GrantMapper: Send + Sync {
     /// failed); `Err` only when the whole call failed, in which case every status is
     /// `GNTST_general_error`.
     fn copy(&self, ops: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError>;
+
+    /// Performs grant copies between guest pages and one local `buffer`, each segment
+    /// naming its local range by offset. Like [`copy`](Self::copy), each status is
+    /// written back; a segment whose local range is outside `buffer`, or that crosses the
+    /// guest page, gets `GNTST_bad_copy_arg`. `Err` when the hypervisor refused a whole
+    /// batch: the segments from that batch on read `GNTST_general_error`. The segments
+    /// are plain data, so a caller reuses one vector of them: no allocation per copy.
+    fn copy_segments(
+        &self,
+        buffer: CopyBuffer<'_>,
+        segs: &mut [CopySegment],
+    ) -> Result<(), PlatformError>;
 
     /// Grant mappings currently alive (each [`GrantMapping`], however many pages), for
     /// leak checks.

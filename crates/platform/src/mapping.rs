@@ -125,6 +125,96 @@ pub enum CopyDirection {
     ToGuest,
 }
 
+/// The local side of a batch of [`CopySegment`]s: one buffer the segments address by
+/// offset.
+#[derive(Debug)]
+pub enum CopyBuffer<'a> {
+    /// Shared memory the storage does I/O on (bounce buffers).
+    Shared(&'a SharedMemory),
+    /// Private memory (the copy of an indirect descriptor page).
+    Private(&'a mut [u8]),
+}
+
+impl CopyBuffer<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            CopyBuffer::Shared(m) => m.len(),
+            CopyBuffer::Private(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `local..local + len` lies inside the buffer.
+    pub(crate) fn contains(&self, local: usize, len: usize) -> bool {
+        local.checked_add(len).is_some_and(|end| end <= self.len())
+    }
+
+    /// Address of `local` for the kernel; `None` out of bounds.
+    pub(crate) fn ptr_at(&mut self, local: usize, len: usize) -> Option<*mut u8> {
+        if !self.contains(local, len) {
+            return None;
+        }
+        match self {
+            CopyBuffer::Shared(m) => m.ptr_at(local, len).ok(),
+            // In bounds (checked): the add stays inside the slice.
+            CopyBuffer::Private(b) => Some(b[local..].as_mut_ptr()),
+        }
+    }
+}
+
+/// One segment of a batched grant copy ([`GrantMapper::copy_segments`]): `len` bytes
+/// between `offset` of the page granted by `gref` of `domid` and `local..local + len` of
+/// the batch's [`CopyBuffer`].
+///
+/// Plain data that borrows nothing, so a ring keeps one vector of them and refills it for
+/// every request: no allocation per copy.
+///
+/// [`GrantMapper::copy_segments`]: crate::GrantMapper::copy_segments
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySegment {
+    pub direction: CopyDirection,
+    pub domid: DomId,
+    pub gref: GrantRef,
+    /// Offset inside the guest page.
+    pub offset: u16,
+    /// Bytes; `offset + len` must stay within the guest page.
+    pub len: u16,
+    /// Offset in the local buffer.
+    pub local: usize,
+    /// Outcome, written back by the copy (`GNTST_general_error` until it ran).
+    pub status: GrantStatus,
+}
+
+impl CopySegment {
+    pub fn new(
+        direction: CopyDirection,
+        domid: DomId,
+        gref: GrantRef,
+        offset: u16,
+        len: u16,
+        local: usize,
+    ) -> Self {
+        Self {
+            direction,
+            domid,
+            gref,
+            offset,
+            len,
+            local,
+            status: GrantStatus::GENERAL_ERROR,
+        }
+    }
+
+    /// Whether the segment stays inside one guest page (Xen's `GNTST_bad_copy_arg`
+    /// check).
+    pub fn fits_page(&self) -> bool {
+        usize::from(self.offset) + usize::from(self.len) <= PAGE_SIZE
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum Local<'a> {
     Dst(&'a mut [u8]),

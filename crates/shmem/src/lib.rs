@@ -156,6 +156,29 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// Copies `len` bytes at `offset` of this region to `dst_offset` of `dst` (both
+    /// shared; the two ranges must not overlap if the regions alias).
+    pub fn copy_to(
+        &self,
+        offset: usize,
+        dst: &SharedMemory,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), OutOfBounds> {
+        self.check(offset, len)?;
+        dst.check(dst_offset, len)?;
+        // SAFETY: both ranges are bounds checked above and lie in live mappings; only
+        // volatile accesses, no Rust reference into either region.
+        unsafe {
+            volatile_copy(
+                self.ptr.as_ptr().add(offset),
+                dst.ptr.as_ptr().add(dst_offset),
+                len,
+            )
+        };
+        Ok(())
+    }
+
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), OutOfBounds> {
         self.check(offset, len)?;
@@ -344,6 +367,20 @@ mod tests {
         assert_eq!(m.compare_exchange_u16(16, 0x8, 0x2).unwrap(), Err(0x1));
         assert_eq!(m.fetch_and_u16(16, 0).unwrap(), 0x1);
         assert_eq!(m.load_u16(16).unwrap(), 0);
+    }
+
+    #[test]
+    fn copy_between_regions_is_bounds_checked() {
+        let a = SharedMemory::anonymous(64).unwrap();
+        let b = SharedMemory::anonymous(64).unwrap();
+        a.write(3, b"abcdef").unwrap();
+        a.copy_to(3, &b, 50, 6).unwrap();
+        let mut back = [0u8; 6];
+        b.read(50, &mut back).unwrap();
+        assert_eq!(&back, b"abcdef");
+        assert!(a.copy_to(60, &b, 0, 6).is_err());
+        assert!(a.copy_to(0, &b, 60, 6).is_err());
+        assert!(a.copy_to(usize::MAX, &b, 0, 2).is_err());
     }
 
     proptest::proptest! {

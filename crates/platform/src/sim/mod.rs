@@ -31,7 +31,6 @@ mod wire;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -43,9 +42,9 @@ use shmem::{SharedMemory, PAGE_SIZE};
 
 use crate::grant_table::{self, ActiveTable, PinKind};
 use crate::{
-    Access, CopyDirection, DomId, EventChannel, EventChannelBinder, GrantCopyOp, GrantMapper,
-    GrantMapping, GrantRef, GrantStatus, MapError, Platform, PlatformError, Port, XenstoreEndpoint,
-    DOMID_FIRST_RESERVED, MAX_MAP_BATCH,
+    Access, CopyBuffer, CopyDirection, CopySegment, DomId, EventChannel, EventChannelBinder,
+    GrantCopyOp, GrantMapper, GrantMapping, GrantRef, GrantStatus, MapError, Platform,
+    PlatformError, Port, XenstoreEndpoint, DOMID_FIRST_RESERVED, MAX_MAP_BATCH,
 };
 
 pub use guest::{GuestConfig, GuestError, GuestEventChannel, SimGuest};
@@ -91,6 +90,9 @@ struct SimDomain {
     domid: DomId,
     /// Guest memory (memfd, sealed against shrinking, `nr_frames` pages).
     memory: File,
+    /// All of guest memory mapped once, where the simulated hypervisor does its grant
+    /// copies (Xen copies through its own mapping of the frames too).
+    memory_map: SharedMemory,
     nr_frames: u32,
     /// The guest's grant table, mapped shared: we read entries and set pin flags in it.
     table: SharedMemory,
@@ -394,9 +396,12 @@ impl SimPlatform {
         }
         let table = vm::map_file(table.as_fd(), table_len)
             .map_err(|e| PlatformError::io("mmap grant table", e))?;
+        let memory_map = vm::map_file(memory.as_fd(), nr_frames as usize * PAGE_SIZE)
+            .map_err(|e| PlatformError::io("mmap guest memory", e))?;
         let dom = Arc::new(SimDomain {
             domid,
             memory: File::from(memory),
+            memory_map,
             nr_frames,
             table,
             active: ActiveTable::new(nr_entries),
@@ -464,6 +469,59 @@ impl SimPlatform {
             .cloned()
     }
 
+    /// Maps one grant as a mapping of its own: one pin, one mmap (persistent grants and
+    /// single indirect pages take this path).
+    fn map_one(
+        &self,
+        dom: &Arc<SimDomain>,
+        gref: GrantRef,
+        access: Access,
+    ) -> Result<GrantMapping, MapError> {
+        let domid = dom.domid;
+        let readonly = !access.is_writable();
+        let frame = dom
+            .active
+            .pin(
+                &dom.table,
+                gref,
+                self.inner.backend_domid,
+                readonly,
+                dom.nr_frames,
+                PinKind::Map,
+            )
+            .map_err(|status| {
+                tracing::debug!(domid, gref, %status, "grant map failed");
+                MapError::Grant {
+                    domid,
+                    index: 0,
+                    gref,
+                    count: 1,
+                    status,
+                }
+            })?;
+        let release = {
+            let dom = dom.clone();
+            let counters = self.inner.counters.clone();
+            Box::new(move || {
+                dom.active.unpin(&dom.table, gref, readonly);
+                counters.mappings.fetch_sub(1, Ordering::AcqRel);
+                counters.pages.fetch_sub(1, Ordering::AcqRel);
+            })
+        };
+        match vm::map_frame(dom.memory.as_fd(), frame, access.is_writable(), release) {
+            Ok(mem) => {
+                self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
+                self.inner.counters.pages.fetch_add(1, Ordering::AcqRel);
+                Ok(GrantMapping::new(mem, access, domid, 1))
+            }
+            Err(source) => {
+                // `release` was dropped unrun: undo the pin here.
+                dom.active.unpin(&dom.table, gref, readonly);
+                Err(MapError::AddressSpace { pages: 1, source })
+            }
+        }
+    }
+
     /// One grant copy, in Xen's order of checks: domain, entry (pin), page bounds.
     fn copy_one(&self, op: &mut GrantCopyOp<'_>) -> GrantStatus {
         let Some(dom) = self.lookup(op.domid()) else {
@@ -482,11 +540,11 @@ impl SimPlatform {
             Err(status) => return status,
         };
         let status = if op.fits_page() {
-            let pos = u64::from(frame) * PAGE_SIZE as u64 + u64::from(op.offset());
-            match copy_bytes(&dom.memory, pos, op) {
+            let pos = frame as usize * PAGE_SIZE + usize::from(op.offset());
+            match copy_bytes(&dom.memory_map, pos, op) {
                 Ok(()) => GrantStatus::OKAY,
                 Err(e) => {
-                    tracing::error!(domid = dom.domid, gref = op.gref(), error = %e, "grant copy I/O failed");
+                    tracing::error!(domid = dom.domid, gref = op.gref(), error = %e, "grant copy out of bounds");
                     GrantStatus::GENERAL_ERROR
                 }
             }
@@ -496,30 +554,75 @@ impl SimPlatform {
         dom.active.unpin(&dom.table, op.gref(), readonly);
         status
     }
+
+    /// One segment of [`GrantMapper::copy_segments`], checked like [`Self::copy_one`].
+    fn copy_segment(
+        &self,
+        dom: &SimDomain,
+        buffer: &mut CopyBuffer<'_>,
+        seg: &CopySegment,
+    ) -> GrantStatus {
+        let readonly = seg.direction == CopyDirection::FromGuest;
+        let frame = match dom.active.pin(
+            &dom.table,
+            seg.gref,
+            self.inner.backend_domid,
+            readonly,
+            dom.nr_frames,
+            PinKind::Copy,
+        ) {
+            Ok(frame) => frame,
+            Err(status) => return status,
+        };
+        let len = usize::from(seg.len);
+        let status = if !seg.fits_page() || !buffer.contains(seg.local, len) {
+            GrantStatus::BAD_COPY_ARG
+        } else {
+            let pos = frame as usize * PAGE_SIZE + usize::from(seg.offset);
+            let guest = &dom.memory_map;
+            let done = match (seg.direction, buffer) {
+                (CopyDirection::FromGuest, CopyBuffer::Shared(m)) => {
+                    guest.copy_to(pos, m, seg.local, len)
+                }
+                (CopyDirection::ToGuest, CopyBuffer::Shared(m)) => {
+                    m.copy_to(seg.local, guest, pos, len)
+                }
+                (CopyDirection::FromGuest, CopyBuffer::Private(b)) => {
+                    guest.read(pos, &mut b[seg.local..seg.local + len])
+                }
+                (CopyDirection::ToGuest, CopyBuffer::Private(b)) => {
+                    guest.write(pos, &b[seg.local..seg.local + len])
+                }
+            };
+            match done {
+                Ok(()) => GrantStatus::OKAY,
+                Err(e) => {
+                    tracing::error!(domid = dom.domid, gref = seg.gref, error = %e, "grant copy out of bounds");
+                    GrantStatus::GENERAL_ERROR
+                }
+            }
+        };
+        dom.active.unpin(&dom.table, seg.gref, readonly);
+        status
+    }
 }
 
-/// Moves the bytes of one checked copy op through the memfd.
-fn copy_bytes(memory: &File, pos: u64, op: &mut GrantCopyOp<'_>) -> std::io::Result<()> {
+/// Moves the bytes of one checked copy op through the backend's mapping of guest memory.
+fn copy_bytes(
+    memory: &SharedMemory,
+    pos: usize,
+    op: &mut GrantCopyOp<'_>,
+) -> Result<(), shmem::OutOfBounds> {
     use crate::mapping::Local;
     let len = op.len();
     let direction = op.direction();
     match &mut op.local {
-        Local::Dst(dst) => memory.read_exact_at(dst, pos),
-        Local::Src(src) => memory.write_all_at(src, pos),
-        Local::Shared { mem, offset } => {
-            let mut bounce = [0u8; PAGE_SIZE];
-            let bounce = &mut bounce[..len];
-            match direction {
-                CopyDirection::FromGuest => {
-                    memory.read_exact_at(bounce, pos)?;
-                    mem.write(*offset, bounce).map_err(std::io::Error::other)
-                }
-                CopyDirection::ToGuest => {
-                    mem.read(*offset, bounce).map_err(std::io::Error::other)?;
-                    memory.write_all_at(bounce, pos)
-                }
-            }
-        }
+        Local::Dst(dst) => memory.read(pos, dst),
+        Local::Src(src) => memory.write(pos, src),
+        Local::Shared { mem, offset } => match direction {
+            CopyDirection::FromGuest => memory.copy_to(pos, mem, *offset, len),
+            CopyDirection::ToGuest => mem.copy_to(*offset, memory, pos, len),
+        },
     }
 }
 
@@ -564,6 +667,9 @@ impl GrantMapper for SimPlatform {
                 status: GrantStatus::BAD_DOMAIN,
             });
         };
+        if count == 1 {
+            return self.map_one(&dom, refs[0], access);
+        }
         let readonly = !access.is_writable();
         let mut frames = Vec::with_capacity(count);
         for (index, &gref) in refs.iter().enumerate() {
@@ -628,6 +734,63 @@ impl GrantMapper for SimPlatform {
             op.set_status(status);
         }
         Ok(())
+    }
+
+    fn copy_segments(
+        &self,
+        mut buffer: CopyBuffer<'_>,
+        segs: &mut [CopySegment],
+    ) -> Result<(), PlatformError> {
+        // One registry lookup per run of segments of the same domain (a request's
+        // segments all name the frontend's domain).
+        let mut dom: Option<Arc<SimDomain>> = None;
+        for seg in segs.iter_mut() {
+            if dom.as_ref().is_none_or(|d| d.domid != seg.domid) {
+                dom = self.lookup(seg.domid);
+            }
+            seg.status = match &dom {
+                Some(d) => self.copy_segment(d, &mut buffer, seg),
+                None => GrantStatus::BAD_DOMAIN,
+            };
+        }
+        Ok(())
+    }
+
+    fn map_each(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<Vec<GrantMapping>, MapError> {
+        let count = refs.len();
+        if count == 0 || count > MAX_MAP_BATCH {
+            return Err(MapError::BadBatchSize {
+                count,
+                max: MAX_MAP_BATCH,
+            });
+        }
+        // One registry lookup for the batch, then one mmap per page: each page is a
+        // mapping of its own, which the persistent-grant purge unmaps on its own.
+        let Some(dom) = self.lookup(domid) else {
+            return Err(MapError::Grant {
+                domid,
+                index: 0,
+                gref: refs[0],
+                count,
+                status: GrantStatus::BAD_DOMAIN,
+            });
+        };
+        let mut out = Vec::with_capacity(count);
+        for (index, &gref) in refs.iter().enumerate() {
+            match self.map_one(&dom, gref, access) {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    // Dropping `out` unmaps what was mapped: all or nothing.
+                    return Err(e.rebase(index, count));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn live_mappings(&self) -> usize {

@@ -330,6 +330,73 @@ fn grant_copy_checks_like_xen_and_moves_bytes() {
 }
 
 #[test]
+fn copy_segments_check_like_xen_and_reuse_their_vector() {
+    let (platform, guest, _h) = setup(8);
+    guest.write_page(1, 100, b"from the guest").unwrap();
+    let src = guest.grant_access(0, 1, true).unwrap();
+    let dst = guest.grant_access(0, 2, false).unwrap();
+    let other = guest.grant_access(5, 3, false).unwrap();
+    let oob = guest.grant_access(0, 99, false).unwrap();
+    let bounce = SharedMemory::anonymous(2 * PAGE_SIZE).unwrap();
+    bounce.write(PAGE_SIZE + 10, b"bounced").unwrap();
+    use CopyDirection::{FromGuest, ToGuest};
+    let mut segs = vec![
+        CopySegment::new(FromGuest, GUEST, src, 100, 14, 0),
+        CopySegment::new(ToGuest, GUEST, dst, 10, 7, PAGE_SIZE + 10),
+        CopySegment::new(ToGuest, GUEST, src, 0, 4, 0), // read-only grant
+        CopySegment::new(FromGuest, GUEST, other, 0, 8, 0),
+        CopySegment::new(FromGuest, GUEST, oob, 0, 8, 0),
+        CopySegment::new(FromGuest, GUEST, 63, 0, 8, 0),
+        CopySegment::new(FromGuest, GUEST, src, 4000, 200, 0), // crosses the page
+        CopySegment::new(FromGuest, GUEST, src, 0, 8, 2 * PAGE_SIZE - 4), // local oob
+        CopySegment::new(FromGuest, 42, src, 0, 8, 0),
+    ];
+    platform
+        .copy_segments(CopyBuffer::Shared(&bounce), &mut segs)
+        .unwrap();
+    let st: Vec<_> = segs.iter().map(|s| s.status).collect();
+    assert_eq!(
+        st,
+        vec![
+            GrantStatus::OKAY,
+            GrantStatus::OKAY,
+            GrantStatus::GENERAL_ERROR,
+            GrantStatus::GENERAL_ERROR,
+            GrantStatus::BAD_PAGE,
+            GrantStatus::GENERAL_ERROR,
+            GrantStatus::BAD_COPY_ARG,
+            GrantStatus::BAD_COPY_ARG,
+            GrantStatus::BAD_DOMAIN,
+        ]
+    );
+    let mut b = [0u8; 14];
+    bounce.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"from the guest");
+    let mut b = [0u8; 7];
+    guest.read_page(2, 10, &mut b).unwrap();
+    assert_eq!(&b, b"bounced");
+    // The same vector, refilled, against private memory.
+    let mut private = [0u8; 64];
+    segs.clear();
+    segs.push(CopySegment::new(FromGuest, GUEST, src, 100, 14, 50));
+    segs.push(CopySegment::new(FromGuest, GUEST, src, 100, 14, 51)); // past the end
+    platform
+        .copy_segments(CopyBuffer::Private(&mut private), &mut segs)
+        .unwrap();
+    assert_eq!(segs[0].status, GrantStatus::OKAY);
+    assert_eq!(segs[1].status, GrantStatus::BAD_COPY_ARG);
+    assert_eq!(&private[50..], b"from the guest");
+    // Copies pin only for their duration.
+    for g in [src, dst] {
+        assert_eq!(
+            guest.grant_entry(g).unwrap().flags & (GTF_READING | GTF_WRITING),
+            0
+        );
+        guest.end_access(g).unwrap();
+    }
+}
+
+#[test]
 fn hostile_raw_entries_are_refused() {
     let (platform, guest, _h) = setup(8);
     // Readonly flag with an otherwise valid entry; transfer type; garbage flags.

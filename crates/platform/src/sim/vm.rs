@@ -48,6 +48,50 @@ pub(crate) fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<SharedMemor
     Ok(unsafe { SharedMemory::from_raw_parts(ptr, len, Some(release)) })
 }
 
+/// Maps one frame of `fd` on its own (one `mmap`): a single grant. `on_release` runs
+/// after the page is unmapped. Same contract as [`map_frames`].
+pub(crate) fn map_frame(
+    fd: BorrowedFd<'_>,
+    frame: u32,
+    writable: bool,
+    on_release: Box<dyn FnOnce() + Send + Sync>,
+) -> io::Result<SharedMemory> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh shared mapping of one page of a file we hold open, at a
+    // kernel-chosen address; the offset is a page-aligned frame inside the file (the
+    // caller's contract). The result is checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            (u64::from(frame) * PAGE_SIZE as u64) as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let ptr =
+        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+    let release = Box::new(move |p: NonNull<u8>, _len: usize| {
+        // SAFETY: unmaps exactly the page mapped above, once, on drop of its owner.
+        if unsafe { libc::munmap(p.as_ptr().cast(), PAGE_SIZE) } != 0 {
+            tracing::error!(error = %io::Error::last_os_error(), "munmap of a grant mapping failed");
+        }
+        on_release();
+    });
+    // SAFETY: one page, page aligned, backed by a page of a file that cannot shrink, and
+    // mapped until `release` runs. Writable when `writable`; when not, the only owner
+    // (GrantMapping) never writes through it.
+    Ok(unsafe { SharedMemory::from_raw_parts(ptr, PAGE_SIZE, Some(release)) })
+}
+
 /// Maps `frames` (page indices into `fd`) as one virtually contiguous region, page `i`
 /// backed by `frames[i]`, the way gntdev maps a grant batch: zero copy, the same pages
 /// the guest sees. Runs of consecutive frames share one `mmap`. `on_release` runs after
