@@ -115,6 +115,10 @@ pub(crate) struct Device {
     session: Option<Session>,
     /// Incremented per connect; events of older sessions are stale.
     session_id: u64,
+    /// The storage is being opened on a worker thread.
+    opening: bool,
+    /// Incremented per open; results of older opens are stale.
+    open_id: u64,
     sessions: u64,
     pub disconnecting: bool,
     last_disconnect: Option<DisconnectReport>,
@@ -139,6 +143,8 @@ impl Device {
             failed: None,
             session: None,
             session_id: 0,
+            opening: false,
+            open_id: 0,
             sessions: 0,
             disconnecting: false,
             last_disconnect: None,
@@ -197,11 +203,14 @@ impl Device {
             let frontend_path = self.frontend_path.take();
             let sessions = self.sessions;
             let session_id = self.session_id;
+            let open_id = self.open_id;
             *self = Device::new(key, path);
             self.watched_frontend = watched;
             self.frontend_path = frontend_path;
             self.sessions = sessions;
             self.session_id = session_id;
+            // An open still running for the old device reports a stale id.
+            self.open_id = open_id;
         }
 
         let mut outcome = Outcome::Idle;
@@ -243,10 +252,15 @@ impl Device {
             } else {
                 if !ctx.backend_type.wait_for_hotplug {
                     // Our own backend type has no hotplug script: open first, so a bad
-                    // image fails the device before the frontend starts.
-                    if let Err(e) = self.ensure_disk(ctx, &nodes) {
-                        self.fail(ctx, &e)?;
-                        return Ok(outcome);
+                    // image fails the device before the frontend starts. InitWait follows
+                    // when the open completes (it runs on a worker thread).
+                    match self.ensure_disk(ctx, &nodes) {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(outcome),
+                        Err(e) => {
+                            self.fail(ctx, &e)?;
+                            return Ok(outcome);
+                        }
                     }
                 }
                 let settings = self.settings(ctx);
@@ -376,10 +390,15 @@ impl Device {
         Ok(())
     }
 
-    /// Opens the storage once per device.
-    fn ensure_disk(&mut self, ctx: &Ctx<'_>, nodes: &BackendNodes) -> Result<(), DeviceError> {
+    /// Opens the storage once per device, on a worker thread: opening can block (a block
+    /// device claimed elsewhere, network storage), and must not stall other devices.
+    /// `Ok(true)` once the storage is open; `Ok(false)` while the open is in progress.
+    fn ensure_disk(&mut self, ctx: &Ctx<'_>, nodes: &BackendNodes) -> Result<bool, DeviceError> {
         if self.disk.is_some() {
-            return Ok(());
+            return Ok(true);
+        }
+        if self.opening {
+            return Ok(false);
         }
         let config = negotiate::device_config(
             &self.key.backend_type,
@@ -388,21 +407,50 @@ impl Device {
             nodes,
             self.settings(ctx),
         )?;
-        let disk = ctx.factory.open(&config)?;
-        let info = disk.info();
-        info!(
-            device = %self.key,
-            path = %config.target.path.display(),
-            format = config.target.format.name(),
-            size = info.size_bytes,
-            sector_size = info.logical_block_size,
-            read_only = config.read_only || info.read_only,
-            "storage opened"
+        self.open_id += 1;
+        self.opening = true;
+        crate::manager::spawn_open(
+            ctx.events,
+            &self.key,
+            self.open_id,
+            ctx.factory.clone(),
+            config,
         );
-        self.disk_info = Some(info);
-        self.disk = Some(disk);
-        self.config = Some(config);
-        Ok(())
+        Ok(false)
+    }
+
+    /// The worker finished opening the storage.
+    pub fn opened(
+        &mut self,
+        ctx: &Ctx<'_>,
+        open_id: u64,
+        config: DeviceConfig,
+        result: Result<Arc<dyn Disk>, crate::VbdError>,
+    ) -> Result<(), DeviceError> {
+        if open_id != self.open_id || !self.opening {
+            // A device re-created meanwhile: this storage belongs to nobody now.
+            return Ok(());
+        }
+        self.opening = false;
+        match result {
+            Ok(disk) => {
+                let info = disk.info();
+                info!(
+                    device = %self.key,
+                    path = %config.target.path.display(),
+                    format = config.target.format.name(),
+                    size = info.size_bytes,
+                    sector_size = info.logical_block_size,
+                    read_only = config.read_only || info.read_only,
+                    "storage opened"
+                );
+                self.disk_info = Some(info);
+                self.disk = Some(disk);
+                self.config = Some(config);
+                Ok(())
+            }
+            Err(e) => self.fail(ctx, &DeviceError::Vbd(e)),
+        }
     }
 
     /// blkback's `connect_ring` + `connect`.

@@ -20,7 +20,9 @@ use crate::error::{DeviceError, StoreError, VbdError};
 use crate::parse::parse_u32;
 use crate::status::{DaemonStatus, DeviceStatus};
 use crate::store::{join, Store, StoreExt};
-use crate::vbd::{ConnectedVbd, DisconnectReport, VbdEvent, VbdEventSink, VbdFactory};
+use crate::vbd::{
+    ConnectedVbd, DeviceConfig, DisconnectReport, Disk, VbdEvent, VbdEventSink, VbdFactory,
+};
 
 const TOKEN_PREFIX: &str = "xenblkd:";
 const RELEASE_DOMAIN: &str = "@releaseDomain";
@@ -67,6 +69,17 @@ pub enum Event {
         session: u64,
         /// How it went.
         result: Result<DisconnectReport, VbdError>,
+    },
+    /// A storage open finished on its worker thread.
+    Opened {
+        /// The device.
+        key: DeviceKey,
+        /// Which open it was.
+        open_id: u64,
+        /// The configuration it opened.
+        config: Box<DeviceConfig>,
+        /// The storage, or why not.
+        result: Result<Arc<dyn Disk>, VbdError>,
     },
     /// A status query.
     Status(Sender<(DaemonStatus, Vec<DeviceStatus>)>),
@@ -241,6 +254,25 @@ impl Manager {
                         let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
                         if let Err(e) = dev.vbd_event(&ctx, session, event) {
                             warn!(device = %key, error = %e, "handling engine event");
+                        }
+                        dirty.insert(key);
+                    }
+                }
+                Event::Opened {
+                    key,
+                    open_id,
+                    config,
+                    result,
+                } => {
+                    let ctx_parts = self.ctx_parts();
+                    if let Some(dev) = self.devices.get_mut(&key) {
+                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                            continue;
+                        };
+                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                        if let Err(e) = dev.opened(&ctx, open_id, *config, result) {
+                            warn!(device = %key, error = %e, "handling an opened storage");
+                            self.retry.insert(key.clone());
                         }
                         dirty.insert(key);
                     }
@@ -566,6 +598,39 @@ pub(crate) fn session_sink(tx: &Sender<Event>, key: &DeviceKey, session: u64) ->
             event,
         });
     })
+}
+
+/// Opens a device's storage on a worker thread and reports it as an event.
+pub(crate) fn spawn_open(
+    tx: &Sender<Event>,
+    key: &DeviceKey,
+    open_id: u64,
+    factory: Arc<dyn VbdFactory>,
+    config: DeviceConfig,
+) {
+    let name = format!("open-{}-{}", key.domid, key.devid);
+    let failed = Event::Opened {
+        key: key.clone(),
+        open_id,
+        config: Box::new(config.clone()),
+        result: Err(VbdError::new("spawning the open thread", "no thread", 11)),
+    };
+    let spawned = std::thread::Builder::new().name(name).spawn({
+        let key = key.clone();
+        let tx = tx.clone();
+        move || {
+            let result = factory.open(&config);
+            let _ = tx.send(Event::Opened {
+                key,
+                open_id,
+                config: Box::new(config),
+                result,
+            });
+        }
+    });
+    if spawned.is_err() {
+        let _ = tx.send(failed);
+    }
 }
 
 /// Disconnects a VBD on a worker thread and reports the result as an event, so a slow

@@ -141,8 +141,8 @@ impl MemStore {
         }
     }
 
-    fn apply(&self, op: &Op) -> Vec<(String, bool)> {
-        let mut inner = self.lock();
+    /// Applies one operation to the locked tree and returns the changes to fire.
+    fn apply(inner: &mut Inner, op: &Op) -> Vec<(String, bool)> {
         inner.generation += 1;
         match op {
             Op::Write(path, value) => {
@@ -163,8 +163,7 @@ impl MemStore {
                 if inner.nodes.contains_key(path.as_str()) {
                     return Vec::new();
                 }
-                drop(inner);
-                self.apply(&Op::Write(path.clone(), Vec::new()))
+                Self::apply(inner, &Op::Write(path.clone(), Vec::new()))
             }
             Op::Rm(path) => {
                 let doomed: Vec<String> = inner
@@ -189,11 +188,22 @@ impl MemStore {
         }
     }
 
-    fn run(&self, op: Op) -> Result<(), StoreError> {
-        for (path, removal) in self.apply(&op) {
+    /// Applies operations atomically (no reader sees a partial set), then fires watches.
+    fn run_all(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let fired: Vec<(String, bool)> = {
+            let mut inner = self.lock();
+            ops.iter()
+                .flat_map(|op| Self::apply(&mut inner, op))
+                .collect()
+        };
+        for (path, removal) in fired {
             self.fire(&path, removal);
         }
         Ok(())
+    }
+
+    fn run(&self, op: Op) -> Result<(), StoreError> {
+        self.run_all(std::slice::from_ref(&op))
     }
 }
 
@@ -369,7 +379,7 @@ impl Store for MemStore {
             };
             f(&tx)?;
             let ops = std::mem::take(&mut *tx.pending());
-            {
+            let fired: Vec<(String, bool)> = {
                 let mut inner = self.lock();
                 if inner.forced_conflicts > 0 {
                     inner.forced_conflicts -= 1;
@@ -379,10 +389,13 @@ impl Store for MemStore {
                     continue;
                 }
                 inner.commits += 1;
-            }
-            // Applied without interleaving checks: tests drive one writer at a time.
-            for op in ops {
-                self.run(op)?;
+                // Atomic, as a real commit: no reader sees half of the transaction.
+                ops.iter()
+                    .flat_map(|op| Self::apply(&mut inner, op))
+                    .collect()
+            };
+            for (path, removal) in fired {
+                self.fire(&path, removal);
             }
             return Ok(());
         }

@@ -34,6 +34,7 @@ struct Shared {
     connects: Mutex<Vec<(DeviceConfig, FrontendParams)>>,
     sinks: Mutex<Vec<VbdEventSink>>,
     disconnect_delay: Mutex<Duration>,
+    open_delay: Mutex<BTreeMap<PathBuf, Duration>>,
 }
 
 struct FakeDisk {
@@ -103,6 +104,10 @@ struct FakeFactory(Arc<Shared>);
 impl VbdFactory for FakeFactory {
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
         let path = config.target.path.clone();
+        let delay = self.0.open_delay.lock().unwrap().get(&path).copied();
+        if let Some(d) = delay {
+            thread::sleep(d);
+        }
         if self.0.fail_open.lock().unwrap().contains(&path) {
             return Err(VbdError::new(
                 format!("opening {}", path.display()),
@@ -679,6 +684,32 @@ fn recreated_device_does_not_inherit_the_old_storage(kind: Kind) {
     h.stop();
 }
 
+fn slow_storage_open_stalls_no_other_device(kind: Kind) {
+    let h = Harness::default(kind);
+    h.shared.open_delay.lock().unwrap().insert(
+        PathBuf::from("/images/nfs-hung.img"),
+        Duration::from_millis(1500),
+    );
+    let slow = DiskSpec::new("xenblkd", 5, 51712, "/images/nfs-hung.img");
+    h.guest(5);
+    toolstack::add_disk(h.store.as_ref(), &slow).unwrap();
+    // Another device comes and connects while the first one's storage is still opening.
+    let start = Instant::now();
+    let (fast_be, _) = connected_disk(&h, 6, 51712, "/images/fast.img");
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(h.state(&slow.backend_path()), XenbusState::Initialising);
+    // The slow one gets there when its open completes.
+    h.wait_state(&slow.backend_path(), XenbusState::InitWait);
+    h.frontend_connect(&slow.frontend_path(), &[]);
+    h.wait_state(&slow.backend_path(), XenbusState::Connected);
+    assert_eq!(h.state(&fast_be), XenbusState::Connected);
+    h.stop();
+}
+
 fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
     let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
@@ -830,6 +861,7 @@ over_both_stores!(
     unresponsive_frontend_is_torn_down_by_forced_removal,
     toolstack_junk_is_reported_once,
     recreated_device_does_not_inherit_the_old_storage,
+    slow_storage_open_stalls_no_other_device,
     backend_removal_and_domain_death_tear_down,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
