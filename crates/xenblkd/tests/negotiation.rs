@@ -463,3 +463,49 @@ fn flapping_frontend_is_harmless() {
     // rings and event channels included in `before` are gone too).
     assert!(host.metric("open_fds") < before["open_fds"].as_u64().unwrap());
 }
+
+/// A driver domain: the daemon runs as domain 40, unprivileged in xenstore (Xen's
+/// permission rules apply to every node it touches), guests grant their pages to it and
+/// the toolstack points their disks at it (`backend=<driver domain>` in the xl line).
+#[test]
+fn serves_from_a_driver_domain() {
+    const DRIVER: u32 = 40;
+    let host = Host::start_in(DRIVER, &[]);
+    // libxl made the driver domain and the guest.
+    host.create_domain(DRIVER);
+    host.create_domain(3);
+    let mut spec = disk("xenblkd", 3, 51712, &host.image("dd.img", 16));
+    spec.backend_domid = DRIVER;
+    assert_eq!(host.attach(&spec), XenbusState::InitWait);
+    let be = spec.backend_path();
+    assert!(
+        be.starts_with("/local/domain/40/backend/xenblkd/3/"),
+        "{be}"
+    );
+    let g = host.guest(
+        3,
+        51712,
+        &["--max-queues", "2"],
+        "connect,io:16,flush,discard,close",
+    );
+    g.finish();
+    // A hostile frontend on the same driver domain still gets its error node.
+    host.create_domain(4);
+    let mut bad = disk("xenblkd", 4, 51712, &host.image("dd-bad.img", 1));
+    bad.backend_domid = DRIVER;
+    host.attach(&bad);
+    let gs = guest_store(&host, 4);
+    gs.write_str(&join(&bad.frontend_path(), "protocol"), "mips-abi")
+        .unwrap();
+    gs.write_str(&join(&bad.frontend_path(), "state"), "3")
+        .unwrap();
+    host.wait_state(&bad.backend_path(), XenbusState::Closing);
+    assert!(host
+        .read(&join(&bad.backend_path(), "error"))
+        .unwrap()
+        .starts_with("38 unknown fe protocol"));
+    assert_eq!(host.detach(&bad), Removal::Clean);
+    assert_eq!(host.detach(&spec), Removal::Clean);
+    assert_eq!(host.metric("grant_mappings"), 0);
+    assert!(host.status()["daemon"]["home"] == "/local/domain/40");
+}

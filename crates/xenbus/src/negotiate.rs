@@ -593,7 +593,11 @@ pub fn publish_fatal(
     })?;
     if linux_written {
         if let Some(p) = linux_error_path(backend) {
-            store.write_str(&p, &text)?;
+            // Best effort: a driver domain may not be allowed to write there, and the
+            // error is already in the backend directory.
+            if let Err(e) = store.write_str(&p, &text) {
+                tracing::debug!(path = %p, error = %e, "writing Linux's error node");
+            }
         }
     }
     Ok(())

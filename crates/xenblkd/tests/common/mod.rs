@@ -154,11 +154,19 @@ pub struct Host {
     pub xs: Arc<XsStore>,
     pub control: PathBuf,
     pub sim_socket: PathBuf,
+    /// The domain the daemon runs in (0, or a driver domain).
+    pub backend_domid: u32,
 }
 
 impl Host {
     /// Starts xenstored and the daemon (extra `serve` flags in `serve_args`).
     pub fn start(serve_args: &[&str]) -> Host {
+        Host::start_in(0, serve_args)
+    }
+
+    /// Starts the daemon in domain `backend_domid`: a driver domain when not 0, talking to
+    /// xenstored through that domain's (unprivileged) socket.
+    pub fn start_in(backend_domid: u32, serve_args: &[&str]) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let xs_dir = dir.path().join("xs");
         let mut xenstored = Command::new(XENBLKD)
@@ -185,6 +193,7 @@ impl Host {
             xenstored,
             daemon: None,
             xs,
+            backend_domid,
         };
         host.start_daemon(serve_args);
         host
@@ -199,7 +208,8 @@ impl Host {
         let child = Command::new(XENBLKD)
             .arg("serve")
             .arg("--xenstore-socket")
-            .arg(self.xs_socket(0))
+            .arg(self.xs_socket(self.backend_domid))
+            .args(["--backend-domid", &self.backend_domid.to_string()])
             .arg("--sim-socket")
             .arg(&self.sim_socket)
             .arg("--control-socket")
