@@ -191,6 +191,29 @@ fn online_resize_reaches_the_guest() {
     assert_eq!(host.detach(&spec), Removal::Clean);
 }
 
+#[test]
+fn daemon_restart_picks_up_existing_devices() {
+    let mut host = Host::start(&[]);
+    host.create_domain(1);
+    let first = disk("xenblkd", 1, 51712, &host.image("one.img", 16));
+    host.attach(&first);
+    host.guest(1, 51712, &[], "connect,io:4,close").finish();
+    assert!(host.stop_daemon().success());
+    // While the daemon is down the toolstack adds a disk (nobody answers yet).
+    host.create_domain(2);
+    let second = disk("xenblkd", 2, 51712, &host.image("two.img", 16));
+    xenbus::toolstack::add_disk(host.xs.as_ref(), &second).unwrap();
+    host.start_daemon(&[]);
+    // The new daemon finds both: the new one is set up, the closed one waits for its
+    // frontend, and both guests (new processes) connect and do verified I/O.
+    host.wait_state(&second.backend_path(), XenbusState::InitWait);
+    host.guest(2, 51712, &[], "connect,io:8,close").finish();
+    host.guest(1, 51712, &[], "connect,io:8,close").finish();
+    assert_eq!(host.detach(&first), Removal::Clean);
+    assert_eq!(host.detach(&second), Removal::Clean);
+    wait_metric(&host, "grant_mappings", 0);
+}
+
 /// Waits for a daemon gauge to settle at `want` (disconnect threads finish after the
 /// state is published).
 fn wait_metric(host: &Host, name: &str, want: u64) {

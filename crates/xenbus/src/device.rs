@@ -270,10 +270,15 @@ impl Device {
                 }
             }
         }
+        // Open the storage once the device is waiting for its frontend and may be opened:
+        // right away for our own type, after the hotplug script for `vbd`. (Also covers a
+        // device found Closed at start-up, which reaches InitWait only when its frontend
+        // comes back.)
+        let may_open = !ctx.backend_type.wait_for_hotplug || nodes.hotplug_done();
         if self.published == XenbusState::InitWait
             && self.disk.is_none()
             && self.failed.is_none()
-            && nodes.hotplug_done()
+            && may_open
         {
             if let Err(e) = self.ensure_disk(ctx, &nodes) {
                 self.fail(ctx, &e)?;

@@ -168,12 +168,27 @@ impl Guest {
         let (name, arg) = step.split_once(':').unwrap_or((step, ""));
         match name {
             "connect" => {
-                let xs = XsClient::connect_unix(&self.args.xenstore_socket)
-                    .context("connecting to xenstored")?;
-                let services: Arc<dyn blkfront::Guest> = self.services.clone();
-                let xb =
-                    XenbusFrontend::connect(services, self.config(), xs, &self.frontend_path())
-                        .context("xenbus handshake")?;
+                // A device the backend closed in an earlier session is still Closed when
+                // blkfront writes Initialising; see `reconnect` below.
+                let mut attempt = 0;
+                let xb = loop {
+                    let xs = XsClient::connect_unix(&self.args.xenstore_socket)
+                        .context("connecting to xenstored")?;
+                    let services: Arc<dyn blkfront::Guest> = self.services.clone();
+                    match XenbusFrontend::connect(
+                        services,
+                        self.config(),
+                        xs,
+                        &self.frontend_path(),
+                    ) {
+                        Ok(xb) => break xb,
+                        Err(e) if attempt < 50 && e.to_string().contains("backend is Closed") => {
+                            attempt += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => return Err(anyhow::Error::from(e).context("xenbus handshake")),
+                    }
+                };
                 self.xenbus = Some(xb);
                 let fe = self.frontend()?;
                 let n = fe.negotiated();
