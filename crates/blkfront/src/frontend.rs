@@ -20,7 +20,10 @@ use crate::error::{Error, TeardownReport};
 use crate::features::{self, BackendFeatures, CacheControl, DiscardParams, DiskInfo, Negotiated};
 use crate::guest::{GrantRef, Guest, Port};
 use crate::layout::{self, PAGE_SIZE, SECTOR_SIZE};
-use crate::queue::{AtomicStats, Completion, FrontendStats, IoOp, Queue, QueueResources, Shared};
+use crate::queue::{
+    AtomicStats, Completion, FrontendStats, IoOp, Queue, QueueResources, ReadData, Shared,
+    WriteData,
+};
 
 /// What the backend engine needs to serve one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,7 +307,7 @@ impl Frontend {
         let chunks = self.plan(offset, buf.len() as u64)?;
         let q = self.pick_queue();
         let c = self.run_sync(q, IoOp::Read, buf.len(), chunks.len(), |q, sh, join, i| {
-            q.push_rw(sh, join, false, chunks[i], &[])
+            q.push_rw(sh, join, false, chunks[i], WriteData::InPlace)
         })?;
         c.result?;
         buf.copy_from_slice(&c.data);
@@ -321,7 +324,13 @@ impl Frontend {
         let q = self.pick_queue();
         let c = self.run_sync(q, IoOp::Write, 0, chunks.len(), |q, sh, join, i| {
             let c = chunks[i];
-            q.push_rw(sh, join, true, c, &data[c.buf_offset..c.buf_offset + c.len])
+            q.push_rw(
+                sh,
+                join,
+                true,
+                c,
+                WriteData::Bytes(&data[c.buf_offset..c.buf_offset + c.len]),
+            )
         })?;
         Ok(c.result?)
     }
@@ -375,7 +384,7 @@ impl Frontend {
             IoOp::Read,
             len,
             chunks.len(),
-            |q, sh, join, i| q.push_rw(sh, join, false, chunks[i], &[]),
+            |q, sh, join, i| q.push_rw(sh, join, false, chunks[i], WriteData::InPlace),
         )
     }
 
@@ -397,7 +406,13 @@ impl Frontend {
             chunks.len(),
             |q, sh, join, i| {
                 let c = chunks[i];
-                q.push_rw(sh, join, true, c, &data[c.buf_offset..c.buf_offset + c.len])
+                q.push_rw(
+                    sh,
+                    join,
+                    true,
+                    c,
+                    WriteData::Bytes(&data[c.buf_offset..c.buf_offset + c.len]),
+                )
             },
         )
     }
@@ -532,18 +547,32 @@ impl Frontend {
 
     /// Checks an I/O like the block layer does and splits it into ring requests.
     fn plan(&self, offset: u64, len: u64) -> Result<Vec<layout::Chunk>, Error> {
+        let mut chunks = Vec::new();
+        self.plan_into(offset, len, &mut chunks)?;
+        Ok(chunks)
+    }
+
+    /// [`Frontend::plan`] into a reused vector.
+    fn plan_into(
+        &self,
+        offset: u64,
+        len: u64,
+        chunks: &mut Vec<layout::Chunk>,
+    ) -> Result<(), Error> {
         self.check_range(offset, len)?;
         let page_offset = match self.config.placement {
             BufferPlacement::PageAligned => 0,
             BufferPlacement::FollowDiskOffset => (offset % PAGE_SIZE as u64) as usize,
             BufferPlacement::SectorOffset(n) => (usize::from(n) % 8) * SECTOR_SIZE as usize,
         };
-        Ok(layout::split(
+        layout::split_into(
             offset / SECTOR_SIZE,
             len as usize,
             page_offset,
             self.shared.max_segments,
-        ))
+            chunks,
+        );
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
@@ -596,12 +625,44 @@ impl Frontend {
         op: IoOp,
         read_len: usize,
         parts: usize,
+        push: impl FnMut(&mut Queue, &Shared, u64, usize) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut q = self.lock(queue)?;
+        let pushed = self.submit_locked(
+            &mut q,
+            queue,
+            token,
+            op,
+            (read_len, ReadData::Copy),
+            parts,
+            push,
+        );
+        // Publish whatever was pushed (all of it, or the parts of a failed submission,
+        // which complete unreported); a closed or halted ring has nothing to publish.
+        let kicked = match q.check_usable() {
+            Ok(()) => q.kick(&self.shared),
+            Err(_) => Ok(()),
+        };
+        pushed.and(kicked)
+    }
+
+    /// The body of an asynchronous submission on a held queue: all parts or none (parts
+    /// pushed before a failure are abandoned: they complete, unreported). The caller
+    /// kicks.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_locked(
+        &self,
+        q: &mut Queue,
+        queue: usize,
+        token: u64,
+        op: IoOp,
+        (read_len, read_data): (usize, ReadData),
+        parts: usize,
         mut push: impl FnMut(&mut Queue, &Shared, u64, usize) -> Result<(), Error>,
     ) -> Result<(), Error> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let mut q = self.lock(queue)?;
         q.check_usable()?;
         if q.free_slots() < parts {
             return Err(Error::QueueFull {
@@ -610,15 +671,24 @@ impl Frontend {
                 needed: parts,
             });
         }
-        let join = q.begin(token, op, false, parts, read_len);
+        let join = q.begin(token, op, false, parts, read_len, read_data);
         for i in 0..parts {
-            if let Err(e) = push(&mut q, &self.shared, join, i) {
+            if let Err(e) = push(q, &self.shared, join, i) {
                 q.abandon(join, i);
-                q.kick(&self.shared)?;
                 return Err(e);
             }
         }
-        q.kick(&self.shared)
+        Ok(())
+    }
+
+    /// Opens a batch of submissions on `queue` (see [`Batch`]).
+    pub fn batch(&self, queue: usize) -> Result<Batch<'_>, Error> {
+        Ok(Batch {
+            fe: self,
+            queue,
+            q: self.lock(queue)?,
+            committed: false,
+        })
     }
 
     /// Runs a join of `parts` ring requests to completion on `queue`, pushing parts as
@@ -638,7 +708,7 @@ impl Frontend {
         }
         let mut q = self.lock(queue)?;
         q.check_usable()?;
-        let join = q.begin(0, op, true, parts, read_len);
+        let join = q.begin(0, op, true, parts, read_len, ReadData::Copy);
         let mut next = 0;
         loop {
             while next < parts && q.free_slots() > 0 {
@@ -671,6 +741,130 @@ impl Frontend {
             // In slices: another thread polling this queue may consume the notification
             // meant for us, which then costs one slice instead of the whole timeout.
             q.wait((deadline - now).min(WAIT_SLICE))?;
+        }
+    }
+}
+
+/// Submissions on one queue published together, as Linux's blk-mq hands blkfront a
+/// batch and blkfront notifies once per commit (`blkif_commit_rqs`): the queue is held
+/// from [`Frontend::batch`] until the batch is committed or dropped, requests are pushed
+/// on the ring as they come, and the ring's producer index is published — and the
+/// backend notified if it asked — once, at the end. Completions can be reaped under the
+/// same hold ([`Batch::reap`]), so a load generator reaps and refills with one lock.
+pub struct Batch<'a> {
+    fe: &'a Frontend,
+    queue: usize,
+    q: MutexGuard<'a, Queue>,
+    committed: bool,
+}
+
+impl Batch<'_> {
+    /// Ring slots free for more requests.
+    pub fn free_slots(&self) -> usize {
+        self.q.free_slots()
+    }
+
+    /// Moves the completions the queue has into `out` (see
+    /// [`Frontend::poll_completions`]).
+    pub fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize, Error> {
+        let reaped = self.q.reap(&self.fe.shared);
+        let n = self.q.drain_ready(out);
+        match reaped {
+            Err(e) if n == 0 => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    /// Queues a read of `len` bytes at `offset`; with [`ReadData::Discard`] its
+    /// completion carries no data and nothing is copied out of the granted pages.
+    pub fn read(
+        &mut self,
+        offset: u64,
+        len: usize,
+        token: u64,
+        data: ReadData,
+    ) -> Result<(), Error> {
+        self.rw(offset, len, token, None, data)
+    }
+
+    /// Queues a write of `data` at `offset` (copied into the granted pages now).
+    pub fn write(&mut self, offset: u64, data: &[u8], token: u64) -> Result<(), Error> {
+        self.rw(
+            offset,
+            data.len(),
+            token,
+            Some(WriteData::Bytes(data)),
+            ReadData::Copy,
+        )
+    }
+
+    /// Queues a write of `len` bytes at `offset` of whatever the granted pages hold
+    /// ([`WriteData::InPlace`]): a load generator's write, with no copy on the guest side.
+    pub fn write_in_place(&mut self, offset: u64, len: usize, token: u64) -> Result<(), Error> {
+        self.rw(offset, len, token, Some(WriteData::InPlace), ReadData::Copy)
+    }
+
+    fn rw(
+        &mut self,
+        offset: u64,
+        len: usize,
+        token: u64,
+        write: Option<WriteData<'_>>,
+        read_data: ReadData,
+    ) -> Result<(), Error> {
+        if write.is_some() {
+            self.fe.check_writable()?;
+        }
+        let mut chunks = std::mem::take(&mut self.q.chunks);
+        let result = self
+            .fe
+            .plan_into(offset, len as u64, &mut chunks)
+            .and_then(|()| {
+                let (op, read_len) = match write {
+                    Some(_) => (IoOp::Write, 0),
+                    None => (IoOp::Read, len),
+                };
+                self.fe.submit_locked(
+                    &mut self.q,
+                    self.queue,
+                    token,
+                    op,
+                    (read_len, read_data),
+                    chunks.len(),
+                    |q, sh, join, i| {
+                        let c = chunks[i];
+                        let data = match write {
+                            Some(WriteData::Bytes(d)) => {
+                                WriteData::Bytes(&d[c.buf_offset..c.buf_offset + c.len])
+                            }
+                            Some(WriteData::InPlace) | None => WriteData::InPlace,
+                        };
+                        q.push_rw(sh, join, write.is_some(), c, data)
+                    },
+                )
+            });
+        self.q.chunks = chunks;
+        result
+    }
+
+    /// Publishes the batch: one producer-index update, one notification if the backend
+    /// asked for one. Dropping the batch does the same, ignoring errors.
+    pub fn commit(mut self) -> Result<(), Error> {
+        self.committed = true;
+        self.kick()
+    }
+
+    fn kick(&mut self) -> Result<(), Error> {
+        // A queue torn down or halted meanwhile has nothing to publish.
+        self.q.check_usable()?;
+        self.q.kick(&self.fe.shared)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = self.kick();
         }
     }
 }

@@ -137,9 +137,23 @@ impl Chunk {
 /// of a contiguous buffer would map. `len` and `page_offset` must be multiples of 512 and
 /// `page_offset < 4096`; the callers check that.
 pub fn split(sector: u64, len: usize, page_offset: usize, max_segments: usize) -> Vec<Chunk> {
+    let mut chunks = Vec::with_capacity(len / (max_segments * PAGE_SIZE) + 1);
+    split_into(sector, len, page_offset, max_segments, &mut chunks);
+    chunks
+}
+
+/// [`split`] into a caller's vector (cleared first), so a submission path that runs per
+/// I/O allocates nothing.
+pub fn split_into(
+    sector: u64,
+    len: usize,
+    page_offset: usize,
+    max_segments: usize,
+    chunks: &mut Vec<Chunk>,
+) {
     debug_assert!(page_offset < PAGE_SIZE && page_offset.is_multiple_of(SECTOR_SIZE as usize));
     debug_assert!(len.is_multiple_of(SECTOR_SIZE as usize) && max_segments > 0);
-    let mut chunks = Vec::with_capacity(len / (max_segments * PAGE_SIZE) + 1);
+    chunks.clear();
     let mut done = 0usize;
     while done < len {
         let in_page = (page_offset + done) % PAGE_SIZE;
@@ -153,7 +167,6 @@ pub fn split(sector: u64, len: usize, page_offset: usize, max_segments: usize) -
         });
         done += this;
     }
-    chunks
 }
 
 #[cfg(test)]

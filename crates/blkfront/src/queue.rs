@@ -196,7 +196,31 @@ struct Join {
     parts_total: usize,
     parts_done: usize,
     result: Result<(), IoError>,
+    /// A read's data, copied out of the granted pages as each part completes; empty
+    /// when the caller asked not to have it ([`ReadData::Discard`]).
     data: Vec<u8>,
+    copy_out: bool,
+}
+
+/// What happens to the data of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadData {
+    /// Copied out of the granted pages into [`Completion::data`] (what a guest's block
+    /// layer gets).
+    Copy,
+    /// Left in the granted pages and dropped: for load generators, which want the
+    /// backend's cost and not the guest's memcpy.
+    Discard,
+}
+
+/// Where a write's data comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteData<'a> {
+    /// Copied into the granted pages before the request is published.
+    Bytes(&'a [u8]),
+    /// Whatever the granted pages hold already (with persistent grants: the pool pages'
+    /// last contents): for load generators, like [`ReadData::Discard`].
+    InPlace,
 }
 
 /// A queue's construction parameters and resources, made by the connect code.
@@ -228,6 +252,14 @@ pub(crate) struct Queue {
     ready: VecDeque<Completion>,
     sync_done: Vec<(u64, Completion)>,
     halted: Option<RingError>,
+    /// Emptied page lists of completed requests, reused by the next ones: no
+    /// allocation per request in the steady state.
+    spare_pages: Vec<Vec<Granted>>,
+    /// Scratch for building a request's segments and indirect refs.
+    segs: Vec<Segment>,
+    indirect_grefs: Vec<GrantRef>,
+    /// Scratch for splitting an I/O into ring requests.
+    pub(crate) chunks: Vec<Chunk>,
 }
 
 impl Queue {
@@ -250,6 +282,10 @@ impl Queue {
             ready: VecDeque::new(),
             sync_done: Vec::new(),
             halted: None,
+            spare_pages: Vec::new(),
+            segs: Vec::new(),
+            indirect_grefs: Vec::new(),
+            chunks: Vec::new(),
         }
     }
 
@@ -300,7 +336,9 @@ impl Queue {
         sync: bool,
         parts: usize,
         read_len: usize,
+        read_data: ReadData,
     ) -> u64 {
+        let copy_out = op == IoOp::Read && read_data == ReadData::Copy;
         let join = Join {
             token,
             op,
@@ -309,11 +347,12 @@ impl Queue {
             parts_total: parts,
             parts_done: 0,
             result: Ok(()),
-            data: if op == IoOp::Read {
+            data: if copy_out {
                 vec![0; read_len]
             } else {
                 Vec::new()
             },
+            copy_out,
         };
         match self.joins.insert(join) {
             Ok(id) => id,
@@ -479,6 +518,18 @@ impl Queue {
         }
     }
 
+    /// Releases a completed request's pages and keeps its emptied lists for reuse.
+    fn release_pages(&mut self, sh: &Shared, mut data: Vec<Granted>, mut indirect: Vec<Granted>) {
+        for g in data.drain(..).chain(indirect.drain(..)) {
+            self.release(sh, g);
+        }
+        // Bounded: two lists per ring slot at most.
+        if self.spare_pages.len() < 2 * self.shadow.capacity() {
+            self.spare_pages.push(data);
+            self.spare_pages.push(indirect);
+        }
+    }
+
     fn recycle(&mut self, sh: &Shared, g: Granted) {
         match g.kind {
             PageKind::Indirect => self.indirect_frames.push(g.frame),
@@ -510,30 +561,44 @@ impl Queue {
     // ----- submission ----------------------------------------------------------
 
     /// Pushes one READ/WRITE ring request for `chunk` (direct, or indirect when it has
-    /// more than 11 segments). `data` holds the chunk's bytes for a write.
+    /// more than 11 segments). `data` is where a write's bytes come from (the chunk's
+    /// own, or the pages as they are).
     pub fn push_rw(
         &mut self,
         sh: &Shared,
         join: u64,
         write: bool,
         chunk: Chunk,
-        data: &[u8],
+        data: WriteData<'_>,
     ) -> Result<(), Error> {
         let nsegs = chunk.nr_segments();
         debug_assert!(nsegs <= sh.max_segments && self.free_slots() > 0);
-        let mut granted: Vec<Granted> = Vec::with_capacity(nsegs);
-        let mut indirect: Vec<Granted> = Vec::new();
-        let built = self.build_rw(sh, write, chunk, data, &mut granted, &mut indirect);
-        let segs = match built {
-            Ok(s) => s,
-            Err(e) => {
-                for g in granted.into_iter().chain(indirect) {
-                    self.release(sh, g);
-                }
-                return Err(e);
+        let mut granted = self.spare_pages.pop().unwrap_or_default();
+        let mut indirect = self.spare_pages.pop().unwrap_or_default();
+        let mut segs = std::mem::take(&mut self.segs);
+        segs.clear();
+        let built = self.build_rw(
+            sh,
+            write,
+            chunk,
+            data,
+            &mut granted,
+            &mut indirect,
+            &mut segs,
+        );
+        if let Err(e) = built {
+            self.segs = segs;
+            for g in granted.drain(..).chain(indirect.drain(..)) {
+                self.release(sh, g);
             }
-        };
+            self.spare_pages.push(granted);
+            self.spare_pages.push(indirect);
+            return Err(e);
+        }
         let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        let mut indirect_grefs = std::mem::take(&mut self.indirect_grefs);
+        indirect_grefs.clear();
+        indirect_grefs.extend(indirect.iter().map(|g| g.gref));
         let pending = Pending {
             join,
             expect_op: op,
@@ -541,7 +606,6 @@ impl Queue {
             data: granted,
             indirect,
         };
-        let indirect_grefs: Vec<GrantRef> = pending.indirect.iter().map(|g| g.gref).collect();
         let id = match self.shadow.insert(pending) {
             Ok(id) => id,
             Err(_) => unreachable!("free slot checked by the caller"),
@@ -559,23 +623,26 @@ impl Queue {
             )
         }
         .expect("segment and indirect-page counts bounded by negotiation");
+        self.segs = segs;
+        self.indirect_grefs = indirect_grefs;
         self.push(sh, id, &req)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build_rw(
         &mut self,
         sh: &Shared,
         write: bool,
         chunk: Chunk,
-        data: &[u8],
+        data: WriteData<'_>,
         granted: &mut Vec<Granted>,
         indirect: &mut Vec<Granted>,
-    ) -> Result<Vec<Segment>, Error> {
-        let mut segs = Vec::with_capacity(chunk.nr_segments());
+        segs: &mut Vec<Segment>,
+    ) -> Result<(), Error> {
         for span in chunk.segments() {
             let g = self.data_page(sh, write)?;
             granted.push(g);
-            if write {
+            if let (true, WriteData::Bytes(data)) = (write, data) {
                 // A write's data must be in the page before the request is visible:
                 // with persistent grants this is the copy Linux does in
                 // `blkif_setup_rw_req_grant`; without, it stands for the caller's own
@@ -593,7 +660,7 @@ impl Queue {
             });
         }
         if segs.len() > MAX_DIRECT_SEGMENTS {
-            let mut page = vec![0u8; PAGE_SIZE];
+            let mut page = [0u8; PAGE_SIZE];
             for descs in segs.chunks(SEGMENTS_PER_INDIRECT_PAGE) {
                 let g = self.indirect_page(sh)?;
                 indirect.push(g);
@@ -604,7 +671,7 @@ impl Queue {
             }
             debug_assert_eq!(indirect.len(), indirect_pages_for(segs.len()));
         }
-        Ok(segs)
+        Ok(())
     }
 
     /// Pushes a cache flush (`BLKIF_OP_FLUSH_DISKCACHE`) or barrier
@@ -660,9 +727,7 @@ impl Queue {
             // Cannot happen with a free shadow slot (one slot per request), but never
             // leave a shadow entry for a request the backend will not see.
             if let Ok(p) = self.shadow.remove(id) {
-                for g in p.data.into_iter().chain(p.indirect) {
-                    self.release(sh, g);
-                }
+                self.release_pages(sh, p.data, p.indirect);
             }
             return Err(Error::RingHalted {
                 queue: self.index,
@@ -777,7 +842,7 @@ impl Queue {
         // is reused by the next request at once.
         let copy_out = result.is_ok() && expect_op == BLKIF_OP_READ;
         if copy_out {
-            if let Ok(j) = self.joins.get_mut(p.join) {
+            if let Some(j) = self.joins.get_mut(p.join).ok().filter(|j| j.copy_out) {
                 for (span, g) in p.chunk.segments().zip(&p.data) {
                     let at = p.chunk.buf_offset + span.buf_offset;
                     if let Err(e) = sh.guest.read_frame(
@@ -790,9 +855,7 @@ impl Queue {
                 }
             }
         }
-        for g in p.data.into_iter().chain(p.indirect) {
-            self.release(sh, g);
-        }
+        self.release_pages(sh, p.data, p.indirect);
         self.finish_part(p.join, result);
     }
 

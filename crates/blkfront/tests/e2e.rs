@@ -373,3 +373,74 @@ fn queue_depth_32_per_queue_from_one_thread() {
     assert_eq!(s.requests, total);
     rig.finish();
 }
+
+#[test]
+fn batches_publish_once_and_can_skip_the_guest_copies() {
+    let _g = serial();
+    let mut rig = Rig::new(RigOpts::default());
+    let mut rng = StdRng::seed_from_u64(77);
+    let spans: Vec<(u64, Vec<u8>)> = (0..16u64)
+        .map(|i| (i * 12288, (0..8192).map(|_| rng.gen()).collect()))
+        .collect();
+    let requests_before = rig.fe().stats().requests;
+    let notifications_before = rig.fe().stats().notifications;
+    {
+        let mut b = rig.fe().batch(0).unwrap();
+        for (i, (off, data)) in spans.iter().enumerate() {
+            b.write(*off, data, i as u64).unwrap();
+        }
+        // Nothing is published before the commit.
+        assert_eq!(rig.fe().stats().notifications, notifications_before);
+        b.commit().unwrap();
+    }
+    let stats = rig.fe().stats();
+    assert_eq!(stats.requests - requests_before, 16);
+    assert!(stats.notifications - notifications_before <= 1, "{stats:?}");
+    let done = collect(&rig, 16);
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    for (off, data) in &spans {
+        rig.model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    // Reads in one batch: copied out, or discarded.
+    {
+        let mut b = rig.fe().batch(0).unwrap();
+        for (i, (off, data)) in spans.iter().enumerate() {
+            let mode = if i % 2 == 0 {
+                blkfront::ReadData::Copy
+            } else {
+                blkfront::ReadData::Discard
+            };
+            b.read(*off, data.len(), i as u64, mode).unwrap();
+        }
+    }
+    let mut done = collect(&rig, 16);
+    done.sort_by_key(|c| c.token);
+    for (c, (_, data)) in done.iter().zip(&spans) {
+        assert!(c.result.is_ok(), "{c:?}");
+        if c.token % 2 == 0 {
+            assert_eq!(&c.data, data);
+        } else {
+            assert!(c.data.is_empty());
+        }
+    }
+    // A write in place sends what the granted pages hold; the disk then has those bytes.
+    {
+        let mut b = rig.fe().batch(0).unwrap();
+        b.write_in_place(1 << 20, 4096, 99).unwrap();
+        b.commit().unwrap();
+    }
+    let done = collect(&rig, 1);
+    assert!(done[0].result.is_ok() && done[0].data.is_empty());
+    let mut now = vec![0u8; 4096];
+    rig.fe().read(1 << 20, &mut now).unwrap();
+    rig.model[1 << 20..(1 << 20) + 4096].copy_from_slice(&now);
+    // Reaping inside a batch sees nothing more.
+    {
+        let mut b = rig.fe().batch(0).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(b.reap(&mut out).unwrap(), 0);
+        assert!(b.free_slots() > 0);
+    }
+    rig.check(0, 2 << 20);
+    rig.finish();
+}
