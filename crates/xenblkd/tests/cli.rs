@@ -1,0 +1,126 @@
+//! The operator's commands against a running daemon, multi-process: `xenblkd attach`
+//! (first free vdev, read-only, refusal reported and cleaned up), `xenblkd detach`, and
+//! `xenblkd xenstore ls`.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{Host, XENBLKD};
+use xenbus::XenbusState;
+
+fn xenblkd(host: &Host, args: &[&str]) -> Output {
+    Command::new(XENBLKD)
+        .args(args)
+        .arg("--xenstore-socket")
+        .arg(host.xs_socket(0))
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn attach_and_detach_commands() {
+    let host = Host::start(&[]);
+    host.create_domain(6);
+    let img = host.image("cli.img", 16);
+    let img = img.to_str().unwrap();
+
+    // First free name, guest not connected yet: returns after InitWait.
+    let out = xenblkd(
+        &host,
+        &["attach", "6", img, "--no-wait-connect", "--direct-io-safe"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("as xvda (device 51712) of domain 6"),
+        "{}",
+        text(&out)
+    );
+    let out = xenblkd(
+        &host,
+        &["attach", "6", img, "--read-only", "--no-wait-connect"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("as xvdb"), "{}", text(&out));
+    let be_b = "/local/domain/0/backend/xenblkd/6/51728";
+    assert_eq!(host.read(&format!("{be_b}/mode")).as_deref(), Some("r"));
+    assert_eq!(host.state(be_b), XenbusState::InitWait);
+
+    // A guest uses both.
+    host.guest(6, 51712, &[], "connect,io:8,close").finish();
+    host.guest(
+        6,
+        51728,
+        &["--no-honour-read-only"],
+        "connect,ro-check,close",
+    )
+    .finish();
+
+    // `xenstore ls` shows what attach wrote.
+    let out = Command::new(XENBLKD)
+        .args(["xenstore", "--socket"])
+        .arg(host.xs_socket(0))
+        .args(["ls", "/local/domain/6/device/vbd/51712"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(r#"/local/domain/6/device/vbd/51712/backend = "/local/domain/0/backend/xenblkd/6/51712""#),
+        "{}",
+        text(&out)
+    );
+
+    for vdev in ["xvda", "xvdb"] {
+        let out = xenblkd(&host, &["detach", "6", vdev]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("detached {vdev} from domain 6")),
+            "{}",
+            text(&out)
+        );
+    }
+    let out = xenblkd(&host, &["detach", "6", "xvda"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no such device"), "{}", text(&out));
+
+    // A disk the backend refuses: the reason is printed and nothing is left behind.
+    let out = xenblkd(
+        &host,
+        &[
+            "attach",
+            "6",
+            img,
+            "xvdc",
+            "--format",
+            "qcow2",
+            "--no-wait-connect",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("the backend refused the disk: 95"),
+        "{}",
+        text(&out)
+    );
+    assert!(host
+        .read("/local/domain/0/backend/xenblkd/6/51744/state")
+        .is_none());
+    assert!(host
+        .read("/local/domain/6/device/vbd/51744/state")
+        .is_none());
+    // A missing image never reaches xenstore.
+    let out = xenblkd(
+        &host,
+        &["attach", "6", "/nonexistent.img", "--no-wait-connect"],
+    );
+    assert!(!out.status.success());
+    assert!(host.status()["devices"].as_array().unwrap().is_empty());
+}
