@@ -295,7 +295,11 @@ impl RingRunner {
             stalled: None,
             retry: VecDeque::with_capacity(size),
             completions: Vec::with_capacity(size),
-            iov: IovScratch(Vec::with_capacity(MAX_IOV)),
+            // Grows with the largest chunk the frontend sends: preallocated for MAX_IOV
+            // iovecs it cost every ring 16 KiB whether or not it ever saw a big request.
+            iov: IovScratch(Vec::with_capacity(
+                blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST,
+            )),
             misses: Vec::new(),
             grefs: Vec::new(),
             indirect_pages: Vec::new(),
