@@ -1,16 +1,18 @@
 //! One ring of a VBD, run by its reactor: blkback's `xen_blkif_ring` and everything that
 //! happens to a request between the frontend's notification and its response.
 //!
-//! Per wake-up ([`RingRunner::run`]):
-//! 1. acknowledge the event channel (consume and unmask);
+//! Per wake-up ([`RingRunner::run`]), in passes until one makes no progress:
+//! 1. acknowledge the event channel (consume and unmask; first pass only);
 //! 2. reap storage completions and finish the requests whose last operation completed:
 //!    copy read data out (copy mode), release grants (persistent ones go back to the
 //!    cache, the others are unmapped), write the response;
-//! 3. consume requests while a request slot is free: copy each out of the ring once,
+//! 3. publish those responses, and notify the frontend if it asked (blkback's
+//!    per-response check: the frontend re-arms only when it runs dry, so this is one
+//!    kick per frontend wake-up), before spending time on new requests;
+//! 4. consume requests while a request slot is free: copy each out of the ring once,
 //!    validate it (blkif), read indirect descriptors once, map or bounce its data pages,
 //!    and queue its storage operations;
-//! 4. commit the storage queue once (one syscall for the whole batch);
-//! 5. publish the responses and notify the frontend once, if it asked.
+//! 5. commit the storage queue once (one syscall for the whole batch), publish again.
 //!
 //! A request is a slot running through phases: `Data` (the vectored read or write,
 //! split into chunks of at most [`storage::MAX_SEGMENTS`] iovecs), `Flush`, `Discard`.
@@ -343,35 +345,47 @@ impl RingRunner {
         let now = Instant::now();
 
         // Bounded: each pass either consumes requests or finishes some, and the ring holds
-        // at most `size` of them; the loop ends when a pass made no progress. Responses are
-        // published every pass (the frontend may be polling), the event channel kicked
-        // once at the end if any publication asked for it.
-        let mut notify = false;
+        // at most `size` of them; the loop ends when a pass made no progress.
+        //
+        // Responses are published as soon as a pass produced them, before new requests
+        // are consumed, and the frontend is notified at once if it asked (it re-arms
+        // `rsp_event` only when it ran out of responses, so this is at most one kick per
+        // frontend wake-up, as blkback's per-response RING_PUSH_RESPONSES_AND_CHECK_NOTIFY
+        // gives): a frontend that went to sleep starts on the completions while this ring
+        // is still consuming, instead of after it.
         loop {
             let mut progress = self.reap(now);
             progress |= self.resume(now);
+            self.publish();
             progress |= self.consume(now);
             if let Err(e) = self.queue.commit() {
                 // The operations stay queued; the next wake-up retries.
                 tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
             }
-            if std::mem::take(&mut self.responses_unpublished) {
-                // Gauges first, so a frontend that sees a response sees its effect in the
-                // statistics too.
-                self.update_gauges();
-                notify |= self.ring.push_responses_and_check_notify();
-            }
+            self.publish();
             if !progress {
                 break;
             }
         }
-        if notify {
+
+        self.update_gauges();
+    }
+
+    /// Publishes the responses written since the last call and kicks the frontend if it
+    /// asked for it.
+    fn publish(&mut self) {
+        if !std::mem::take(&mut self.responses_unpublished) {
+            return;
+        }
+        // Gauges first, so a frontend that sees a response sees its effect in the
+        // statistics too.
+        self.update_gauges();
+        if self.ring.push_responses_and_check_notify() {
             self.stats.notifications.inc();
             if let Err(e) = self.evtchn.notify() {
                 tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel notify failed");
             }
         }
-        self.update_gauges();
     }
 
     fn update_gauges(&self) {
