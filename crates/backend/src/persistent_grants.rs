@@ -114,6 +114,11 @@ impl<M> PersistentGrantCache<M> {
         self.entries.len() < self.limits.max_grants
     }
 
+    /// Whether `gref` is cached and not in use, i.e. [`get`](Self::get) would return it.
+    pub fn is_available(&self, gref: u32) -> bool {
+        self.entries.get(&gref).is_some_and(|e| !e.active)
+    }
+
     /// Takes a cached grant for a request: marks it active and returns its mapping.
     /// `None` if the grant is not cached, or is already active (blkback refuses a grant
     /// "already in use" and the request maps it afresh).

@@ -101,6 +101,9 @@ struct Slot {
     mappings: Vec<GrantMapping>,
     /// Bounce pages (copy mode).
     bounce: Vec<u32>,
+    /// The request's data goes through bounce pages (copy mode, or a request the
+    /// persistent-grant cache could not hold in map-or-copy mode).
+    copied: bool,
 }
 
 impl Slot {
@@ -120,6 +123,7 @@ impl Slot {
             persistent: Vec::new(),
             mappings: Vec::new(),
             bounce: Vec::new(),
+            copied: false,
         }
     }
 
@@ -137,6 +141,7 @@ impl Slot {
         self.persistent.clear();
         self.mappings.clear();
         self.bounce.clear();
+        self.copied = false;
     }
 
     fn has_data(&self) -> bool {
@@ -214,6 +219,7 @@ pub(crate) struct RingRunner {
     queue: Box<dyn StorageQueue>,
     slots: SlotPool<Slot>,
     cache: PersistentGrantCache<GrantMapping>,
+    /// Copy mode: made at start; map-or-copy: made when a request first needs it.
     bounce: Option<BouncePool>,
     ring: BackRing,
     evtchn: Box<dyn EventChannel>,
@@ -224,6 +230,9 @@ pub(crate) struct RingRunner {
     index: usize,
     domid: DomId,
     persistent: bool,
+    mode: ResolvedGrantMode,
+    /// Size of the bounce pool, in pages.
+    bounce_pages: usize,
     limits: DeviceLimits,
     limits_generation: u64,
     state: State,
@@ -265,9 +274,10 @@ impl RingRunner {
         let size = parts.ring.size() as usize;
         let max_segs = (cfg.vbd.max_indirect_segments as usize)
             .max(blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST);
+        let bounce_pages = cfg.max_buffer_pages.max(max_segs);
         let bounce = match cfg.mode {
-            ResolvedGrantMode::Copy => Some(BouncePool::new(cfg.max_buffer_pages.max(max_segs))?),
-            ResolvedGrantMode::Map => None,
+            ResolvedGrantMode::Copy => Some(BouncePool::new(bounce_pages)?),
+            ResolvedGrantMode::Map | ResolvedGrantMode::MapOrCopy => None,
         };
         let stats = cfg.vbd.ring_stats[parts.index].clone();
         let limits = cfg.vbd.device_limits();
@@ -290,6 +300,8 @@ impl RingRunner {
             index: parts.index,
             domid: cfg.domid,
             persistent: cfg.persistent,
+            mode: cfg.mode,
+            bounce_pages,
             limits,
             limits_generation,
             state: State::Running,
@@ -557,12 +569,39 @@ impl RingRunner {
         let (slot, req) = request;
         self.count_accepted(&req);
 
-        let Some(pool) = self.bounce.as_mut() else {
+        let copy = match self.mode {
+            ResolvedGrantMode::Map => false,
+            ResolvedGrantMode::Copy => true,
+            ResolvedGrantMode::MapOrCopy => {
+                let fits = self.persistent_fits(slot);
+                if !fits {
+                    // As blkback when a grant does not fit: the next purge makes room by
+                    // dropping the least recently used, so the cache follows the working
+                    // set (small requests map into it again; large ones keep copying).
+                    self.cache.note_overflow();
+                }
+                !fits
+            }
+        };
+        if !copy {
             if let Err(status) = self.map_segments(slot, now) {
                 self.finish_with(slot, status, now);
                 return;
             }
             self.after_acquire(slot, now);
+            return;
+        }
+        if self.bounce.is_none() {
+            match BouncePool::new(self.bounce_pages) {
+                Ok(pool) => self.bounce = Some(pool),
+                Err(e) => {
+                    tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "no bounce pool");
+                    self.finish_with(slot, BLKIF_RSP_ERROR, now);
+                    return;
+                }
+            }
+        }
+        let Some(pool) = self.bounce.as_mut() else {
             return;
         };
         let s = self.slots.get_mut(slot);
@@ -594,11 +633,38 @@ impl RingRunner {
         }
     }
 
+    /// Map-or-copy mode: whether every data grant of the request is in the
+    /// persistent-grant cache and free, or the cache has room for the ones that are not
+    /// (they are then mapped and kept). Nothing is taken yet.
+    fn persistent_fits(&self, slot: u32) -> bool {
+        if !self.persistent {
+            return false;
+        }
+        let s = self.slots.get(slot);
+        let room = self
+            .cache
+            .limits()
+            .max_grants
+            .saturating_sub(self.cache.len())
+            .min(MAX_MAP_BATCH);
+        let mut misses = 0;
+        for seg in &s.segs {
+            if !self.cache.is_available(seg.gref) {
+                misses += 1;
+                if misses > room {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// Copy mode, bounce pages held: grant-copy a write's data in, then go on.
     fn start_copy_mode(&mut self, slot: u32, now: Instant) {
         let pool = self.bounce.as_ref().expect("copy mode");
         let base = pool.region().as_ptr() as usize;
         let s = self.slots.get_mut(slot);
+        s.copied = true;
         s.addrs.clear();
         s.addrs
             .extend(s.bounce.iter().map(|&p| base + BouncePool::offset(p)));
@@ -814,7 +880,7 @@ impl RingRunner {
     /// The request is over: deliver read data (copy mode), release its pages, answer.
     fn finish(&mut self, slot: u32, now: Instant) {
         let s = self.slots.get(slot);
-        if s.status == BLKIF_RSP_OKAY && s.fills_guest() && self.bounce.is_some() && s.has_data() {
+        if s.status == BLKIF_RSP_OKAY && s.fills_guest() && s.copied && s.has_data() {
             if let Err(status) = self.copy_data(slot, CopyDirection::ToGuest) {
                 self.slots.get_mut(slot).status = status;
             }
@@ -873,7 +939,9 @@ impl RingRunner {
         let s = self.slots.get_mut(slot);
         s.segs.clear();
         s.segs.resize(room, Segment::default());
-        let parsed = if self.bounce.is_some() {
+        // Copy and map-or-copy modes copy the descriptor pages into private memory (one
+        // small copy instead of a read-only map and unmap); map mode maps them.
+        let parsed = if self.mode != ResolvedGrantMode::Map {
             if self.indirect_pages.len() < grefs.len() {
                 self.indirect_pages.resize(grefs.len(), [0; PAGE_SIZE]);
             }

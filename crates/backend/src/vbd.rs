@@ -35,9 +35,10 @@ pub enum GrantMode {
     Map,
     /// Grant-copy between guest pages and backend-owned bounce buffers (qdisk).
     Copy,
-    /// Let the engine choose. Provisional rule until measurements decide: map when
-    /// persistent grants were negotiated (the steady state then maps nothing), copy
-    /// otherwise (one copy hypercall per request instead of map + unmap).
+    /// Let the engine choose: with persistent grants, map what the persistent-grant
+    /// cache can keep and grant-copy a request whose grants it cannot
+    /// ([`ResolvedGrantMode::MapOrCopy`]); without, copy (one copy call per request
+    /// instead of a map and an unmap). Decided from measurements, see BENCHMARKS.md.
     #[default]
     Auto,
 }
@@ -48,7 +49,7 @@ impl GrantMode {
         match self {
             GrantMode::Map => ResolvedGrantMode::Map,
             GrantMode::Copy => ResolvedGrantMode::Copy,
-            GrantMode::Auto if persistent => ResolvedGrantMode::Map,
+            GrantMode::Auto if persistent => ResolvedGrantMode::MapOrCopy,
             GrantMode::Auto => ResolvedGrantMode::Copy,
         }
     }
@@ -59,6 +60,13 @@ impl GrantMode {
 pub enum ResolvedGrantMode {
     Map,
     Copy,
+    /// Persistent grants are mapped and kept (the steady state maps nothing); a request
+    /// whose grants would overflow the persistent-grant cache is grant-copied through
+    /// bounce buffers rather than mapped and unmapped around its I/O. A frontend whose
+    /// working set exceeds the cache (large requests at depth: 32 x 1 MiB is 8 224
+    /// grants against blkback's 1 056) then costs a copy per request instead of a map,
+    /// an unmap (and its TLB shootdown on Xen) per page.
+    MapOrCopy,
 }
 
 /// One ring ("queue") of a VBD, as the frontend published it.

@@ -63,7 +63,7 @@ fn read_write_against_model_in_every_data_path() {
         (true, GrantMode::Map, ResolvedGrantMode::Map),
         (false, GrantMode::Copy, ResolvedGrantMode::Copy),
         (true, GrantMode::Copy, ResolvedGrantMode::Copy),
-        (true, GrantMode::Auto, ResolvedGrantMode::Map),
+        (true, GrantMode::Auto, ResolvedGrantMode::MapOrCopy),
         (false, GrantMode::Auto, ResolvedGrantMode::Copy),
     ] {
         let mut h = Harness::new(Opts {
@@ -78,7 +78,7 @@ fn read_write_against_model_in_every_data_path() {
         let s = h.vbd().stats().total;
         assert!(s.rd_req > 0 && s.wr_req > 0 && s.rd_sect > 0 && s.wr_sect > 0);
         assert_eq!(s.errors, 0);
-        if persistent && expect == ResolvedGrantMode::Map {
+        if persistent && expect != ResolvedGrantMode::Copy {
             assert!(s.persistent_grants_mapped > 0, "persistent grants cached");
             assert_eq!(s.persistent_grants_in_use, 0);
         } else {
@@ -467,6 +467,51 @@ fn persistent_grants_overflow_and_purge() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(h.vbd().stats().total.persistent_grants_mapped, 0);
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn map_or_copy_maps_what_the_cache_holds_and_copies_the_rest() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        persistent: true,
+        mode: GrantMode::Auto,
+        persistent_limits: PersistentGrantLimits {
+            max_grants: 4,
+            unused_timeout: Duration::from_secs(60),
+        },
+        ..Opts::default()
+    });
+    assert_eq!(h.vbd().grant_mode(), ResolvedGrantMode::MapOrCopy);
+    let mut rng = Rng::new(34);
+    // Four one-page requests at once fit the cache: mapped and kept.
+    let reqs: Vec<_> = (0..4)
+        .map(|i| h.build(BLKIF_OP_WRITE, i * 8, &rng.bytes(4096), 8, 0, false))
+        .collect();
+    h.push(0, &reqs.iter().collect::<Vec<_>>());
+    for b in reqs {
+        assert_eq!(h.complete(0, b).0.status, BLKIF_RSP_OKAY);
+    }
+    let s = h.vbd().stats().total;
+    assert_eq!(s.persistent_grants_mapped, 4);
+    // Eleven grants do not fit a full cache of four: copied, nothing mapped for them,
+    // the cache untouched. Reads and writes, direct and indirect.
+    for i in 0..6 {
+        let len = if i % 2 == 0 { 11 * 4096 } else { 20 * 4096 };
+        assert_eq!(
+            h.write(0, 64 + i * 160, &rng.bytes(len)).status,
+            BLKIF_RSP_OKAY
+        );
+        let (rsp, data) = h.read(0, 64 + i * 160, len);
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+        let at = (64 + i as usize * 160) * 512;
+        assert!(data.as_deref() == Some(&h.model[at..at + len]));
+    }
+    assert_eq!(h.live_mappings(), 1 + 4, "ring + cached grants only");
+    let s = h.vbd().stats().total;
+    assert_eq!(s.persistent_grants_mapped, 4);
+    assert_eq!(s.errors, 0);
     h.verify_disk(0);
     h.teardown();
 }
