@@ -55,6 +55,12 @@ use crate::vbd::{LostFeature, ResolvedGrantMode, VbdEvent, VbdShared};
 /// Most iovecs in one storage operation.
 const MAX_IOV: usize = storage::MAX_SEGMENTS;
 
+/// Data queued for the storage beyond which `consume` commits before taking the next
+/// request: a batch of small requests still goes to the kernel in one syscall, while a
+/// batch of large ones (each with a copy or map to set up first) starts the storage on
+/// the first instead of after the last.
+const COMMIT_BYTES: usize = 256 << 10;
+
 /// What a ring is doing with new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -252,6 +258,8 @@ pub(crate) struct RingRunner {
     /// Grant-copy segments of the request being copied, reused (copy mode).
     copy_segs: Vec<CopySegment>,
     evtchn_fired: bool,
+    /// Data bytes submitted to the storage queue since the last commit.
+    uncommitted_bytes: usize,
     /// Responses written since the last publication.
     responses_unpublished: bool,
     resize_poll: Option<std::time::Duration>,
@@ -319,6 +327,7 @@ impl RingRunner {
             indirect_pages: Vec::new(),
             copy_segs: Vec::new(),
             evtchn_fired: true,
+            uncommitted_bytes: 0,
             responses_unpublished: false,
             resize_poll: cfg.resize_poll,
             next_resize,
@@ -370,10 +379,7 @@ impl RingRunner {
             progress |= self.resume(now);
             self.publish();
             progress |= self.consume(now);
-            if let Err(e) = self.queue.commit() {
-                // The operations stay queued; the next wake-up retries.
-                tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
-            }
+            self.commit();
             self.publish();
             if !progress {
                 break;
@@ -491,8 +497,22 @@ impl RingRunner {
             };
             progress = true;
             self.dispatch(raw, now);
+            if self.uncommitted_bytes >= COMMIT_BYTES {
+                // Large requests cost time to set up (copies, maps): start the storage
+                // on what is ready instead of holding it until the whole batch is.
+                self.commit();
+            }
         }
         progress
+    }
+
+    /// Hands the queued storage operations to the kernel.
+    fn commit(&mut self) {
+        self.uncommitted_bytes = 0;
+        if let Err(e) = self.queue.commit() {
+            // The operations stay queued; the next wake-up retries.
+            tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "storage commit failed");
+        }
     }
 
     fn halt(&mut self, e: blkif::RingError) {
@@ -792,6 +812,7 @@ impl RingRunner {
             let s = self.slots.get_mut(slot);
             s.pending += 1;
             s.next_chunk += 1;
+            self.uncommitted_bytes += segs_bytes(&s.segs, first);
         }
         Ok(())
     }
@@ -1139,6 +1160,12 @@ fn check_copied(
         return Err(BLKIF_RSP_ERROR);
     }
     Ok(())
+}
+
+/// Bytes of a data chunk starting at segment `first`.
+fn segs_bytes(segs: &[Segment], first: usize) -> usize {
+    segs.get(first..(first + MAX_IOV).min(segs.len()))
+        .map_or(0, |c| c.iter().map(|g| g.len_bytes()).sum())
 }
 
 /// Storage tags: the slot in the low half, the data chunk in the high half.
