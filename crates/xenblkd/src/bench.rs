@@ -139,6 +139,12 @@ pub struct BenchArgs {
     /// Also run io_uring straight on the same image and print the ratio.
     #[arg(long)]
     pub baseline: bool,
+    /// Alternate xenblkd and baseline phases this many times (each `--runtime` long,
+    /// xenblkd first in odd rounds, the baseline first in even ones) and report the
+    /// median ratio: the disk and a shared machine drift by more than the difference
+    /// measured, and alternating exposes both sides to the same drift.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -237,6 +243,23 @@ pub struct BenchReport {
     pub baseline: Option<BaselineFigures>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_iops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_bw: Option<f64>,
+    /// Each round of xenblkd then baseline (`--rounds`); the ratios above are their
+    /// medians, the xenblkd figures the totals, the baseline's those of the median round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Round>,
+}
+
+/// One round: a xenblkd phase and, with `--baseline`, the io_uring phase right after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub iops: f64,
+    pub bw_mib_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_iops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_bw_mib_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_bw: Option<f64>,
 }
@@ -426,10 +449,12 @@ fn drive_queue(
 pub struct Measured {
     pub ios: u64,
     pub errors: u64,
+    pub bytes: u64,
     pub elapsed: Duration,
     pub iops: f64,
     pub bw_mib_s: f64,
     pub lat_us: Latency,
+    pub hist: Histogram<u64>,
 }
 
 /// Drives `args.queues` queues of a connected frontend for `args.runtime` seconds over
@@ -479,10 +504,12 @@ pub fn measure_frontend(
     Ok(Measured {
         ios,
         errors,
+        bytes,
         elapsed,
         iops: ios as f64 / secs,
         bw_mib_s: bytes as f64 / MIB / secs,
         lat_us: latency_of(&hist),
+        hist,
     })
 }
 
@@ -550,22 +577,83 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         );
     }
 
-    let cpu0 = reactor_cpu_ns();
-    let stop = AtomicBool::new(false);
-    let measured = measure_frontend(&stack.frontend, args, size, &stop);
-    let backend_cpu = reactor_cpu_ns().saturating_sub(cpu0);
+    let baseline_cfg = if args.baseline {
+        let path = image
+            .as_ref()
+            .context("--baseline needs file storage (io_uring straight on the image)")?;
+        let workload = args
+            .rw
+            .baseline_workload()
+            .context("the io_uring baseline has no mixed read/write pattern")?;
+        let mut cfg =
+            BaselineConfig::new(path, workload, args.bs as u32, args.iodepth * args.queues);
+        cfg.runtime = Duration::from_secs_f64(args.runtime);
+        cfg.direct = info.direct_io;
+        cfg.region_bytes = Some(size);
+        cfg.seed = args.seed;
+        Some(cfg)
+    } else {
+        None
+    };
+
+    let mut rounds = Vec::new();
+    let mut baselines = Vec::new();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+    let (mut ios, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    let mut elapsed = Duration::ZERO;
+    let mut backend_cpu = 0u64;
+    let mut failure = None;
+    for r in 0..args.rounds.max(1) {
+        // Odd rounds run the baseline first: whichever side goes second finds the
+        // host's caches warmer (a virtual disk's host page cache serves re-reads and
+        // absorbs writes), so a fixed order would bias every round the same way.
+        let baseline_first = match &baseline_cfg {
+            Some(cfg) if r % 2 == 1 => Some(baseline_figures(cfg)?),
+            _ => None,
+        };
+        let cpu0 = reactor_cpu_ns();
+        let stop = AtomicBool::new(false);
+        let measured = measure_frontend(&stack.frontend, args, size, &stop);
+        backend_cpu += reactor_cpu_ns().saturating_sub(cpu0);
+        let m = match measured {
+            Ok(m) => m,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        ios += m.ios;
+        errors += m.errors;
+        bytes += m.bytes;
+        elapsed += m.elapsed;
+        hist.add(&m.hist).context("merging latency histograms")?;
+        let mut round = Round {
+            iops: m.iops,
+            bw_mib_s: m.bw_mib_s,
+            baseline_iops: None,
+            baseline_bw_mib_s: None,
+            ratio_bw: None,
+        };
+        if let Some(cfg) = &baseline_cfg {
+            // The engine idles meanwhile: its ring stays connected, nothing is in flight.
+            let b = match baseline_first {
+                Some(b) => b,
+                None => baseline_figures(cfg)?,
+            };
+            round.baseline_iops = Some(b.iops);
+            round.baseline_bw_mib_s = Some(b.bw_mib_s);
+            round.ratio_bw = Some(m.bw_mib_s / b.bw_mib_s.max(f64::MIN_POSITIVE));
+            baselines.push(b);
+        }
+        rounds.push(round);
+    }
     let vbd_stats = stack.vbd().stats().total;
     stack
         .teardown()
         .context("tearing the simulated stack down")?;
-    let Measured {
-        ios,
-        errors,
-        elapsed,
-        iops,
-        bw_mib_s,
-        lat_us,
-    } = measured?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     let secs = elapsed.as_secs_f64();
     let mut report = BenchReport {
         rw: args.rw,
@@ -578,9 +666,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         runtime_s: secs,
         ios,
         errors,
-        iops,
-        bw_mib_s,
-        lat_us,
+        iops: ios as f64 / secs,
+        bw_mib_s: bytes as f64 / MIB / secs,
+        lat_us: latency_of(&hist),
         backend_cpu_us_per_io: backend_cpu as f64 / 1000.0 / ios.max(1) as f64,
         backend_cpu_util: backend_cpu as f64 / 1e9 / secs,
         negotiated,
@@ -595,46 +683,54 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         baseline: None,
         ratio_iops: None,
         ratio_bw: None,
+        rounds: Vec::new(),
     };
-
-    if args.baseline {
-        let path = image
-            .as_ref()
-            .context("--baseline needs file storage (io_uring straight on the image)")?;
-        let workload = args
-            .rw
-            .baseline_workload()
-            .context("the io_uring baseline has no mixed read/write pattern")?;
-        let mut cfg =
-            BaselineConfig::new(path, workload, args.bs as u32, args.iodepth * args.queues);
-        cfg.runtime = Duration::from_secs_f64(args.runtime);
-        cfg.direct = info.direct_io;
-        cfg.region_bytes = Some(size);
-        cfg.seed = args.seed;
-        let b = storage::baseline::run(&cfg).context("io_uring baseline")?;
-        let l = &b.latency;
-        let us = |ns: u64| ns as f64 / 1000.0;
-        let base = BaselineFigures {
-            iops: b.iops(),
-            bw_mib_s: b.bytes_per_sec() / MIB,
-            lat_us: Latency {
-                p50: us(l.p50_ns),
-                p90: us(l.p90_ns),
-                p99: us(l.p99_ns),
-                p999: us(l.p999_ns),
-                mean: us(l.mean_ns),
-                max: us(l.max_ns),
-            },
-            cpu_us_per_io: b.cpu_us_per_op(),
+    if !baselines.is_empty() {
+        // The median of the rounds' ratios (of the middle two for an even count); the
+        // baseline of the (lower) median round is reported. With one round, simply the
+        // ratio of the run.
+        let ratio_of = |i: usize| rounds[i].ratio_bw.unwrap_or(0.0);
+        let mut order: Vec<usize> = (0..rounds.len()).collect();
+        order.sort_by(|&a, &b| ratio_of(a).total_cmp(&ratio_of(b)));
+        let n = order.len();
+        let mid = order[(n - 1) / 2];
+        let ratio = if n % 2 == 0 {
+            (ratio_of(order[n / 2 - 1]) + ratio_of(order[n / 2])) / 2.0
+        } else {
+            ratio_of(mid)
         };
-        report.ratio_iops = Some(report.iops / base.iops.max(f64::MIN_POSITIVE));
-        report.ratio_bw = Some(report.bw_mib_s / base.bw_mib_s.max(f64::MIN_POSITIVE));
-        report.baseline = Some(base);
+        report.ratio_bw = Some(ratio);
+        // Same size per I/O on both sides: the IOPS ratio is the bandwidth ratio.
+        report.ratio_iops = Some(ratio);
+        report.baseline = Some(baselines.swap_remove(mid));
+    }
+    if rounds.len() > 1 {
+        report.rounds = rounds;
     }
     if errors > 0 {
         bail!("{errors} I/Os failed during the benchmark");
     }
     Ok(report)
+}
+
+/// One io_uring baseline phase.
+fn baseline_figures(cfg: &BaselineConfig) -> anyhow::Result<BaselineFigures> {
+    let b = storage::baseline::run(cfg).context("io_uring baseline")?;
+    let l = &b.latency;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Ok(BaselineFigures {
+        iops: b.iops(),
+        bw_mib_s: b.bytes_per_sec() / MIB,
+        lat_us: Latency {
+            p50: us(l.p50_ns),
+            p90: us(l.p90_ns),
+            p99: us(l.p99_ns),
+            p999: us(l.p999_ns),
+            mean: us(l.mean_ns),
+            max: us(l.max_ns),
+        },
+        cpu_us_per_io: b.cpu_us_per_op(),
+    })
 }
 
 /// Human-readable report.
@@ -673,8 +769,24 @@ pub fn print_text(r: &BenchReport) {
             "  baseline: {:>10.0} IOPS {:>9.1} MiB/s  lat us p50={:.1} p90={:.1} p99={:.1} p99.9={:.1}  (io_uring on the same image)",
             b.iops, b.bw_mib_s, b.lat_us.p50, b.lat_us.p90, b.lat_us.p99, b.lat_us.p999
         );
+        for (i, round) in r.rounds.iter().enumerate() {
+            println!(
+                "  round {:>2}: xenblkd {:>10.0} IOPS {:>9.1} MiB/s  baseline {:>10.0} IOPS {:>9.1} MiB/s  ratio {:.3}",
+                i + 1,
+                round.iops,
+                round.bw_mib_s,
+                round.baseline_iops.unwrap_or(0.0),
+                round.baseline_bw_mib_s.unwrap_or(0.0),
+                round.ratio_bw.unwrap_or(0.0)
+            );
+        }
+        let of = if r.rounds.len() > 1 {
+            format!(" (median of {} rounds)", r.rounds.len())
+        } else {
+            String::new()
+        };
         println!(
-            "  ratio   : IOPS {:.3}  bandwidth {:.3}",
+            "  ratio   : IOPS {:.3}  bandwidth {:.3}{of}",
             r.ratio_iops.unwrap_or(0.0),
             r.ratio_bw.unwrap_or(0.0)
         );
