@@ -694,7 +694,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         order.sort_by(|&a, &b| ratio_of(a).total_cmp(&ratio_of(b)));
         let n = order.len();
         let mid = order[(n - 1) / 2];
-        let ratio = if n % 2 == 0 {
+        let ratio = if n.is_multiple_of(2) {
             (ratio_of(order[n / 2 - 1]) + ratio_of(order[n / 2])) / 2.0
         } else {
             ratio_of(mid)
