@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, PAGE_SIZE, SECTOR_SIZE};
 use blkif::{
@@ -51,6 +51,9 @@ use crate::reactor::{RingTask, VbdId};
 use crate::slots::SlotPool;
 use crate::stats::{RingStats, Stats};
 use crate::vbd::{LostFeature, ResolvedGrantMode, VbdEvent, VbdShared};
+
+/// How long a bounce pool goes unused before its memory is given back.
+const BOUNCE_IDLE: Duration = Duration::from_secs(1);
 
 /// Most iovecs in one storage operation.
 const MAX_IOV: usize = storage::MAX_SEGMENTS;
@@ -258,6 +261,10 @@ pub(crate) struct RingRunner {
     /// Grant-copy segments of the request being copied, reused (copy mode).
     copy_segs: Vec<CopySegment>,
     evtchn_fired: bool,
+    /// Bounce pages were taken since the last tick.
+    bounce_used: bool,
+    /// The bounce pool has been unused since then.
+    bounce_idle_since: Option<Instant>,
     /// Data bytes submitted to the storage queue since the last commit.
     uncommitted_bytes: usize,
     /// Responses written since the last publication.
@@ -327,6 +334,8 @@ impl RingRunner {
             indirect_pages: Vec::new(),
             copy_segs: Vec::new(),
             evtchn_fired: true,
+            bounce_used: false,
+            bounce_idle_since: None,
             uncommitted_bytes: 0,
             responses_unpublished: false,
             resize_poll: cfg.resize_poll,
@@ -683,6 +692,7 @@ impl RingRunner {
     fn start_copy_mode(&mut self, slot: u32, now: Instant) {
         let pool = self.bounce.as_ref().expect("copy mode");
         let base = pool.region().as_ptr() as usize;
+        self.bounce_used = true;
         let s = self.slots.get_mut(slot);
         s.copied = true;
         s.addrs.clear();
@@ -1129,6 +1139,29 @@ impl RingRunner {
         check_copied(copied, &self.copy_segs)
     }
 
+    /// Gives an idle bounce pool's memory back after [`BOUNCE_IDLE`] without use.
+    fn reclaim_bounce(&mut self, now: Instant) {
+        let Some(pool) = self.bounce.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut self.bounce_used) || pool.in_use() > 0 {
+            self.bounce_idle_since = None;
+            return;
+        }
+        let since = *self.bounce_idle_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= BOUNCE_IDLE {
+            let bytes = pool.reclaim();
+            if bytes > 0 {
+                tracing::debug!(
+                    vbd = self.vbd.id.0,
+                    ring = self.index,
+                    bytes,
+                    "idle bounce pages released"
+                );
+            }
+        }
+    }
+
     fn purge(&mut self, now: Instant) {
         if !self.persistent {
             return;
@@ -1202,6 +1235,7 @@ impl RingTask for RingRunner {
 
     fn tick(&mut self, now: Instant) {
         self.purge(now);
+        self.reclaim_bounce(now);
         if let Some(at) = self.next_resize {
             if now >= at {
                 if let Err(e) = self.vbd.refresh_size() {

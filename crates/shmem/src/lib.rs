@@ -36,6 +36,8 @@ pub struct SharedMemory {
     ptr: NonNull<u8>,
     len: usize,
     release: Option<Release>,
+    /// Made by [`SharedMemory::anonymous`]: its pages may be given back to the kernel.
+    anonymous: bool,
 }
 
 // SAFETY: the region is plain memory accessed only through volatile operations with
@@ -64,7 +66,12 @@ impl SharedMemory {
     /// aligned.
     pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, release: Option<Release>) -> Self {
         debug_assert_eq!(ptr.as_ptr() as usize % 8, 0);
-        Self { ptr, len, release }
+        Self {
+            ptr,
+            len,
+            release,
+            anonymous: false,
+        }
     }
 
     /// A fresh zeroed, page-aligned anonymous shared mapping of `len` bytes (rounded up
@@ -92,7 +99,40 @@ impl SharedMemory {
         });
         // SAFETY: the mapping is valid for `map_len >= len` bytes until `release` runs and
         // is page aligned.
-        Ok(unsafe { Self::from_raw_parts(ptr, len, Some(release)) })
+        let mut mem = unsafe { Self::from_raw_parts(ptr, len, Some(release)) };
+        mem.anonymous = true;
+        Ok(mem)
+    }
+
+    /// Gives the memory of whole pages `offset..offset + len` back to the kernel: they
+    /// read as zeros afterwards and cost no memory until written again. Only for regions
+    /// made by [`SharedMemory::anonymous`] (a foreign mapping's pages are not ours to
+    /// drop); `offset` and `len` must be page multiples.
+    pub fn discard(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        if !self.anonymous {
+            return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+        }
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        // The mapping is rounded up to whole pages: a last partial page may be dropped.
+        let map_len = self.len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        match offset.checked_add(len) {
+            Some(end) if end <= map_len => {}
+            _ => return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside our own anonymous shared mapping (checked above);
+        // MADV_REMOVE only replaces its contents with zero pages, which every access
+        // method here tolerates (no Rust reference into the region exists).
+        let rc =
+            unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, libc::MADV_REMOVE) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -367,6 +407,23 @@ mod tests {
         assert_eq!(m.compare_exchange_u16(16, 0x8, 0x2).unwrap(), Err(0x1));
         assert_eq!(m.fetch_and_u16(16, 0).unwrap(), 0x1);
         assert_eq!(m.load_u16(16).unwrap(), 0);
+    }
+
+    #[test]
+    fn discard_zeroes_whole_pages_of_anonymous_regions_only() {
+        let m = SharedMemory::anonymous(3 * PAGE_SIZE).unwrap();
+        m.fill(0, 3 * PAGE_SIZE, 0xab).unwrap();
+        m.discard(PAGE_SIZE, PAGE_SIZE).unwrap();
+        let mut b = [0u8; 2];
+        m.read(PAGE_SIZE - 1, &mut b).unwrap();
+        assert_eq!(b, [0xab, 0], "page 0 kept, page 1 dropped");
+        m.read(2 * PAGE_SIZE - 1, &mut b).unwrap();
+        assert_eq!(b, [0, 0xab]);
+        assert!(m.discard(1, PAGE_SIZE).is_err());
+        assert!(m.discard(0, 4 * PAGE_SIZE).is_err());
+        // SAFETY: a view of the region's first page, used only while `m` lives.
+        let alias = unsafe { SharedMemory::from_raw_parts(m.ptr, PAGE_SIZE, None) };
+        assert!(alias.discard(0, PAGE_SIZE).is_err(), "not ours to drop");
     }
 
     #[test]
