@@ -114,11 +114,6 @@ impl<M> PersistentGrantCache<M> {
         self.entries.len() < self.limits.max_grants
     }
 
-    /// Whether `gref` is cached and not in use, i.e. [`get`](Self::get) would return it.
-    pub fn is_available(&self, gref: u32) -> bool {
-        self.entries.get(&gref).is_some_and(|e| !e.active)
-    }
-
     /// Takes a cached grant for a request: marks it active and returns its mapping.
     /// `None` if the grant is not cached, or is already active (blkback refuses a grant
     /// "already in use" and the request maps it afresh).
@@ -149,6 +144,18 @@ impl<M> PersistentGrantCache<M> {
             last_used: now,
         });
         Ok(&entry.mapping)
+    }
+
+    /// Undoes a [`get`](Self::get) whose request did not use the grant after all: it is
+    /// free again and keeps its last-use time.
+    pub fn unget(&mut self, gref: u32) {
+        match self.entries.get_mut(&gref) {
+            Some(entry) if entry.active => {
+                entry.active = false;
+                self.in_use -= 1;
+            }
+            _ => tracing::warn!(gref, "ungetting a persistent grant that is not in use"),
+        }
     }
 
     /// Returns a grant when its request completes.
@@ -273,6 +280,19 @@ mod tests {
         assert_eq!(c.in_use(), 0);
         assert_eq!(c.get(7), Some(&70));
         assert_eq!(c.in_use(), 1);
+    }
+
+    #[test]
+    fn unget_frees_a_grant_and_keeps_its_last_use() {
+        let t = Instant::now();
+        let mut c = cache(4, 1);
+        c.add(5, 50, t).unwrap();
+        c.put(5, t);
+        assert_eq!(c.get(5), Some(&50));
+        c.unget(5);
+        assert_eq!(c.in_use(), 0);
+        // Still last used at `t`: expired a second later, as if never taken again.
+        assert_eq!(c.purge(t + Duration::from_secs(1)), vec![50]);
     }
 
     #[test]

@@ -598,27 +598,22 @@ impl RingRunner {
         let (slot, req) = request;
         self.count_accepted(&req);
 
-        let copy = match self.mode {
-            ResolvedGrantMode::Map => false,
-            ResolvedGrantMode::Copy => true,
-            ResolvedGrantMode::MapOrCopy => {
-                let fits = self.persistent_fits(slot);
-                if !fits {
-                    // As blkback when a grant does not fit: the next purge makes room by
-                    // dropping the least recently used, so the cache follows the working
-                    // set (small requests map into it again; large ones keep copying).
-                    self.cache.note_overflow();
+        if self.mode != ResolvedGrantMode::Copy {
+            match self.map_segments(slot, now) {
+                Ok(true) => {
+                    self.after_acquire(slot, now);
+                    return;
                 }
-                !fits
+                Err(status) => {
+                    self.finish_with(slot, status, now);
+                    return;
+                }
+                // Map-or-copy, and the persistent-grant cache cannot hold the request: as
+                // blkback when a grant does not fit, the next purge makes room by dropping
+                // the least recently used, so the cache follows the working set (small
+                // requests map into it again; large ones keep being copied).
+                Ok(false) => self.cache.note_overflow(),
             }
-        };
-        if !copy {
-            if let Err(status) = self.map_segments(slot, now) {
-                self.finish_with(slot, status, now);
-                return;
-            }
-            self.after_acquire(slot, now);
-            return;
         }
         if self.bounce.is_none() {
             match BouncePool::new(self.bounce_pages) {
@@ -660,32 +655,6 @@ impl RingRunner {
             }
             Operation::Discard { .. } => self.stats.ds_req.inc(),
         }
-    }
-
-    /// Map-or-copy mode: whether every data grant of the request is in the
-    /// persistent-grant cache and free, or the cache has room for the ones that are not
-    /// (they are then mapped and kept). Nothing is taken yet.
-    fn persistent_fits(&self, slot: u32) -> bool {
-        if !self.persistent {
-            return false;
-        }
-        let s = self.slots.get(slot);
-        let room = self
-            .cache
-            .limits()
-            .max_grants
-            .saturating_sub(self.cache.len())
-            .min(MAX_MAP_BATCH);
-        let mut misses = 0;
-        for seg in &s.segs {
-            if !self.cache.is_available(seg.gref) {
-                misses += 1;
-                if misses > room {
-                    return false;
-                }
-            }
-        }
-        true
     }
 
     /// Copy mode, bounce pages held: grant-copy a write's data in, then go on.
@@ -1021,12 +990,14 @@ impl RingRunner {
     }
 
     /// Map mode: makes every data segment's page addressable, from the persistent cache
-    /// when possible.
-    fn map_segments(&mut self, slot: u32, now: Instant) -> Result<(), i16> {
+    /// when possible. In map-or-copy mode, returns `Ok(false)` with nothing taken when the
+    /// cache cannot hold the request's grants (all free in it, or room for the others),
+    /// which then goes through bounce buffers instead.
+    fn map_segments(&mut self, slot: u32, now: Instant) -> Result<bool, i16> {
         let s = self.slots.get_mut(slot);
         s.addrs.clear();
         if !s.has_data() {
-            return Ok(());
+            return Ok(true);
         }
         // The seed maps read-only for requests that only read guest memory, except with
         // persistent grants, whose mappings outlive the request and may serve a READ later.
@@ -1054,7 +1025,25 @@ impl RingRunner {
             }
         }
         if self.misses.is_empty() {
-            return Ok(());
+            return Ok(true);
+        }
+        if self.mode == ResolvedGrantMode::MapOrCopy {
+            let room = if self.persistent {
+                self.cache
+                    .limits()
+                    .max_grants
+                    .saturating_sub(self.cache.len())
+                    .min(MAX_MAP_BATCH)
+            } else {
+                0
+            };
+            if self.misses.len() > room {
+                for gref in s.persistent.drain(..) {
+                    self.cache.unget(gref);
+                }
+                s.addrs.clear();
+                return Ok(false);
+            }
         }
         let mut start = 0;
         if self.persistent {
@@ -1113,7 +1102,7 @@ impl RingRunner {
             }
             s.mappings.push(m);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Copy mode: moves a request's data between the guest's granted pages and its
