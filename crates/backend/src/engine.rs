@@ -225,6 +225,7 @@ impl Engine {
                     mode,
                     max_buffer_pages: spec.limits.max_buffer_pages,
                     resize_poll: spec.limits.resize_poll,
+                    poll: spec.limits.poll,
                 },
             )
             .map_err(|source| AttachError::Io {

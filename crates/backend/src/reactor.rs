@@ -49,7 +49,14 @@ pub(crate) trait RingTask: Send {
     /// `fds()[which]` became readable; called before [`run`](Self::run).
     fn ready(&mut self, which: usize);
     /// Does all the work that is possible now (reap, consume, submit, respond, notify).
-    fn run(&mut self);
+    /// Returns how long the reactor should keep polling this ring for new requests
+    /// before it sleeps ([`RingTask::has_requests`]); `None`: no reason to expect any.
+    fn run(&mut self) -> Option<Duration>;
+    /// Whether requests wait on the ring that [`run`](Self::run) would take now: checked
+    /// without a system call while the reactor polls.
+    fn has_requests(&self) -> bool {
+        false
+    }
     /// Periodic housekeeping, every [`TICK`].
     fn tick(&mut self, now: Instant);
     /// Stops consuming requests; in-flight ones still complete and get responses.
@@ -230,9 +237,38 @@ impl Reactor {
                 }
             }
             self.ready = ready;
-            for e in self.entries.iter_mut().flatten() {
-                if std::mem::take(&mut e.dirty) {
-                    e.task.run();
+            let mut poll_until: Option<Instant> = None;
+            let mut work = true;
+            while work {
+                let mut poll = Duration::ZERO;
+                for e in self.entries.iter_mut().flatten() {
+                    if std::mem::take(&mut e.dirty) {
+                        if let Some(p) = e.task.run() {
+                            poll = poll.max(p);
+                        }
+                    }
+                }
+                if !poll.is_zero() {
+                    poll_until = Some(Instant::now() + poll);
+                }
+                // A ring that just answered a batch expects the frontend's next one soon:
+                // look for it before paying a sleep and a wake-up.
+                work = false;
+                while let Some(until) = poll_until {
+                    for e in self.entries.iter_mut().flatten() {
+                        if !e.closing && e.task.has_requests() {
+                            e.dirty = true;
+                            work = true;
+                        }
+                    }
+                    if work {
+                        break;
+                    }
+                    if Instant::now() >= until {
+                        poll_until = None;
+                    } else {
+                        std::hint::spin_loop();
+                    }
                 }
             }
             if tick {
@@ -396,8 +432,9 @@ mod tests {
             assert_eq!(which, 0);
             self.kick.drain();
         }
-        fn run(&mut self) {
+        fn run(&mut self) -> Option<Duration> {
             self.runs.fetch_add(1, Ordering::SeqCst);
+            None
         }
         fn tick(&mut self, _now: Instant) {
             if self.closed && self.in_flight > 0 {

@@ -261,6 +261,10 @@ pub(crate) struct RingRunner {
     /// Grant-copy segments of the request being copied, reused (copy mode).
     copy_segs: Vec<CopySegment>,
     evtchn_fired: bool,
+    /// Responses were published since the last `run`.
+    answered: bool,
+    /// See [`crate::VbdLimits::poll`].
+    poll: Duration,
     /// Bounce pages were taken since the last tick.
     bounce_used: bool,
     /// The bounce pool has been unused since then.
@@ -282,6 +286,7 @@ pub(crate) struct RingConfig {
     pub(crate) mode: ResolvedGrantMode,
     pub(crate) max_buffer_pages: usize,
     pub(crate) resize_poll: Option<std::time::Duration>,
+    pub(crate) poll: Duration,
 }
 
 impl RingRunner {
@@ -334,6 +339,8 @@ impl RingRunner {
             indirect_pages: Vec::new(),
             copy_segs: Vec::new(),
             evtchn_fired: true,
+            answered: false,
+            poll: cfg.poll,
             bounce_used: false,
             bounce_idle_since: None,
             uncommitted_bytes: 0,
@@ -407,6 +414,7 @@ impl RingRunner {
         // Gauges first, so a frontend that sees a response sees its effect in the
         // statistics too.
         self.update_gauges();
+        self.answered = true;
         if self.ring.push_responses_and_check_notify() {
             self.stats.notifications.inc();
             if let Err(e) = self.evtchn.notify() {
@@ -1218,8 +1226,16 @@ impl RingTask for RingRunner {
         }
     }
 
-    fn run(&mut self) {
+    fn run(&mut self) -> Option<Duration> {
         self.process();
+        // Responses went out: the frontend refills the ring right after it reads them.
+        std::mem::take(&mut self.answered)
+            .then_some(self.poll)
+            .filter(|p| !p.is_zero())
+    }
+
+    fn has_requests(&self) -> bool {
+        self.consuming() && self.slots.has_free() && self.ring.unconsumed_requests() > 0
     }
 
     fn tick(&mut self, now: Instant) {

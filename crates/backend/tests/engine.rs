@@ -517,6 +517,30 @@ fn map_or_copy_maps_what_the_cache_holds_and_copies_the_rest() {
 }
 
 #[test]
+fn polling_reactors_serve_rings_and_detach() {
+    let _g = serial();
+    // Two rings on one reactor that polls after each answered batch: requests pushed
+    // while it polls are taken without a notification's wake-up, and detach and
+    // shutdown still go through.
+    let mut h = Harness::new(Opts {
+        rings: 2,
+        reactors: 1,
+        persistent: true,
+        mode: GrantMode::Auto,
+        poll: Duration::from_millis(2),
+        disk_bytes: 1 << 20,
+        ..Opts::default()
+    });
+    random_io(&mut h, 0, 0xb0b, 40);
+    random_io(&mut h, 1, 0xb0c, 40);
+    h.verify_disk(0);
+    let s = h.vbd().stats().total;
+    assert_eq!(s.errors, 0);
+    assert!(s.rd_req > 0 && s.wr_req > 0);
+    h.teardown();
+}
+
+#[test]
 fn unsupported_discard_withdraws_the_feature() {
     let _g = serial();
     let faults = FaultInjector::new();

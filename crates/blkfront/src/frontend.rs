@@ -487,6 +487,29 @@ impl Frontend {
         }
     }
 
+    /// Like [`Frontend::wait_completions`], but first polls the ring for up to `poll`
+    /// (no system call) before sleeping on the event channel: a load generator with a
+    /// core of its own trades that core's time for the wake-up latency.
+    pub fn wait_completions_polling(
+        &self,
+        queue: usize,
+        out: &mut Vec<Completion>,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<usize, Error> {
+        let n = self.poll_completions(queue, out)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        if !poll.is_zero() {
+            let until = Instant::now() + poll;
+            while !self.lock(queue)?.has_responses() && Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        self.wait_completions(queue, out, timeout)
+    }
+
     // ----- teardown ------------------------------------------------------------------
 
     /// Refuses new requests from now on ([`Error::Closed`]) while letting those in

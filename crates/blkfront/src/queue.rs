@@ -305,6 +305,13 @@ impl Queue {
         self.evtchn.port()
     }
 
+    /// Whether the backend published responses not yet consumed (one load, no call).
+    pub fn has_responses(&self) -> bool {
+        self.ring
+            .as_ref()
+            .is_some_and(|r| r.unconsumed_responses() > 0)
+    }
+
     /// Ring slots free for new requests.
     pub fn free_slots(&self) -> usize {
         self.shadow.free()

@@ -136,6 +136,12 @@ pub struct BenchArgs {
     /// pages hold, so the figures are the backend's and not the simulated guest's memcpy.
     #[arg(long, value_enum, default_value = "off")]
     pub guest_copy: OnOff,
+    /// The engine's ring polling after a batch (`VbdLimits::poll`), microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u64,
+    /// The simulated guest polls its ring this long before it sleeps, microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub guest_poll_us: u64,
     /// Also run io_uring straight on the same image and print the ratio.
     #[arg(long)]
     pub baseline: bool,
@@ -407,8 +413,13 @@ fn drive_queue(
     }
     while in_flight > 0 {
         out.clear();
-        fe.wait_completions(queue, &mut out, Duration::from_secs(5))
-            .context("waiting for completions")?;
+        fe.wait_completions_polling(
+            queue,
+            &mut out,
+            Duration::from_secs(5),
+            Duration::from_micros(args.guest_poll_us),
+        )
+        .context("waiting for completions")?;
         if out.is_empty() {
             bail!("queue {queue}: no completion for 5 s with {in_flight} in flight");
         }
@@ -554,6 +565,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         grant_mode: args.grant_mode.into(),
         reactors: args.reactors,
         guest_pages,
+        poll: Duration::from_micros(args.poll_us),
     };
     let stack = SimStack::connect(storage, &opts)?;
     let negotiated = {

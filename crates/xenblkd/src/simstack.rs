@@ -31,6 +31,8 @@ pub struct StackOptions {
     pub reactors: usize,
     /// Guest memory, in 4 KiB pages.
     pub guest_pages: u32,
+    /// `VbdLimits::poll`.
+    pub poll: Duration,
 }
 
 /// Engine + simulated guest + frontend, connected.
@@ -115,6 +117,7 @@ impl SimStack {
             limits: VbdLimits {
                 max_indirect_segments: opts.backend_indirect,
                 resize_poll: None,
+                poll: opts.poll,
                 ..VbdLimits::default()
             },
             events: None,

@@ -51,6 +51,8 @@ pub struct Opts {
     pub features: Features,
     pub reactors: usize,
     pub persistent_limits: PersistentGrantLimits,
+    /// `VbdLimits::poll`.
+    pub poll: Duration,
 }
 
 impl Default for Opts {
@@ -74,6 +76,7 @@ impl Default for Opts {
             },
             reactors: 2,
             persistent_limits: PersistentGrantLimits::default(),
+            poll: Duration::ZERO,
         }
     }
 }
@@ -213,6 +216,7 @@ impl Harness {
                 max_indirect_segments: opts.max_indirect,
                 max_buffer_pages: opts.max_buffer_pages,
                 persistent: opts.persistent_limits,
+                poll: opts.poll,
                 ..VbdLimits::default()
             },
             events: Some(Arc::new(move |_id: VbdId, e: VbdEvent| {
