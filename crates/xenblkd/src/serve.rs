@@ -124,17 +124,11 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, bool)> {
             .types
             .iter()
             .map(|t| match t.split_once(':') {
-                Some((name, "hotplug")) => Ok(BackendType {
-                    name: name.to_string(),
-                    wait_for_hotplug: true,
-                }),
+                Some((name, "hotplug")) => Ok(BackendType::new(name, true)),
                 Some((_, other)) => {
                     bail!("--type {t}: unknown option {other:?} (expected `hotplug`)")
                 }
-                None => Ok(BackendType {
-                    name: t.clone(),
-                    wait_for_hotplug: false,
-                }),
+                None => Ok(BackendType::new(t, false)),
             })
             .collect::<anyhow::Result<_>>()?;
     }

@@ -10,6 +10,7 @@
 //! [[backend_type]]               # default: vbd (waits for the hotplug script) and xenblkd
 //! name = "vbd"
 //! wait_for_hotplug = true
+//! # owned = false               # remove dead guests' devices (default: only for "xenblkd")
 //!
 //! [defaults]
 //! max_queues = 4
@@ -241,21 +242,35 @@ pub struct BackendType {
     /// in InitWait, and the script may be what makes the storage exist (loop, iSCSI...).
     #[serde(default)]
     pub wait_for_hotplug: bool,
+    /// xenblkd itself plays the toolstack for this type (`xenblkd attach` writes its
+    /// devices), so nobody else removes a device whose guest died: the daemon removes the
+    /// backend directory once the device is Closed and the domain is gone. Defaults to true
+    /// for the `xenblkd` type only; libxl cleans up after its own types.
+    #[serde(default)]
+    pub owned: Option<bool>,
 }
 
 impl BackendType {
+    /// A type with the default ownership (see [`BackendType::owned`]).
+    pub fn new(name: &str, wait_for_hotplug: bool) -> BackendType {
+        BackendType {
+            name: name.to_string(),
+            wait_for_hotplug,
+            owned: None,
+        }
+    }
+
+    /// Whether the daemon removes dead domains' devices of this type.
+    pub fn is_owned(&self) -> bool {
+        self.owned.unwrap_or(self.name == XENBLKD_BACKEND_TYPE)
+    }
+
     /// The types served by default: libxl's `vbd` (with the hotplug handshake) and our own
     /// `xenblkd` (written by `xenblkd attach`, no hotplug script).
     pub fn defaults() -> Vec<BackendType> {
         vec![
-            BackendType {
-                name: VBD_BACKEND_TYPE.into(),
-                wait_for_hotplug: true,
-            },
-            BackendType {
-                name: XENBLKD_BACKEND_TYPE.into(),
-                wait_for_hotplug: false,
-            },
+            BackendType::new(VBD_BACKEND_TYPE, true),
+            BackendType::new(XENBLKD_BACKEND_TYPE, false),
         ]
     }
 }
@@ -384,6 +399,8 @@ mod tests {
         assert_eq!(c.backend_types.len(), 2);
         assert!(c.backend_type("vbd").unwrap().wait_for_hotplug);
         assert!(!c.backend_type("xenblkd").unwrap().wait_for_hotplug);
+        assert!(c.backend_type("xenblkd").unwrap().is_owned());
+        assert!(!c.backend_type("vbd").unwrap().is_owned());
         assert_eq!(Config::from_toml("", "x").unwrap(), c);
     }
 

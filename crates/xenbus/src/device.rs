@@ -37,6 +37,7 @@ use crate::negotiate::{self, BackendNodes};
 use crate::state::XenbusState;
 use crate::status::DeviceStatus;
 use crate::store::{join, Store, StoreExt};
+use crate::toolstack;
 use crate::vbd::{
     BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo,
     Feature, FrontendParams, VbdEvent, VbdFactory,
@@ -293,6 +294,14 @@ impl Device {
                 return Ok(outcome);
             }
             self.publish(ctx, &nodes, XenbusState::Closed)?;
+            if self.domain_gone && ctx.backend_type.is_owned() {
+                // No toolstack knows this device (`xenblkd attach` wrote it): its guest
+                // is dead, so the directory is ours to remove, or it lingers forever.
+                info!(device = %self.key, "guest domain is gone; removing the device");
+                toolstack::remove_backend_dir(store, &self.backend_path)?;
+                self.cleanup(ctx);
+                return Ok(Outcome::Forget);
+            }
             return Ok(outcome);
         }
 

@@ -483,8 +483,14 @@ impl Manager {
                 return Ok(());
             }
             debug!(device = %key, "new device");
-            self.devices
-                .insert(key.clone(), Device::new(key.clone(), backend_path));
+            let mut dev = Device::new(key.clone(), backend_path);
+            // A device left behind by a domain that died while we were not running (or
+            // before we saw it): never open its storage; tear down what is ours.
+            if !self.domain_alive(key.domid)? {
+                info!(device = %key, "device of a domain that no longer exists");
+                dev.domain_gone = true;
+            }
+            self.devices.insert(key.clone(), dev);
         }
         let parts = self.ctx_parts();
         // A domain found dead on @releaseDomain stays dead until it is seen alive again

@@ -264,9 +264,26 @@ pub fn remove_disk(
         }
         Err(e) => return Err(e),
     };
-    store.rm(backend)?;
+    remove_backend_dir(store, backend)?;
     store.rm(frontend)?;
     Ok(outcome)
+}
+
+/// Removes a backend directory and, if that leaves it empty, its domain's directory
+/// (`backend/<type>/<domid>`), in one transaction: what libxl's `libxl__xs_path_cleanup`
+/// does, so no empty directory outlives the last disk of a domain.
+pub fn remove_backend_dir(store: &dyn Store, backend: &str) -> std::result::Result<(), StoreError> {
+    let Some((parent, name)) = backend.trim_end_matches('/').rsplit_once('/') else {
+        return store.rm(backend);
+    };
+    store.transaction(&mut |tx| {
+        // Decided on the directory as it was before the removal: a transaction's listing
+        // need not show its own pending changes.
+        let only_child = tx
+            .directory(parent)?
+            .is_some_and(|c| c.len() == 1 && c[0] == name);
+        tx.rm(if only_child { parent } else { backend })
+    })
 }
 
 /// The permissions [`add_disk`] gives the backend directory.
@@ -325,5 +342,38 @@ mod tests {
             remove_disk(&s, &be, &fe, Duration::from_millis(50)).unwrap(),
             Removal::AlreadyGone
         );
+    }
+
+    #[test]
+    fn removing_the_last_disk_removes_the_domain_directory() {
+        let s = MemStore::new();
+        let a = DiskSpec::new("xenblkd", 5, 51712, "/img/a.raw");
+        let b = DiskSpec::new("xenblkd", 5, 51728, "/img/b.raw");
+        add_disk(&s, &a).unwrap();
+        add_disk(&s, &b).unwrap();
+        let domain_dir = "/local/domain/0/backend/xenblkd/5";
+        remove_backend_dir(&s, &a.backend_path()).unwrap();
+        assert!(s.read(&a.backend_path()).unwrap().is_none());
+        assert_eq!(
+            s.directory(domain_dir).unwrap(),
+            Some(vec!["51728".to_string()])
+        );
+        remove_backend_dir(&s, &b.backend_path()).unwrap();
+        assert_eq!(s.directory(domain_dir).unwrap(), None);
+        assert!(s
+            .directory("/local/domain/0/backend/xenblkd")
+            .unwrap()
+            .is_some());
+        // A disk removed the toolstack's way leaves no empty directory either.
+        s.rm(&a.frontend_path()).unwrap();
+        add_disk(&s, &a).unwrap();
+        let r = remove_disk(
+            &s,
+            &a.backend_path(),
+            &a.frontend_path(),
+            Duration::from_millis(20),
+        );
+        assert_eq!(r.unwrap(), Removal::Forced);
+        assert_eq!(s.directory(domain_dir).unwrap(), None);
     }
 }

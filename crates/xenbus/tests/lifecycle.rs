@@ -173,6 +173,12 @@ fn client(server: &XenstoreServer, domid: u32) -> Arc<XsClient> {
 
 impl Harness {
     fn start(kind: Kind, config: Config) -> Harness {
+        Harness::start_prepared(kind, config, |_| {})
+    }
+
+    /// Like [`Harness::start`], with `prepare` writing to the store before the manager
+    /// starts: what a restarted daemon finds.
+    fn start_prepared(kind: Kind, config: Config, prepare: impl FnOnce(&dyn Store)) -> Harness {
         let shared = Arc::new(Shared::default());
         let factory = Arc::new(FakeFactory(shared.clone()));
         let (store, mem, server, manager) = match kind {
@@ -197,6 +203,7 @@ impl Harness {
                 (toolstack, None, Some(server), manager)
             }
         };
+        prepare(store.as_ref());
         let mut manager = manager;
         let sender = manager.sender();
         let thread = thread::spawn(move || {
@@ -729,19 +736,72 @@ fn backend_removal_and_domain_death_tear_down(kind: Kind) {
     let h = Harness::default(kind);
     let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
     let (be2, _fe2) = connected_disk(&h, 6, 51712, "/images/b.img");
-    assert_eq!(h.live(), 2);
+    // A libxl `vbd` disk of domain 6 too: libxl removes those, we must not.
+    let vbd = DiskSpec::new("vbd", 6, 51728, "/images/c.img");
+    h.attach(&vbd);
+    h.store
+        .write(
+            &join(&vbd.backend_path(), "physical-device-path"),
+            b"/images/c.img",
+        )
+        .unwrap();
+    h.frontend_connect(&vbd.frontend_path(), &[]);
+    h.wait_state(&vbd.backend_path(), XenbusState::Connected);
+    assert_eq!(h.live(), 3);
     // Forced removal of the backend directory.
     h.store.rm(&be).unwrap();
-    h.wait_until("disconnect after rm", || h.live() == 1);
+    h.wait_until("disconnect after rm", || h.live() == 2);
     assert!(h.dump(&be).is_empty(), "backend directory resurrected");
     // Domain 6 dies: its home goes, xenstored fires @releaseDomain.
     h.store.rm("/local/domain/6").unwrap();
     h.release_domain(6);
     h.wait_until("disconnect after domain death", || h.live() == 0);
-    h.wait_state(&be2, XenbusState::Closed);
-    h.wait_until("device of the removed backend forgotten", || {
-        h.sender.status(WAIT).unwrap().1.len() == 1
+    h.wait_state(&vbd.backend_path(), XenbusState::Closed);
+    // Our own type has no toolstack to clean up after a dead guest: the daemon removes
+    // the device and the then-empty domain directory (the lab found both left behind).
+    h.wait_until("own device of the dead domain removed", || {
+        h.dump(&be2).is_empty() && h.dump("/local/domain/0/backend/xenblkd/6").is_empty()
     });
+    h.wait_until("only the vbd device is left", || {
+        let devices = h.sender.status(WAIT).unwrap().1;
+        devices.len() == 1 && devices[0].backend_type == "vbd"
+    });
+    h.stop();
+}
+
+/// A restarted daemon finds devices whose guests died while it was not running: it must
+/// not open their storage, and removes those of its own type (the lab saw a restarted
+/// `serve` open a dead guest's image).
+fn devices_of_dead_domains_found_at_start_are_not_opened(kind: Kind) {
+    let own = DiskSpec::new("xenblkd", 9, 51712, "/images/stale.img");
+    let vbd = DiskSpec::new("vbd", 9, 51728, "/images/stale-vbd.img");
+    let h = Harness::start_prepared(kind, Config::default(), |store| {
+        for spec in [&own, &vbd] {
+            toolstack::add_disk(store, spec).unwrap();
+            // As the previous daemon left them: connected, hotplug done.
+            let be = spec.backend_path();
+            store
+                .write(&join(&be, "physical-device-path"), spec.params.as_bytes())
+                .unwrap();
+            store.write(&join(&be, "state"), b"4").unwrap();
+        }
+        // Domain 9 is gone: never introduced to this xenstored, home removed.
+        store.rm("/local/domain/9").unwrap();
+    });
+    // A live guest attached afterwards is served as usual.
+    let (live_be, _) = connected_disk(&h, 5, 51712, "/images/live.img");
+    h.wait_until("own stale device removed", || {
+        h.dump(&own.backend_path()).is_empty()
+            && h.dump("/local/domain/0/backend/xenblkd/9").is_empty()
+    });
+    h.wait_state(&vbd.backend_path(), XenbusState::Closed);
+    let opened = h.shared.opened.lock().unwrap().clone();
+    assert_eq!(
+        opened,
+        vec![PathBuf::from("/images/live.img")],
+        "opened {opened:?}"
+    );
+    assert_eq!(h.state(&live_be), XenbusState::Connected);
     h.stop();
 }
 
@@ -817,10 +877,7 @@ fn shutdown_closes_every_device(kind: Kind) {
 fn shutdown_forces_unresponsive_frontends_after_the_deadline(kind: Kind) {
     let config = Config {
         drain_timeout_ms: 300,
-        backend_types: vec![BackendType {
-            name: "xenblkd".into(),
-            wait_for_hotplug: false,
-        }],
+        backend_types: vec![BackendType::new("xenblkd", false)],
         ..Config::default()
     };
     let h = Harness::start(kind, config);
@@ -863,6 +920,7 @@ over_both_stores!(
     recreated_device_does_not_inherit_the_old_storage,
     slow_storage_open_stalls_no_other_device,
     backend_removal_and_domain_death_tear_down,
+    devices_of_dead_domains_found_at_start_are_not_opened,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
     shutdown_forces_unresponsive_frontends_after_the_deadline,
