@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod engine_glue;
 mod serve;
+mod signals;
 mod simstack;
 mod status;
 mod xenstore_cli;

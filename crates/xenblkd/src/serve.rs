@@ -30,6 +30,7 @@ use xenbus::{EventSender, Manager};
 use xenstore::XsClient;
 
 use crate::engine_glue::EngineFactory;
+use crate::signals::TerminationSignals;
 
 /// Where a kernel blkback shows itself; serving `vbd` beside it would race it for every
 /// device.
@@ -228,40 +229,22 @@ fn avoid_blkback_marker(
     Ok(())
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it spawns later), so
-/// that only the signal thread receives them, synchronously, through `sigwait`.
-fn block_termination_signals() -> anyhow::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and fill the local
-    // set; pthread_sigmask only reads it and changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(set)
-    }
-}
-
 /// Waits for SIGTERM/SIGINT and asks the manager to shut down (a second signal is
 /// logged; the manager's shutdown deadline bounds how long the first one takes).
-fn spawn_signal_thread(set: libc::sigset_t, sender: EventSender) -> anyhow::Result<()> {
-    thread::Builder::new()
+fn spawn_signal_thread(signals: TerminationSignals, sender: EventSender) -> anyhow::Result<()> {
+    std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset owned by this closure; `sig` is a
-            // valid out-pointer for the duration of the call.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
-                error!(error = %std::io::Error::from_raw_os_error(rc), "sigwait failed");
-                return;
+            match signals.wait() {
+                Ok(sig) => {
+                    info!(signal = %sig, "termination signal: closing every device");
+                    sender.shutdown();
+                }
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "waiting for signals");
+                    return;
+                }
             }
-            info!(signal = sig, "termination signal: closing every device");
-            sender.shutdown();
         })
         .context("spawning the signal thread")?;
     Ok(())
@@ -423,7 +406,7 @@ fn process_metrics(platform: &dyn Platform) -> std::collections::BTreeMap<String
 
 /// Runs the daemon until a termination signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let sigset = block_termination_signals()?;
+    let signals = TerminationSignals::block()?;
     let (mut config, types_explicit) = build_config(args)?;
 
     let platform: Arc<dyn Platform> = match &args.sim_socket {
@@ -470,7 +453,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
     manager.set_metrics(Box::new(move || process_metrics(platform.as_ref())));
     spawn_watch_forwarder(&client, manager.sender()).context("spawning the watch forwarder")?;
-    spawn_signal_thread(sigset, manager.sender())?;
+    spawn_signal_thread(signals, manager.sender())?;
     spawn_control_server(control, manager.sender())?;
     manager.start().context("registering xenstore watches")?;
     info!(control = %control_path.display(), "xenblkd ready");

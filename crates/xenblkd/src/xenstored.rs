@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use xenstore::{ServerConfig, XenstoreServer};
 
+use crate::signals::TerminationSignals;
+
 #[derive(Debug, clap::Args)]
 pub struct XenstoredArgs {
     /// Where the per-domain sockets go.
@@ -44,15 +46,7 @@ pub fn socket_path(dir: &std::path::Path, domid: u32) -> PathBuf {
 }
 
 pub fn run(args: &XenstoredArgs) -> anyhow::Result<()> {
-    // SAFETY: see serve::block_termination_signals; same calls, local set.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    let signals = TerminationSignals::block()?;
     let domains = parse_domains(&args.domains)?;
     std::fs::create_dir_all(&args.socket_dir)
         .with_context(|| format!("creating {}", args.socket_dir.display()))?;
@@ -65,9 +59,7 @@ pub fn run(args: &XenstoredArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", path.display()))?;
     }
     println!("xenstored ready: {}", args.socket_dir.display());
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is initialised above; `sig` is a valid out-pointer.
-    unsafe { libc::sigwait(&set, &mut sig) };
+    signals.wait()?;
     server.shutdown();
     Ok(())
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -38,11 +40,9 @@ impl Proc {
         self.child.id() as i32
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a pid we spawned and have not reaped.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+    pub fn signal(&self, sig: Signal) {
+        // The child is not reaped before `Proc` is dropped, so the pid is still ours.
+        let _ = kill(Pid::from_raw(self.pid()), sig);
     }
 
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -141,7 +141,7 @@ impl Guest {
     }
 
     pub fn kill(&mut self) {
-        self.proc.signal(libc::SIGKILL);
+        self.proc.signal(Signal::SIGKILL);
         let _ = self.proc.wait_timeout(WAIT);
     }
 }
@@ -381,7 +381,7 @@ impl Host {
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop_daemon(&mut self) -> ExitStatus {
         let mut d = self.daemon.take().expect("daemon running");
-        d.signal(libc::SIGTERM);
+        d.signal(Signal::SIGTERM);
         d.wait_timeout(WAIT)
             .unwrap_or_else(|| panic!("daemon did not exit\n{}", self.log()))
     }
