@@ -11,6 +11,8 @@
 //! name = "vbd"
 //! wait_for_hotplug = true
 //! # owned = false               # remove dead guests' devices (default: only for "xenblkd")
+//! # [[backend_type]]             # opt-in: libxl's backendtype=qdisk disks, served only for
+//! # name = "qdisk"               # domains whose device model is `xenblkd qemu-dm`
 //!
 //! [defaults]
 //! max_queues = 4
@@ -53,6 +55,9 @@ pub const DIRECT_SEGMENTS: u32 = 11;
 pub const XENBLKD_BACKEND_TYPE: &str = "xenblkd";
 /// The backend type libxl writes for `backendtype=phy` disks (kernel blkback's).
 pub const VBD_BACKEND_TYPE: &str = "vbd";
+/// The backend type libxl writes for `backendtype=qdisk` disks, normally QEMU's: served only
+/// for domains claimed by our device-model stand-in (see [`crate::devmodel`]).
+pub const QDISK_BACKEND_TYPE: &str = "qdisk";
 
 /// How grant pages are accessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -265,6 +270,13 @@ impl BackendType {
         self.owned.unwrap_or(self.name == XENBLKD_BACKEND_TYPE)
     }
 
+    /// Whether a device of this type may be served only while its domain's device model is
+    /// our stand-in: `qdisk` devices belong to QEMU otherwise, and two backends on one ring
+    /// corrupt the guest's disk. Not configurable, for that reason.
+    pub fn requires_device_model_claim(&self) -> bool {
+        self.name == QDISK_BACKEND_TYPE
+    }
+
     /// The types served by default: libxl's `vbd` (with the hotplug handshake) and our own
     /// `xenblkd` (written by `xenblkd attach`, no hotplug script).
     pub fn defaults() -> Vec<BackendType> {
@@ -353,6 +365,13 @@ impl Config {
                     message: format!("{:?} is not a valid xenstore directory name", t.name),
                 });
             }
+            if t.requires_device_model_claim() && t.wait_for_hotplug {
+                // libxl runs no hotplug script for qdisk disks: the device would never open.
+                return Err(ConfigError::Invalid {
+                    key: format!("backend_type[{i}].wait_for_hotplug"),
+                    message: format!("libxl runs no hotplug script for {:?} devices", t.name),
+                });
+            }
         }
         for (i, o) in self.overrides.iter().enumerate() {
             if let Some(v) = &o.vdev {
@@ -402,6 +421,12 @@ mod tests {
         assert!(c.backend_type("xenblkd").unwrap().is_owned());
         assert!(!c.backend_type("vbd").unwrap().is_owned());
         assert_eq!(Config::from_toml("", "x").unwrap(), c);
+        // qdisk is QEMU's unless claimed: never served by default.
+        assert!(c.backend_type(QDISK_BACKEND_TYPE).is_none());
+        let q = Config::from_toml("[[backend_type]]\nname = \"qdisk\"", "x").unwrap();
+        let q = q.backend_type("qdisk").unwrap();
+        assert!(q.requires_device_model_claim() && !q.is_owned() && !q.wait_for_hotplug);
+        assert!(!c.backend_type("vbd").unwrap().requires_device_model_claim());
     }
 
     #[test]
@@ -449,6 +474,10 @@ mod tests {
             ("[[device]]\nvdev = \"floppy\"", "device[0].vdev"),
             ("[[device]]\nmax_queues = 1000", "device[0].max_queues"),
             ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
+            (
+                "[[backend_type]]\nname = \"qdisk\"\nwait_for_hotplug = true",
+                "backend_type[0].wait_for_hotplug",
+            ),
         ] {
             match Config::from_toml(text, "t") {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),

@@ -20,7 +20,9 @@
 //!
 //! and from the toolstack: `online` = 0 (libxl's destroy also writes `state` = Closing)
 //! asks for a clean close; removal of the backend directory tears down at once. A fatal
-//! error writes `error` and goes to Closing, touching no other device.
+//! error writes `error` and goes to Closing, touching no other device. A device whose type
+//! needs a device-model claim (`qdisk`) and whose claim is gone is let go at once: rings
+//! disconnected, Closed, forgotten (see [`crate::devmodel`]).
 //!
 //! Disconnecting can wait for storage, so it runs on a worker thread; the device is
 //! `disconnecting` meanwhile and the manager re-reconciles it when the worker reports.
@@ -111,6 +113,8 @@ pub(crate) struct Device {
     frontend_seen: bool,
     /// The frontend's domain is gone (`@releaseDomain` and no `/local/domain/<id>`).
     pub domain_gone: bool,
+    /// We may serve the device: its type needs no device-model claim, or the claim is there.
+    pub claimed: bool,
     /// The fatal error that put us in Closing; cleared when the frontend closes.
     failed: Option<String>,
     session: Option<Session>,
@@ -141,6 +145,7 @@ impl Device {
             frontend_state: XenbusState::Unknown,
             frontend_seen: false,
             domain_gone: false,
+            claimed: true,
             failed: None,
             session: None,
             session_id: 0,
@@ -165,6 +170,9 @@ impl Device {
             return Ok(Outcome::Idle);
         }
         let store: &dyn Store = ctx.store.as_ref();
+        if !self.claimed {
+            return self.let_go(ctx);
+        }
         let nodes = match negotiate::read_backend(store, &self.backend_path) {
             Ok(n) => n,
             Err(DeviceError::Negotiation(e)) => {
@@ -378,6 +386,28 @@ impl Device {
             }
         }
         Ok(outcome)
+    }
+
+    /// The device-model claim is gone: another device model may own the ring next, so
+    /// nothing of ours may stay on it. Disconnects, tells the frontend (Closed) if we ever
+    /// spoke to it, and asks to be forgotten.
+    fn let_go(&mut self, ctx: &Ctx<'_>) -> Result<Outcome, DeviceError> {
+        if self.session.is_some() {
+            info!(device = %self.key, "device-model claim withdrawn; disconnecting");
+            self.start_disconnect(ctx);
+            return Ok(Outcome::Idle);
+        }
+        if self.opening {
+            // Its report wakes us; dropping the storage it opened closes it.
+            return Ok(Outcome::Idle);
+        }
+        if self.published != XenbusState::Unknown
+            && negotiate::write_state(ctx.store.as_ref(), &self.backend_path, XenbusState::Closed)?
+        {
+            info!(device = %self.key, state = %XenbusState::Closed, "backend state");
+        }
+        self.cleanup(ctx);
+        Ok(Outcome::Forget)
     }
 
     fn settings(&self, ctx: &Ctx<'_>) -> crate::config::DeviceSettings {

@@ -15,6 +15,7 @@
 //! | [`vbd`] | the engine seam: [`vbd::VbdFactory`], [`vbd::ConnectedVbd`], the types they exchange |
 //! | [`toolstack`] | writing/removing device nodes the way libxl does (for `xenblkd attach`, tests) |
 //! | [`config`] | daemon and per-device settings (TOML) |
+//! | [`devmodel`] | device-model claims: which domains' `qdisk` devices are ours to serve |
 //! | [`store`] | the narrow xenstore interface the above are written against |
 //! | [`xs`] | [`store::Store`] over the `xenstore` crate's client, and its watch forwarder |
 //! | [`memstore`] | an in-memory [`store::Store`] for unit tests |
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod device;
+pub mod devmodel;
 pub mod error;
 pub mod manager;
 pub mod memstore;

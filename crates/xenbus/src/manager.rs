@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::device::{Ctx, Device, DeviceKey, Outcome};
+use crate::devmodel::{self, ClaimChange};
 use crate::error::{DeviceError, StoreError, VbdError};
 use crate::parse::parse_u32;
 use crate::status::{DaemonStatus, DeviceStatus};
@@ -185,9 +186,30 @@ impl Manager {
             self.store
                 .watch(&dir, &format!("{TOKEN_PREFIX}be:{}", t.name))?;
         }
+        if self.serves_claimed_types() {
+            let root = devmodel::device_model_root(self.config.backend_domid);
+            info!(path = %root, "serving qdisk devices only of domains claimed by `xenblkd qemu-dm`");
+            self.store.watch(&root, &format!("{TOKEN_PREFIX}dm"))?;
+        }
         self.store
             .watch(RELEASE_DOMAIN, &format!("{TOKEN_PREFIX}release"))?;
         Ok(())
+    }
+
+    fn serves_claimed_types(&self) -> bool {
+        self.config
+            .backend_types
+            .iter()
+            .any(|t| t.requires_device_model_claim())
+    }
+
+    fn claimed_type_names(&self) -> Vec<String> {
+        self.config
+            .backend_types
+            .iter()
+            .filter(|t| t.requires_device_model_claim())
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     /// Runs until shutdown completes (every device closed and disconnected), or the
@@ -221,6 +243,7 @@ impl Manager {
     pub fn process(&mut self, batch: Vec<Event>) -> Result<(), StoreError> {
         let mut dirty: BTreeSet<DeviceKey> = std::mem::take(&mut self.retry);
         let mut rescan: BTreeSet<String> = BTreeSet::new();
+        let mut claims: BTreeSet<u32> = BTreeSet::new();
         if std::mem::take(&mut self.rescan_pending) {
             rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
         }
@@ -228,7 +251,13 @@ impl Manager {
             match ev {
                 Event::Watch { path, token } => {
                     let mut released = BTreeSet::new();
-                    self.route_watch(&path, &token, &mut dirty, &mut rescan, &mut released);
+                    let mut found = Found {
+                        dirty: &mut dirty,
+                        rescan: &mut rescan,
+                        released: &mut released,
+                        claims: &mut claims,
+                    };
+                    self.route_watch(&path, &token, &mut found);
                     for dev in self
                         .devices
                         .values_mut()
@@ -317,6 +346,19 @@ impl Manager {
                 }
             }
         }
+        for domid in claims {
+            // A claim came or went: every device of that domain under a claimed type, known
+            // or not (unclaimed ones were never taken into the table).
+            for t in self.claimed_type_names() {
+                if let Err(e) = self.scan_domain(&t, domid, &mut dirty) {
+                    if e.is_disconnected() {
+                        return Err(e);
+                    }
+                    warn!(backend_type = %t, domid, error = %e, "scanning a claimed domain");
+                    self.rescan_pending = true;
+                }
+            }
+        }
         for t in rescan {
             if let Err(e) = self.scan_type(&t, &mut dirty) {
                 if e.is_disconnected() {
@@ -339,15 +381,14 @@ impl Manager {
         Ok(())
     }
 
-    /// Maps a watch event to the devices (or backend types) it concerns.
-    fn route_watch(
-        &self,
-        path: &str,
-        token: &str,
-        dirty: &mut BTreeSet<DeviceKey>,
-        rescan: &mut BTreeSet<String>,
-        released: &mut BTreeSet<u32>,
-    ) {
+    /// Maps a watch event to the devices (or backend types, domains) it concerns.
+    fn route_watch(&self, path: &str, token: &str, found: &mut Found<'_>) {
+        let Found {
+            dirty,
+            rescan,
+            released,
+            claims,
+        } = found;
         let Some(what) = token.strip_prefix(TOKEN_PREFIX) else {
             debug!(%path, %token, "foreign watch token ignored");
             return;
@@ -385,6 +426,15 @@ impl Manager {
         } else if let Some(k) = what.strip_prefix("fe:") {
             if let Some(key) = parse_fe_token(k) {
                 dirty.insert(key);
+            }
+        } else if what == "dm" {
+            let root = devmodel::device_model_root(self.config.backend_domid);
+            match devmodel::claim_change(&root, path) {
+                Some(ClaimChange::All) => rescan.extend(self.claimed_type_names()),
+                Some(ClaimChange::Domain(domid)) => {
+                    claims.insert(domid);
+                }
+                None => {}
             }
         } else if what == "release" {
             // Which domain died is not said; check every domain we serve.
@@ -455,6 +505,33 @@ impl Manager {
         Ok(())
     }
 
+    /// Lists `backend/<type>/<domid>/*` and marks every device found and every known device
+    /// of that domain and type dirty.
+    fn scan_domain(
+        &self,
+        t: &str,
+        domid: u32,
+        dirty: &mut BTreeSet<DeviceKey>,
+    ) -> Result<(), StoreError> {
+        let dir = join(&self.backend_dir(t), &domid.to_string());
+        for devid in self.store.directory(&dir)?.unwrap_or_default() {
+            if let Some(devid) = parse_u32(devid.as_bytes()) {
+                dirty.insert(DeviceKey {
+                    backend_type: t.to_string(),
+                    domid,
+                    devid,
+                });
+            }
+        }
+        dirty.extend(
+            self.devices
+                .keys()
+                .filter(|k| k.backend_type == t && k.domid == domid)
+                .cloned(),
+        );
+        Ok(())
+    }
+
     fn ctx_parts(&self) -> CtxParts {
         CtxParts {
             tx: self.tx.clone(),
@@ -468,6 +545,8 @@ impl Manager {
         let Some(bt) = self.config.backend_type(&key.backend_type).cloned() else {
             return Ok(());
         };
+        let claimed = !bt.requires_device_model_claim()
+            || devmodel::is_claimed(self.store.as_ref(), self.config.backend_domid, key.domid)?;
         if !self.devices.contains_key(key) {
             let backend_path = format!(
                 "{}/{}/{}",
@@ -480,6 +559,11 @@ impl Manager {
             }
             if self.shutdown_deadline.is_some() {
                 // Not the time to start serving new devices.
+                return Ok(());
+            }
+            if !claimed {
+                // QEMU's device (or nobody's yet): not a node read beyond this, not a write.
+                debug!(device = %key, "no `xenblkd qemu-dm` claims this domain; not ours");
                 return Ok(());
             }
             debug!(device = %key, "new device");
@@ -503,6 +587,10 @@ impl Manager {
             return Ok(());
         };
         dev.domain_gone = still_gone;
+        if dev.claimed && !claimed {
+            info!(device = %key, "the device-model claim is gone: letting the device go");
+        }
+        dev.claimed = claimed;
         let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
         match dev.reconcile(&ctx) {
             Ok(Outcome::Idle) => {}
@@ -569,6 +657,18 @@ impl Manager {
             metrics: self.metrics.as_ref().map(|m| m()).unwrap_or_default(),
         }
     }
+}
+
+/// What a batch of watch events asks the manager to look at.
+struct Found<'a> {
+    /// Devices to reconcile.
+    dirty: &'a mut BTreeSet<DeviceKey>,
+    /// Backend types to list again.
+    rescan: &'a mut BTreeSet<String>,
+    /// Domains found dead.
+    released: &'a mut BTreeSet<u32>,
+    /// Domains whose device-model claim may have changed.
+    claims: &'a mut BTreeSet<u32>,
 }
 
 /// The pieces of a [`Ctx`] that do not borrow the manager's device table.

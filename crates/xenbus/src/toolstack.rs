@@ -126,7 +126,16 @@ pub fn add_disk(store: &dyn Store, spec: &DiskSpec) -> Result<()> {
             ("bootable", "1".into()),
             ("state", XenbusState::Initialising.node_value()),
             ("dev", vdev_name(spec.devid)),
-            ("type", "phy".into()),
+            // libxl's `libxl__device_disk_string_of_backend`.
+            (
+                "type",
+                if spec.backend_type == crate::config::QDISK_BACKEND_TYPE {
+                    "qdisk"
+                } else {
+                    "phy"
+                }
+                .into(),
+            ),
             ("mode", if spec.writable { "w" } else { "r" }.into()),
             (
                 "device-type",

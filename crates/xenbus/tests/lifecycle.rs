@@ -12,6 +12,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use xenbus::config::{BackendType, Config, DeviceSettings};
+use xenbus::devmodel;
 use xenbus::memstore::MemStore;
 use xenbus::store::{join, Store, StoreExt};
 use xenbus::toolstack::{self, DiskSpec, Removal};
@@ -805,6 +806,163 @@ fn devices_of_dead_domains_found_at_start_are_not_opened(kind: Kind) {
     h.stop();
 }
 
+/// A config serving the defaults and libxl's `qdisk` type.
+fn with_qdisk() -> Config {
+    let mut c = Config {
+        drain_timeout_ms: 1000,
+        ..Config::default()
+    };
+    c.backend_types.push(BackendType::new("qdisk", false));
+    c
+}
+
+/// What `xenblkd qemu-dm` writes for its domain, and what QEMU writes (no claim).
+fn claim(h: &Harness, domid: u32) {
+    h.store
+        .write(&devmodel::claim_path(0, domid), b"4242")
+        .unwrap();
+}
+
+fn qemu_running(h: &Harness, domid: u32) {
+    h.store
+        .write(
+            &join(&devmodel::device_model_dir(0, domid), "state"),
+            b"running",
+        )
+        .unwrap();
+}
+
+/// libxl adds a qdisk disk without waiting for any backend state (QEMU_BACKEND).
+fn qdisk(h: &Harness, domid: u32, image: &str) -> DiskSpec {
+    let spec = DiskSpec::new("qdisk", domid, 51712, &format!("aio:{image}"));
+    h.guest(domid);
+    toolstack::add_disk(h.store.as_ref(), &spec).unwrap();
+    spec
+}
+
+/// Nothing of ours in a backend directory: libxl's nodes only, `state` as libxl wrote it.
+fn untouched(h: &Harness, spec: &DiskSpec) {
+    let be = spec.backend_path();
+    assert_eq!(
+        h.state(&be),
+        XenbusState::Initialising,
+        "{:#?}",
+        h.dump(&be)
+    );
+    for node in [
+        "multi-queue-max-queues",
+        "max-ring-page-order",
+        "error",
+        "sectors",
+    ] {
+        assert_eq!(h.get(&join(&be, node)), None, "{node} written");
+    }
+    let opened = h.shared.opened.lock().unwrap().clone();
+    let image = spec.params.trim_start_matches("aio:");
+    assert!(
+        !opened.contains(&PathBuf::from(image)),
+        "{image} opened: {opened:?}"
+    );
+    let devices = h.sender.status(WAIT).unwrap().1;
+    assert!(
+        !devices
+            .iter()
+            .any(|d| d.backend_type == "qdisk" && d.domid == spec.domid),
+        "{devices:?}"
+    );
+}
+
+/// A `qdisk` device is QEMU's unless `xenblkd qemu-dm` claims its domain: unclaimed, not a
+/// node is written nor the image opened; claimed, it connects; the claim withdrawn, it is
+/// let go at once.
+fn qdisk_devices_are_served_only_while_claimed(kind: Kind) {
+    let h = Harness::start(kind, with_qdisk());
+    // Domain 5 runs a real QEMU: its state node, no claim.
+    let q5 = qdisk(&h, 5, "/images/q5.img");
+    qemu_running(&h, 5);
+    // Domain 6 runs our stand-in, which starts after libxl wrote the disk.
+    let q6 = qdisk(&h, 6, "/images/q6.img");
+    // A device of another type attached afterwards: once it is in InitWait, the manager
+    // has seen the qdisk devices' events too.
+    let (own, _) = connected_disk(&h, 7, 51712, "/images/own.img");
+    untouched(&h, &q5);
+    untouched(&h, &q6);
+
+    qemu_running(&h, 6);
+    claim(&h, 6);
+    let (be6, fe6) = (q6.backend_path(), q6.frontend_path());
+    h.wait_state(&be6, XenbusState::InitWait);
+    h.frontend_connect(&fe6, &[("protocol", "x86_64-abi")]);
+    h.wait_state(&be6, XenbusState::Connected);
+    h.set_frontend_state(&fe6, XenbusState::Connected);
+    assert_eq!(h.live(), 2);
+    assert!(h
+        .shared
+        .opened
+        .lock()
+        .unwrap()
+        .contains(&PathBuf::from("/images/q6.img")));
+    // Domain 5 is still QEMU's, whatever happens next door.
+    untouched(&h, &q5);
+
+    // The stand-in exits (its claim goes): rings disconnected, Closed, device forgotten;
+    // the directory stays for libxl.
+    h.store.rm(&devmodel::claim_path(0, 6)).unwrap();
+    h.wait_until("qdisk rings disconnected", || h.live() == 1);
+    h.wait_state(&be6, XenbusState::Closed);
+    h.wait_until("qdisk device forgotten", || {
+        h.sender
+            .status(WAIT)
+            .unwrap()
+            .1
+            .iter()
+            .all(|d| d.backend_type != "qdisk")
+    });
+    assert!(h.get(&join(&be6, "frontend")).is_some(), "backend removed");
+    assert_eq!(h.state(&own), XenbusState::Connected);
+
+    // Claimed again (a new stand-in): served again.
+    h.set_frontend_state(&fe6, XenbusState::Initialising);
+    claim(&h, 6);
+    h.wait_state(&be6, XenbusState::InitWait);
+    h.frontend_connect(&fe6, &[("protocol", "x86_64-abi")]);
+    h.wait_state(&be6, XenbusState::Connected);
+    untouched(&h, &q5);
+    h.stop();
+}
+
+/// libxl's destroy of a stand-in's domain: the device-model directory goes first (the
+/// claim with it), the domain dies, libxl removes the devices. The daemon lets go at the
+/// first step and leaves libxl's directories to libxl.
+fn qdisk_device_of_a_destroyed_domain_is_let_go(kind: Kind) {
+    let h = Harness::start(kind, with_qdisk());
+    claim(&h, 6);
+    let q6 = qdisk(&h, 6, "/images/q6.img");
+    let (be, fe) = (q6.backend_path(), q6.frontend_path());
+    h.wait_state(&be, XenbusState::InitWait);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    h.store.rm(&devmodel::device_model_dir(0, 6)).unwrap();
+    h.wait_until("disconnected", || h.live() == 0);
+    h.store.rm("/local/domain/6").unwrap();
+    h.release_domain(6);
+    h.wait_state(&be, XenbusState::Closed);
+    assert!(
+        h.get(&join(&be, "frontend")).is_some(),
+        "qdisk is libxl's to remove"
+    );
+    h.store.rm(&be).unwrap();
+    h.wait_until("no device left", || {
+        h.sender.status(WAIT).unwrap().1.is_empty()
+    });
+    // A later domain with the same id and a real QEMU is not ours.
+    let again = qdisk(&h, 6, "/images/q6b.img");
+    qemu_running(&h, 6);
+    let _ = connected_disk(&h, 8, 51712, "/images/own.img");
+    untouched(&h, &again);
+    h.stop();
+}
+
 fn resize_and_lost_features_are_published(kind: Kind) {
     let h = Harness::default(kind);
     let (be, _fe) = connected_disk(&h, 5, 51712, "/images/a.img");
@@ -921,6 +1079,8 @@ over_both_stores!(
     slow_storage_open_stalls_no_other_device,
     backend_removal_and_domain_death_tear_down,
     devices_of_dead_domains_found_at_start_are_not_opened,
+    qdisk_devices_are_served_only_while_claimed,
+    qdisk_device_of_a_destroyed_domain_is_let_go,
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
     shutdown_forces_unresponsive_frontends_after_the_deadline,
