@@ -1,5 +1,5 @@
-//! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `demo`, `bench`. Each
-//! subcommand lives in its own module; this file only dispatches.
+//! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `qemu-dm`, `demo`, `bench`.
+//! Each subcommand lives in its own module; this file only dispatches.
 
 use clap::{Parser, Subcommand};
 
@@ -7,6 +7,8 @@ mod attach;
 mod bench;
 mod demo;
 mod engine_glue;
+mod qemu_dm;
+mod qmp;
 mod serve;
 mod signals;
 mod simstack;
@@ -35,6 +37,8 @@ enum Command {
     Detach(attach::DetachArgs),
     /// List the daemon's devices, what they negotiated and their statistics.
     Status(status::StatusArgs),
+    /// Device model libxl runs instead of QEMU for backendtype=qdisk disks (QEMU's argv).
+    QemuDm(qemu_dm::QemuDmArgs),
     /// Run the in-memory xenstored (one socket per domain) for simulations.
     Xenstored(xenstored::XenstoredArgs),
     /// Read, write, remove or list xenstore nodes (the simulator has no xenstore-utils).
@@ -42,11 +46,19 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = match cli.command {
+        // libxl gives a device model no RUST_LOG, only its own log file
+        // (/var/log/xen/qemu-dm-<guest>.log): say there what happened.
+        Command::QemuDm(_) => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        _ => tracing_subscriber::EnvFilter::from_default_env(),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Demo(args) => demo::run(&args)?,
         Command::Bench(args) => {
             let report = bench::run(&args)?;
@@ -60,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Attach(args) => attach::run_attach(&args)?,
         Command::Detach(args) => attach::run_detach(&args)?,
         Command::Status(args) => status::run(&args)?,
+        Command::QemuDm(args) => qemu_dm::run(&args)?,
         Command::Xenstored(args) => xenstored::run(&args)?,
         Command::Xenstore(args) => xenstore_cli::run(&args)?,
     }

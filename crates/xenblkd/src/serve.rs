@@ -74,7 +74,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub backend_domid: Option<u32>,
     /// Backend type to serve, repeatable; `NAME:hotplug` waits for the hotplug script.
-    /// Default: `vbd:hotplug` and `xenblkd`.
+    /// Default: `vbd:hotplug` and `xenblkd`. `qdisk` (never by default) serves libxl's
+    /// backendtype=qdisk disks of the domains whose device model is `xenblkd qemu-dm`.
     #[arg(long = "type", value_name = "NAME[:hotplug]")]
     pub types: Vec<String>,
     /// multi-queue-max-queues.

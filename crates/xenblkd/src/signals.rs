@@ -1,6 +1,7 @@
-//! Termination signals for the long-running subcommands (`serve`, `xenstored`).
+//! Termination signals for the long-running subcommands (`serve`, `xenstored`, `qemu-dm`).
 //!
-//! SIGTERM and SIGINT are blocked in the main thread before any other thread exists, so
+//! SIGTERM and SIGINT (and, for `qemu-dm`, SIGHUP: what libxl kills a device model with)
+//! are blocked in the main thread before any other thread exists, so
 //! every thread inherits the mask and no reactor's `epoll_wait` or io_uring wait is ever
 //! interrupted; one thread then takes them synchronously with `sigwait`. No handler runs
 //! in signal context, so there is nothing async-signal-unsafe to get wrong.
@@ -8,17 +9,28 @@
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
 
-/// SIGTERM and SIGINT, blocked in the calling thread (and every thread it spawns later).
+/// Termination signals, blocked in the calling thread (and every thread it spawns later).
 pub struct TerminationSignals(SigSet);
 
 impl TerminationSignals {
-    /// Blocks the signals; call before spawning threads.
+    /// Blocks SIGTERM and SIGINT; call before spawning threads.
     pub fn block() -> anyhow::Result<TerminationSignals> {
+        TerminationSignals::block_set(&[Signal::SIGTERM, Signal::SIGINT])
+    }
+
+    /// Blocks SIGTERM, SIGINT and SIGHUP: libxl stops a device model with SIGHUP
+    /// (`libxl__kill_xs_path`), whose default action would skip our cleanup.
+    pub fn block_with_hangup() -> anyhow::Result<TerminationSignals> {
+        TerminationSignals::block_set(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+    }
+
+    fn block_set(signals: &[Signal]) -> anyhow::Result<TerminationSignals> {
         let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
+        for &s in signals {
+            set.add(s);
+        }
         set.thread_block()
-            .context("blocking SIGTERM/SIGINT (pthread_sigmask)")?;
+            .with_context(|| format!("blocking {signals:?} (pthread_sigmask)"))?;
         Ok(TerminationSignals(set))
     }
 
