@@ -5,6 +5,10 @@
 //! every event channel and opens a storage queue per ring, and only when all rings of
 //! the VBD are ready hands each to the least-loaded reactor. [`VbdHandle::detach`] asks
 //! the reactors to drain and drop the VBD's rings and waits (bounded) for their reports.
+//!
+//! The engine owns the daemon-wide [`PersistentGrantBudget`] every ring's persistent-grant
+//! cache draws on, sized from `vm.max_map_count` at start ([`BudgetSize`]); each ring
+//! reserves its other mappings from it on attach and gives them back when dropped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +19,7 @@ use blkif::{BackRing, RingError};
 use platform::{Access, MapError, Platform, PlatformError};
 use storage::StorageError;
 
+use crate::grant_budget::{ring_map_reserve, BudgetSize, PersistentGrantBudget};
 use crate::reactor::{Command, ReactorHandle, RingClosed, VbdId};
 use crate::ring::{RingConfig, RingParts, RingRunner};
 use crate::stats::VbdStats;
@@ -104,6 +109,10 @@ pub enum DetachError {
 struct Inner {
     reactors: Vec<ReactorHandle>,
     next_vbd: AtomicU64,
+    budget: PersistentGrantBudget,
+    /// Rings reserve their own mappings from the budget (it was sized from the process
+    /// limit, which they count against too).
+    reserve_ring_maps: bool,
 }
 
 impl Inner {
@@ -118,8 +127,18 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the reactor threads.
+    /// Starts the reactor threads, with a persistent-grant budget sized from this
+    /// process's `vm.max_map_count`.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        Self::start_with_budget(config, BudgetSize::FromMapCount)
+    }
+
+    /// Starts the reactor threads with a persistent-grant budget of `budget` (tests give
+    /// a small fixed one).
+    pub fn start_with_budget(
+        config: EngineConfig,
+        budget: BudgetSize,
+    ) -> Result<Engine, EngineError> {
         let n = if config.reactors == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -135,8 +154,16 @@ impl Engine {
             inner: Arc::new(Inner {
                 reactors,
                 next_vbd: AtomicU64::new(1),
+                budget: PersistentGrantBudget::sized(budget, n),
+                reserve_ring_maps: budget == BudgetSize::FromMapCount,
             }),
         })
+    }
+
+    /// The persistent-grant budget shared by every ring (for gauges and tests; clones
+    /// share it).
+    pub fn persistent_grant_budget(&self) -> &PersistentGrantBudget {
+        &self.inner.budget
     }
 
     /// Number of reactor threads.
@@ -202,6 +229,16 @@ impl Engine {
                     source,
                 })?;
             let depth = RingRunner::queue_depth(ring.size(), shared.max_indirect_segments);
+            let map_reserve = self.inner.reserve_ring_maps.then(|| {
+                let max_segments = (shared.max_indirect_segments as usize)
+                    .max(blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST);
+                let maps = ring_map_reserve(
+                    ring.size() as usize,
+                    max_segments,
+                    mode == ResolvedGrantMode::Map,
+                );
+                self.inner.budget.reserve(maps)
+            });
             let queue =
                 spec.storage
                     .open_queue(depth)
@@ -226,6 +263,8 @@ impl Engine {
                     max_buffer_pages: spec.limits.max_buffer_pages,
                     resize_poll: spec.limits.resize_poll,
                     poll: spec.limits.poll,
+                    budget: self.inner.budget.clone(),
+                    map_reserve,
                 },
             )
             .map_err(|source| AttachError::Io {

@@ -9,6 +9,8 @@
 //!   complete, respond, notify), barrier drain and halting;
 //! - [`vbd`]: what a VBD is (spec, modes, limits, features) and the state its rings share;
 //! - [`persistent_grants`]: blkback's persistent-grant cache and purge;
+//! - [`grant_budget`]: the daemon-wide bound on persistent grants (each is a VMA, and the
+//!   process has `vm.max_map_count` of them);
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
 //! - `slots`: the per-ring request slot pool;
 //! - [`stats`]: run-time counters;
@@ -17,6 +19,7 @@
 
 pub mod bounce;
 pub mod engine;
+pub mod grant_budget;
 pub mod persistent_grants;
 mod reactor;
 mod ring;
@@ -27,6 +30,7 @@ pub mod testing;
 pub mod vbd;
 
 pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};
+pub use grant_budget::{BudgetSize, BudgetUsage, PersistentGrantBudget};
 pub use reactor::VbdId;
 pub use stats::{Stats, VbdStats};
 pub use sys::open_fd_count;

@@ -17,8 +17,18 @@
 //! * active entries (in use by an in-flight request) are never dropped;
 //! * if anything was dropped the overflow flag is cleared.
 //!
+//! Every entry also holds a share of the engine's [`PersistentGrantBudget`], the
+//! daemon-wide bound on persistent mappings (each is a VMA; see [`crate::grant_budget`]).
+//! A grant the budget refuses is treated like one that does not fit a full cache: used for
+//! its request only, overflow flag raised. And since blkback's arithmetic above frees
+//! nothing from a cache below its own limit, the budget adds one rule: when a grant was
+//! refused anywhere since a ring's last purge (or the rings' reserves exceed the
+//! budget), that purge drops at least `(max / 100) * 5` inactive entries too (at least one),
+//! so grants flow from the rings that hold them to the rings that want them.
+//!
 //! Time is passed in by the caller, so tests pin the timeout behaviour with a
-//! controllable clock. The cache owns the mappings: dropping one unmaps it.
+//! controllable clock. The cache owns the mappings: dropping one unmaps it, then gives its
+//! share back.
 //!
 //! [`purge`]: PersistentGrantCache::purge
 
@@ -26,6 +36,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::grant_budget::{GrantShare, PersistentGrantBudget};
 
 /// blkback's `LRU_PERCENT_CLEAN`.
 pub const LRU_PERCENT_CLEAN: usize = 5;
@@ -63,10 +75,26 @@ pub enum AddRejected {
     Full,
     /// The reference is already cached (a frontend using one gref twice at once).
     Duplicate,
+    /// The daemon-wide budget is spent; the VBD's overflow flag is now set.
+    Budget,
+}
+
+/// A persistently mapped grant and its share of the budget. Dropping it unmaps the grant
+/// first, then gives the share back, so the budget never counts fewer mappings than exist.
+#[derive(Debug)]
+pub struct KeptGrant<M> {
+    mapping: M,
+    _share: GrantShare,
+}
+
+impl<M> KeptGrant<M> {
+    pub fn mapping(&self) -> &M {
+        &self.mapping
+    }
 }
 
 struct Entry<M> {
-    mapping: M,
+    kept: KeptGrant<M>,
     active: bool,
     last_used: Instant,
 }
@@ -78,16 +106,29 @@ pub struct PersistentGrantCache<M> {
     limits: PersistentGrantLimits,
     /// blkback keeps `overflow_max_grants` per VBD, shared by all of its rings.
     overflow: Arc<AtomicBool>,
+    budget: PersistentGrantBudget,
+    /// The budget's refusal count at the last purge.
+    refusals_seen: u64,
+    /// Grants this cache wanted to keep and the budget refused.
+    budget_refusals: u64,
 }
 
 impl<M> PersistentGrantCache<M> {
-    /// A cache for one ring; `overflow` is shared by all rings of the VBD.
-    pub fn new(limits: PersistentGrantLimits, overflow: Arc<AtomicBool>) -> Self {
+    /// A cache for one ring; `overflow` is shared by all rings of the VBD, `budget` by
+    /// every ring of the engine.
+    pub fn new(
+        limits: PersistentGrantLimits,
+        overflow: Arc<AtomicBool>,
+        budget: PersistentGrantBudget,
+    ) -> Self {
         Self {
             entries: BTreeMap::new(),
             in_use: 0,
             limits,
             overflow,
+            refusals_seen: budget.refusals(),
+            budget,
+            budget_refusals: 0,
         }
     }
 
@@ -109,9 +150,33 @@ impl<M> PersistentGrantCache<M> {
         self.limits
     }
 
-    /// Whether a new grant would fit.
-    pub fn has_room(&self) -> bool {
-        self.entries.len() < self.limits.max_grants
+    /// Entries free under this cache's own limit (the budget may allow fewer).
+    pub fn free_entries(&self) -> usize {
+        self.limits.max_grants.saturating_sub(self.entries.len())
+    }
+
+    /// How many of `wanted` new grants to map for keeping: bounded by the free entries
+    /// and by what is left of the daemon-wide budget (which another ring may still take
+    /// first: [`add`](Self::add) has the last word). Those the budget alone refuses are
+    /// counted and raise the overflow flag.
+    pub fn room_for(&mut self, wanted: usize) -> usize {
+        let own = self.free_entries().min(wanted);
+        let room = own.min(self.budget.available());
+        if room < own {
+            self.refused(own - room);
+        }
+        room
+    }
+
+    fn refused(&mut self, n: usize) {
+        self.budget.note_refused(n);
+        self.budget_refusals += n as u64;
+        self.overflow.store(true, Ordering::Relaxed);
+    }
+
+    /// Grants this cache wanted to keep and the daemon-wide budget refused.
+    pub fn budget_refusals(&self) -> u64 {
+        self.budget_refusals
     }
 
     /// Takes a cached grant for a request: marks it active and returns its mapping.
@@ -125,7 +190,7 @@ impl<M> PersistentGrantCache<M> {
         }
         entry.active = true;
         self.in_use += 1;
-        Some(&entry.mapping)
+        Some(&entry.kept.mapping)
     }
 
     /// Adds a freshly mapped grant, active for the request that mapped it.
@@ -137,13 +202,22 @@ impl<M> PersistentGrantCache<M> {
         if self.entries.contains_key(&gref) {
             return Err((AddRejected::Duplicate, mapping));
         }
+        let Some(share) = self.budget.try_take() else {
+            // `try_take` counted it daemon-wide.
+            self.budget_refusals += 1;
+            self.overflow.store(true, Ordering::Relaxed);
+            return Err((AddRejected::Budget, mapping));
+        };
         self.in_use += 1;
         let entry = self.entries.entry(gref).or_insert(Entry {
-            mapping,
+            kept: KeptGrant {
+                mapping,
+                _share: share,
+            },
             active: true,
             last_used: now,
         });
-        Ok(&entry.mapping)
+        Ok(&entry.kept.mapping)
     }
 
     /// Undoes a [`get`](Self::get) whose request did not use the grant after all: it is
@@ -180,16 +254,24 @@ impl<M> PersistentGrantCache<M> {
         self.overflow.load(Ordering::Relaxed)
     }
 
-    /// blkback's `purge_persistent_gnt`. Returns the mappings removed; dropping them unmaps.
-    pub fn purge(&mut self, now: Instant) -> Vec<M> {
+    /// blkback's `purge_persistent_gnt`, plus the budget's rule (module docs). Returns the
+    /// grants removed; dropping them unmaps and gives their shares back.
+    pub fn purge(&mut self, now: Instant) -> Vec<KeptGrant<M>> {
         let count = self.entries.len();
         let max = self.limits.max_grants;
-        let num_clean = if count < max || (count == max && !self.overflowed()) {
+        let mut num_clean = if count < max || (count == max && !self.overflowed()) {
             0
         } else {
             let target = count - max + (max / 100) * LRU_PERCENT_CLEAN;
             target.min(count)
         };
+        let refusals = self.budget.refusals();
+        let budget_pressure = std::mem::replace(&mut self.refusals_seen, refusals) != refusals
+            || self.budget.over_committed();
+        if budget_pressure {
+            let share = ((max / 100) * LRU_PERCENT_CLEAN).max(1);
+            num_clean = num_clean.max(share.min(count));
+        }
 
         let timeout = self.limits.unused_timeout;
         let expired = |e: &Entry<M>| {
@@ -214,14 +296,15 @@ impl<M> PersistentGrantCache<M> {
             doomed.extend(extra);
         }
 
-        let removed: Vec<M> = doomed
+        let removed: Vec<KeptGrant<M>> = doomed
             .into_iter()
-            .filter_map(|gref| self.entries.remove(&gref).map(|e| e.mapping))
+            .filter_map(|gref| self.entries.remove(&gref).map(|e| e.kept))
             .collect();
         if !removed.is_empty() {
             self.overflow.store(false, Ordering::Relaxed);
             tracing::debug!(
                 num_clean,
+                budget_pressure,
                 purged = removed.len(),
                 "purged persistent grants"
             );
@@ -230,8 +313,9 @@ impl<M> PersistentGrantCache<M> {
     }
 
     /// Removes every grant (ring teardown). Active grants are a caller bug at teardown
-    /// time: in-flight requests must have completed first.
-    pub fn drain(&mut self) -> Vec<M> {
+    /// time: in-flight requests must have completed first. Dropping the cache does the
+    /// same without the check.
+    pub fn drain(&mut self) -> Vec<KeptGrant<M>> {
         if self.in_use != 0 {
             tracing::warn!(
                 in_use = self.in_use,
@@ -241,7 +325,7 @@ impl<M> PersistentGrantCache<M> {
         self.in_use = 0;
         std::mem::take(&mut self.entries)
             .into_values()
-            .map(|e| e.mapping)
+            .map(|e| e.kept)
             .collect()
     }
 }
@@ -257,7 +341,17 @@ mod tests {
                 unused_timeout: Duration::from_secs(timeout_s),
             },
             Arc::new(AtomicBool::new(false)),
+            PersistentGrantBudget::unlimited(),
         )
+    }
+
+    /// The mappings of removed grants (dropping them gives their shares back).
+    fn maps(removed: Vec<KeptGrant<u32>>) -> Vec<u32> {
+        maps_of(&removed)
+    }
+
+    fn maps_of(removed: &[KeptGrant<u32>]) -> Vec<u32> {
+        removed.iter().map(|k| *k.mapping()).collect()
     }
 
     /// Fills the cache with grefs 0..n, all returned (inactive) at `t`.
@@ -292,7 +386,7 @@ mod tests {
         c.unget(5);
         assert_eq!(c.in_use(), 0);
         // Still last used at `t`: expired a second later, as if never taken again.
-        assert_eq!(c.purge(t + Duration::from_secs(1)), vec![50]);
+        assert_eq!(maps(c.purge(t + Duration::from_secs(1))), vec![50]);
     }
 
     #[test]
@@ -340,7 +434,7 @@ mod tests {
         let mut c = cache(1056, 60);
         fill(&mut c, 1056, t0);
         assert!(c.add(5000, 0, t0).is_err());
-        let removed = c.purge(t0 + Duration::from_secs(1));
+        let removed = maps(c.purge(t0 + Duration::from_secs(1)));
         // (1056 / 100) * 5 = 50, not 52.8.
         assert_eq!(removed.len(), 50);
         assert_eq!(c.len(), 1006);
@@ -396,7 +490,7 @@ mod tests {
         for g in 50..100 {
             c.put(g, t0 + Duration::from_secs(3600));
         }
-        let removed = c.purge(t0 + Duration::from_secs(3601));
+        let removed = maps(c.purge(t0 + Duration::from_secs(3601)));
         assert_eq!(removed, (50..55).collect::<Vec<_>>());
     }
 
@@ -416,8 +510,10 @@ mod tests {
             max_grants: 100,
             unused_timeout: Duration::from_secs(60),
         };
-        let mut a: PersistentGrantCache<u32> = PersistentGrantCache::new(limits, flag.clone());
-        let mut b: PersistentGrantCache<u32> = PersistentGrantCache::new(limits, flag);
+        let budget = PersistentGrantBudget::unlimited();
+        let mut a: PersistentGrantCache<u32> =
+            PersistentGrantCache::new(limits, flag.clone(), budget.clone());
+        let mut b: PersistentGrantCache<u32> = PersistentGrantCache::new(limits, flag, budget);
         fill(&mut a, 100, t0);
         fill(&mut b, 100, t0);
         assert!(a.add(1000, 0, t0).is_err());
@@ -440,5 +536,122 @@ mod tests {
         assert_eq!(c.drain().len(), 7);
         assert!(c.is_empty());
         assert_eq!(c.in_use(), 0);
+    }
+
+    fn limits(max: usize) -> PersistentGrantLimits {
+        PersistentGrantLimits {
+            max_grants: max,
+            unused_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// A cache of VBD-wide flag `flag` drawing on `budget`.
+    fn budget_cache(
+        max: usize,
+        budget: &PersistentGrantBudget,
+    ) -> (PersistentGrantCache<u32>, Arc<AtomicBool>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        let c = PersistentGrantCache::new(limits(max), flag.clone(), budget.clone());
+        (c, flag)
+    }
+
+    #[test]
+    fn two_caches_share_a_tiny_budget() {
+        let t0 = Instant::now();
+        let budget = PersistentGrantBudget::new(3);
+        let (mut a, a_flag) = budget_cache(10, &budget);
+        let (mut b, b_flag) = budget_cache(10, &budget);
+        fill(&mut a, 2, t0);
+        b.add(10, 100, t0).unwrap();
+        b.put(10, t0);
+        assert_eq!(budget.usage().grants, 3);
+        // The budget is spent although both caches have room of their own: refused like
+        // a full cache, mapping handed back, overflow raised on b's VBD only.
+        assert_eq!(b.add(11, 110, t0).unwrap_err(), (AddRejected::Budget, 110));
+        assert!(b_flag.load(Ordering::Relaxed));
+        assert!(!a_flag.load(Ordering::Relaxed));
+        assert_eq!(b.budget_refusals(), 1);
+        assert_eq!(a.free_entries(), 8);
+        assert_eq!(a.room_for(5), 0, "no budget left");
+        assert_eq!(a.budget_refusals(), 5);
+        assert_eq!(budget.refusals(), 6);
+        assert_eq!(budget.usage().grants, 3, "refusals take nothing");
+        // a's purge sheds a grant (below its own limit) because the budget refused some.
+        let removed = a.purge(t0);
+        assert_eq!(maps_of(&removed), vec![0]);
+        // Not given back while the mapping is alive: the purged grant is still mapped.
+        assert_eq!(budget.available(), 0);
+        drop(removed);
+        assert_eq!(budget.available(), 1);
+        assert_eq!(b.room_for(5), 1);
+        assert_eq!(*b.add(11, 110, t0).unwrap(), 110);
+        assert!(b.add(12, 120, t0).is_err());
+        b.put(11, t0);
+        drop((a, b));
+        assert_eq!(
+            budget.usage().grants,
+            0,
+            "dropped caches give everything back"
+        );
+        assert_eq!(budget.available(), 3);
+    }
+
+    #[test]
+    fn every_way_out_of_the_cache_gives_the_share_back() {
+        let t0 = Instant::now();
+        let budget = PersistentGrantBudget::new(100);
+        let (mut c, _) = budget_cache(100, &budget);
+        fill(&mut c, 40, t0);
+        assert_eq!(budget.usage().grants, 40);
+        // Timed out.
+        for g in 0..10 {
+            c.get(g).unwrap();
+            c.put(g, t0 + Duration::from_secs(30));
+        }
+        drop(c.purge(t0 + Duration::from_secs(61)));
+        assert_eq!(budget.usage().grants, 10);
+        // Refused adds and duplicates take nothing.
+        assert!(c.add(3, 3, t0).is_err());
+        assert_eq!(budget.usage().grants, 10);
+        // Drained at teardown.
+        let drained = c.drain();
+        assert_eq!(drained.len(), 10);
+        assert_eq!(budget.usage().grants, 10, "still mapped");
+        drop(drained);
+        assert_eq!(budget.usage().grants, 0);
+        // Dropped whole, with grants still active (a ring dropped mid-request).
+        fill(&mut c, 5, t0);
+        c.get(0).unwrap();
+        drop(c);
+        assert_eq!(budget.usage().grants, 0);
+        assert_eq!(budget.available(), 100);
+    }
+
+    #[test]
+    fn budget_pressure_sheds_five_percent_per_purge_and_stops_when_it_ends() {
+        let t0 = Instant::now();
+        let budget = PersistentGrantBudget::new(200);
+        let (mut holder, _) = budget_cache(1056, &budget);
+        let (mut starved, _) = budget_cache(1056, &budget);
+        fill(&mut holder, 200, t0);
+        // Below its own limit, without overflow: blkback's arithmetic frees nothing.
+        assert!(holder.purge(t0).is_empty());
+        assert_eq!(starved.room_for(8), 0);
+        // The refusal moves the budget: (1056 / 100) * 5 = 50 inactive grants go, in
+        // grant-reference order; the active ones stay.
+        for g in 0..10 {
+            holder.get(g).unwrap();
+        }
+        assert_eq!(maps(holder.purge(t0)), (10..60).collect::<Vec<_>>());
+        // No refusal since: nothing more.
+        assert!(holder.purge(t0).is_empty());
+        assert_eq!(starved.room_for(8), 8);
+        // Ring reserves beyond the budget shed grants on every purge while they last.
+        let reserve = budget.reserve(100);
+        assert!(budget.over_committed());
+        assert_eq!(holder.purge(t0).len(), 50);
+        assert_eq!(holder.len(), 100);
+        drop(reserve);
+        assert!(holder.purge(t0).is_empty());
     }
 }

@@ -46,6 +46,7 @@ use platform::{
 use storage::{is_unsupported, StorageOp, StorageQueue, SubmitError};
 
 use crate::bounce::BouncePool;
+use crate::grant_budget::{MapReservation, PersistentGrantBudget};
 use crate::persistent_grants::{PersistentGrantCache, PersistentGrantLimits};
 use crate::reactor::{RingTask, VbdId};
 use crate::slots::SlotPool;
@@ -275,6 +276,9 @@ pub(crate) struct RingRunner {
     responses_unpublished: bool,
     resize_poll: Option<std::time::Duration>,
     next_resize: Option<Instant>,
+    /// This ring's share of the process's mappings besides persistent grants (`None`
+    /// when the budget was sized by hand); given back when the ring is dropped.
+    _map_reserve: Option<MapReservation>,
 }
 
 pub(crate) struct RingConfig {
@@ -287,6 +291,8 @@ pub(crate) struct RingConfig {
     pub(crate) max_buffer_pages: usize,
     pub(crate) resize_poll: Option<std::time::Duration>,
     pub(crate) poll: Duration,
+    pub(crate) budget: PersistentGrantBudget,
+    pub(crate) map_reserve: Option<MapReservation>,
 }
 
 impl RingRunner {
@@ -311,6 +317,7 @@ impl RingRunner {
             cache: PersistentGrantCache::new(
                 cfg.persistent_limits,
                 cfg.vbd.persistent_overflow.clone(),
+                cfg.budget,
             ),
             bounce,
             ring: parts.ring,
@@ -347,6 +354,7 @@ impl RingRunner {
             responses_unpublished: false,
             resize_poll: cfg.resize_poll,
             next_resize,
+            _map_reserve: cfg.map_reserve,
             vbd: cfg.vbd,
         })
     }
@@ -427,6 +435,9 @@ impl RingRunner {
         self.stats.in_flight.set(self.slots.in_use() as u64);
         self.stats.persistent_in_use.set(self.cache.in_use() as u64);
         self.stats.persistent_mapped.set(self.cache.len() as u64);
+        self.stats
+            .persistent_budget_refusals
+            .set(self.cache.budget_refusals());
     }
 
     /// Reaps storage completions. Returns whether any arrived.
@@ -1035,35 +1046,28 @@ impl RingRunner {
         if self.misses.is_empty() {
             return Ok(true);
         }
-        if self.mode == ResolvedGrantMode::MapOrCopy {
-            let room = if self.persistent {
-                self.cache
-                    .limits()
-                    .max_grants
-                    .saturating_sub(self.cache.len())
-                    .min(MAX_MAP_BATCH)
-            } else {
-                0
-            };
-            if self.misses.len() > room {
-                for gref in s.persistent.drain(..) {
-                    self.cache.unget(gref);
-                }
-                s.addrs.clear();
-                return Ok(false);
+        // How many misses become persistent: as many as the cache has free entries for,
+        // the daemon-wide budget has shares for, and one map call takes.
+        let room = if !self.persistent {
+            0
+        } else if self.mode == ResolvedGrantMode::MapOrCopy
+            && self.cache.free_entries() < self.misses.len()
+        {
+            // Copied whatever the budget says: not counted as the budget's refusal.
+            0
+        } else {
+            self.cache.room_for(self.misses.len().min(MAX_MAP_BATCH))
+        };
+        if self.mode == ResolvedGrantMode::MapOrCopy && self.misses.len() > room {
+            for gref in s.persistent.drain(..) {
+                self.cache.unget(gref);
             }
+            s.addrs.clear();
+            return Ok(false);
         }
         let mut start = 0;
         if self.persistent {
-            // As many misses as the cache has room for become persistent, mapped one
-            // grant per mapping so the purge can drop them one by one.
-            let room = self
-                .cache
-                .limits()
-                .max_grants
-                .saturating_sub(self.cache.len())
-                .min(self.misses.len())
-                .min(MAX_MAP_BATCH);
+            // Mapped one grant per mapping so the purge can drop them one by one.
             if room > 0 {
                 self.grefs.clear();
                 self.grefs
@@ -1077,6 +1081,8 @@ impl RingRunner {
                     })?;
                 for (&i, m) in self.misses[..room].iter().zip(maps) {
                     let gref = s.segs[i].gref;
+                    // Refused (a gref twice in the request, or another ring took the
+                    // last of the budget meanwhile): used for this request only.
                     match self.cache.add(gref, m, now) {
                         Ok(m) => {
                             s.addrs[i] = m.as_ptr() as usize;

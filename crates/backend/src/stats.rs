@@ -55,6 +55,8 @@ pub(crate) struct RingStats {
     pub(crate) in_flight: Counter,
     pub(crate) persistent_in_use: Counter,
     pub(crate) persistent_mapped: Counter,
+    /// The cache's own count, copied with the gauges.
+    pub(crate) persistent_budget_refusals: Counter,
     pub(crate) notifications: Counter,
     pub(crate) halted: AtomicBool,
 }
@@ -74,6 +76,7 @@ impl RingStats {
             in_flight: self.in_flight.get(),
             persistent_grants_in_use: self.persistent_in_use.get(),
             persistent_grants_mapped: self.persistent_mapped.get(),
+            persistent_budget_refusals: self.persistent_budget_refusals.get(),
             notifications: self.notifications.get(),
             halted_rings: u64::from(self.halted.load(Ordering::Relaxed)),
         }
@@ -108,6 +111,9 @@ pub struct Stats {
     pub persistent_grants_in_use: u64,
     /// Persistent grants currently mapped.
     pub persistent_grants_mapped: u64,
+    /// Grants the ring wanted to keep persistently and the engine-wide budget refused
+    /// (they were used for their request only).
+    pub persistent_budget_refusals: u64,
     /// Event-channel notifications sent to the frontend.
     pub notifications: u64,
     /// Rings halted because the frontend overflowed them (0 or 1 for one ring).
@@ -128,6 +134,7 @@ impl AddAssign for Stats {
         self.in_flight += o.in_flight;
         self.persistent_grants_in_use += o.persistent_grants_in_use;
         self.persistent_grants_mapped += o.persistent_grants_mapped;
+        self.persistent_budget_refusals += o.persistent_budget_refusals;
         self.notifications += o.notifications;
         self.halted_rings += o.halted_rings;
     }

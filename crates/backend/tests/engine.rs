@@ -516,6 +516,176 @@ fn map_or_copy_maps_what_the_cache_holds_and_copies_the_rest() {
     h.teardown();
 }
 
+/// Samples the engine's persistent-grant budget from another thread until dropped, as a
+/// status query would: the peak number of grants held.
+struct BudgetSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl BudgetSampler {
+    fn start(budget: backend::PersistentGrantBudget) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let u = budget.usage();
+                    assert!(u.grants <= u.limit(), "budget exceeded: {u:?}");
+                    peak = peak.max(u.grants);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                peak
+            }
+        });
+        BudgetSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn peak(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+#[test]
+fn many_rings_share_a_tiny_persistent_grant_budget() {
+    let _g = serial();
+    const RINGS: usize = 8;
+    const BUDGET: usize = 24;
+    for mode in [GrantMode::Map, GrantMode::Auto] {
+        // Eight rings of blkback's default cache (1056 each) on two reactors, and a
+        // budget of 24 grants for all of them: most grants cannot be kept, and every
+        // request must still complete with the right data.
+        let mut h = Harness::new(Opts {
+            rings: RINGS,
+            reactors: 2,
+            persistent: true,
+            mode,
+            persistent_budget: Some(BUDGET),
+            disk_bytes: 2 << 20,
+            ..Opts::default()
+        });
+        let budget = h.engine.as_ref().unwrap().persistent_grant_budget().clone();
+        assert_eq!(budget.usage().limit(), BUDGET);
+        let sampler = BudgetSampler::start(budget.clone());
+        let mut rng = Rng::new(0xb0d9e7 + mode as u64);
+        // Each ring owns 512 sectors of the disk; a round puts four requests of up to 11
+        // pages on every ring at once, writes in even rounds, reads of the same ranges
+        // (checked against the model) in odd ones.
+        let region = (h.model.len() / SECTOR / RINGS) as u64;
+        let mut shapes: Vec<Vec<(u64, usize, usize)>> = vec![Vec::new(); RINGS];
+        for round in 0..8 {
+            let mut batches = Vec::new();
+            for (r, ring_shapes) in shapes.iter_mut().enumerate() {
+                if round % 2 == 0 {
+                    ring_shapes.clear();
+                    for k in 0..4u64 {
+                        let seg_sectors = 1 + rng.below(8) as usize;
+                        let nsegs = 1 + rng.below(11) as usize;
+                        ring_shapes.push((r as u64 * region + k * 88, nsegs, seg_sectors));
+                    }
+                }
+                let batch: Vec<_> = ring_shapes
+                    .iter()
+                    .map(|&(sector, nsegs, seg_sectors)| {
+                        let len = nsegs * seg_sectors * SECTOR;
+                        if round % 2 == 0 {
+                            let data = rng.bytes(len);
+                            h.build(BLKIF_OP_WRITE, sector, &data, seg_sectors, 0, false)
+                        } else {
+                            h.build(BLKIF_OP_READ, sector, &vec![0; len], seg_sectors, 0, false)
+                        }
+                    })
+                    .collect();
+                h.push(r, &batch.iter().collect::<Vec<_>>());
+                batches.push(batch);
+            }
+            for (r, batch) in batches.into_iter().enumerate() {
+                for b in batch {
+                    let (sector, len, op) = (b.sector as usize, b.len, b.op);
+                    let (rsp, data) = h.complete(r, b);
+                    assert_eq!(rsp.status, BLKIF_RSP_OKAY, "{mode:?} ring {r}");
+                    if op == BLKIF_OP_READ {
+                        let at = sector * SECTOR;
+                        assert!(
+                            data.as_deref() == Some(&h.model[at..at + len]),
+                            "{mode:?} ring {r}: read mismatch at sector {sector}"
+                        );
+                    }
+                }
+            }
+            // Between rounds only the rings and the kept grants stay mapped.
+            assert!(h.live_mappings() <= RINGS + BUDGET, "{}", h.live_mappings());
+        }
+        h.verify_disk(0);
+        let peak = sampler.peak();
+        let usage = budget.usage();
+        let s = h.vbd().stats().total;
+        assert_eq!(s.errors, 0);
+        assert!(peak > 0 && peak <= BUDGET, "peak {peak}");
+        assert!(s.persistent_grants_mapped as usize <= BUDGET);
+        assert_eq!(s.persistent_grants_mapped as usize, usage.grants);
+        assert!(usage.refusals > 0, "the budget never refused: {usage:?}");
+        assert!(s.persistent_budget_refusals > 0);
+        // Teardown checks that the budget is back to zero after the detach.
+        h.teardown();
+        assert_eq!(budget.usage().grants, 0);
+    }
+}
+
+#[test]
+fn budget_pressure_moves_grants_to_the_ring_that_needs_them() {
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        rings: 3,
+        persistent: true,
+        persistent_budget: Some(16),
+        ..Opts::default()
+    });
+    let mut rng = Rng::new(77);
+    // Rings 0 and 1 each keep the same eight pages (the guest's persistent pool): the
+    // budget is full, with both caches far below their own limit of 1056.
+    for r in 0..2 {
+        for i in 0..3 {
+            assert_eq!(
+                h.write(r, i * 64, &rng.bytes(8 * 4096)).status,
+                BLKIF_RSP_OKAY
+            );
+        }
+    }
+    let rings = |h: &Harness| -> Vec<u64> {
+        h.vbd()
+            .stats()
+            .rings
+            .iter()
+            .map(|r| r.persistent_grants_mapped)
+            .collect()
+    };
+    assert_eq!(rings(&h), vec![8, 8, 0]);
+    // Ring 2 is refused, and the purge of the idle rings hands their grants over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rings(&h)[2] < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ring 2 never got grants: {:?}",
+            rings(&h)
+        );
+        let (rsp, _) = h.read(2, 0, 8 * 4096);
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(h.vbd().stats().rings[2].persistent_budget_refusals > 0);
+    let budget = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+    assert!(budget.grants <= 16);
+    h.verify_disk(0);
+    h.teardown();
+}
+
 #[test]
 fn polling_reactors_serve_rings_and_detach() {
     let _g = serial();

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use backend::persistent_grants::PersistentGrantLimits;
 use backend::{
-    Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId, VbdLimits,
-    VbdSpec,
+    BudgetSize, Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId,
+    VbdLimits, VbdSpec,
 };
 use blkif::abi::{
     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
@@ -53,6 +53,8 @@ pub struct Opts {
     pub persistent_limits: PersistentGrantLimits,
     /// `VbdLimits::poll`.
     pub poll: Duration,
+    /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
+    pub persistent_budget: Option<usize>,
 }
 
 impl Default for Opts {
@@ -77,6 +79,7 @@ impl Default for Opts {
             reactors: 2,
             persistent_limits: PersistentGrantLimits::default(),
             poll: Duration::ZERO,
+            persistent_budget: None,
         }
     }
 }
@@ -160,9 +163,13 @@ impl Harness {
         let mut h = Harness {
             vbd: None,
             engine: Some(
-                Engine::start(EngineConfig {
-                    reactors: opts.reactors,
-                })
+                Engine::start_with_budget(
+                    EngineConfig {
+                        reactors: opts.reactors,
+                    },
+                    opts.persistent_budget
+                        .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
+                )
                 .unwrap(),
             ),
             fronts: Vec::new(),
@@ -482,6 +489,12 @@ impl Harness {
         assert_eq!(self.live_mappings(), 0, "grant mappings left after detach");
         assert_eq!(self.platform.mapped_pages(), 0);
         let engine = self.engine.take().unwrap();
+        let budget = engine.persistent_grant_budget().usage();
+        assert_eq!(
+            (budget.grants, budget.reserved),
+            (0, 0),
+            "persistent-grant budget not given back after detach"
+        );
         assert!(
             engine.reactor_loads().iter().all(|&l| l == 0),
             "rings left on reactors"
