@@ -523,7 +523,11 @@ fn remove_claim(store: &XsStore, domid: u32) {
             Ok(()) => info!(path = %path, "claim removed"),
             Err(e) => warn!(path = %path, error = %e, "removing the claim"),
         },
-        Ok(_) => {}
+        // libxl's destroy removes device-model/<domid> before it signals us.
+        Ok(None) => info!(path = %path, "claim already removed"),
+        Ok(Some(other)) => {
+            info!(path = %path, owner = %other, "the claim is another process's now")
+        }
         Err(e) => warn!(path = %path, error = %e, "reading the claim"),
     }
 }
