@@ -29,7 +29,7 @@ use xenstore::{
 };
 
 use crate::bench::{self, BenchArgs, Rw};
-use crate::engine_glue::EngineFactory;
+use crate::engine_glue::{EngineFactory, EngineGauges};
 
 const GUEST_DOMID: u32 = 1;
 /// xvda.
@@ -106,6 +106,7 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 struct Daemon {
     sender: xenbus::EventSender,
     thread: Option<thread::JoinHandle<anyhow::Result<()>>>,
+    gauges: EngineGauges,
 }
 
 impl Daemon {
@@ -119,6 +120,7 @@ impl Daemon {
         )?);
         let engine = Engine::start(EngineConfig { reactors: 1 }).context("starting the engine")?;
         let factory = Arc::new(EngineFactory::new(engine, platform));
+        let gauges = factory.gauges();
         let config = Config {
             reactor_threads: 1,
             ..Config::default()
@@ -139,6 +141,7 @@ impl Daemon {
         Ok(Daemon {
             sender,
             thread: Some(thread),
+            gauges,
         })
     }
 
@@ -408,6 +411,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let budget = daemon.gauges.read();
+    println!(
+        "  persistent-grant budget (all devices): {} of {} in use, {} refused",
+        budget["persistent_grant_budget_used"],
+        budget["persistent_grant_budget_limit"],
+        budget["persistent_grant_budget_refusals"]
+    );
 
     // Teardown as `xl block-detach` does it, then check nothing leaked.
     let removal = toolstack::remove_disk(
@@ -431,9 +441,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     drop(fe);
     drop(xbf);
+    let gauges = daemon.gauges.clone();
     daemon.stop()?;
     let live = platform.live_mappings();
     ensure!(live == 0, "{live} grant mappings leaked");
+    let kept = gauges.read()["persistent_grant_budget_used"];
+    ensure!(
+        kept == 0,
+        "{kept} persistent grants still counted in the budget"
+    );
     drop(domain);
     let _ = platform.detach(GUEST_DOMID as u16);
     println!(

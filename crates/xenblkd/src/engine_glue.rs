@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backend::{DetachError, Engine, Features, RingSpec, VbdHandle, VbdLimits, VbdSpec};
+use backend::{
+    DetachError, Engine, Features, PersistentGrantBudget, RingSpec, VbdHandle, VbdLimits, VbdSpec,
+};
 use platform::Platform;
 use storage::{DirectIo, OpenOptions, Storage};
 use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
@@ -92,6 +94,39 @@ impl EngineFactory {
     /// A factory attaching VBDs to `engine`, mapping grants through `platform`.
     pub fn new(engine: Engine, platform: Arc<dyn Platform>) -> EngineFactory {
         EngineFactory { engine, platform }
+    }
+
+    /// The engine's daemon-wide gauges, readable from any thread after the factory has
+    /// been handed to the xenbus manager.
+    pub fn gauges(&self) -> EngineGauges {
+        EngineGauges {
+            budget: self.engine.persistent_grant_budget().clone(),
+        }
+    }
+}
+
+/// Daemon-wide gauges of the engine for `xenblkd status`, next to the process's own
+/// (grant mappings, fds, threads): the persistent-grant budget every ring draws on.
+#[derive(Clone)]
+pub struct EngineGauges {
+    budget: PersistentGrantBudget,
+}
+
+impl EngineGauges {
+    /// `persistent_grant_budget_used` (persistent grants mapped by all devices),
+    /// `persistent_grant_budget_limit` (most there may be with the rings attached now) and
+    /// `persistent_grant_budget_refusals` (grants used per request because the budget was
+    /// spent, since start).
+    pub fn read(&self) -> BTreeMap<String, u64> {
+        let u = self.budget.usage();
+        BTreeMap::from([
+            ("persistent_grant_budget_used".to_string(), u.grants as u64),
+            (
+                "persistent_grant_budget_limit".to_string(),
+                u.limit() as u64,
+            ),
+            ("persistent_grant_budget_refusals".to_string(), u.refusals),
+        ])
     }
 }
 
@@ -291,6 +326,10 @@ impl ConnectedVbd for EngineVbd {
                 "persistent_grants_mapped".to_string(),
                 t.persistent_grants_mapped,
             ),
+            (
+                "persistent_budget_refusals".to_string(),
+                t.persistent_budget_refusals,
+            ),
             ("notifications".to_string(), t.notifications),
             ("halted_rings".to_string(), t.halted_rings),
             ("rings".to_string(), s.rings.len() as u64),
@@ -339,5 +378,23 @@ mod tests {
         assert_eq!(major_minor(dev), (259, 65536));
         assert!(check_device_number(std::path::Path::new("/dev/null"), (1, 3)).is_ok());
         assert!(check_device_number(std::path::Path::new("/etc/hostname"), (9, 9)).is_ok());
+    }
+
+    #[test]
+    fn gauges_show_the_persistent_grant_budget() {
+        let engine = Engine::start_with_budget(
+            backend::EngineConfig { reactors: 1 },
+            backend::BudgetSize::Grants(5),
+        )
+        .unwrap();
+        let factory = EngineFactory::new(engine, Arc::new(platform::sim::SimPlatform::new()));
+        let gauges = factory.gauges();
+        let m = gauges.read();
+        assert_eq!(m["persistent_grant_budget_used"], 0);
+        assert_eq!(m["persistent_grant_budget_limit"], 5);
+        assert_eq!(m["persistent_grant_budget_refusals"], 0);
+        drop(factory);
+        // Still readable: the manager may outlive the factory's other users.
+        assert_eq!(gauges.read().len(), 3);
     }
 }
