@@ -324,6 +324,69 @@ fn many_threads_share_the_queues() {
 }
 
 #[test]
+fn a_tiny_persistent_grant_budget_costs_persistence_not_requests() {
+    let _g = serial();
+    for mode in [GrantMode::Map, GrantMode::Auto] {
+        // Four queues of blkfront's persistent pools against a budget of 32 grants for
+        // the whole engine: every request still completes with the right data.
+        let rig = Rig::new(RigOpts {
+            frontend: FrontendConfig {
+                max_queues: 4,
+                queue_policy: QueuePolicy::PerThread,
+                ..RigOpts::default().frontend
+            },
+            mode,
+            persistent_budget: Some(32),
+            ..RigOpts::default()
+        });
+        assert!(rig.fe().negotiated().persistent);
+        let budget = rig
+            .engine
+            .as_ref()
+            .unwrap()
+            .persistent_grant_budget()
+            .clone();
+        let region = rig.model.len() / 4;
+        std::thread::scope(|s| {
+            for t in 0..4usize {
+                let fe = rig.fe();
+                let budget = &budget;
+                s.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(0xb0d + t as u64);
+                    let base = (t * region) as u64;
+                    let mut model = vec![0u8; region];
+                    for _ in 0..100 {
+                        let len = rng.gen_range(1..=128usize) * 512;
+                        let off = rng.gen_range(0..(region - len) / 512) * 512;
+                        if rng.gen_bool(0.5) {
+                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                            fe.write(base + off as u64, &data).unwrap();
+                            model[off..off + len].copy_from_slice(&data);
+                        } else {
+                            let mut buf = vec![0u8; len];
+                            fe.read(base + off as u64, &mut buf).unwrap();
+                            assert!(buf == model[off..off + len], "{mode:?}: read mismatch");
+                        }
+                        let u = budget.usage();
+                        assert!(u.grants <= 32, "{mode:?}: budget exceeded: {u:?}");
+                    }
+                });
+            }
+        });
+        let s = rig.vbd.as_ref().unwrap().stats().total;
+        assert_eq!(s.errors, 0);
+        assert!(s.persistent_grants_mapped <= 32);
+        assert!(
+            s.persistent_budget_refusals > 0,
+            "{mode:?}: the budget never refused"
+        );
+        // `finish` checks that the budget is back to zero after the detach.
+        rig.finish();
+        assert_eq!(budget.usage().grants, 0);
+    }
+}
+
+#[test]
 fn queue_depth_32_per_queue_from_one_thread() {
     let _g = serial();
     let rig = Rig::new(RigOpts {

@@ -7,7 +7,9 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use backend::testing::FdTable;
-use backend::{Engine, EngineConfig, Features, GrantMode, RingSpec, VbdHandle, VbdLimits, VbdSpec};
+use backend::{
+    BudgetSize, Engine, EngineConfig, Features, GrantMode, RingSpec, VbdHandle, VbdLimits, VbdSpec,
+};
 use blkfront::sim::SimGuestServices;
 use blkfront::{BackendFeatures, DiscardParams, Frontend, FrontendConfig};
 use platform::sim::{DomainHandle, GuestConfig, SimGuest, SimPlatform};
@@ -35,6 +37,8 @@ pub struct RigOpts {
     pub read_only: bool,
     pub disk_bytes: u64,
     pub guest_pages: u32,
+    /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
+    pub persistent_budget: Option<usize>,
 }
 
 impl Default for RigOpts {
@@ -58,6 +62,7 @@ impl Default for RigOpts {
             read_only: false,
             disk_bytes: 4 << 20,
             guest_pages: 16384,
+            persistent_budget: None,
         }
     }
 }
@@ -131,7 +136,12 @@ impl Rig {
         };
         let (fe, info) =
             Frontend::connect_direct(services.clone(), opts.frontend.clone(), &offer).unwrap();
-        let engine = Engine::start(EngineConfig { reactors: 2 }).unwrap();
+        let engine = Engine::start_with_budget(
+            EngineConfig { reactors: 2 },
+            opts.persistent_budget
+                .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
+        )
+        .unwrap();
         let spec = VbdSpec {
             domid: GUEST_DOMID,
             storage,
@@ -195,7 +205,14 @@ impl Rig {
     pub fn finish(mut self) -> blkfront::FrontendStats {
         let vbd = self.vbd.take().unwrap();
         vbd.detach(Duration::from_secs(10)).unwrap();
-        self.engine.take().unwrap().shutdown();
+        let engine = self.engine.take().unwrap();
+        let budget = engine.persistent_grant_budget().usage();
+        assert_eq!(
+            (budget.grants, budget.reserved),
+            (0, 0),
+            "persistent-grant budget not given back after detach"
+        );
+        engine.shutdown();
         let fe = self.fe.take().unwrap();
         let stats = fe.stats();
         let report = fe.close();
