@@ -141,6 +141,11 @@ impl<M> PersistentGrantCache<M> {
         self.entries.is_empty()
     }
 
+    /// Whether `gref` is cached (in use or not).
+    pub fn contains(&self, gref: u32) -> bool {
+        self.entries.contains_key(&gref)
+    }
+
     /// Number of grants currently used by in-flight requests.
     pub fn in_use(&self) -> usize {
         self.in_use

@@ -256,6 +256,9 @@ pub(crate) struct RingRunner {
     iov: IovScratch,
     /// Scratch for persistent-grant misses: indices into the request's segments.
     misses: Vec<usize>,
+    /// Scratch for [`distinct_first`].
+    dedup: Vec<(u32, u32)>,
+    reordered: Vec<usize>,
     grefs: Vec<u32>,
     /// Private copies of indirect descriptor pages (copy mode).
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
@@ -342,6 +345,8 @@ impl RingRunner {
                 blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST,
             )),
             misses: Vec::new(),
+            dedup: Vec::new(),
+            reordered: Vec::new(),
             grefs: Vec::new(),
             indirect_pages: Vec::new(),
             copy_segs: Vec::new(),
@@ -1047,7 +1052,11 @@ impl RingRunner {
             return Ok(true);
         }
         // How many misses become persistent: as many as the cache has free entries for,
-        // the daemon-wide budget has shares for, and one map call takes.
+        // the daemon-wide budget has shares for, and one map call takes; of a gref the
+        // request names twice, only the first, and none the cache holds already (it keeps
+        // one entry per gref: the others, mapped one VMA each, would be unmapped at
+        // completion, and a hostile frontend repeating a gref 4096 times per request
+        // would make that many).
         let room = if !self.persistent {
             0
         } else if self.mode == ResolvedGrantMode::MapOrCopy
@@ -1056,7 +1065,15 @@ impl RingRunner {
             // Copied whatever the budget says: not counted as the budget's refusal.
             0
         } else {
-            self.cache.room_for(self.misses.len().min(MAX_MAP_BATCH))
+            let cache = &self.cache;
+            let distinct = distinct_first(
+                &mut self.misses,
+                &s.segs,
+                |gref| cache.contains(gref),
+                &mut self.dedup,
+                &mut self.reordered,
+            );
+            self.cache.room_for(distinct.min(MAX_MAP_BATCH))
         };
         if self.mode == ResolvedGrantMode::MapOrCopy && self.misses.len() > room {
             for gref in s.persistent.drain(..) {
@@ -1081,8 +1098,8 @@ impl RingRunner {
                     })?;
                 for (&i, m) in self.misses[..room].iter().zip(maps) {
                     let gref = s.segs[i].gref;
-                    // Refused (a gref twice in the request, or another ring took the
-                    // last of the budget meanwhile): used for this request only.
+                    // Refused (another ring took the last of the budget meanwhile):
+                    // used for this request only.
                     match self.cache.add(gref, m, now) {
                         Ok(m) => {
                             s.addrs[i] = m.as_ptr() as usize;
@@ -1180,6 +1197,42 @@ impl RingRunner {
         }
         drop(purged);
     }
+}
+
+/// Reorders `misses` (indices into `segs`) so that those not worth mapping for the cache
+/// come last, the order otherwise kept: a gref an earlier miss already names, or one the
+/// cache already holds (in use by another request: only a mapping for this request will
+/// do). Returns how many come first. The scratch vectors keep their capacity.
+fn distinct_first(
+    misses: &mut Vec<usize>,
+    segs: &[Segment],
+    kept: impl Fn(u32) -> bool,
+    scratch: &mut Vec<(u32, u32)>,
+    reordered: &mut Vec<usize>,
+) -> usize {
+    scratch.clear();
+    scratch.extend(
+        misses
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| (segs[i].gref, pos as u32)),
+    );
+    scratch.sort_unstable();
+    if scratch.windows(2).all(|w| w[0].0 != w[1].0) && !scratch.iter().any(|&(g, _)| kept(g)) {
+        return misses.len();
+    }
+    // Within a run of one gref the first position is the original. The key becomes
+    // "goes last", walking backwards so each comparison still sees the grefs.
+    for k in (0..scratch.len()).rev() {
+        let gref = scratch[k].0;
+        let repeat = k > 0 && gref == scratch[k - 1].0;
+        scratch[k].0 = u32::from(repeat || kept(gref));
+    }
+    scratch.sort_unstable();
+    reordered.clear();
+    reordered.extend(scratch.iter().map(|&(_, pos)| misses[pos as usize]));
+    std::mem::swap(misses, reordered);
+    scratch.iter().filter(|&&(last, _)| last == 0).count()
 }
 
 /// The outcome of a grant copy as a response status.
@@ -1303,5 +1356,49 @@ impl Drop for RingRunner {
         self.stats.persistent_mapped.set(0);
         // The fields are dropped after this body, in declaration order: the storage queue
         // first (waiting for the kernel), then the memory its operations pointed into.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_grefs_go_last_in_order() {
+        let segs: Vec<Segment> = [5, 9, 5, 3, 9, 5, 7]
+            .into_iter()
+            .map(|gref| Segment {
+                gref,
+                first_sect: 0,
+                last_sect: 7,
+            })
+            .collect();
+        let (mut scratch, mut reordered) = (Vec::new(), Vec::new());
+        // Misses are segment indices; here every segment but the last one missed.
+        let none = |_| false;
+        let mut misses = vec![0, 1, 2, 3, 4, 5];
+        let distinct = distinct_first(&mut misses, &segs, none, &mut scratch, &mut reordered);
+        assert_eq!(distinct, 3);
+        assert_eq!(misses, vec![0, 1, 3, 2, 4, 5]);
+        // No repeat: untouched.
+        let mut misses = vec![3, 6, 0];
+        assert_eq!(
+            distinct_first(&mut misses, &segs, none, &mut scratch, &mut reordered),
+            3
+        );
+        assert_eq!(misses, vec![3, 6, 0]);
+        // Grefs the cache holds go last too, repeated or not.
+        let mut misses = vec![0, 1, 2, 3, 6];
+        let kept = |gref| gref == 5 || gref == 7;
+        assert_eq!(
+            distinct_first(&mut misses, &segs, kept, &mut scratch, &mut reordered),
+            2
+        );
+        assert_eq!(misses, vec![1, 3, 0, 2, 6]);
+        let mut misses = Vec::new();
+        assert_eq!(
+            distinct_first(&mut misses, &segs, none, &mut scratch, &mut reordered),
+            0
+        );
     }
 }

@@ -864,6 +864,74 @@ mod gated {
 }
 
 #[test]
+fn a_gref_repeated_in_a_request_costs_one_mapping() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let _g = serial();
+    // The cache keeps one entry per gref, so mapping a repeated gref once per segment for
+    // the cache would make one VMA per segment for nothing: 255 per indirect request, a
+    // ring's worth of which would eat the process's map count.
+    let open = Arc::new(AtomicBool::new(false));
+    let mut h = Harness::new_with_storage(
+        Opts {
+            persistent: true,
+            ..Opts::default()
+        },
+        |inner| {
+            Arc::new(gated::Gated {
+                inner,
+                open: open.clone(),
+            })
+        },
+    );
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 253) as u8).collect();
+    h.guest.write_page(8000, 0, &page).unwrap();
+    let gref = h.guest.grant_access(0, 8000, false).unwrap();
+    let seg = blkif::Segment {
+        gref,
+        first_sect: 0,
+        last_sect: 7,
+    };
+    let direct_id = h.id();
+    h.push_raw(
+        0,
+        &blkif::RawRequest::direct(BLKIF_OP_WRITE, direct_id, 0, 0, &[seg; 11]).unwrap(),
+    );
+    let descriptors: Vec<u8> = (0..200).flat_map(|_| seg.encode()).collect();
+    h.guest.write_page(8001, 0, &descriptors).unwrap();
+    let indirect_page = h.guest.grant_access(0, 8001, true).unwrap();
+    let indirect_id = h.id();
+    h.push_raw(
+        0,
+        &blkif::RawRequest::indirect(BLKIF_OP_WRITE, indirect_id, 0, 1024, 200, &[indirect_page])
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.vbd().stats().total.in_flight < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The ring, the kept grant, one batch mapping per request.
+    assert!(h.live_mappings() <= 4, "{} mappings", h.live_mappings());
+    open.store(true, Ordering::SeqCst);
+    // The held completions were signalled already: wake the ring to reap them.
+    h.fronts[0].evtchn.notify().unwrap();
+    assert_eq!(h.wait(0, direct_id).status, BLKIF_RSP_OKAY);
+    assert_eq!(h.wait(0, indirect_id).status, BLKIF_RSP_OKAY);
+    h.guest.end_access(indirect_page).unwrap();
+    assert_eq!(h.live_mappings(), 2, "the ring and the kept grant");
+    for (sector, n) in [(0usize, 11), (1024, 200)] {
+        for k in 0..n {
+            let at = (sector + k * 8) * SECTOR;
+            h.model[at..at + 4096].copy_from_slice(&page);
+        }
+    }
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
 fn detach_waits_boundedly_and_drains_in_the_background() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
