@@ -552,6 +552,16 @@ impl BudgetSampler {
     }
 }
 
+impl Drop for BudgetSampler {
+    fn drop(&mut self) {
+        // A test that failed before `peak` must not leave the thread running.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn many_rings_share_a_tiny_persistent_grant_budget() {
     let _g = serial();
