@@ -237,7 +237,16 @@ impl Engine {
                     max_segments,
                     mode == ResolvedGrantMode::Map,
                 );
-                self.inner.budget.reserve(maps)
+                let reservation = self.inner.budget.reserve(maps);
+                if self.inner.budget.over_committed() {
+                    tracing::warn!(
+                        ring = index,
+                        usage = ?self.inner.budget.usage(),
+                        "the rings attached reserve more mappings than vm.max_map_count \
+                         leaves: persistent grants are being shed to make room"
+                    );
+                }
+                reservation
             });
             let queue =
                 spec.storage

@@ -649,6 +649,35 @@ fn many_rings_share_a_tiny_persistent_grant_budget() {
 }
 
 #[test]
+fn rings_reserve_their_own_mappings_from_the_process_budget() {
+    use backend::grant_budget::{ring_map_reserve, RING_FIXED_MAPS};
+    let _g = serial();
+    // Sized from vm.max_map_count: each ring holds back what it maps besides persistent
+    // grants (map mode: a batch mapping per request slot), until it is detached.
+    for (mode, rings, order, expect) in [
+        (GrantMode::Map, 1, 0, ring_map_reserve(32, 256, true)),
+        (GrantMode::Map, 2, 2, 2 * ring_map_reserve(128, 256, true)),
+        (GrantMode::Copy, 2, 0, 2 * RING_FIXED_MAPS),
+        (GrantMode::Auto, 1, 0, RING_FIXED_MAPS),
+    ] {
+        let h = Harness::new(Opts {
+            mode,
+            rings,
+            order,
+            persistent: true,
+            ..Opts::default()
+        });
+        let u = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+        let max_map_count = backend::grant_budget::read_max_map_count().unwrap();
+        assert_eq!(u.reserved, expect, "{mode:?} x{rings} order {order}");
+        assert!(u.capacity < max_map_count);
+        assert_eq!(u.limit(), u.capacity - expect);
+        // `teardown` checks the reserve is given back.
+        h.teardown();
+    }
+}
+
+#[test]
 fn budget_pressure_moves_grants_to_the_ring_that_needs_them() {
     let _g = serial();
     let mut h = Harness::new(Opts {
