@@ -28,7 +28,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 use xenbus::devmodel;
 use xenbus::store::{join, Store, StoreExt, StoreOps};
 use xenbus::xs::XsStore;
@@ -392,14 +392,21 @@ fn spawn_qmp_server(
                         continue;
                     }
                 };
-                debug!(socket = %path.display(), "QMP connection");
-                match qmp::serve(&mut stream, dm.as_ref()) {
+                let mut record = Vec::new();
+                let result = qmp::serve(&mut stream, dm.as_ref(), &mut record);
+                let commands = record.join(" ");
+                match result {
                     Ok(qmp::Ended::Quit) => {
+                        info!(socket = %path.display(), %commands, "QMP conversation ended with quit");
                         let _ = exit.send(Exit::Quit);
                         return;
                     }
-                    Ok(ended) => debug!(socket = %path.display(), ?ended, "QMP connection ended"),
-                    Err(e) => debug!(socket = %path.display(), error = %e, "QMP connection failed"),
+                    Ok(ended) => {
+                        info!(socket = %path.display(), ?ended, %commands, "QMP conversation")
+                    }
+                    Err(e) => {
+                        info!(socket = %path.display(), error = %e, %commands, "QMP conversation failed")
+                    }
                 }
             }
         })

@@ -20,6 +20,8 @@ use serde_json::{json, Map, Value};
 const QEMU_VERSION: (u64, u64, u64) = (7, 2, 0);
 /// The most a client may send without completing a command (libxl's are under 1 KiB).
 const MAX_PENDING_INPUT: usize = 64 * 1024;
+/// How many command names one connection's record keeps (for the log).
+const MAX_RECORDED: usize = 32;
 
 /// What the device model is doing, as `query-status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,9 +266,22 @@ fn send(out: &mut impl Write, msg: &Value) -> std::io::Result<()> {
     out.flush()
 }
 
+/// The name of the command in an input, for the record.
+fn command_name(input: &Value) -> String {
+    match input.get("execute").and_then(Value::as_str) {
+        Some(name) => name.chars().take(64).collect(),
+        None => "(invalid)".into(),
+    }
+}
+
 /// Serves one connection: greeting, then a reply per command until the client closes it,
-/// `quit`, or an I/O error.
-pub fn serve<S: Read + Write>(stream: &mut S, dm: &dyn DeviceModel) -> std::io::Result<Ended> {
+/// `quit`, or an I/O error. The names of the commands it was sent go to `record` (the first
+/// [`MAX_RECORDED`]): what the toolstack asked is worth a log line.
+pub fn serve<S: Read + Write>(
+    stream: &mut S,
+    dm: &dyn DeviceModel,
+    record: &mut Vec<String>,
+) -> std::io::Result<Ended> {
     send(stream, &greeting())?;
     let mut session = Session::new(dm);
     let mut pending: Vec<u8> = Vec::new();
@@ -289,6 +304,9 @@ pub fn serve<S: Read + Write>(stream: &mut S, dm: &dyn DeviceModel) -> std::io::
                 }
                 Some(Ok(value)) => {
                     consumed = values.byte_offset();
+                    if record.len() < MAX_RECORDED {
+                        record.push(command_name(&value));
+                    }
                     let reply = session.handle(&value);
                     send(stream, &reply)?;
                     if session.quit {
@@ -392,25 +410,30 @@ mod tests {
     }
 
     fn converse(dm: &FakeDm, chunks: &[&str]) -> (Ended, Vec<Value>) {
+        converse_recorded(dm, chunks).0
+    }
+
+    fn converse_recorded(dm: &FakeDm, chunks: &[&str]) -> ((Ended, Vec<Value>), Vec<String>) {
         let mut pipe = Pipe {
             input: chunks.iter().map(|c| c.as_bytes().to_vec()).collect(),
             output: Vec::new(),
         };
-        let ended = serve(&mut pipe, dm).unwrap();
+        let mut record = Vec::new();
+        let ended = serve(&mut pipe, dm, &mut record).unwrap();
         let text = String::from_utf8(pipe.output).unwrap();
         assert!(text.ends_with("\r\n"), "{text:?}");
         let msgs = text
             .split_terminator("\r\n")
             .map(|m| serde_json::from_str(m).unwrap())
             .collect();
-        (ended, msgs)
+        ((ended, msgs), record)
     }
 
     #[test]
     fn libxl_startup_conversation() {
         let dm = FakeDm::new(true);
         // As libxl_qmp.c sends them: one command at a time, integer ids from 0x786c7100.
-        let (ended, msgs) = converse(
+        let ((ended, msgs), record) = converse_recorded(
             &dm,
             &[
                 "{\"execute\":\"qmp_capabilities\",\"id\":2020370688}\r\n",
@@ -433,6 +456,7 @@ mod tests {
             json!({"return": {"enabled": false}, "id": 2020370690})
         );
         assert_eq!(msgs.len(), 4);
+        assert_eq!(record, ["qmp_capabilities", "query-chardev", "query-vnc"]);
     }
 
     #[test]

@@ -209,6 +209,15 @@ fn qdisk_is_served_only_for_domains_the_stand_in_claims() {
         "CommandNotFound"
     );
     drop(q);
+    // What the toolstack asked is in the device model's log (libxl's qemu-dm-<guest>.log).
+    let deadline = Instant::now() + WAIT;
+    while !dm
+        .log()
+        .contains("commands=qmp_capabilities query-chardev query-status xen-save-devices-state")
+    {
+        assert!(Instant::now() < deadline, "no QMP record\n{}", dm.log());
+        thread::sleep(Duration::from_millis(10));
+    }
 
     // The claimed domain's disk is served: a guest connects and does verified I/O.
     let be = ours.backend_path();
