@@ -448,11 +448,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     })
     .context("starting the engine")?;
     let factory = Arc::new(EngineFactory::new(engine, platform.clone()));
+    let engine_gauges = factory.gauges();
     let control_path = config.control_socket.clone();
     let control = bind_control_socket(&control_path)?;
 
     let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
-    manager.set_metrics(Box::new(move || process_metrics(platform.as_ref())));
+    manager.set_metrics(Box::new(move || {
+        let mut gauges = process_metrics(platform.as_ref());
+        gauges.extend(engine_gauges.read());
+        gauges
+    }));
     spawn_watch_forwarder(&client, manager.sender()).context("spawning the watch forwarder")?;
     spawn_signal_thread(signals, manager.sender())?;
     spawn_control_server(control, manager.sender())?;

@@ -1,4 +1,4 @@
-//! `xenblkd xenstore read|write|rm|ls`: a small xenstore client for operators and the
+//! `xenblkd xenstore read|write|rm|ls|introduce|release`: a small xenstore client for operators and the
 //! simulator (the simulated xenstored has no `xenstore-ls`), and the stand-in for
 //! Debian's xenstore-utils when the hotplug script is tested on a machine without them.
 //! Like those tools it finds xenstored through `XENSTORED_PATH`, passes relative paths
@@ -32,9 +32,14 @@ pub enum Op {
     Rm { paths: Vec<String> },
     /// Print a subtree, one `path = "value"` per line.
     Ls { path: String },
+    /// Introduce domains to xenstored (`XS_INTRODUCE`, as libxl does when it builds a
+    /// domain; the simulator's domains need it too, or the daemon takes them for dead).
+    Introduce { domids: Vec<u32> },
+    /// Release domains (`XS_RELEASE`: xenstored fires `@releaseDomain`).
+    Release { domids: Vec<u32> },
 }
 
-fn connect(socket: Option<&std::path::Path>) -> anyhow::Result<XsStore> {
+fn connect(socket: Option<&std::path::Path>) -> anyhow::Result<Arc<XsClient>> {
     let path = match socket {
         Some(p) => p.to_path_buf(),
         None => match platform::linux::detect_xenstore(
@@ -47,13 +52,13 @@ fn connect(socket: Option<&std::path::Path>) -> anyhow::Result<XsStore> {
             platform::XenstoreEndpoint::XenbusDevice(p) => {
                 let c = XsClient::open_xenbus_device(&p)
                     .with_context(|| format!("opening {}", p.display()))?;
-                return Ok(XsStore::new(Arc::new(c)));
+                return Ok(Arc::new(c));
             }
         },
     };
     let c = XsClient::connect_unix(&path)
         .with_context(|| format!("connecting to {}", path.display()))?;
-    Ok(XsStore::new(Arc::new(c)))
+    Ok(Arc::new(c))
 }
 
 fn ls(store: &dyn Store, path: &str, out: &mut String, depth: usize) -> anyhow::Result<()> {
@@ -70,7 +75,8 @@ fn ls(store: &dyn Store, path: &str, out: &mut String, depth: usize) -> anyhow::
 }
 
 pub fn run(args: &XenstoreArgs) -> anyhow::Result<()> {
-    let store = connect(args.socket.as_deref())?;
+    let client = connect(args.socket.as_deref())?;
+    let store = XsStore::new(client.clone());
     match &args.op {
         Op::Read { paths } => {
             for p in paths {
@@ -100,6 +106,22 @@ pub fn run(args: &XenstoreArgs) -> anyhow::Result<()> {
             let mut out = String::new();
             ls(&store, path, &mut out, 0)?;
             print!("{out}");
+        }
+        Op::Introduce { domids } => {
+            for &d in domids {
+                // A PV domain's store page and event channel matter only to a real
+                // xenstored talking to a real guest; the simulator ignores them.
+                client
+                    .introduce_domain(d, 0, 0)
+                    .with_context(|| format!("introducing domain {d}"))?;
+            }
+        }
+        Op::Release { domids } => {
+            for &d in domids {
+                client
+                    .release_domain(d)
+                    .with_context(|| format!("releasing domain {d}"))?;
+            }
         }
     }
     Ok(())
