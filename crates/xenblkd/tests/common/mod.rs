@@ -129,8 +129,14 @@ impl Guest {
 
     /// Waits for the process to exit successfully, having printed every step's `ok`.
     pub fn finish(mut self) -> Vec<String> {
-        let status = self.proc.wait_timeout(WAIT).expect("guest did not exit");
+        let status = self.proc.wait_timeout(WAIT);
         self.seen.extend(self.lines.try_iter());
+        let Some(status) = status else {
+            panic!(
+                "guest d{} did not exit within {WAIT:?}; it printed {:?} (its log is on stderr)",
+                self.domid, self.seen
+            );
+        };
         assert!(
             status.success(),
             "guest d{} failed: {status}\n{:?}",
