@@ -198,6 +198,19 @@ impl<M> PersistentGrantCache<M> {
         Some(&entry.kept.mapping)
     }
 
+    /// The mapping of a cached grant, active or not, without taking it. For reading an
+    /// indirect descriptor page whose grant another in-flight request holds as a data page:
+    /// the entry cannot go while it is active, and the caller is done with the mapping
+    /// before it touches the cache again (the borrow says so).
+    pub fn peek(&self, gref: u32) -> Option<&M> {
+        self.entries.get(&gref).map(|e| &e.kept.mapping)
+    }
+
+    /// Whether `gref` is cached and taken by a request.
+    pub fn is_active(&self, gref: u32) -> bool {
+        self.entries.get(&gref).is_some_and(|e| e.active)
+    }
+
     /// Adds a freshly mapped grant, active for the request that mapped it.
     pub fn add(&mut self, gref: u32, mapping: M, now: Instant) -> Result<&M, (AddRejected, M)> {
         if self.entries.len() >= self.limits.max_grants {
@@ -379,6 +392,26 @@ mod tests {
         assert_eq!(c.in_use(), 0);
         assert_eq!(c.get(7), Some(&70));
         assert_eq!(c.in_use(), 1);
+    }
+
+    #[test]
+    fn peek_reads_an_entry_without_taking_it() {
+        let t = Instant::now();
+        let mut c = cache(4, 1);
+        assert_eq!(c.peek(5), None);
+        assert!(!c.is_active(5));
+        c.add(5, 50, t).unwrap();
+        assert!(c.is_active(5));
+        // Taken by one request, read by another (an indirect page that is also a data
+        // page in flight): neither takes it twice nor frees it.
+        assert_eq!(c.peek(5), Some(&50));
+        assert_eq!(c.in_use(), 1);
+        c.put(5, t);
+        assert!(!c.is_active(5));
+        assert_eq!(c.peek(5), Some(&50));
+        assert_eq!(c.in_use(), 0);
+        // Peeking is no use: last used at `t`, it expires a second later.
+        assert_eq!(maps(c.purge(t + Duration::from_secs(1))), vec![50]);
     }
 
     #[test]

@@ -192,10 +192,95 @@ struct IovScratch(Vec<libc::iovec>);
 // across threads; only its allocation moves.
 unsafe impl Send for IovScratch {}
 
-/// A page of a batch mapping, read as indirect descriptors.
+/// Most indirect descriptor pages of one request.
+const MAX_INDIRECT_PAGES: usize = blkif::abi::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST;
+
+/// A page of a grant mapping, read as indirect descriptors.
+#[derive(Clone, Copy)]
 struct MappedPage<'a> {
     mapping: &'a GrantMapping,
     page: usize,
+}
+
+/// An indirect descriptor page as the parser reads it (once, into a private copy).
+#[derive(Clone, Copy)]
+enum IndirectPage<'a> {
+    Mapped(MappedPage<'a>),
+    /// Grant-copied into the ring's private pages.
+    Copied(&'a [u8; PAGE_SIZE]),
+}
+
+impl DescriptorPage for IndirectPage<'_> {
+    fn copy_descriptors(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfBounds> {
+        match self {
+            IndirectPage::Mapped(m) => m.copy_descriptors(offset, dst),
+            IndirectPage::Copied(page) => page.copy_descriptors(offset, dst),
+        }
+    }
+}
+
+/// Fills the unused tail of a request's page array; never read (the parser reads as many
+/// pages as the request names).
+static NO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Where an indirect descriptor page of a request is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndirectSource {
+    /// Not in the persistent-grant cache (or no cache): mapped or copied below.
+    Miss,
+    /// The gref of earlier page `j` of the request: read through that page's source, so
+    /// a gref repeated by the frontend costs one mapping and one cache entry.
+    SameAs(usize),
+    /// Taken from the persistent-grant cache: active until the descriptors are copied
+    /// out, returned right after.
+    Taken,
+    /// In the cache but taken by another request in flight (as its data page): read
+    /// through the cached mapping without taking it. Its entry cannot go meanwhile (the
+    /// purge keeps active entries, and only this thread touches the cache).
+    InUse,
+    /// Mapped by this request and kept: active until parsed, like `Taken`.
+    Added,
+    /// Mapped writable for the cache, which then refused it (another ring took the last
+    /// of the budget): mapping `k` of the request's own.
+    Single(usize),
+    /// Page `k` of what this request mapped read-only (map mode) or copied (map-or-copy
+    /// and copy modes) for itself only.
+    Local(usize),
+}
+
+/// blkback's lookup in `xen_blkbk_map` for indirect pages: takes each page's grant from
+/// `cache` when it is there (`None`: persistent grants are off) and says how every page is
+/// read. Returns (cache hits, misses); the misses are left [`IndirectSource::Miss`].
+fn plan_indirect<M>(
+    grefs: &[u32],
+    mut cache: Option<&mut PersistentGrantCache<M>>,
+    sources: &mut [IndirectSource],
+) -> (usize, usize) {
+    let (mut hits, mut misses) = (0, 0);
+    for (i, &gref) in grefs.iter().enumerate() {
+        sources[i] = if let Some(j) = grefs[..i].iter().position(|&g| g == gref) {
+            IndirectSource::SameAs(j)
+        } else {
+            match cache.as_deref_mut() {
+                Some(c) => {
+                    if c.get(gref).is_some() {
+                        IndirectSource::Taken
+                    } else if c.is_active(gref) {
+                        IndirectSource::InUse
+                    } else {
+                        IndirectSource::Miss
+                    }
+                }
+                None => IndirectSource::Miss,
+            }
+        };
+        match sources[i] {
+            IndirectSource::Taken | IndirectSource::InUse => hits += 1,
+            IndirectSource::Miss => misses += 1,
+            _ => {}
+        }
+    }
+    (hits, misses)
 }
 
 impl DescriptorPage for MappedPage<'_> {
@@ -260,8 +345,13 @@ pub(crate) struct RingRunner {
     dedup: Vec<(u32, u32)>,
     reordered: Vec<usize>,
     grefs: Vec<u32>,
-    /// Private copies of indirect descriptor pages (copy mode).
+    /// Private copies of indirect descriptor pages (copy and map-or-copy modes).
     indirect_pages: Vec<[u8; PAGE_SIZE]>,
+    /// The frontend grants its indirect pages read-only: a writable map of one for the
+    /// cache failed where a read-only map (or copy) of it then worked. From then on, this
+    /// ring's indirect pages missing the cache are not offered to it (one failed map per
+    /// request for nothing); they are mapped or copied for their request only.
+    indirect_read_only: bool,
     /// Grant-copy segments of the request being copied, reused (copy mode).
     copy_segs: Vec<CopySegment>,
     evtchn_fired: bool,
@@ -349,6 +439,7 @@ impl RingRunner {
             reordered: Vec::new(),
             grefs: Vec::new(),
             indirect_pages: Vec::new(),
+            indirect_read_only: false,
             copy_segs: Vec::new(),
             evtchn_fired: true,
             answered: false,
@@ -594,7 +685,7 @@ impl RingRunner {
                     self.respond_now(raw.response(BLKIF_RSP_ERROR));
                     return;
                 };
-                match self.read_indirect(slot, &ind) {
+                match self.read_indirect(slot, &ind, now) {
                     Ok(req) => {
                         self.slots.get_mut(slot).reset(&req);
                         (slot, req)
@@ -952,65 +1043,205 @@ impl RingRunner {
         self.respond_now(response);
     }
 
-    /// Reads an indirect request's descriptors (mapped read-only, or grant-copied in copy
-    /// mode) into the slot's segment list, then runs the checks that need them.
-    fn read_indirect(&mut self, slot: u32, ind: &IndirectRequest) -> Result<Request, i16> {
+    /// Reads an indirect request's descriptors into the slot's segment list, then runs
+    /// the checks that need them.
+    ///
+    /// With persistent grants (map and map-or-copy modes) the descriptor pages go through
+    /// the persistent-grant cache as blkback's `xen_blkbk_parse_indirect` does: Linux
+    /// blkfront takes its indirect pages from the same pool of persistently granted pages
+    /// as its data pages, so in steady state they are all cached and an indirect request
+    /// maps nothing. A page's entry is active only while its descriptors are copied out
+    /// (once, into private memory, before any check), so a data segment of the same
+    /// request naming the same grant finds it free and uses the same mapping. Pages the
+    /// cache does not hold and cannot take are read as without persistent grants: mapped
+    /// read-only for the request in map mode, grant-copied into private pages otherwise.
+    fn read_indirect(
+        &mut self,
+        slot: u32,
+        ind: &IndirectRequest,
+        now: Instant,
+    ) -> Result<Request, i16> {
         let grefs = ind.indirect_grefs();
+        let n = grefs.len();
         // Room for every descriptor the pages can hold (bounded by the advertised
         // maximum); parsing fills the request's `nr_segments` of them.
-        let room = (grefs.len() * blkif::abi::SEGMENTS_PER_INDIRECT_PAGE)
+        let room = (n * blkif::abi::SEGMENTS_PER_INDIRECT_PAGE)
             .min(self.limits.max_indirect_segments as usize);
         let s = self.slots.get_mut(slot);
         s.segs.clear();
         s.segs.resize(room, Segment::default());
-        // Copy and map-or-copy modes copy the descriptor pages into private memory (one
-        // small copy instead of a read-only map and unmap); map mode maps them.
-        let parsed = if self.mode != ResolvedGrantMode::Map {
-            if self.indirect_pages.len() < grefs.len() {
-                self.indirect_pages.resize(grefs.len(), [0; PAGE_SIZE]);
+
+        let cached = self.persistent && self.mode != ResolvedGrantMode::Copy;
+        let mut sources = [IndirectSource::Miss; MAX_INDIRECT_PAGES];
+        let sources = &mut sources[..n];
+        let (hits, misses) = plan_indirect(grefs, cached.then_some(&mut self.cache), sources);
+        if cached {
+            self.stats.persistent_hits.add(hits as u64);
+            self.stats.persistent_misses.add(misses as u64);
+            self.stats.indirect_hits.add(hits as u64);
+            self.stats.indirect_misses.add(misses as u64);
+        }
+        let parsed = self.parse_indirect(slot, ind, sources, now);
+        // Whatever happened, the entries this request took are free again: the
+        // descriptors were copied out, nothing reads the pages any more.
+        for (&gref, source) in grefs.iter().zip(sources.iter()) {
+            if matches!(source, IndirectSource::Taken | IndirectSource::Added) {
+                self.cache.put(gref, now);
             }
-            self.copy_segs.clear();
-            self.copy_segs
-                .extend(grefs.iter().enumerate().map(|(i, &gref)| {
-                    CopySegment::new(
-                        CopyDirection::FromGuest,
-                        self.domid,
-                        gref,
-                        0,
-                        PAGE_SIZE as u16,
-                        i * PAGE_SIZE,
-                    )
-                }));
-            let copied = self.platform.copy_segments(
-                CopyBuffer::Private(self.indirect_pages.as_flattened_mut()),
-                &mut self.copy_segs,
-            );
-            check_copied(copied, &self.copy_segs)?;
-            ind.parse_segments(&self.indirect_pages[..grefs.len()], &mut s.segs)
-                .map(<[Segment]>::len)
-        } else {
-            // Descriptor pages are only read, so they are mapped read-only and unmapped
-            // right after parsing, whatever `feature-persistent` says (blkback routes them
-            // through the persistent cache; a read-only, short-lived mapping leaves the
-            // guest nothing to keep mapped in our address space).
-            let mapping = self
-                .platform
-                .map(self.domid, grefs, Access::ReadOnly)
-                .map_err(|e| {
-                    tracing::debug!(error = %e, "indirect pages do not map");
-                    BLKIF_RSP_ERROR
-                })?;
-            let pages: [MappedPage<'_>; blkif::abi::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST] =
-                std::array::from_fn(|page| MappedPage {
-                    mapping: &mapping,
-                    page,
-                });
-            ind.parse_segments(&pages[..grefs.len()], &mut s.segs)
-                .map(<[Segment]>::len)
-        };
-        let n = parsed.map_err(|e| e.status())?;
+        }
+        let n = parsed?;
+        let s = self.slots.get_mut(slot);
         s.segs.truncate(n);
         ind.finish(&s.segs, &self.limits).map_err(|e| e.status())
+    }
+
+    /// Makes the pages [`plan_indirect`] left as misses readable (kept in the cache when
+    /// it takes them, else for this request only) and parses the descriptors. Returns how
+    /// many were read.
+    fn parse_indirect(
+        &mut self,
+        slot: u32,
+        ind: &IndirectRequest,
+        sources: &mut [IndirectSource],
+        now: Instant,
+    ) -> Result<usize, i16> {
+        let grefs = ind.indirect_grefs();
+        let mut misses = [0usize; MAX_INDIRECT_PAGES];
+        let mut nr_misses = 0;
+        for (i, source) in sources.iter().enumerate() {
+            if *source == IndirectSource::Miss {
+                misses[nr_misses] = i;
+                nr_misses += 1;
+            }
+        }
+        let misses = &misses[..nr_misses];
+
+        // Misses the cache takes: mapped writable, one mapping each, as blkback maps
+        // them (no GNTMAP_readonly with persistent grants) and as every kept grant is, so
+        // the entry can serve a data page of a READ later.
+        let mut singles: Vec<GrantMapping> = Vec::new();
+        let mut writable_refused = false;
+        let keep = if !self.persistent
+            || self.mode == ResolvedGrantMode::Copy
+            || self.indirect_read_only
+            || misses.is_empty()
+        {
+            0
+        } else {
+            let keep = self.cache.room_for(misses.len());
+            if keep < misses.len() {
+                // As blkback when a grant does not fit: the next purge makes room.
+                self.cache.note_overflow();
+            }
+            keep
+        };
+        if keep > 0 {
+            self.grefs.clear();
+            self.grefs.extend(misses[..keep].iter().map(|&i| grefs[i]));
+            match self
+                .platform
+                .map_each(self.domid, &self.grefs, Access::ReadWrite)
+            {
+                Ok(maps) => {
+                    for (&i, m) in misses[..keep].iter().zip(maps) {
+                        sources[i] = match self.cache.add(grefs[i], m, now) {
+                            Ok(_) => IndirectSource::Added,
+                            Err((_, m)) => {
+                                singles.push(m);
+                                IndirectSource::Single(singles.len() - 1)
+                            }
+                        };
+                    }
+                }
+                Err(e) => {
+                    // Granted read-only, or not at all: find out below.
+                    tracing::debug!(error = %e, "indirect pages do not map writable");
+                    writable_refused = true;
+                }
+            }
+        }
+
+        // The rest, for this request only.
+        self.grefs.clear();
+        for (i, source) in sources.iter_mut().enumerate() {
+            if *source == IndirectSource::Miss {
+                *source = IndirectSource::Local(self.grefs.len());
+                self.grefs.push(grefs[i]);
+            }
+        }
+        let mut batch = None;
+        if !self.grefs.is_empty() {
+            if self.mode == ResolvedGrantMode::Map {
+                // Only read: mapped read-only, unmapped right after parsing.
+                let m = self
+                    .platform
+                    .map(self.domid, &self.grefs, Access::ReadOnly)
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "indirect pages do not map");
+                        BLKIF_RSP_ERROR
+                    })?;
+                batch = Some(m);
+            } else {
+                // Copy and map-or-copy modes copy them into private memory (one small
+                // copy instead of a read-only map and unmap).
+                let local = self.grefs.len();
+                if self.indirect_pages.len() < local {
+                    self.indirect_pages.resize(local, [0; PAGE_SIZE]);
+                }
+                self.copy_segs.clear();
+                self.copy_segs
+                    .extend(self.grefs.iter().enumerate().map(|(k, &gref)| {
+                        CopySegment::new(
+                            CopyDirection::FromGuest,
+                            self.domid,
+                            gref,
+                            0,
+                            PAGE_SIZE as u16,
+                            k * PAGE_SIZE,
+                        )
+                    }));
+                let copied = self.platform.copy_segments(
+                    CopyBuffer::Private(self.indirect_pages.as_flattened_mut()),
+                    &mut self.copy_segs,
+                );
+                check_copied(copied, &self.copy_segs)?;
+            }
+            if writable_refused {
+                tracing::debug!(
+                    vbd = self.vbd.id.0,
+                    ring = self.index,
+                    "indirect pages granted read-only: not kept persistently on this ring"
+                );
+                self.indirect_read_only = true;
+            }
+        }
+
+        let mut pages = [IndirectPage::Copied(&NO_PAGE); MAX_INDIRECT_PAGES];
+        for (i, source) in sources.iter().enumerate() {
+            pages[i] = match *source {
+                IndirectSource::SameAs(j) => pages[j],
+                IndirectSource::Taken | IndirectSource::InUse | IndirectSource::Added => {
+                    let Some(mapping) = self.cache.peek(grefs[i]) else {
+                        tracing::error!(gref = grefs[i], "indirect page left the cache");
+                        return Err(BLKIF_RSP_ERROR);
+                    };
+                    IndirectPage::Mapped(MappedPage { mapping, page: 0 })
+                }
+                IndirectSource::Single(k) => IndirectPage::Mapped(MappedPage {
+                    mapping: &singles[k],
+                    page: 0,
+                }),
+                IndirectSource::Local(k) => match &batch {
+                    Some(mapping) => IndirectPage::Mapped(MappedPage { mapping, page: k }),
+                    None => IndirectPage::Copied(&self.indirect_pages[k]),
+                },
+                IndirectSource::Miss => unreachable!("every miss was given a source"),
+            };
+        }
+        let s = self.slots.get_mut(slot);
+        ind.parse_segments(&pages[..grefs.len()], &mut s.segs)
+            .map(<[Segment]>::len)
+            .map_err(|e| e.status())
     }
 
     /// Map mode: makes every data segment's page addressable, from the persistent cache
@@ -1049,6 +1280,9 @@ impl RingRunner {
             }
         }
         if self.misses.is_empty() {
+            if self.persistent {
+                self.stats.persistent_hits.add(s.segs.len() as u64);
+            }
             return Ok(true);
         }
         // How many misses become persistent: as many as the cache has free entries for,
@@ -1076,11 +1310,20 @@ impl RingRunner {
             self.cache.room_for(distinct.min(MAX_MAP_BATCH))
         };
         if self.mode == ResolvedGrantMode::MapOrCopy && self.misses.len() > room {
+            // Copied whole: its hits were not used either.
+            self.stats.persistent_misses.add(s.segs.len() as u64);
             for gref in s.persistent.drain(..) {
                 self.cache.unget(gref);
             }
             s.addrs.clear();
             return Ok(false);
+        }
+        if self.persistent {
+            let misses = self.misses.len();
+            self.stats
+                .persistent_hits
+                .add((s.segs.len() - misses) as u64);
+            self.stats.persistent_misses.add(misses as u64);
         }
         let mut start = 0;
         if self.persistent {
@@ -1362,6 +1605,52 @@ impl Drop for RingRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persistent_grants::PersistentGrantLimits;
+    use std::sync::atomic::AtomicBool;
+
+    fn cache(max: usize) -> PersistentGrantCache<u32> {
+        PersistentGrantCache::new(
+            PersistentGrantLimits {
+                max_grants: max,
+                unused_timeout: Duration::from_secs(60),
+            },
+            Arc::new(AtomicBool::new(false)),
+            PersistentGrantBudget::unlimited(),
+        )
+    }
+
+    #[test]
+    fn indirect_pages_are_taken_from_the_cache_once_per_gref() {
+        use IndirectSource::*;
+        let t = Instant::now();
+        let mut c = cache(16);
+        for gref in [10, 11, 12] {
+            c.add(gref, gref * 100, t).unwrap();
+            c.put(gref, t);
+        }
+        // 12 is another in-flight request's data page.
+        c.get(12).unwrap();
+        let mut sources = [Miss; MAX_INDIRECT_PAGES];
+        let grefs = [10, 20, 10, 12, 20, 11];
+        let (hits, misses) = plan_indirect(&grefs, Some(&mut c), &mut sources[..grefs.len()]);
+        assert_eq!(
+            sources[..grefs.len()],
+            [Taken, Miss, SameAs(0), InUse, SameAs(1), Taken]
+        );
+        // Repeats are neither: one lookup per distinct gref.
+        assert_eq!((hits, misses), (3, 1));
+        // Taken ones are active until returned; the one in use elsewhere was not taken
+        // a second time.
+        assert_eq!(c.in_use(), 3);
+        assert!(c.is_active(10) && c.is_active(11) && c.is_active(12));
+        assert_eq!(c.peek(12), Some(&1200));
+
+        // Without persistent grants: every distinct gref is a miss, repeats still shared.
+        let mut sources = [Miss; MAX_INDIRECT_PAGES];
+        let (hits, misses) = plan_indirect::<u32>(&[7, 7, 8], None, &mut sources[..3]);
+        assert_eq!(sources[..3], [Miss, SameAs(0), Miss]);
+        assert_eq!((hits, misses), (0, 2));
+    }
 
     #[test]
     fn repeated_grefs_go_last_in_order() {

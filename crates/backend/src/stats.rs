@@ -57,6 +57,10 @@ pub(crate) struct RingStats {
     pub(crate) persistent_mapped: Counter,
     /// The cache's own count, copied with the gauges.
     pub(crate) persistent_budget_refusals: Counter,
+    pub(crate) persistent_hits: Counter,
+    pub(crate) persistent_misses: Counter,
+    pub(crate) indirect_hits: Counter,
+    pub(crate) indirect_misses: Counter,
     pub(crate) notifications: Counter,
     pub(crate) halted: AtomicBool,
 }
@@ -77,6 +81,10 @@ impl RingStats {
             persistent_grants_in_use: self.persistent_in_use.get(),
             persistent_grants_mapped: self.persistent_mapped.get(),
             persistent_budget_refusals: self.persistent_budget_refusals.get(),
+            persistent_hits: self.persistent_hits.get(),
+            persistent_misses: self.persistent_misses.get(),
+            indirect_page_hits: self.indirect_hits.get(),
+            indirect_page_misses: self.indirect_misses.get(),
             notifications: self.notifications.get(),
             halted_rings: u64::from(self.halted.load(Ordering::Relaxed)),
         }
@@ -114,6 +122,17 @@ pub struct Stats {
     /// Grants the ring wanted to keep persistently and the engine-wide budget refused
     /// (they were used for their request only).
     pub persistent_budget_refusals: u64,
+    /// Grants (data pages and indirect descriptor pages) found in the persistent-grant
+    /// cache: used without a map.
+    pub persistent_hits: u64,
+    /// Grants looked up in the persistent-grant cache and not found there (mapped for the
+    /// cache, or for their request only, or copied).
+    pub persistent_misses: u64,
+    /// Of `persistent_hits`, indirect descriptor pages: read straight from the cache, as
+    /// blkback's `xen_blkbk_parse_indirect` does, no map per indirect request.
+    pub indirect_page_hits: u64,
+    /// Of `persistent_misses`, indirect descriptor pages.
+    pub indirect_page_misses: u64,
     /// Event-channel notifications sent to the frontend.
     pub notifications: u64,
     /// Rings halted because the frontend overflowed them (0 or 1 for one ring).
@@ -135,6 +154,10 @@ impl AddAssign for Stats {
         self.persistent_grants_in_use += o.persistent_grants_in_use;
         self.persistent_grants_mapped += o.persistent_grants_mapped;
         self.persistent_budget_refusals += o.persistent_budget_refusals;
+        self.persistent_hits += o.persistent_hits;
+        self.persistent_misses += o.persistent_misses;
+        self.indirect_page_hits += o.indirect_page_hits;
+        self.indirect_page_misses += o.indirect_page_misses;
         self.notifications += o.notifications;
         self.halted_rings += o.halted_rings;
     }
