@@ -10,7 +10,7 @@ use blkif::abi::{
     BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
 };
 use blkif::Protocol;
-use harness::{serial, Harness, Opts, Rng, SECTOR};
+use harness::{serial, GrantCallCounts, Harness, Opts, Rng, SECTOR};
 use storage::testing::{FaultInjector, FaultKind, FaultRule};
 use storage::OpKind;
 
@@ -1100,4 +1100,265 @@ fn failed_attach_leaves_nothing_behind() {
         guest.end_access(good).unwrap();
     }
     fds_before.assert_unchanged("after a failed attach");
+}
+
+/// `batches` batches of `depth` indirect requests in flight at once on ring 0, each of
+/// 32 pages (128 KiB, Linux blkfront's request size with `max_sectors_kb` 128), writes and
+/// reads alternating, each in a 128 KiB region of its own within the batch; reads are
+/// checked against the model. After every batch no persistent grant is in use.
+fn indirect_batches(h: &mut Harness, rng: &mut Rng, first_batch: usize, batches: usize) {
+    const DEPTH: usize = 8;
+    const LEN: usize = 32 * 4096;
+    let regions = h.model.len() / LEN;
+    for batch in first_batch..first_batch + batches {
+        let reqs: Vec<_> = (0..DEPTH)
+            .map(|k| {
+                // Step 5 is coprime with the 32 regions of the 4 MiB disk: distinct.
+                let sector = (((batch * 7 + k * 5) % regions) * LEN / SECTOR) as u64;
+                if k % 2 == 0 {
+                    h.build(BLKIF_OP_WRITE, sector, &rng.bytes(LEN), 8, 0, true)
+                } else {
+                    h.build(BLKIF_OP_READ, sector, &vec![0; LEN], 8, 0, true)
+                }
+            })
+            .collect();
+        h.push(0, &reqs.iter().collect::<Vec<_>>());
+        for b in reqs {
+            let at = b.sector as usize * SECTOR;
+            let (rsp, data) = h.complete(0, b);
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+            if let Some(data) = data {
+                assert!(data == h.model[at..at + LEN], "read mismatch at {at}");
+            }
+        }
+        assert_eq!(
+            h.vbd().stats().total.persistent_grants_in_use,
+            0,
+            "cache entries active between requests"
+        );
+    }
+}
+
+#[test]
+fn indirect_pages_come_from_the_persistent_grant_cache() {
+    let _g = serial();
+    // Linux blkfront with persistent grants takes indirect pages from its pool of
+    // persistently granted pages, like data pages: once warm, an indirect request maps
+    // (or copies) nothing, as with blkback.
+    for mode in [GrantMode::Map, GrantMode::Auto] {
+        let mut h = Harness::new(Opts {
+            persistent: true,
+            mode,
+            persistent_budget: Some(4096),
+            ..Opts::default()
+        });
+        let mut rng = Rng::new(0x1d1);
+        // Warm-up: the pool's pages are granted and mapped once.
+        indirect_batches(&mut h, &mut rng, 0, 1);
+        let warm = h.grant_calls.snapshot();
+        let before = h.vbd().stats().total;
+        assert_eq!(before.indirect_page_misses, 8, "{mode:?}");
+        assert_eq!(before.indirect_page_hits, 0);
+        let kept = h.live_mappings();
+        assert_eq!(kept, 1 + 8 * 33, "the ring and every pool page, once");
+        // Steady state: pages move between indirect and data use from one batch to the
+        // next (the pool is a stack), and nothing is mapped.
+        indirect_batches(&mut h, &mut rng, 1, 20);
+        let calls = h.grant_calls.snapshot() - warm;
+        assert_eq!(calls, GrantCallCounts::default(), "{mode:?}: grant calls");
+        let s = h.vbd().stats().total;
+        assert_eq!(s.indirect_page_hits - before.indirect_page_hits, 20 * 8);
+        assert_eq!(s.indirect_page_misses, before.indirect_page_misses);
+        assert_eq!(
+            s.persistent_hits - before.persistent_hits,
+            20 * 8 * 33,
+            "data and indirect pages"
+        );
+        assert_eq!(s.persistent_misses, before.persistent_misses);
+        assert_eq!(s.persistent_grants_mapped as usize, 8 * 33);
+        assert_eq!(h.live_mappings(), kept);
+        assert_eq!(s.errors, 0);
+        h.verify_disk(0);
+        h.teardown();
+    }
+}
+
+#[test]
+fn an_indirect_page_named_as_data_or_twice_is_mapped_once() {
+    use blkif::RawRequest;
+    let _g = serial();
+    let mut h = Harness::new(Opts {
+        persistent: true,
+        max_indirect: 1024,
+        ..Opts::default()
+    });
+    let seg = |gref, first, last| blkif::Segment {
+        gref,
+        first_sect: first,
+        last_sect: last,
+    };
+    let page_of = |h: &Harness, frame: u32| {
+        let mut b = vec![0u8; 4096];
+        h.guest.read_page(frame, 0, &mut b).unwrap();
+        b
+    };
+
+    // The indirect page is also the request's second data page (hostile, or a frontend
+    // reusing its pool): parsed first, free again, then used as data through the same
+    // kept mapping.
+    let (p_frame, q_frame) = (8000, 8001);
+    h.guest.fill_page(p_frame, 0x5a).unwrap();
+    let q: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    h.guest.write_page(q_frame, 0, &q).unwrap();
+    let p = h.guest.grant_access(0, p_frame, false).unwrap();
+    let qg = h.guest.grant_access(0, q_frame, false).unwrap();
+    let descriptors: Vec<u8> = [seg(qg, 0, 7), seg(p, 0, 7)]
+        .iter()
+        .flat_map(|s| s.encode())
+        .collect();
+    h.guest.write_page(p_frame, 0, &descriptors).unwrap();
+    let p_bytes = page_of(&h, p_frame);
+    let calls = h.grant_calls.snapshot();
+    let id = h.id();
+    h.push_raw(
+        0,
+        &RawRequest::indirect(BLKIF_OP_WRITE, id, 0, 0, 2, &[p]).unwrap(),
+    );
+    assert_eq!(h.wait(0, id).status, BLKIF_RSP_OKAY);
+    let d = h.grant_calls.snapshot() - calls;
+    assert_eq!((d.map_calls, d.pages), (2, 2), "p once (indirect), q once");
+    assert_eq!(h.live_mappings(), 1 + 2);
+    h.model[..4096].copy_from_slice(&q);
+    h.model[4096..8192].copy_from_slice(&p_bytes);
+    let s = h.vbd().stats().total;
+    assert_eq!((s.indirect_page_hits, s.indirect_page_misses), (0, 1));
+    assert_eq!(s.persistent_grants_in_use, 0);
+
+    // A READ through the same page: the descriptors are read once, before the storage
+    // overwrites the page with disk data (a data page of a READ must be writable: the
+    // kept mapping is).
+    let calls = h.grant_calls.snapshot();
+    let id = h.id();
+    h.push_raw(
+        0,
+        &RawRequest::indirect(BLKIF_OP_READ, id, 0, 8, 2, &[p]).unwrap(),
+    );
+    assert_eq!(h.wait(0, id).status, BLKIF_RSP_OKAY);
+    assert_eq!(h.grant_calls.snapshot() - calls, GrantCallCounts::default());
+    assert!(
+        page_of(&h, q_frame) == p_bytes,
+        "q got sectors 8..16 (p's data)"
+    );
+    assert!(
+        page_of(&h, p_frame) == [0; 4096],
+        "p got sectors 16..24 (never written)"
+    );
+    let s = h.vbd().stats().total;
+    assert_eq!((s.indirect_page_hits, s.indirect_page_misses), (1, 1));
+    assert_eq!(s.persistent_grants_in_use, 0);
+
+    // One gref named as both indirect pages of a 600-segment request: one lookup, one
+    // mapping, each page still read once (the second page's descriptors are the first
+    // page's first 88).
+    let i_frame = 8002;
+    let data_frames = [8003, 8004, 8005, 8006];
+    let data_grefs: Vec<u32> = data_frames
+        .iter()
+        .map(|&f| {
+            h.guest.fill_page(f, f as u8).unwrap();
+            h.guest.grant_access(0, f, false).unwrap()
+        })
+        .collect();
+    let descs: Vec<blkif::Segment> = (0..512)
+        .map(|k| {
+            let sect = ((k / 4) % 8) as u8;
+            seg(data_grefs[k % 4], sect, sect)
+        })
+        .collect();
+    let bytes: Vec<u8> = descs.iter().flat_map(|s| s.encode()).collect();
+    h.guest.write_page(i_frame, 0, &bytes).unwrap();
+    let i = h.guest.grant_access(0, i_frame, false).unwrap();
+    let before = h.live_mappings();
+    let id = h.id();
+    let sector = 1024u64;
+    h.push_raw(
+        0,
+        &RawRequest::indirect(BLKIF_OP_WRITE, id, 0, sector, 600, &[i, i]).unwrap(),
+    );
+    assert_eq!(h.wait(0, id).status, BLKIF_RSP_OKAY);
+    let s = h.vbd().stats().total;
+    assert_eq!((s.indirect_page_hits, s.indirect_page_misses), (1, 2));
+    assert_eq!(s.persistent_grants_in_use, 0);
+    assert_eq!(
+        h.live_mappings(),
+        before + 1 + 4,
+        "i and the four data pages, kept"
+    );
+    for k in 0..600 {
+        let d = descs[k % 512];
+        let at = (sector as usize + k) * SECTOR;
+        h.model[at..at + SECTOR].fill(data_frames[k % 512 % 4] as u8);
+        assert_eq!(d.first_sect, ((k % 512 / 4) % 8) as u8);
+    }
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
+fn read_only_indirect_pages_are_read_for_their_request_only() {
+    use blkif::RawRequest;
+    let _g = serial();
+    // A frontend granting its indirect pages read-only although persistent grants are
+    // on: blkback's writable map would fail the request; here the first refusal moves the
+    // ring's indirect pages to per-request read-only maps (or copies), so later requests
+    // do not pay a failing map each.
+    for mode in [GrantMode::Map, GrantMode::Auto] {
+        let mut h = Harness::new(Opts {
+            persistent: true,
+            mode,
+            ..Opts::default()
+        });
+        let data_frame = 8000;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 3 % 241) as u8).collect();
+        h.guest.write_page(data_frame, 0, &data).unwrap();
+        let d = h.guest.grant_access(0, data_frame, false).unwrap();
+        let descs: Vec<u8> = (0..12)
+            .flat_map(|_| {
+                blkif::Segment {
+                    gref: d,
+                    first_sect: 0,
+                    last_sect: 7,
+                }
+                .encode()
+            })
+            .collect();
+        h.guest.write_page(8001, 0, &descs).unwrap();
+        let ind = h.guest.grant_access(0, 8001, true).unwrap();
+        let mut failed = Vec::new();
+        for round in 0..3u64 {
+            let calls = h.grant_calls.snapshot();
+            let id = h.id();
+            h.push_raw(
+                0,
+                &RawRequest::indirect(BLKIF_OP_WRITE, id, 0, round * 96, 12, &[ind]).unwrap(),
+            );
+            assert_eq!(h.wait(0, id).status, BLKIF_RSP_OKAY, "{mode:?}");
+            failed.push((h.grant_calls.snapshot() - calls).failed);
+            for k in 0..12 {
+                let at = (round as usize * 96 + k * 8) * SECTOR;
+                h.model[at..at + 4096].copy_from_slice(&data);
+            }
+        }
+        assert_eq!(
+            failed,
+            [1, 0, 0],
+            "{mode:?}: one refused writable map, then none"
+        );
+        let s = h.vbd().stats().total;
+        assert_eq!(s.errors, 0);
+        assert_eq!(s.persistent_grants_in_use, 0);
+        h.guest.end_access(ind).unwrap();
+        h.verify_disk(0);
+        h.teardown();
+    }
 }

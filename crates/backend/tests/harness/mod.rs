@@ -21,7 +21,11 @@ use blkif::abi::{
 };
 use blkif::{FrontRing, Protocol, RawRequest, Response, Segment};
 use platform::sim::{DomainHandle, GuestConfig, GuestEventChannel, SimGuest, SimPlatform};
-use platform::{GrantMapper, GrantRef, Platform};
+use platform::{
+    Access, CopyBuffer, CopySegment, DomId, EventChannel, EventChannelBinder, GrantCopyOp,
+    GrantMapper, GrantMapping, GrantRef, MapError, Platform, PlatformError, Port, XenstoreEndpoint,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
 use storage::testing::{FaultInjector, FaultyStorage};
 use storage::{DirectIo, OpenOptions, Storage};
 
@@ -84,6 +88,140 @@ impl Default for Opts {
     }
 }
 
+/// Grant calls the engine made, counted by [`CountingPlatform`].
+#[derive(Debug, Default)]
+pub struct GrantCalls {
+    /// `map` and `map_each` calls (each one gntdev ioctl + mmap on real Xen, or more).
+    pub map_calls: AtomicU64,
+    /// Pages those calls asked for.
+    pub pages: AtomicU64,
+    /// Map calls that failed.
+    pub failed: AtomicU64,
+    /// Writable map calls.
+    pub writable: AtomicU64,
+    /// `copy` and `copy_segments` calls.
+    pub copy_calls: AtomicU64,
+}
+
+/// A snapshot of [`GrantCalls`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GrantCallCounts {
+    pub map_calls: u64,
+    pub pages: u64,
+    pub failed: u64,
+    pub writable: u64,
+    pub copy_calls: u64,
+}
+
+impl std::ops::Sub for GrantCallCounts {
+    type Output = GrantCallCounts;
+    fn sub(self, o: Self) -> Self {
+        GrantCallCounts {
+            map_calls: self.map_calls - o.map_calls,
+            pages: self.pages - o.pages,
+            failed: self.failed - o.failed,
+            writable: self.writable - o.writable,
+            copy_calls: self.copy_calls - o.copy_calls,
+        }
+    }
+}
+
+impl GrantCalls {
+    pub fn snapshot(&self) -> GrantCallCounts {
+        GrantCallCounts {
+            map_calls: self.map_calls.load(Ordering::SeqCst),
+            pages: self.pages.load(Ordering::SeqCst),
+            failed: self.failed.load(Ordering::SeqCst),
+            writable: self.writable.load(Ordering::SeqCst),
+            copy_calls: self.copy_calls.load(Ordering::SeqCst),
+        }
+    }
+
+    fn mapped<T>(&self, refs: &[GrantRef], access: Access, r: &Result<T, MapError>) {
+        self.map_calls.fetch_add(1, Ordering::SeqCst);
+        self.pages.fetch_add(refs.len() as u64, Ordering::SeqCst);
+        if access.is_writable() {
+            self.writable.fetch_add(1, Ordering::SeqCst);
+        }
+        if r.is_err() {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The simulated platform, counting the engine's grant calls: the simulator's gauges
+/// (live mappings, mapped pages) say what is mapped, not how often it was mapped.
+pub struct CountingPlatform {
+    inner: SimPlatform,
+    calls: Arc<GrantCalls>,
+}
+
+impl GrantMapper for CountingPlatform {
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<GrantMapping, MapError> {
+        let r = self.inner.map(domid, refs, access);
+        self.calls.mapped(refs, access, &r);
+        r
+    }
+
+    fn map_each(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<Vec<GrantMapping>, MapError> {
+        let r = self.inner.map_each(domid, refs, access);
+        self.calls.mapped(refs, access, &r);
+        r
+    }
+
+    fn copy(&self, ops: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
+        self.calls.copy_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.copy(ops)
+    }
+
+    fn copy_segments(
+        &self,
+        buffer: CopyBuffer<'_>,
+        segs: &mut [CopySegment],
+    ) -> Result<(), PlatformError> {
+        self.calls.copy_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.copy_segments(buffer, segs)
+    }
+
+    fn live_mappings(&self) -> usize {
+        self.inner.live_mappings()
+    }
+
+    fn mapped_pages(&self) -> usize {
+        self.inner.mapped_pages()
+    }
+}
+
+impl EventChannelBinder for CountingPlatform {
+    fn bind_interdomain(
+        &self,
+        domid: DomId,
+        remote_port: Port,
+    ) -> Result<Box<dyn EventChannel>, PlatformError> {
+        self.inner.bind_interdomain(domid, remote_port)
+    }
+}
+
+impl Platform for CountingPlatform {
+    fn xenstore_endpoint(&self) -> Result<XenstoreEndpoint, PlatformError> {
+        self.inner.xenstore_endpoint()
+    }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+}
+
 pub struct Front {
     pub ring: FrontRing,
     pub evtchn: GuestEventChannel,
@@ -107,6 +245,8 @@ pub struct Harness {
     pub engine: Option<Engine>,
     pub fronts: Vec<Front>,
     pub platform: SimPlatform,
+    /// Grant calls the engine made through `platform`.
+    pub grant_calls: Arc<GrantCalls>,
     pub guest: SimGuest,
     _domain: DomainHandle,
     pub disk: tempfile::NamedTempFile,
@@ -174,6 +314,7 @@ impl Harness {
             ),
             fronts: Vec::new(),
             platform,
+            grant_calls: Arc::default(),
             guest,
             _domain: domain,
             disk,
@@ -230,7 +371,10 @@ impl Harness {
                 events.lock().unwrap().push(e)
             })),
         };
-        let platform: Arc<dyn Platform> = Arc::new(h.platform.clone());
+        let platform: Arc<dyn Platform> = Arc::new(CountingPlatform {
+            inner: h.platform.clone(),
+            calls: h.grant_calls.clone(),
+        });
         h.vbd = Some(h.engine.as_ref().unwrap().attach(spec, platform).unwrap());
         h
     }
@@ -322,15 +466,22 @@ impl Harness {
         let raw = if indirect || segs.len() > 11 {
             let mut grefs = Vec::new();
             for chunk in segs.chunks(SEGMENTS_PER_INDIRECT_PAGE) {
-                let frame = self.free_frames.pop().unwrap();
                 let mut bytes = Vec::with_capacity(chunk.len() * 8);
                 for s in chunk {
                     bytes.extend_from_slice(&s.encode());
                 }
-                self.guest.write_page(frame, 0, &bytes).unwrap();
-                let gref = self.guest.grant_access(0, frame, true).unwrap();
-                grefs.push(gref);
-                indirect_pages.push(Page { frame, gref });
+                // With persistent grants from the same pool as data pages, writable, as
+                // Linux blkfront's get_indirect_grant; without, read-only for this request.
+                let page = if self.opts.persistent {
+                    self.take_page(false)
+                } else {
+                    let frame = self.free_frames.pop().unwrap();
+                    let gref = self.guest.grant_access(0, frame, true).unwrap();
+                    Page { frame, gref }
+                };
+                self.guest.write_page(page.frame, 0, &bytes).unwrap();
+                grefs.push(page.gref);
+                indirect_pages.push(page);
             }
             RawRequest::indirect(op, id, 0, sector, segs.len() as u16, &grefs).unwrap()
         } else {
@@ -418,8 +569,7 @@ impl Harness {
             self.give_back(page);
         }
         for p in b.indirect_pages {
-            self.guest.end_access(p.gref).unwrap();
-            self.free_frames.push(p.frame);
+            self.give_back(p);
         }
         (rsp, data)
     }
