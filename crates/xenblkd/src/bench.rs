@@ -278,6 +278,10 @@ pub struct BackendCounters {
     pub errors: u64,
     pub notifications: u64,
     pub persistent_grants_mapped: u64,
+    pub persistent_hits: u64,
+    pub persistent_misses: u64,
+    pub indirect_page_hits: u64,
+    pub indirect_page_misses: u64,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -691,6 +695,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             errors: vbd_stats.errors,
             notifications: vbd_stats.notifications,
             persistent_grants_mapped: vbd_stats.persistent_grants_mapped,
+            persistent_hits: vbd_stats.persistent_hits,
+            persistent_misses: vbd_stats.persistent_misses,
+            indirect_page_hits: vbd_stats.indirect_page_hits,
+            indirect_page_misses: vbd_stats.indirect_page_misses,
         },
         baseline: None,
         ratio_iops: None,
