@@ -516,6 +516,9 @@ fn fatal_cases_write_error_and_close_only_that_device(kind: Kind) {
             "{err:?} does not start with {expect:?}"
         );
         let linux = format!("/local/domain/0/error/backend/xenblkd/6/{devid}/error");
+        // Written right after the transaction that wrote `error` and Closing (best
+        // effort, outside it: a driver domain may not be allowed to write there).
+        h.wait_until("Linux's error node", || h.get(&linux).is_some());
         assert_eq!(h.get(&linux), Some(err));
         // blkfront answers Closing with Closed; the device stays Closed (online).
         h.set_frontend_state(&fe, XenbusState::Closed);
