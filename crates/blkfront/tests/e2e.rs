@@ -283,6 +283,39 @@ fn a_resize_is_seen_by_the_guest() {
     rig.finish();
 }
 
+/// 100 random reads and writes of 1..=`max_sectors` sectors inside `region` bytes at
+/// `base`, each read checked against what this thread wrote; `after_each` runs after every
+/// request (invariants to hold throughout).
+fn random_verified_io(
+    fe: &blkfront::Frontend,
+    seed: u64,
+    base: u64,
+    region: usize,
+    max_sectors: usize,
+    after_each: impl Fn(),
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; region];
+    for _ in 0..100 {
+        let len = rng.gen_range(1..=max_sectors) * 512;
+        let off = rng.gen_range(0..(region - len) / 512) * 512;
+        if rng.gen_bool(0.5) {
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            fe.write(base + off as u64, &data).unwrap();
+            model[off..off + len].copy_from_slice(&data);
+        } else {
+            let mut buf = vec![0u8; len];
+            fe.read(base + off as u64, &mut buf).unwrap();
+            assert!(
+                buf == model[off..off + len],
+                "read mismatch at {}",
+                base + off as u64
+            );
+        }
+        after_each();
+    }
+}
+
 #[test]
 fn many_threads_share_the_queues() {
     let _g = serial();
@@ -300,22 +333,7 @@ fn many_threads_share_the_queues() {
             for t in 0..4usize {
                 let fe = rig.fe();
                 s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(t as u64);
-                    let base = (t * region) as u64;
-                    let mut model = vec![0u8; region];
-                    for _ in 0..100 {
-                        let len = rng.gen_range(1..=64usize) * 512;
-                        let off = rng.gen_range(0..(region - len) / 512) * 512;
-                        if rng.gen_bool(0.5) {
-                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                            fe.write(base + off as u64, &data).unwrap();
-                            model[off..off + len].copy_from_slice(&data);
-                        } else {
-                            let mut buf = vec![0u8; len];
-                            fe.read(base + off as u64, &mut buf).unwrap();
-                            assert!(buf == model[off..off + len]);
-                        }
-                    }
+                    random_verified_io(fe, t as u64, (t * region) as u64, region, 64, || {})
                 });
             }
         });
@@ -352,24 +370,11 @@ fn a_tiny_persistent_grant_budget_costs_persistence_not_requests() {
                 let fe = rig.fe();
                 let budget = &budget;
                 s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(0xb0d + t as u64);
-                    let base = (t * region) as u64;
-                    let mut model = vec![0u8; region];
-                    for _ in 0..100 {
-                        let len = rng.gen_range(1..=128usize) * 512;
-                        let off = rng.gen_range(0..(region - len) / 512) * 512;
-                        if rng.gen_bool(0.5) {
-                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                            fe.write(base + off as u64, &data).unwrap();
-                            model[off..off + len].copy_from_slice(&data);
-                        } else {
-                            let mut buf = vec![0u8; len];
-                            fe.read(base + off as u64, &mut buf).unwrap();
-                            assert!(buf == model[off..off + len], "{mode:?}: read mismatch");
-                        }
+                    let seed = 0xb0d + t as u64;
+                    random_verified_io(fe, seed, (t * region) as u64, region, 128, || {
                         let u = budget.usage();
                         assert!(u.grants <= 32, "{mode:?}: budget exceeded: {u:?}");
-                    }
+                    })
                 });
             }
         });
