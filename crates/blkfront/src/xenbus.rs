@@ -270,8 +270,15 @@ impl XenbusFrontend {
             )
         })?;
         if st >= XenbusState::Closing {
+            // A backend that gives up says why in its `error` node ("<errno> <message>",
+            // xenbus_dev_fatal); pass the cause on rather than only the state.
+            let why = read_str(&self.xs, &format!("{}/error", self.backend_path))
+                .ok()
+                .flatten()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
             return Err(Error::Xenbus(format!(
-                "backend is {st:?}, not waiting for us"
+                "backend is {st:?}, not waiting for us{why}"
             )));
         }
         let be = self.backend_path.clone();

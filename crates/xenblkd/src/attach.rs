@@ -39,6 +39,18 @@ pub struct XenstoreArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CheckTargetArgs {
+    /// What `params` would say: an absolute path, optionally prefixed `raw:`, `aio:`, `qcow2:`.
+    pub params: String,
+    /// The disk is read-only (`mode` r).
+    #[arg(long)]
+    pub read_only: bool,
+    /// O_DIRECT is declared safe (`direct-io-safe` 1).
+    #[arg(long)]
+    pub direct_io_safe: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// The guest.
     pub domid: u32,
@@ -110,6 +122,23 @@ fn first_free_vdev(store: &dyn Store, domid: u32) -> anyhow::Result<u32> {
         .context("no free xvd name left")
 }
 
+/// dom0's domain id: `attach` run there for a daemon there can open the storage itself.
+const LOCAL_DOMID: u32 = 0;
+
+/// Opens (and closes) the storage `params` names, with the options `serve` would use, so
+/// that `attach` and the hotplug script refuse at once what the daemon would refuse later.
+pub fn check_target(params: &str, writable: bool, direct_io_safe: bool) -> anyhow::Result<()> {
+    let target = xenbus::parse::parse_params(params.as_bytes())
+        .with_context(|| format!("target {params:?}"))?;
+    let options = crate::engine_glue::storage_options(
+        xenbus::config::DirectIo::Auto,
+        direct_io_safe,
+        !writable,
+    );
+    crate::engine_glue::open_target(&target, options, None)?;
+    Ok(())
+}
+
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
     let store = connect(args.xs.xenstore_socket.as_deref())?;
     let image =
@@ -122,12 +151,18 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
         FormatArg::Raw => "",
         FormatArg::Qcow2 => "qcow2:",
     };
+    let params = format!("{prefix}{}", image.display());
+    if args.xs.backend_domid == LOCAL_DOMID {
+        // The daemon runs here and would open the storage only once the guest's frontend
+        // shows up; refuse now what it would refuse then, before anything is written.
+        check_target(&params, !args.read_only, args.direct_io_safe)?;
+    }
     let spec = DiskSpec {
         backend_domid: args.xs.backend_domid,
         backend_type: args.xs.backend_type.clone(),
         domid: args.domid,
         devid,
-        params: format!("{prefix}{}", image.display()),
+        params,
         writable: !args.read_only,
         cdrom: args.cdrom,
         script: None,

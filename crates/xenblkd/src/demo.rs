@@ -185,6 +185,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => default_image(args.size)?,
     };
+    // Open the storage as the daemon will, so that a missing or unusable image is
+    // reported with its path and the OS error, not as a guest that failed to connect.
+    let image_abs =
+        std::fs::canonicalize(&image).with_context(|| format!("opening {}", image.display()))?;
+    crate::attach::check_target(&image_abs.display().to_string(), true, false)?;
     println!("xenblkd demo: a simulated Xen guest's blkfront against xenblkd, no Xen needed");
     println!("  image: {}", image.display());
 
@@ -213,7 +218,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // The toolstack: what `xenblkd attach` writes, then wait for InitWait.
     let store = XsStore::new(Arc::new(dom0));
-    let image_abs = std::fs::canonicalize(&image).unwrap_or_else(|_| image.clone());
     let spec = DiskSpec::new(
         XENBLKD_BACKEND_TYPE,
         GUEST_DOMID,

@@ -13,7 +13,7 @@ use backend::{
 use platform::Platform;
 use storage::{DirectIo, OpenOptions, Storage};
 use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
-use xenbus::parse::DiskFormat;
+use xenbus::parse::{DiskFormat, DiskTarget};
 use xenbus::vbd::{
     ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
     Protocol, VbdEvent, VbdFactory,
@@ -69,19 +69,67 @@ impl Disk for StorageDisk {
 /// 2012 xen-devel thread on grant pages still referenced by network storage after an
 /// O_DIRECT write completed). `on`/`off` override.
 pub fn open_options(config: &DeviceConfig) -> OpenOptions {
-    let direct_io = match config.settings.direct_io {
+    storage_options(
+        config.settings.direct_io,
+        config.direct_io_safe,
+        config.read_only,
+    )
+}
+
+/// [`open_options`] from its parts, for entry points that have no [`DeviceConfig`] yet.
+pub fn storage_options(
+    setting: DirectIoSetting,
+    direct_io_safe: bool,
+    read_only: bool,
+) -> OpenOptions {
+    let direct_io = match setting {
         DirectIoSetting::On => DirectIo::On,
         DirectIoSetting::Off => DirectIo::Off,
-        DirectIoSetting::Auto if config.direct_io_safe => DirectIo::Auto,
+        DirectIoSetting::Auto if direct_io_safe => DirectIo::Auto,
         DirectIoSetting::Auto => DirectIo::Off,
     };
     OpenOptions {
-        read_only: config.read_only,
+        read_only,
         direct_io,
         // Claim block devices exclusively, as kernel blkback does: a device mounted in
         // dom0 (or served twice) must fail to attach rather than be corrupted.
         exclusive: true,
     }
+}
+
+/// Opens what a device's `params` names, as `serve` does when the device is added: the
+/// one place every entry point (`serve`, `attach`, `demo`, `check-target` for the hotplug
+/// script) opens storage, so that each refuses a target for the same reason, naming the
+/// file and the OS error. `physical_device` is what the hotplug script published
+/// (`MAJOR:MINOR`), checked against a block device's real number.
+pub fn open_target(
+    target: &DiskTarget,
+    options: OpenOptions,
+    physical_device: Option<(u32, u32)>,
+) -> Result<Arc<dyn Storage>, VbdError> {
+    let path = &target.path;
+    let context = || format!("opening {}", path.display());
+    match target.format {
+        DiskFormat::Raw => {}
+        DiskFormat::Qcow2 => {
+            return Err(VbdError::new(
+                context(),
+                "qcow2 images are not supported by this build's storage layer",
+                EOPNOTSUPP,
+            ))
+        }
+    }
+    if let Some(expected) = physical_device {
+        check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
+    }
+    storage::open(path, options).map_err(|e| {
+        let errno = match &e {
+            storage::StorageError::Open { source, .. }
+            | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
+            _ => 5,
+        };
+        VbdError::new(context(), e, errno)
+    })
 }
 
 /// [`VbdFactory`] over the engine and a platform.
@@ -148,29 +196,7 @@ fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
 
 impl VbdFactory for EngineFactory {
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
-        let path = &config.target.path;
-        let context = || format!("opening {}", path.display());
-        match config.target.format {
-            DiskFormat::Raw => {}
-            DiskFormat::Qcow2 => {
-                return Err(VbdError::new(
-                    context(),
-                    "qcow2 images are not supported by this build's storage layer",
-                    EOPNOTSUPP,
-                ))
-            }
-        }
-        if let Some(expected) = config.physical_device {
-            check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
-        }
-        let storage = storage::open(path, open_options(config)).map_err(|e| {
-            let errno = match &e {
-                storage::StorageError::Open { source, .. }
-                | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
-                _ => 5,
-            };
-            VbdError::new(context(), e, errno)
-        })?;
+        let storage = open_target(&config.target, open_options(config), config.physical_device)?;
         Ok(Arc::new(StorageDisk::new(storage)))
     }
 

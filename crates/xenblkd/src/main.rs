@@ -39,6 +39,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Device model libxl runs instead of QEMU for backendtype=qdisk disks (QEMU's argv).
     QemuDm(qemu_dm::QemuDmArgs),
+    /// Open a target as `serve` would and say why it cannot be served (for hotplug scripts).
+    CheckTarget(attach::CheckTargetArgs),
     /// Run the in-memory xenstored (one socket per domain) for simulations.
     Xenstored(xenstored::XenstoredArgs),
     /// Read, write, remove or list xenstore nodes (the simulator has no xenstore-utils).
@@ -47,13 +49,25 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = match cli.command {
-        // libxl gives a device model no RUST_LOG, only its own log file
-        // (/var/log/xen/qemu-dm-<guest>.log): say there what happened.
-        Command::QemuDm(_) => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        _ => tracing_subscriber::EnvFilter::from_default_env(),
+    // RUST_LOG overrides; without it the daemon's side (serve, the device model, the
+    // toolstack commands) says what it does at info: an operator must see devices reach
+    // InitWait and Connected, and warnings such as the vm.max_map_count budget. The
+    // commands that print a report of their own (demo, bench, status) show warnings only,
+    // so their output stays readable.
+    let default_level = match cli.command {
+        Command::Demo(_)
+        | Command::Bench(_)
+        | Command::Status(_)
+        | Command::Xenstore(_)
+        | Command::CheckTarget(_) => "warn",
+        Command::Serve(_)
+        | Command::Attach(_)
+        | Command::Detach(_)
+        | Command::QemuDm(_)
+        | Command::Xenstored(_) => "info",
     };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal: logs usually go to files (the
@@ -74,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(&args)?,
         Command::Attach(args) => attach::run_attach(&args)?,
         Command::Detach(args) => attach::run_detach(&args)?,
+        Command::CheckTarget(args) => {
+            attach::check_target(&args.params, !args.read_only, args.direct_io_safe)?
+        }
         Command::Status(args) => status::run(&args)?,
         Command::QemuDm(args) => qemu_dm::run(&args)?,
         Command::Xenstored(args) => xenstored::run(&args)?,

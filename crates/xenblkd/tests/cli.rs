@@ -106,7 +106,7 @@ fn attach_and_detach_commands() {
     );
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("the backend refused the disk: 95"),
+        text(&out).contains("qcow2 images are not supported"),
         "{}",
         text(&out)
     );
@@ -116,11 +116,63 @@ fn attach_and_detach_commands() {
     assert!(host
         .read("/local/domain/6/device/vbd/51744/state")
         .is_none());
-    // A missing image never reaches xenstore.
+    // A missing image never reaches xenstore, and the error names it and the OS error.
     let out = xenblkd(
         &host,
         &["attach", "6", "/nonexistent.img", "--no-wait-connect"],
     );
     assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/nonexistent.img") && text(&out).contains("No such file"),
+        "{}",
+        text(&out)
+    );
     assert!(host.status()["devices"].as_array().unwrap().is_empty());
+}
+
+/// Without RUST_LOG the daemon logs at info: an operator sees devices reach InitWait and
+/// Connected, and a device whose storage cannot be opened is reported with the file and
+/// the OS error (in the log and in the `error` node the toolstack reads).
+#[test]
+fn serve_logs_lifecycle_and_storage_errors_by_default() {
+    let mut host = Host::start(&[]);
+    host.stop_daemon();
+    host.start_daemon_logging(&[], None);
+    host.create_domain(7);
+    let img = host.image("log.img", 16);
+    let spec = common::disk("xenblkd", 7, 51712, &img);
+    assert_eq!(host.attach(&spec), XenbusState::InitWait);
+    host.guest(7, 51712, &[], "connect,io:4,close").finish();
+
+    let missing = common::disk(
+        "xenblkd",
+        7,
+        51728,
+        std::path::Path::new("/nonexistent/x.img"),
+    );
+    host.attach(&missing);
+    let be = missing.backend_path();
+    host.wait_state(&be, XenbusState::Closing);
+    let error = host.read(&format!("{be}/error")).unwrap();
+    assert!(
+        error.starts_with("2 ") && error.contains("/nonexistent/x.img"),
+        "{error}"
+    );
+
+    let log = host.log();
+    for needle in [
+        "InitWait",
+        "Connected",
+        "/nonexistent/x.img",
+        "No such file or directory",
+    ] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} missing from the default log:\n{log}"
+        );
+    }
+    assert!(
+        log.lines().any(|l| l.contains(" INFO ")),
+        "no info line in the default log:\n{log}"
+    );
 }

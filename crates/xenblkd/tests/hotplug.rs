@@ -56,6 +56,7 @@ fn run_script(host: &Host, action: &str, xenbus_path: &str) -> (bool, String) {
         .env("XENBUS_TYPE", "vbd")
         .env("XENBUS_BASE_PATH", "backend")
         .env("XENSTORED_PATH", host.xs_socket(0))
+        .env("XENBLKD", XENBLKD)
         .env("PATH", path)
         .output()
         .unwrap();
@@ -160,6 +161,32 @@ fn libxl_phy_route_with_the_hotplug_script() {
     );
     // The device never opened anything and is removed cleanly.
     assert_eq!(host.detach(&spec), Removal::Clean);
+
+    // A block device someone else holds exclusively (O_EXCL, as a mounted file system
+    // does): the script opens it as the daemon would and refuses at once, with the OS error.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&lo.0)
+            .expect("holding the loop device exclusively");
+        host.create_domain(5);
+        let mut spec = disk("vbd", 5, 51712, Path::new("/unused"));
+        spec.params = lo.0.clone();
+        spec.script = Some(script().display().to_string());
+        host.attach(&spec);
+        let (ok, err) = run_script(&host, "add", "backend/vbd/5/51712");
+        assert!(!ok, "the script accepted a busy device: {err}");
+        let be = spec.backend_path();
+        let why = host.read(&join(&be, "hotplug-error")).unwrap();
+        assert!(
+            why.contains(&lo.0) && why.contains("busy"),
+            "hotplug-error: {why}"
+        );
+        assert_eq!(host.read(&join(&be, "physical-device-path")), None);
+        assert_eq!(host.detach(&spec), Removal::Clean);
+    }
 
     // A script that publishes a path and a device number that disagree: refused.
     host.create_domain(4);

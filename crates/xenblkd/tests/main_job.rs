@@ -105,3 +105,33 @@ fn bench_baseline_reports_ratios_on_the_same_image() {
     assert!((ratio - iops / base).abs() < 1e-6 * ratio.max(1.0));
     assert_eq!(v["image"], image);
 }
+
+/// A missing image is reported as what it is (the path and the OS error), by the demo and
+/// the benchmark alike, not as a guest that failed to connect.
+#[test]
+fn a_missing_image_is_named_with_the_os_error() {
+    for args in [
+        &["demo", "--image", "/nonexistent/disk.img"][..],
+        &[
+            "bench",
+            "--runtime",
+            "0.1",
+            "--image",
+            "/nonexistent/disk.img",
+        ][..],
+    ] {
+        let out = xenblkd()
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains("/nonexistent/disk.img")
+                && stderr.contains("No such file or directory")
+                && !stderr.contains("not waiting for us"),
+            "{args:?}:\n{stderr}"
+        );
+    }
+}

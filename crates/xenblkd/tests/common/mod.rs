@@ -210,8 +210,19 @@ impl Host {
     }
 
     pub fn start_daemon(&mut self, serve_args: &[&str]) {
+        self.start_daemon_logging(serve_args, std::env::var("RUST_LOG").ok().as_deref());
+    }
+
+    /// Starts the daemon with `RUST_LOG` set to `rust_log`, or unset (the daemon's own
+    /// default level) when `None`.
+    pub fn start_daemon_logging(&mut self, serve_args: &[&str], rust_log: Option<&str>) {
         let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
-        let child = Command::new(XENBLKD)
+        let mut command = Command::new(XENBLKD);
+        match rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let child = command
             .arg("serve")
             .arg("--xenstore-socket")
             .arg(self.xs_socket(self.backend_domid))
@@ -222,10 +233,6 @@ impl Host {
             .arg(&self.control)
             .args(["--reactor-threads", "2"])
             .args(serve_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::perms::Perm;
 use crate::wire::{self, ReadError};
@@ -180,7 +180,7 @@ impl XenstoreServer {
         let thread = thread::Builder::new()
             .name(format!("xs-accept-{domid}"))
             .spawn(move || accept_loop(&shared, domid, listener))?;
-        info!(domid, path = %path.display(), "xenstore server listening");
+        debug!(domid, path = %path.display(), "xenstore server listening");
         self.listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
