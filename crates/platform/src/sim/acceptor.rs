@@ -116,9 +116,7 @@ fn step(mut p: Pending) -> Step {
 
 /// Which waiting connection to close to make room: the oldest of the peer process with
 /// the most connections waiting (among equals, the one whose oldest is oldest).
-fn eviction_victim<'a>(
-    peers: impl Iterator<Item = (Option<i32>, u64)> + Clone + 'a,
-) -> Option<u64> {
+fn eviction_victim(peers: impl Iterator<Item = (Option<i32>, u64)> + Clone) -> Option<u64> {
     let mut per_pid: HashMap<Option<i32>, usize> = HashMap::new();
     for (pid, _) in peers.clone() {
         *per_pid.entry(pid).or_default() += 1;
