@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use backend::{Engine, EngineConfig};
-use platform::sim::{DomainHandle, SimPlatform};
+use platform::sim::{DomainHandle, SimAcceptor, SimPlatform};
 use platform::{Platform, XenstoreEndpoint};
 use tracing::{error, info, warn};
 use xenbus::config::{BackendType, Config, DirectIo, GrantMode, VBD_BACKEND_TYPE};
@@ -343,29 +343,22 @@ fn spawn_sim_acceptor(platform: SimPlatform, listener: UnixListener) -> anyhow::
             reap2();
         })
         .context("spawning the simulator reaper")?;
+    // Handshakes never run inline: a connection that says nothing must not hold up the
+    // guests behind it (see `SimAcceptor`).
+    let mut acceptor = SimAcceptor::new(listener).context("setting up the simulator socket")?;
     thread::Builder::new()
         .name("sim-accept".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "sim socket accept");
-                        thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
+        .spawn(move || loop {
+            for hello in acceptor.poll(Duration::from_secs(1)) {
                 // A guest reconnecting under the id of one that just died must not find
                 // the dead one still registered.
                 reap();
-                match platform.attach_stream(stream) {
-                    Ok(handle) => {
-                        handles
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(handle.domid(), handle);
-                    }
-                    Err(e) => warn!(error = %e, "refused a simulated guest"),
+                // A refusal is logged by the platform, with its reason.
+                if let Ok(handle) = platform.attach_hello(hello) {
+                    handles
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(handle.domid(), handle);
                 }
             }
         })

@@ -10,9 +10,10 @@
 //! through the memfd.
 //!
 //! A guest attaches from the same process ([`SimPlatform::attach_local`]) or from another
-//! one ([`SimGuest::connect`] + [`SimPlatform::accept`]): both go through the same
-//! handshake on a unix socket ([`wire`]), which passes the memfds, a liveness pipe and,
-//! later, each event channel's eventfds by SCM_RIGHTS.
+//! one ([`SimGuest::connect`] + [`SimPlatform::accept`], or [`SimAcceptor`] where many
+//! guests, some hostile, share one socket): all go through the same handshake on a unix
+//! socket ([`wire`]), which passes the memfds, a liveness pipe and, later, each event
+//! channel's eventfds by SCM_RIGHTS.
 //!
 //! **A guest that dies.** The guest keeps the write end of the liveness pipe; when its
 //! process exits or is killed the backend's read end ([`DomainHandle::liveness_fd`])
@@ -24,6 +25,7 @@
 //! domain: from then on maps, copies and binds for it fail with `GNTST_bad_domain` /
 //! [`PlatformError::UnknownDomain`], while mappings still held stay valid until dropped.
 
+mod acceptor;
 mod guest;
 mod vm;
 mod wire;
@@ -47,6 +49,7 @@ use crate::{
     PlatformError, Port, XenstoreEndpoint, DOMID_FIRST_RESERVED, MAX_MAP_BATCH,
 };
 
+pub use acceptor::{AcceptorStats, GuestHello, SimAcceptor, MAX_PENDING_HANDSHAKES};
 pub use guest::{GuestConfig, GuestError, GuestEventChannel, SimGuest};
 
 /// Largest guest the backend accepts (pages): 16 GiB.
@@ -272,7 +275,9 @@ impl SimPlatform {
         Ok(handle)
     }
 
-    /// Accepts one guest connecting on `listener` (blocks until one connects).
+    /// Accepts one guest connecting on `listener` (blocks until one connects) and runs
+    /// its handshake, waiting for that one peer: for tests that expect a single guest.
+    /// Where anyone may connect, [`SimAcceptor`] waits on no one.
     pub fn accept(&self, listener: &UnixListener) -> Result<DomainHandle, PlatformError> {
         let (stream, _) = listener
             .accept()
@@ -296,7 +301,8 @@ impl SimPlatform {
     }
 
     /// Runs the backend side of the handshake on a connected stream: reads the guest's
-    /// hello and descriptors, validates them, registers the domain, answers.
+    /// hello and descriptors (waiting up to [`HANDSHAKE_TIMEOUT`]), validates them,
+    /// registers the domain, answers.
     pub fn attach_stream(&self, stream: UnixStream) -> Result<DomainHandle, PlatformError> {
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
@@ -320,6 +326,25 @@ impl SimPlatform {
             }
             Err(e) => return Err(PlatformError::Protocol(e)),
         };
+        self.finish_attach(stream, hello, fds)
+    }
+
+    /// The rest of the handshake for a hello [`SimAcceptor`] received: validates it,
+    /// registers the domain, answers. Waits on nothing (the welcome is the first thing
+    /// ever sent on the socket, so it fits its buffer).
+    pub fn attach_hello(&self, hello: GuestHello) -> Result<DomainHandle, PlatformError> {
+        let GuestHello {
+            stream, hello, fds, ..
+        } = hello;
+        self.finish_attach(stream, hello, fds)
+    }
+
+    fn finish_attach(
+        &self,
+        stream: UnixStream,
+        hello: wire::Msg,
+        fds: Vec<OwnedFd>,
+    ) -> Result<DomainHandle, PlatformError> {
         let admitted = self.admit(hello, fds);
         let status = match &admitted {
             Ok(_) => 0,

@@ -181,67 +181,116 @@ pub(crate) enum Recv {
     Eof,
 }
 
+/// What [`PartialMsg::read_available`] got.
+#[derive(Debug)]
+pub(crate) enum Progress {
+    Msg(Msg, Vec<OwnedFd>),
+    /// The message is not complete yet (possibly not begun); nothing more to read now.
+    Pending,
+    /// The peer closed the socket before a message began.
+    Eof,
+}
+
+/// One message being received, possibly over several reads: what lets a reader that
+/// must not wait on one peer (the simulator's acceptor) keep half a message and come
+/// back when the rest arrives.
+#[derive(Debug, Default)]
+pub(crate) struct PartialMsg {
+    buf: [u8; MSG_LEN],
+    got: usize,
+    fds: Vec<OwnedFd>,
+}
+
+impl PartialMsg {
+    /// Whether any byte or descriptor of the message has arrived.
+    pub(crate) fn is_begun(&self) -> bool {
+        self.got > 0 || !self.fds.is_empty()
+    }
+
+    /// Reads what the socket holds, up to the end of the message. Waits only as a
+    /// blocking socket does (its read timeout); on a non-blocking one, never.
+    ///
+    /// `Err` means the peer broke the protocol (bad message, too many descriptors, EOF in
+    /// the middle of a message) or the socket failed; descriptors received so far are
+    /// closed.
+    pub(crate) fn read_available(&mut self, sock: &UnixStream) -> Result<Progress, String> {
+        while self.got < MSG_LEN {
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let res = rustix::net::recvmsg(
+                sock,
+                &mut [IoSliceMut::new(&mut self.buf[self.got..])],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            );
+            // Take ownership of whatever arrived before judging the result, so nothing
+            // leaks.
+            for m in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = m {
+                    self.fds.extend(received);
+                }
+            }
+            // Checked on every read, not once at the end: a peer sending its message a
+            // byte at a time must not make us hold 3 descriptors per byte.
+            if self.fds.len() > MAX_FDS {
+                return Err(format!("{} descriptors with one message", self.fds.len()));
+            }
+            match res {
+                Ok(r) if r.flags.contains(ReturnFlags::CTRUNC) => {
+                    return Err("descriptors truncated (too many sent)".into())
+                }
+                Ok(r) if r.bytes == 0 => {
+                    return if self.is_begun() {
+                        Err("connection closed in the middle of a message".into())
+                    } else {
+                        Ok(Progress::Eof)
+                    };
+                }
+                Ok(r) => self.got += r.bytes,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return Ok(Progress::Pending),
+                Err(e) => return Err(format!("recvmsg: {e}")),
+            }
+        }
+        let msg = Msg::decode(&self.buf)?;
+        self.got = 0;
+        Ok(Progress::Msg(msg, std::mem::take(&mut self.fds)))
+    }
+}
+
 /// Receives one message and the descriptors sent with it (close-on-exec).
 ///
 /// `Err` means the peer broke the protocol (bad message, truncated descriptors, EOF in
 /// the middle of a message) or the socket failed; descriptors received so far are closed.
 pub(crate) fn recv(sock: &UnixStream) -> Result<Recv, String> {
-    let mut buf = [0u8; MSG_LEN];
-    let mut got = 0;
-    let mut fds = Vec::new();
-    while got < MSG_LEN {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let res = rustix::net::recvmsg(
-            sock,
-            &mut [IoSliceMut::new(&mut buf[got..])],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        );
-        // Take ownership of whatever arrived before judging the result, so nothing leaks.
-        for m in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = m {
-                fds.extend(received);
-            }
-        }
-        match res {
-            Ok(r) if r.flags.contains(ReturnFlags::CTRUNC) => {
-                return Err("descriptors truncated (too many sent)".into())
-            }
-            Ok(r) if r.bytes == 0 => {
-                return if got == 0 && fds.is_empty() {
-                    Ok(Recv::Eof)
-                } else {
-                    Err("connection closed in the middle of a message".into())
-                };
-            }
-            Ok(r) => got += r.bytes,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) if got == 0 && fds.is_empty() => {
-                return Ok(Recv::WouldBlock)
-            }
-            Err(rustix::io::Errno::AGAIN) => {
+    let mut partial = PartialMsg::default();
+    loop {
+        match partial.read_available(sock)? {
+            Progress::Msg(msg, fds) => return Ok(Recv::Msg(msg, fds)),
+            Progress::Eof => return Ok(Recv::Eof),
+            Progress::Pending if !partial.is_begun() => return Ok(Recv::WouldBlock),
+            Progress::Pending => {
                 // The rest of a message already begun is in flight; wait for it briefly.
                 if !wait_readable(sock.as_fd(), Duration::from_secs(1)) {
                     return Err("message cut short".into());
                 }
             }
-            Err(e) => return Err(format!("recvmsg: {e}")),
         }
     }
-    if fds.len() > MAX_FDS {
-        return Err(format!("{} descriptors with one message", fds.len()));
+}
+
+/// A poll timeout.
+pub(crate) fn timespec(d: Duration) -> rustix::event::Timespec {
+    rustix::event::Timespec {
+        tv_sec: d.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: d.subsec_nanos().into(),
     }
-    Ok(Recv::Msg(Msg::decode(&buf)?, fds))
 }
 
 /// Waits until `fd` is readable or hung up; `false` on timeout.
 pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let ts = Timespec {
-        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
-        tv_nsec: timeout.subsec_nanos().into(),
-    };
+    use rustix::event::{poll, PollFd, PollFlags};
+    let ts = timespec(timeout);
     let mut fds = [PollFd::new(&fd, PollFlags::IN)];
     loop {
         match poll(&mut fds, Some(&ts)) {
@@ -250,6 +299,22 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// Sends `bytes` (part of a message) with `fds`, as a peer that splits its message.
+#[cfg(test)]
+pub(crate) fn send_piece(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(fds.is_empty() || control.push(SendAncillaryMessage::ScmRights(fds)));
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .unwrap();
+    assert_eq!(sent, bytes.len());
 }
 
 #[cfg(test)]
@@ -314,6 +379,53 @@ mod tests {
         assert!(matches!(recv(&b).unwrap(), Recv::WouldBlock));
         drop(a);
         assert!(matches!(recv(&b).unwrap(), Recv::Eof));
+    }
+
+    #[test]
+    fn a_message_in_pieces_is_kept_until_complete() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let bytes = Msg::PortClose { port: 9 }.encode();
+        let mut partial = PartialMsg::default();
+        assert!(matches!(
+            partial.read_available(&b).unwrap(),
+            Progress::Pending
+        ));
+        assert!(!partial.is_begun());
+        send_piece(&a, &bytes[..10], &[r.as_fd(), w.as_fd()]);
+        assert!(matches!(
+            partial.read_available(&b).unwrap(),
+            Progress::Pending
+        ));
+        assert!(partial.is_begun());
+        send_piece(&a, &bytes[10..], &[]);
+        match partial.read_available(&b).unwrap() {
+            Progress::Msg(Msg::PortClose { port: 9 }, fds) => assert_eq!(fds.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        // Ready for the next message.
+        assert!(!partial.is_begun());
+        drop(a);
+        assert!(matches!(partial.read_available(&b).unwrap(), Progress::Eof));
+    }
+
+    #[test]
+    fn descriptors_are_counted_across_pieces() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let fds = [r.as_fd(), w.as_fd(), r.as_fd()];
+        let bytes = Msg::PortClose { port: 9 }.encode();
+        let mut partial = PartialMsg::default();
+        send_piece(&a, &bytes[..1], &fds);
+        assert!(matches!(
+            partial.read_available(&b).unwrap(),
+            Progress::Pending
+        ));
+        send_piece(&a, &bytes[1..2], &fds[..1]);
+        let err = partial.read_available(&b).unwrap_err();
+        assert!(err.contains("4 descriptors"), "{err}");
     }
 
     #[test]

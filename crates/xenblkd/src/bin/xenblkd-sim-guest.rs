@@ -2,7 +2,8 @@
 //! `platform::sim` guest attached over the daemon's `--sim-socket`, running the simulated
 //! xen-blkfront over xenstore (its own domain's socket of `xenblkd xenstored`), then a
 //! script of steps. Each step prints one line on stdout (`ok <step> ...` or
-//! `err <step>: ...`), so a test can follow and synchronise with it.
+//! `err <step>: ...`), so a test can follow and synchronise with it; the attach to the
+//! simulated hypervisor comes first and prints `ok attach ms=N` (how long it took).
 //!
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
 //! `flush`, `discard`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
@@ -317,6 +318,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let attach_start = std::time::Instant::now();
     let sim = SimGuest::connect(
         &args.sim_socket,
         args.domid,
@@ -326,6 +328,7 @@ fn main() -> anyhow::Result<()> {
         },
     )
     .context("attaching to the simulated hypervisor")?;
+    println!("ok attach ms={}", attach_start.elapsed().as_millis());
     let services = Arc::new(SimGuestServices::new(Arc::new(sim)));
     let script: Vec<String> = args
         .script
