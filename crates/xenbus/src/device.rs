@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 use crate::config::{BackendType, Config};
 use crate::error::{DeviceError, NegotiationError};
 use crate::negotiate::{self, BackendNodes, IgnoredValue};
-use crate::ratelimit::{self, Warning, Warnings};
+use crate::ratelimit::{self, Kind, Warnings};
 use crate::state::XenbusState;
 use crate::status::DeviceStatus;
 use crate::store::{join, Store, StoreExt};
@@ -200,16 +200,27 @@ impl Device {
 
     /// Logs a rate-limited warning of `kind`; `log` gets the device and the count of
     /// earlier occurrences the line stands for, and is called only when a line is due.
-    fn warn_limited(&mut self, kind: Warning, log: impl FnOnce(&DeviceKey, u64)) {
+    fn warn_limited(&mut self, kind: Kind, log: impl FnOnce(&DeviceKey, u64)) {
         if let Some(suppressed) = self.warnings.admit(kind, Instant::now()) {
             log(&self.key, suppressed);
+        }
+    }
+
+    /// Logs a line of the state machine, which the frontend drives: rate-limited as
+    /// [`Kind::Lifecycle`], a line that follows suppressed ones preceded by their count.
+    fn info_limited(&mut self, log: impl FnOnce(&DeviceKey)) {
+        if let Some(suppressed) = self.warnings.admit(Kind::Lifecycle, Instant::now()) {
+            if suppressed > 0 {
+                ratelimit::log_suppressed(&self.key, Kind::Lifecycle, suppressed);
+            }
+            log(&self.key);
         }
     }
 
     fn warn_ignored(&mut self, ignored: &[IgnoredValue]) {
         for i in ignored {
             let key = &self.key;
-            if let Some(suppressed) = self.warnings.admit(Warning::UnparsableFlag, Instant::now())
+            if let Some(suppressed) = self.warnings.admit(Kind::UnparsableFlag, Instant::now())
             {
                 warn!(device = %key, path = %i.path, value = %i.value, suppressed,
                     "ignoring unparsable flag");
@@ -340,7 +351,7 @@ impl Device {
         if !frontend_gone && (self.unregistering || written_unknown) {
             if let Some(raw) = fe_raw.as_deref().filter(|_| !self.unregistering) {
                 let value = crate::error::sanitize(raw);
-                self.warn_limited(Warning::FrontendState, |key, suppressed| {
+                self.warn_limited(Kind::FrontendState, |key, suppressed| {
                     warn!(device = %key, %value, suppressed,
                         "frontend state is Unknown: closing the device and leaving it closed \
                          until the toolstack re-creates or removes it, as Linux blkback does");
@@ -403,7 +414,7 @@ impl Device {
 
         if frontend_gone {
             if self.session.is_some() {
-                info!(device = %self.key, "frontend gone; tearing down");
+                self.info_limited(|key| info!(device = %key, "frontend gone; tearing down"));
                 self.start_disconnect(ctx);
                 return Ok(outcome);
             }
@@ -433,7 +444,7 @@ impl Device {
                 if self.session.is_some() {
                     // A frontend that restarts without closing (crash + kexec): its old
                     // rings are gone, ours must go too before it reconnects.
-                    info!(device = %self.key, "frontend restarted without closing; disconnecting");
+                    self.info_limited(|key| info!(device = %key, "frontend restarted without closing; disconnecting"));
                     self.start_disconnect(ctx);
                     return Ok(outcome);
                 }
@@ -441,7 +452,7 @@ impl Device {
                     self.publish(ctx, &nodes, XenbusState::Closed)?;
                 } else if self.published != XenbusState::InitWait && self.failed.is_none() {
                     // Closed (or torn down above): blkback's "prepare for reconnect".
-                    info!(device = %self.key, "frontend is back: prepare for reconnect");
+                    self.info_limited(|key| info!(device = %key, "frontend is back: prepare for reconnect"));
                     let settings = self.settings(ctx);
                     if negotiate::publish_initwait(store, &self.backend_path, &settings)? {
                         self.published = XenbusState::InitWait;
@@ -563,7 +574,7 @@ impl Device {
         }
         if negotiate::write_state(ctx.store.as_ref(), &self.backend_path, state)? {
             if self.published != state {
-                info!(device = %self.key, %state, "backend state");
+                self.info_limited(|key| info!(device = %key, %state, "backend state"));
             }
             self.published = state;
         }
@@ -648,7 +659,7 @@ impl Device {
         self.warn_ignored(&params.ignored_flags);
         if info.logical_block_size > 512 && !params.large_sector_size {
             // What Linux blkback does too; Linux blkfront copes, others may not.
-            self.warn_limited(Warning::LargeSectorSize, |key, suppressed| {
+            self.warn_limited(Kind::LargeSectorSize, |key, suppressed| {
                 warn!(
                     device = %key,
                     sector_size = info.logical_block_size,
@@ -666,14 +677,16 @@ impl Device {
             events: crate::manager::session_sink(ctx.events, &self.key, self.session_id),
         })?;
         self.sessions += 1;
-        info!(
-            device = %self.key,
-            protocol = ?params.protocol,
-            queues = params.queues.len(),
-            ring_page_order = params.ring_page_order,
-            persistent = params.persistent,
-            "rings connected"
-        );
+        self.info_limited(|key| {
+            info!(
+                device = %key,
+                protocol = ?params.protocol,
+                queues = params.queues.len(),
+                ring_page_order = params.ring_page_order,
+                persistent = params.persistent,
+                "rings connected"
+            )
+        });
         self.disk_info = Some(info);
         self.session = Some(Session {
             vbd,
@@ -683,7 +696,7 @@ impl Device {
         match negotiate::publish_connected(ctx.store.as_ref(), &self.backend_path, &features) {
             Ok(true) => {
                 self.published = XenbusState::Connected;
-                info!(device = %self.key, sectors = features.sectors, "Connected");
+                self.info_limited(|key| info!(device = %key, sectors = features.sectors, "Connected"));
                 Ok(())
             }
             Ok(false) => {
@@ -711,7 +724,7 @@ impl Device {
             }
             return Ok(());
         }
-        self.warn_limited(Warning::DeviceFailed, |key, suppressed| {
+        self.warn_limited(Kind::DeviceFailed, |key, suppressed| {
             warn!(device = %key, errno, %message, suppressed, "device failed");
         });
         negotiate::publish_fatal(ctx.store.as_ref(), &self.backend_path, errno, &message)?;
@@ -726,7 +739,7 @@ impl Device {
 
     fn start_disconnect(&mut self, ctx: &Ctx<'_>) {
         if let Some(s) = self.session.take() {
-            info!(device = %self.key, "disconnecting");
+            self.info_limited(|key| info!(device = %key, "disconnecting"));
             self.disconnecting = true;
             crate::manager::spawn_disconnect(
                 ctx.events,
@@ -751,9 +764,9 @@ impl Device {
         match result {
             Ok(report) => {
                 if report.drained {
-                    info!(device = %self.key, "disconnected");
+                    self.info_limited(|key| info!(device = %key, "disconnected"));
                 } else {
-                    self.warn_limited(Warning::Disconnect, |key, suppressed| {
+                    self.warn_limited(Kind::Disconnect, |key, suppressed| {
                         warn!(device = %key, abandoned = report.abandoned_requests,
                             detail = %report.detail, suppressed, "disconnected without draining");
                     });
@@ -761,7 +774,7 @@ impl Device {
                 self.last_disconnect = Some(report);
             }
             Err(e) => {
-                self.warn_limited(Warning::Disconnect, |key, suppressed| {
+                self.warn_limited(Kind::Disconnect, |key, suppressed| {
                     warn!(device = %key, error = %e, suppressed, "disconnect failed");
                 });
                 self.last_disconnect = Some(DisconnectReport {
@@ -838,7 +851,7 @@ impl Device {
                     }
                 };
                 if negotiate::publish_withdrawn(ctx.store.as_ref(), &self.backend_path, nodes)? {
-                    info!(device = %self.key, ?feature, "feature withdrawn");
+                    self.info_limited(|key| info!(device = %key, ?feature, "feature withdrawn"));
                 }
             }
             VbdEvent::Fatal(message) => {

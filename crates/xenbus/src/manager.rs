@@ -402,7 +402,7 @@ impl Manager {
             Some(dev) => {
                 if let Some(suppressed) = dev
                     .warnings
-                    .admit(crate::ratelimit::Warning::ReconcileFailed, Instant::now())
+                    .admit(crate::ratelimit::Kind::ReconcileFailed, Instant::now())
                 {
                     warn!(device = %key, error = %e, suppressed, "reconcile failed; will retry");
                 }

@@ -11,7 +11,7 @@ use xenstore::{Errno, XsClient, XsOps};
 
 use crate::error::StoreError;
 use crate::manager::{Event, EventSender};
-use crate::ratelimit::{Warning, Warnings};
+use crate::ratelimit::{Kind, Warnings};
 use crate::store::{Access, Perm, Store, StoreOps};
 
 /// Retries of a conflicting transaction (Linux's xenbus drivers retry forever; a bound
@@ -199,7 +199,7 @@ pub fn spawn_watch_forwarder(
                 if now != dropped {
                     lost_unreported = lost_unreported.saturating_add(now.wrapping_sub(dropped));
                     if let Some(suppressed) =
-                        warnings.admit(Warning::WatchEventsLost, Instant::now())
+                        warnings.admit(Kind::WatchEventsLost, Instant::now())
                     {
                         warn!(
                             lost = lost_unreported,
