@@ -134,7 +134,11 @@ fn a_guest_flooding_its_state_nodes_does_not_flood_the_log() {
     assert_eq!(host.detach(&flapping), Removal::Clean);
     assert_eq!(host.detach(&good), Removal::Clean);
     let seen = g.finish();
-    let end = seen.iter().rev().find(|l| l.starts_with("ok loop")).unwrap();
+    let end = seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("ok loop"))
+        .unwrap();
     assert!(!end.contains("mismatch"), "{end}");
     assert_eq!(host.metric("grant_mappings"), 0);
 }

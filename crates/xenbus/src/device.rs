@@ -220,8 +220,7 @@ impl Device {
     fn warn_ignored(&mut self, ignored: &[IgnoredValue]) {
         for i in ignored {
             let key = &self.key;
-            if let Some(suppressed) = self.warnings.admit(Kind::UnparsableFlag, Instant::now())
-            {
+            if let Some(suppressed) = self.warnings.admit(Kind::UnparsableFlag, Instant::now()) {
                 warn!(device = %key, path = %i.path, value = %i.value, suppressed,
                     "ignoring unparsable flag");
             }
@@ -452,7 +451,9 @@ impl Device {
                     self.publish(ctx, &nodes, XenbusState::Closed)?;
                 } else if self.published != XenbusState::InitWait && self.failed.is_none() {
                     // Closed (or torn down above): blkback's "prepare for reconnect".
-                    self.info_limited(|key| info!(device = %key, "frontend is back: prepare for reconnect"));
+                    self.info_limited(
+                        |key| info!(device = %key, "frontend is back: prepare for reconnect"),
+                    );
                     let settings = self.settings(ctx);
                     if negotiate::publish_initwait(store, &self.backend_path, &settings)? {
                         self.published = XenbusState::InitWait;
@@ -696,7 +697,9 @@ impl Device {
         match negotiate::publish_connected(ctx.store.as_ref(), &self.backend_path, &features) {
             Ok(true) => {
                 self.published = XenbusState::Connected;
-                self.info_limited(|key| info!(device = %key, sectors = features.sectors, "Connected"));
+                self.info_limited(
+                    |key| info!(device = %key, sectors = features.sectors, "Connected"),
+                );
                 Ok(())
             }
             Ok(false) => {

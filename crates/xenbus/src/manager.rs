@@ -242,8 +242,7 @@ impl Manager {
             batch.extend(self.rx.try_iter());
             self.process(batch)?;
             let now = Instant::now();
-            if now.saturating_duration_since(self.suppressed_reported) >= SUPPRESSED_REPORT_PERIOD
-            {
+            if now.saturating_duration_since(self.suppressed_reported) >= SUPPRESSED_REPORT_PERIOD {
                 self.suppressed_reported = now;
                 for dev in self.devices.values_mut() {
                     dev.report_suppressed(now, false);

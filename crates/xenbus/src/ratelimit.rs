@@ -199,7 +199,11 @@ mod tests {
         let mut w = Warnings::with_interval(10 * S);
         let burst = Kind::Lifecycle.burst();
         for i in 0..burst {
-            assert_eq!(w.admit(Kind::Lifecycle, t0 + i * S / 10), Some(0), "line {i}");
+            assert_eq!(
+                w.admit(Kind::Lifecycle, t0 + i * S / 10),
+                Some(0),
+                "line {i}"
+            );
         }
         for i in 0..1000 {
             assert_eq!(w.admit(Kind::Lifecycle, t0 + 5 * S + i * S / 1000), None);

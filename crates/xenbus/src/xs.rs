@@ -198,8 +198,7 @@ pub fn spawn_watch_forwarder(
                 let now = events.dropped();
                 if now != dropped {
                     lost_unreported = lost_unreported.saturating_add(now.wrapping_sub(dropped));
-                    if let Some(suppressed) =
-                        warnings.admit(Kind::WatchEventsLost, Instant::now())
+                    if let Some(suppressed) = warnings.admit(Kind::WatchEventsLost, Instant::now())
                     {
                         warn!(
                             lost = lost_unreported,

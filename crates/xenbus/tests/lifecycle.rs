@@ -854,7 +854,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
         }
         let mut f = Fields(String::new());
         event.record(&mut f);
-        self.0.lock().unwrap().push((*event.metadata().level(), f.0));
+        self.0
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), f.0));
     }
 }
 
@@ -915,10 +918,7 @@ fn a_guest_repeating_warnings_gets_one_line_per_interval(kind: Kind) {
     let warnings = lines(tracing::Level::WARN);
     let count = |what: &str| warnings.iter().filter(|l| l.contains(what)).count();
     // One of each per 10 s interval (the test takes less than one, on a quiet machine).
-    assert!(
-        (1..=2).contains(&count("device failed")),
-        "{warnings:#?}"
-    );
+    assert!((1..=2).contains(&count("device failed")), "{warnings:#?}");
     assert!(
         (1..=2).contains(&count("ignoring unparsable flag")),
         "{warnings:#?}"
