@@ -640,12 +640,17 @@ impl RingRunner {
     }
 
     fn halt(&mut self, e: blkif::RingError) {
-        tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "frontend misbehaved; halting ring");
+        // Debug only: the guest decides how often this happens (every ring, every
+        // session); the event carries the reason to the owner, which reports it.
+        tracing::debug!(vbd = self.vbd.id.0, ring = self.index, error = %e, "frontend misbehaved; halting ring");
         self.state = State::Halted;
         self.stats
             .halted
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.vbd.emit(VbdEvent::RingHalted { ring: self.index });
+        self.vbd.emit(VbdEvent::RingHalted {
+            ring: self.index,
+            reason: e.to_string(),
+        });
     }
 
     /// Answers a request that never got a slot's worth of work.

@@ -132,8 +132,11 @@ pub enum VbdEvent {
     /// The storage refused an operation as unsupported: rewrite the feature nodes, as
     /// blkback's `xen_blkbk_flush_diskcache` / `xen_blkbk_barrier` do.
     FeaturesChanged(Features),
-    /// The frontend overflowed ring `ring`, which no longer consumes requests.
-    RingHalted { ring: usize },
+    /// The frontend overflowed ring `ring`, which no longer consumes requests; `reason`
+    /// says how. The engine does not log this beyond debug: a guest can make it happen on
+    /// every ring of every session, so the owner, who knows the device across sessions,
+    /// reports it (rate-limited).
+    RingHalted { ring: usize, reason: String },
 }
 
 /// Receives [`VbdEvent`]s. Called from reactor threads: must not block (send on a
@@ -264,7 +267,9 @@ impl VbdShared {
     }
 
     pub(crate) fn emit(&self, event: VbdEvent) {
-        tracing::info!(vbd = self.id.0, ?event, "vbd event");
+        // Resizes and lost features are logged where they are found; halted rings are the
+        // owner's to report.
+        tracing::debug!(vbd = self.id.0, ?event, "vbd event");
         if let Some(cb) = &self.events {
             cb(self.id, event);
         }

@@ -16,7 +16,7 @@ use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting}
 use xenbus::parse::{DiskFormat, DiskTarget};
 use xenbus::vbd::{
     ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
-    Protocol, VbdEvent, VbdFactory,
+    Protocol, VbdEvent, VbdEventSink, VbdFactory,
 };
 use xenbus::VbdError;
 
@@ -225,30 +225,7 @@ impl VbdFactory for EngineFactory {
             discard: req.features.discard,
             secure_discard: req.features.secure_discard,
         };
-        // The engine reports feature changes as the new set; the xenbus layer wants what
-        // was lost, so remember what is still advertised.
-        let still = Arc::new(Mutex::new(advertised));
-        let sink = req.events.clone();
-        let events: backend::EventCallback = Arc::new(move |_id, event| match event {
-            backend::VbdEvent::Resized { sectors } => {
-                sink.send(VbdEvent::Resized(sectors.saturating_mul(512)))
-            }
-            backend::VbdEvent::FeaturesChanged(now) => {
-                let mut was = still.lock().unwrap_or_else(|p| p.into_inner());
-                if was.flush && !now.flush {
-                    sink.send(VbdEvent::FeatureLost(Feature::Flush));
-                } else if was.barrier && !now.barrier {
-                    sink.send(VbdEvent::FeatureLost(Feature::Barrier));
-                }
-                if was.discard && !now.discard {
-                    sink.send(VbdEvent::FeatureLost(Feature::Discard));
-                }
-                *was = now;
-            }
-            backend::VbdEvent::RingHalted { ring } => sink.send(VbdEvent::Fatal(format!(
-                "ring {ring} halted: the frontend claimed more requests than the ring holds"
-            ))),
-        });
+        let events = event_forwarder(advertised, req.events.clone());
         let spec = VbdSpec {
             domid,
             storage: disk.storage.clone(),
@@ -282,6 +259,45 @@ impl VbdFactory for EngineFactory {
             .map_err(|e| VbdError::new("connecting the rings", &e, attach_errno(&e)))?;
         Ok(Box::new(EngineVbd { handle }))
     }
+}
+
+/// Translates the engine's reports into the xenbus layer's. The engine reports feature
+/// changes as the new set; the xenbus layer wants each feature lost, so this remembers
+/// what is still advertised.
+fn event_forwarder(advertised: Features, sink: VbdEventSink) -> backend::EventCallback {
+    let still = Arc::new(Mutex::new(advertised));
+    Arc::new(move |_id, event| match event {
+        backend::VbdEvent::Resized { sectors } => {
+            sink.send(VbdEvent::Resized(sectors.saturating_mul(512)))
+        }
+        backend::VbdEvent::FeaturesChanged(now) => {
+            let mut was = still.lock().unwrap_or_else(|p| p.into_inner());
+            for feature in lost_features(*was, now) {
+                sink.send(VbdEvent::FeatureLost(feature));
+            }
+            *was = now;
+        }
+        backend::VbdEvent::RingHalted { ring, reason } => {
+            sink.send(VbdEvent::Fatal(format!("ring {ring} halted: {reason}")))
+        }
+    })
+}
+
+/// What went from `was` to `now`, each feature once: losing flush takes barrier with it
+/// and losing discard takes secure discard (the xenbus layer withdraws both nodes).
+fn lost_features(was: Features, now: Features) -> Vec<Feature> {
+    let mut lost = Vec::new();
+    if was.flush && !now.flush {
+        lost.push(Feature::Flush);
+    } else if was.barrier && !now.barrier {
+        lost.push(Feature::Barrier);
+    }
+    if was.discard && !now.discard {
+        lost.push(Feature::Discard);
+    } else if was.secure_discard && !now.secure_discard {
+        lost.push(Feature::SecureDiscard);
+    }
+    lost
 }
 
 /// Linux's `dev_t` encoding (glibc's `gnu_dev_major`/`gnu_dev_minor`).
@@ -408,6 +424,68 @@ mod tests {
         assert_eq!(major_minor(dev), (259, 65536));
         assert!(check_device_number(std::path::Path::new("/dev/null"), (1, 3)).is_ok());
         assert!(check_device_number(std::path::Path::new("/etc/hostname"), (9, 9)).is_ok());
+    }
+
+    #[test]
+    fn every_lost_feature_reaches_the_xenbus_layer() {
+        let all = Features {
+            flush: true,
+            barrier: true,
+            discard: true,
+            secure_discard: true,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let sink = VbdEventSink::new(move |e| {
+            let _ = tx.lock().unwrap().send(e);
+        });
+        let forward = event_forwarder(all, sink);
+        let id = backend::VbdId(1);
+        let mut now = all;
+        // The storage refuses a secure discard: only that goes (the engine's report of
+        // `LostFeature::SecureDiscard`).
+        now.secure_discard = false;
+        forward(id, backend::VbdEvent::FeaturesChanged(now));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            VbdEvent::FeatureLost(Feature::SecureDiscard)
+        );
+        // Then plain discard, and flush (the engine clears one flag per report).
+        now.discard = false;
+        forward(id, backend::VbdEvent::FeaturesChanged(now));
+        now.flush = false;
+        forward(id, backend::VbdEvent::FeaturesChanged(now));
+        now.barrier = false;
+        forward(id, backend::VbdEvent::FeaturesChanged(now));
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            vec![
+                VbdEvent::FeatureLost(Feature::Discard),
+                VbdEvent::FeatureLost(Feature::Flush),
+                VbdEvent::FeatureLost(Feature::Barrier),
+            ]
+        );
+        // Discard lost at once with its secure variant: one report, which covers both.
+        assert_eq!(
+            lost_features(
+                all,
+                Features {
+                    discard: false,
+                    secure_discard: false,
+                    ..all
+                }
+            ),
+            vec![Feature::Discard]
+        );
+        let halted = backend::VbdEvent::RingHalted {
+            ring: 2,
+            reason: "frontend claims 99 outstanding requests".into(),
+        };
+        forward(id, halted);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            VbdEvent::Fatal("ring 2 halted: frontend claims 99 outstanding requests".into())
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! | Initialised, Connected | read rings (fatal on bad values), connect VBD, publish, Connected |
 //! | Closing | Closing |
 //! | Closed | disconnect (drain, unmap, unbind), Closed |
+//! | Unknown (written: `0`, or not a number) | disconnect, Closed, release the storage, stop following the frontend (blkback's `device_unregister`) |
+//! | a number xenbus.h does not define | fatal, as Reconfiguring/Reconfigured |
 //! | gone / domain gone | disconnect, Closed |
 //!
 //! and from the toolstack: `online` = 0 (libxl's destroy also writes `state` = Closing)
@@ -26,16 +28,20 @@
 //!
 //! Disconnecting can wait for storage, so it runs on a worker thread; the device is
 //! `disconnecting` meanwhile and the manager re-reconciles it when the worker reports.
+//!
+//! Every warning its guest can repeat at will goes through the device's
+//! [`Warnings`](crate::ratelimit::Warnings): one line per kind per interval.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::config::{BackendType, Config};
 use crate::error::{DeviceError, NegotiationError};
-use crate::negotiate::{self, BackendNodes};
+use crate::negotiate::{self, BackendNodes, IgnoredValue};
+use crate::ratelimit::{self, Kind, Warnings};
 use crate::state::XenbusState;
 use crate::status::DeviceStatus;
 use crate::store::{join, Store, StoreExt};
@@ -84,6 +90,8 @@ pub(crate) enum Outcome {
     Idle,
     /// Watch the frontend's `state` at this path (first sight of the frontend path).
     WatchFrontend,
+    /// Stop watching the frontend (the device no longer follows it).
+    UnwatchFrontend,
     /// The backend directory is gone and nothing is left running: forget the device.
     Forget,
 }
@@ -129,6 +137,34 @@ pub(crate) struct Device {
     last_disconnect: Option<DisconnectReport>,
     /// We wrote Linux's `error/...` node and must remove it when the device goes.
     wrote_linux_error: bool,
+    /// Features the storage refused after we advertised them: withdrawn for as long as
+    /// this storage is open, so a reconnecting frontend is not offered them again.
+    withdrawn: Withdrawn,
+    /// The frontend's state read Unknown: unregistering (waiting for the disconnect).
+    unregistering: bool,
+    /// Unregistered (blkback's `device_unregister`): the device ignores its frontend until
+    /// the toolstack re-creates or removes it.
+    unregistered: bool,
+    /// Rate limits of the warnings the guest can cause.
+    pub warnings: Warnings,
+}
+
+/// Features withdrawn after the storage refused them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Withdrawn {
+    flush: bool,
+    barrier: bool,
+    discard: bool,
+    secure_discard: bool,
+}
+
+impl Withdrawn {
+    fn apply(self, f: &mut BackendFeatures) {
+        f.flush &= !self.flush;
+        f.barrier &= !self.barrier;
+        f.discard &= !self.discard;
+        f.secure_discard &= !self.secure_discard && f.discard;
+    }
 }
 
 impl Device {
@@ -155,6 +191,52 @@ impl Device {
             disconnecting: false,
             last_disconnect: None,
             wrote_linux_error: false,
+            withdrawn: Withdrawn::default(),
+            unregistering: false,
+            unregistered: false,
+            warnings: Warnings::new(),
+        }
+    }
+
+    /// Logs a rate-limited warning of `kind`; `log` gets the device and the count of
+    /// earlier occurrences the line stands for, and is called only when a line is due.
+    fn warn_limited(&mut self, kind: Kind, log: impl FnOnce(&DeviceKey, u64)) {
+        if let Some(suppressed) = self.warnings.admit(kind, Instant::now()) {
+            log(&self.key, suppressed);
+        }
+    }
+
+    /// Logs a line of the state machine, which the frontend drives: rate-limited as
+    /// [`Kind::Lifecycle`], a line that follows suppressed ones preceded by their count.
+    fn info_limited(&mut self, log: impl FnOnce(&DeviceKey)) {
+        if let Some(suppressed) = self.warnings.admit(Kind::Lifecycle, Instant::now()) {
+            if suppressed > 0 {
+                ratelimit::log_suppressed(&self.key, Kind::Lifecycle, suppressed);
+            }
+            log(&self.key);
+        }
+    }
+
+    fn warn_ignored(&mut self, ignored: &[IgnoredValue]) {
+        for i in ignored {
+            let key = &self.key;
+            if let Some(suppressed) = self.warnings.admit(Kind::UnparsableFlag, Instant::now()) {
+                warn!(device = %key, path = %i.path, value = %i.value, suppressed,
+                    "ignoring unparsable flag");
+            }
+        }
+    }
+
+    /// Logs the counts of suppressed warnings whose interval is over (`all`: every count,
+    /// the device is going away).
+    pub fn report_suppressed(&mut self, now: Instant, all: bool) {
+        let due = if all {
+            self.warnings.drain()
+        } else {
+            self.warnings.overdue(now)
+        };
+        for (kind, count) in due {
+            ratelimit::log_suppressed(&self.key, kind, count);
         }
     }
 
@@ -175,6 +257,7 @@ impl Device {
         }
         let nodes = match negotiate::read_backend(store, &self.backend_path) {
             Ok(n) => n,
+            Err(DeviceError::Negotiation(_)) if self.unregistered => return Ok(Outcome::Idle),
             Err(DeviceError::Negotiation(e)) => {
                 // The toolstack wrote something unusable; report it like any fatal error.
                 self.fail(ctx, &DeviceError::Negotiation(e))?;
@@ -213,6 +296,7 @@ impl Device {
             let sessions = self.sessions;
             let session_id = self.session_id;
             let open_id = self.open_id;
+            let warnings = std::mem::take(&mut self.warnings);
             *self = Device::new(key, path);
             self.watched_frontend = watched;
             self.frontend_path = frontend_path;
@@ -220,7 +304,14 @@ impl Device {
             self.session_id = session_id;
             // An open still running for the old device reports a stale id.
             self.open_id = open_id;
+            self.warnings = warnings;
         }
+        if self.unregistered {
+            // Like a Linux backend device after `device_unregister`: nothing follows the
+            // frontend any more; only re-creation (above) or removal brings us back.
+            return Ok(Outcome::Idle);
+        }
+        self.warn_ignored(&nodes.ignored);
 
         let mut outcome = Outcome::Idle;
         if self.frontend_path.as_deref() != Some(nodes.frontend.as_str()) {
@@ -233,13 +324,19 @@ impl Device {
         let frontend = nodes.frontend.clone();
 
         let fe_raw = store.read(&join(&frontend, "state"))?;
-        let fe_state = match &fe_raw {
-            Some(v) => XenbusState::parse(v).unwrap_or_else(|| {
-                warn!(device = %self.key, value = %crate::error::sanitize(v), "unparsable frontend state");
-                XenbusState::Unknown
-            }),
-            None => XenbusState::Unknown,
-        };
+        // Linux reads the node with `%d` (`xenbus_read_driver_state`): a value that is no
+        // number is Unknown; a number xenbus.h does not define reaches `frontend_changed`'s
+        // `default:` case, which is fatal.
+        let undefined_state = fe_raw
+            .as_deref()
+            .filter(|v| XenbusState::parse(v).is_none())
+            .and_then(crate::parse::parse_u32);
+        let fe_state = fe_raw
+            .as_deref()
+            .and_then(XenbusState::parse)
+            .unwrap_or(XenbusState::Unknown);
+        let written_unknown =
+            fe_raw.is_some() && fe_state == XenbusState::Unknown && undefined_state.is_none();
         if fe_raw.is_some() {
             self.frontend_seen = true;
         }
@@ -249,6 +346,25 @@ impl Device {
         }
         let frontend_gone = self.domain_gone || (fe_raw.is_none() && self.frontend_seen);
         let close_requested = ctx.shutting_down || nodes.online == Some(false);
+
+        if !frontend_gone && (self.unregistering || written_unknown) {
+            if let Some(raw) = fe_raw.as_deref().filter(|_| !self.unregistering) {
+                let value = crate::error::sanitize(raw);
+                self.warn_limited(Kind::FrontendState, |key, suppressed| {
+                    warn!(device = %key, %value, suppressed,
+                        "frontend state is Unknown: closing the device and leaving it closed \
+                         until the toolstack re-creates or removes it, as Linux blkback does");
+                });
+            }
+            return self.unregister(ctx, &nodes);
+        }
+        if let Some(n) = undefined_state {
+            if self.failed.is_none() {
+                let e = NegotiationError::BadFrontendState(n.to_string());
+                self.fail(ctx, &e.into())?;
+            }
+            return Ok(outcome);
+        }
 
         // Device setup: blkback's probe (limits, InitWait) and backend_changed (open the
         // storage once the hotplug script has run).
@@ -297,7 +413,7 @@ impl Device {
 
         if frontend_gone {
             if self.session.is_some() {
-                info!(device = %self.key, "frontend gone; tearing down");
+                self.info_limited(|key| info!(device = %key, "frontend gone; tearing down"));
                 self.start_disconnect(ctx);
                 return Ok(outcome);
             }
@@ -315,8 +431,10 @@ impl Device {
 
         match fe_state {
             XenbusState::Unknown => {
-                // The frontend directory is not written yet: wait in InitWait, unless
-                // asked to close.
+                // No `state` node yet (one that reads Unknown was handled above): the
+                // frontend directory is not written yet, wait in InitWait, unless asked to
+                // close. Linux would take this for Unknown too, but only because its
+                // toolstack always writes the frontend first; ours may not.
                 if close_requested {
                     self.publish(ctx, &nodes, XenbusState::Closed)?;
                 }
@@ -325,7 +443,7 @@ impl Device {
                 if self.session.is_some() {
                     // A frontend that restarts without closing (crash + kexec): its old
                     // rings are gone, ours must go too before it reconnects.
-                    info!(device = %self.key, "frontend restarted without closing; disconnecting");
+                    self.info_limited(|key| info!(device = %key, "frontend restarted without closing; disconnecting"));
                     self.start_disconnect(ctx);
                     return Ok(outcome);
                 }
@@ -333,7 +451,9 @@ impl Device {
                     self.publish(ctx, &nodes, XenbusState::Closed)?;
                 } else if self.published != XenbusState::InitWait && self.failed.is_none() {
                     // Closed (or torn down above): blkback's "prepare for reconnect".
-                    info!(device = %self.key, "frontend is back: prepare for reconnect");
+                    self.info_limited(
+                        |key| info!(device = %key, "frontend is back: prepare for reconnect"),
+                    );
                     let settings = self.settings(ctx);
                     if negotiate::publish_initwait(store, &self.backend_path, &settings)? {
                         self.published = XenbusState::InitWait;
@@ -410,6 +530,34 @@ impl Device {
         Ok(Outcome::Forget)
     }
 
+    /// The frontend's `state` reads Unknown: what Linux blkback's `frontend_changed` does
+    /// for `XenbusStateUnknown` (drivers/block/xen-blkback/xenbus.c), `device_unregister`:
+    /// `xen_blkbk_remove` disconnects the rings and releases the VBD, `xenbus_dev_remove`
+    /// switches to Closed and drops the watch on the frontend, and the device is not
+    /// probed again, since `xenbus_probe_node` ignores a backend whose state is not
+    /// Initialising, until the toolstack re-creates it. Here likewise: rings
+    /// disconnected, Closed, storage released, the frontend no longer followed, until
+    /// re-creation (`state` Initialising) or removal.
+    fn unregister(&mut self, ctx: &Ctx<'_>, nodes: &BackendNodes) -> Result<Outcome, DeviceError> {
+        self.unregistering = true;
+        if self.session.is_some() {
+            // Finished when the disconnect reports, whatever the frontend writes meanwhile.
+            self.start_disconnect(ctx);
+            return Ok(Outcome::Idle);
+        }
+        self.publish(ctx, nodes, XenbusState::Closed)?;
+        // An open still running delivers to nobody: its storage is dropped on arrival.
+        self.opening = false;
+        self.disk = None;
+        self.disk_info = None;
+        self.withdrawn = Withdrawn::default();
+        self.unregistering = false;
+        self.unregistered = true;
+        self.frontend_path = None;
+        info!(device = %self.key, "unregistered: not following the frontend any more");
+        Ok(Outcome::UnwatchFrontend)
+    }
+
     fn settings(&self, ctx: &Ctx<'_>) -> crate::config::DeviceSettings {
         ctx.config
             .settings_for(&self.key.backend_type, self.key.domid, self.key.devid)
@@ -427,7 +575,7 @@ impl Device {
         }
         if negotiate::write_state(ctx.store.as_ref(), &self.backend_path, state)? {
             if self.published != state {
-                info!(device = %self.key, %state, "backend state");
+                self.info_limited(|key| info!(device = %key, %state, "backend state"));
             }
             self.published = state;
         }
@@ -491,6 +639,8 @@ impl Device {
                 self.disk_info = Some(info);
                 self.disk = Some(disk);
                 self.config = Some(config);
+                // A new storage: what the old one refused says nothing about it.
+                self.withdrawn = Withdrawn::default();
                 Ok(())
             }
             Err(e) => self.fail(ctx, &DeviceError::Vbd(e)),
@@ -504,32 +654,40 @@ impl Device {
         };
         let params = negotiate::read_frontend(ctx.store.as_ref(), frontend, &config.settings)?;
         let info = disk.info();
-        let features = negotiate::backend_features(config, &info, params.large_sector_size);
+        let mut features = negotiate::backend_features(config, &info, params.large_sector_size);
+        self.withdrawn.apply(&mut features);
+        let (config, disk) = (config.clone(), disk.clone());
+        self.warn_ignored(&params.ignored_flags);
         if info.logical_block_size > 512 && !params.large_sector_size {
             // What Linux blkback does too; Linux blkfront copes, others may not.
-            warn!(
-                device = %self.key,
-                sector_size = info.logical_block_size,
-                "frontend did not advertise feature-large-sector-size"
-            );
+            self.warn_limited(Kind::LargeSectorSize, |key, suppressed| {
+                warn!(
+                    device = %key,
+                    sector_size = info.logical_block_size,
+                    suppressed,
+                    "frontend did not advertise feature-large-sector-size"
+                );
+            });
         }
         self.session_id += 1;
         let vbd = ctx.factory.connect(ConnectRequest {
-            config,
-            disk,
+            config: &config,
+            disk: &disk,
             frontend: &params,
             features: &features,
             events: crate::manager::session_sink(ctx.events, &self.key, self.session_id),
         })?;
         self.sessions += 1;
-        info!(
-            device = %self.key,
-            protocol = ?params.protocol,
-            queues = params.queues.len(),
-            ring_page_order = params.ring_page_order,
-            persistent = params.persistent,
-            "rings connected"
-        );
+        self.info_limited(|key| {
+            info!(
+                device = %key,
+                protocol = ?params.protocol,
+                queues = params.queues.len(),
+                ring_page_order = params.ring_page_order,
+                persistent = params.persistent,
+                "rings connected"
+            )
+        });
         self.disk_info = Some(info);
         self.session = Some(Session {
             vbd,
@@ -539,7 +697,9 @@ impl Device {
         match negotiate::publish_connected(ctx.store.as_ref(), &self.backend_path, &features) {
             Ok(true) => {
                 self.published = XenbusState::Connected;
-                info!(device = %self.key, sectors = features.sectors, "Connected");
+                self.info_limited(
+                    |key| info!(device = %key, sectors = features.sectors, "Connected"),
+                );
                 Ok(())
             }
             Ok(false) => {
@@ -567,7 +727,9 @@ impl Device {
             }
             return Ok(());
         }
-        warn!(device = %self.key, errno, %message, "device failed");
+        self.warn_limited(Kind::DeviceFailed, |key, suppressed| {
+            warn!(device = %key, errno, %message, suppressed, "device failed");
+        });
         negotiate::publish_fatal(ctx.store.as_ref(), &self.backend_path, errno, &message)?;
         self.wrote_linux_error = true;
         self.failed = Some(format!("{errno} {message}"));
@@ -580,7 +742,7 @@ impl Device {
 
     fn start_disconnect(&mut self, ctx: &Ctx<'_>) {
         if let Some(s) = self.session.take() {
-            info!(device = %self.key, "disconnecting");
+            self.info_limited(|key| info!(device = %key, "disconnecting"));
             self.disconnecting = true;
             crate::manager::spawn_disconnect(
                 ctx.events,
@@ -605,15 +767,19 @@ impl Device {
         match result {
             Ok(report) => {
                 if report.drained {
-                    info!(device = %self.key, "disconnected");
+                    self.info_limited(|key| info!(device = %key, "disconnected"));
                 } else {
-                    warn!(device = %self.key, abandoned = report.abandoned_requests, detail = %report.detail,
-                        "disconnected without draining");
+                    self.warn_limited(Kind::Disconnect, |key, suppressed| {
+                        warn!(device = %key, abandoned = report.abandoned_requests,
+                            detail = %report.detail, suppressed, "disconnected without draining");
+                    });
                 }
                 self.last_disconnect = Some(report);
             }
             Err(e) => {
-                warn!(device = %self.key, error = %e, "disconnect failed");
+                self.warn_limited(Kind::Disconnect, |key, suppressed| {
+                    warn!(device = %key, error = %e, suppressed, "disconnect failed");
+                });
                 self.last_disconnect = Some(DisconnectReport {
                     drained: false,
                     abandoned_requests: 0,
@@ -656,27 +822,40 @@ impl Device {
                 }
             }
             VbdEvent::FeatureLost(feature) => {
+                // Linux blkback rewrites `feature-flush-cache` / `feature-barrier` to 0
+                // when the storage refuses them, and never withdraws discard; and on a
+                // reconnect it advertises all of them again. We withdraw every feature
+                // the engine can lose, secure discard included (a frontend reading
+                // `discard-secure` 1 would keep sending what fails), and keep them
+                // withdrawn for as long as this storage is open: a frontend reconnecting
+                // reads our nodes again, and the storage has not changed its mind.
+                let w = &mut self.withdrawn;
+                let f = &mut s.features;
                 let nodes: &[&str] = match feature {
                     Feature::Flush => {
-                        s.features.flush = false;
-                        s.features.barrier = false;
+                        (w.flush, w.barrier) = (true, true);
+                        (f.flush, f.barrier) = (false, false);
                         &["feature-flush-cache", "feature-barrier"]
                     }
                     Feature::Barrier => {
-                        s.features.barrier = false;
+                        w.barrier = true;
+                        f.barrier = false;
                         &["feature-barrier"]
                     }
                     Feature::Discard => {
-                        s.features.discard = false;
-                        &["feature-discard"]
+                        (w.discard, w.secure_discard) = (true, true);
+                        (f.discard, f.secure_discard) = (false, false);
+                        &["feature-discard", "discard-secure"]
+                    }
+                    Feature::SecureDiscard => {
+                        w.secure_discard = true;
+                        f.secure_discard = false;
+                        &["discard-secure"]
                     }
                 };
-                for n in nodes {
-                    if store.exists(&self.backend_path)? {
-                        store.write_str(&join(&self.backend_path, n), "0")?;
-                    }
+                if negotiate::publish_withdrawn(ctx.store.as_ref(), &self.backend_path, nodes)? {
+                    self.info_limited(|key| info!(device = %key, ?feature, "feature withdrawn"));
                 }
-                info!(device = %self.key, ?feature, "feature withdrawn");
             }
             VbdEvent::Fatal(message) => {
                 let e = DeviceError::Vbd(crate::VbdError::new("engine", message, 5));

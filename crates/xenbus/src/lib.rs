@@ -20,6 +20,7 @@
 //! | [`xs`] | [`store::Store`] over the `xenstore` crate's client, and its watch forwarder |
 //! | [`memstore`] | an in-memory [`store::Store`] for unit tests |
 //! | [`status`] | the JSON status snapshot and control protocol types |
+//! | [`ratelimit`] | per-device limits on the warnings a guest can cause at will |
 //! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
 
 pub mod config;
@@ -30,6 +31,7 @@ pub mod manager;
 pub mod memstore;
 pub mod negotiate;
 pub mod parse;
+pub mod ratelimit;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -29,6 +29,8 @@ const TOKEN_PREFIX: &str = "xenblkd:";
 const RELEASE_DOMAIN: &str = "@releaseDomain";
 /// How often the loop wakes without events (shutdown deadline, retries).
 const TICK: Duration = Duration::from_millis(100);
+/// How often devices are asked for the counts of warnings they suppressed.
+const SUPPRESSED_REPORT_PERIOD: Duration = Duration::from_secs(1);
 /// Backend nodes whose change can move a device; writes to any other node (most of them
 /// ours: features, sectors) are ignored instead of re-reading the whole device.
 const RELEVANT_BACKEND_NODES: &[&str] = &[
@@ -138,6 +140,8 @@ pub struct Manager {
     metrics: Option<Metrics>,
     /// A scan failed transiently; scan every type again on the next tick.
     rescan_pending: bool,
+    /// When devices last reported their suppressed warnings.
+    suppressed_reported: Instant,
 }
 
 /// Produces the daemon-wide gauges of a status reply.
@@ -160,6 +164,7 @@ impl Manager {
             retry: BTreeSet::new(),
             metrics: None,
             rescan_pending: false,
+            suppressed_reported: Instant::now(),
         }
     }
 
@@ -236,6 +241,13 @@ impl Manager {
             let mut batch: Vec<Event> = first.into_iter().collect();
             batch.extend(self.rx.try_iter());
             self.process(batch)?;
+            let now = Instant::now();
+            if now.saturating_duration_since(self.suppressed_reported) >= SUPPRESSED_REPORT_PERIOD {
+                self.suppressed_reported = now;
+                for dev in self.devices.values_mut() {
+                    dev.report_suppressed(now, false);
+                }
+            }
         }
     }
 
@@ -374,11 +386,28 @@ impl Manager {
                 if e.is_disconnected() {
                     return Err(e);
                 }
-                warn!(device = %key, error = %e, "reconcile failed; will retry");
-                self.retry.insert(key);
+                self.reconcile_failed(&key, &e);
             }
         }
         Ok(())
+    }
+
+    /// A device's reconcile failed on a store error: retried on the next tick, reported
+    /// rate-limited (a guest can make its own nodes unreadable to a driver domain, and
+    /// the retry comes every tick).
+    fn reconcile_failed(&mut self, key: &DeviceKey, e: &dyn std::fmt::Display) {
+        self.retry.insert(key.clone());
+        match self.devices.get_mut(key) {
+            Some(dev) => {
+                if let Some(suppressed) = dev
+                    .warnings
+                    .admit(crate::ratelimit::Kind::ReconcileFailed, Instant::now())
+                {
+                    warn!(device = %key, error = %e, suppressed, "reconcile failed; will retry");
+                }
+            }
+            None => warn!(device = %key, error = %e, "reconcile failed; will retry"),
+        }
     }
 
     /// Maps a watch event to the devices (or backend types, domains) it concerns.
@@ -609,19 +638,22 @@ impl Manager {
                     }
                 }
             }
+            Ok(Outcome::UnwatchFrontend) => {
+                if let Some(w) = dev.watched_frontend.take() {
+                    let _ = self.store.unwatch(&w, &fe_token(key));
+                }
+            }
             Ok(Outcome::Forget) => {
-                if let Some(dev) = self.devices.remove(key) {
-                    if let Some(w) = dev.watched_frontend {
+                if let Some(mut dev) = self.devices.remove(key) {
+                    if let Some(w) = dev.watched_frontend.take() {
                         let _ = self.store.unwatch(&w, &fe_token(key));
                     }
+                    dev.report_suppressed(Instant::now(), true);
                 }
                 info!(device = %key, "device removed");
             }
             Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
-            Err(e) => {
-                warn!(device = %key, error = %e, "reconcile failed; will retry");
-                self.retry.insert(key.clone());
-            }
+            Err(e) => self.reconcile_failed(key, &e),
         }
         Ok(())
     }

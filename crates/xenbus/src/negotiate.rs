@@ -10,8 +10,6 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use tracing::warn;
-
 use crate::config::{DeviceSettings, MAX_RING_PAGE_ORDER};
 use crate::error::{sanitize, DeviceError, NegotiationError, StoreError};
 use crate::parse::{parse_flag, parse_major_minor, parse_params, parse_u32, DiskTarget};
@@ -51,6 +49,19 @@ pub struct BackendNodes {
     pub state: Option<XenbusState>,
     /// `dev` (the guest's name for the disk, informational).
     pub dev: Option<String>,
+    /// Optional flags that held no number and were read as their default.
+    pub ignored: Vec<IgnoredValue>,
+}
+
+/// An optional flag that held no number, read as its default. The caller reports it: the
+/// device's reads are woken by its guest, so a plain warning per read would let the guest
+/// fill the log ([`crate::ratelimit`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IgnoredValue {
+    /// The node.
+    pub path: String,
+    /// What it held, escaped and bounded for logs.
+    pub value: String,
 }
 
 impl BackendNodes {
@@ -101,19 +112,23 @@ fn invalid(path: String, value: &[u8]) -> NegotiationError {
     }
 }
 
-/// Reads an optional flag; a value that is not a number counts as absent (with a warning):
-/// optional features must not make a device fail.
+/// Reads an optional flag; a value that is not a number counts as absent (and is noted in
+/// `ignored`): optional features must not make a device fail.
 fn read_flag(
     store: &dyn StoreOps,
     dir: &str,
     name: &str,
     default: bool,
+    ignored: &mut Vec<IgnoredValue>,
 ) -> Result<bool, StoreError> {
     let path = join(dir, name);
     Ok(match store.read(&path)? {
         None => default,
         Some(v) => parse_flag(&v).unwrap_or_else(|| {
-            warn!(%path, value = %sanitize(&v), "ignoring unparsable flag");
+            ignored.push(IgnoredValue {
+                value: sanitize(&v),
+                path,
+            });
             default
         }),
     })
@@ -166,22 +181,24 @@ pub fn read_backend(
     let online = store
         .read(&join(backend, "online"))?
         .map(|v| parse_flag(&v).unwrap_or(false));
+    let mut ignored = Vec::new();
     Ok(Some(BackendNodes {
         frontend,
         frontend_id,
         params: store.read(&join(backend, "params"))?,
         read_only: !mode.contains(&b'w'),
         cdrom: store.read(&join(backend, "device-type"))?.as_deref() == Some(b"cdrom"),
-        removable: read_flag(store, backend, "removable", false)?,
+        removable: read_flag(store, backend, "removable", false, &mut ignored)?,
         physical_device,
         physical_device_path,
-        direct_io_safe: read_flag(store, backend, "direct-io-safe", false)?,
-        discard_enable: read_flag(store, backend, "discard-enable", true)?,
+        direct_io_safe: read_flag(store, backend, "direct-io-safe", false, &mut ignored)?,
+        discard_enable: read_flag(store, backend, "discard-enable", true, &mut ignored)?,
         online,
         state: store
             .read(&join(backend, "state"))?
             .and_then(|v| XenbusState::parse(&v)),
         dev: store.read_string(&join(backend, "dev"))?,
+        ignored,
     }))
 }
 
@@ -348,8 +365,21 @@ pub fn read_frontend(
 ) -> Result<FrontendParams, DeviceError> {
     let (protocol, protocol_specified) =
         parse_protocol(store.read(&join(frontend, "protocol"))?.as_deref())?;
-    let frontend_persistent = read_flag(store, frontend, "feature-persistent", false)?;
-    let large_sector_size = read_flag(store, frontend, "feature-large-sector-size", false)?;
+    let mut ignored_flags = Vec::new();
+    let frontend_persistent = read_flag(
+        store,
+        frontend,
+        "feature-persistent",
+        false,
+        &mut ignored_flags,
+    )?;
+    let large_sector_size = read_flag(
+        store,
+        frontend,
+        "feature-large-sector-size",
+        false,
+        &mut ignored_flags,
+    )?;
 
     let nq_path = join(frontend, "multi-queue-num-queues");
     let num_queues = match store.read(&nq_path)? {
@@ -431,6 +461,7 @@ pub fn read_frontend(
         frontend_persistent,
         persistent: settings.persistent_grants && frontend_persistent,
         large_sector_size,
+        ignored_flags,
     })
 }
 
@@ -559,6 +590,29 @@ pub fn publish_resize(
     Ok(written)
 }
 
+/// Rewrites feature nodes to 0 after the storage refused what they advertise (blkback's
+/// `xen_blkbk_flush_diskcache(..., 0)` / `xen_blkbk_barrier(..., 0)` on EOPNOTSUPP), in one
+/// transaction. `Ok(false)` if the device is being removed.
+pub fn publish_withdrawn(
+    store: &dyn crate::store::Store,
+    backend: &str,
+    nodes: &[&str],
+) -> Result<bool, StoreError> {
+    let mut written = false;
+    store.transaction(&mut |tx| {
+        written = false;
+        if tx.read(&join(backend, "state"))?.is_none() {
+            return Ok(());
+        }
+        for n in nodes {
+            tx.write_str(&join(backend, n), "0")?;
+        }
+        written = true;
+        Ok(())
+    })?;
+    Ok(written)
+}
+
 /// Where Linux's `xenbus_dev_fatal` puts the error of a device: `error/<nodename>/error`
 /// under the backend domain's home, next to our own `<backend>/error`.
 pub fn linux_error_path(backend: &str) -> Option<String> {
@@ -663,8 +717,11 @@ mod tests {
             .unwrap();
         s.write(&join(BE, "mode"), b"r").unwrap();
         s.write(&join(BE, "discard-enable"), b"0").unwrap();
+        s.write(&join(BE, "removable"), b"maybe").unwrap();
         let n = read_backend(&s, BE).unwrap().unwrap();
-        assert!(n.hotplug_done() && n.read_only && !n.discard_enable);
+        assert!(n.hotplug_done() && n.read_only && !n.discard_enable && !n.removable);
+        assert_eq!(n.ignored.len(), 1);
+        assert_eq!(n.ignored[0].path, join(BE, "removable"));
         assert_eq!(n.physical_device, Some((0xfd, 3)));
         assert_eq!(n.target(BE).unwrap().path.to_str().unwrap(), "/dev/loop3");
         // Only a device number: its /dev/block node (blkback opens by number too).
@@ -897,10 +954,15 @@ mod tests {
             ("event-channel", "5"),
             ("feature-persistent", "yes"),
         ]);
-        assert!(
-            !read_frontend(&s, FE, &settings())
-                .unwrap()
-                .frontend_persistent
+        let p = read_frontend(&s, FE, &settings()).unwrap();
+        assert!(!p.frontend_persistent);
+        // Noted for the caller to report (rate-limited), not logged here.
+        assert_eq!(
+            p.ignored_flags,
+            vec![IgnoredValue {
+                path: join(FE, "feature-persistent"),
+                value: "yes".into()
+            }]
         );
     }
 

@@ -134,6 +134,9 @@ pub struct FrontendParams {
     pub persistent: bool,
     /// The frontend's `feature-large-sector-size`.
     pub large_sector_size: bool,
+    /// Optional flags the frontend filled with something other than a number (read as
+    /// absent).
+    pub ignored_flags: Vec<crate::negotiate::IgnoredValue>,
 }
 
 /// What we publish in the backend directory at connect (and what the engine must honour:
@@ -196,7 +199,9 @@ pub enum VbdEvent {
     /// The storage has a new size (bytes): publish `sectors` and re-write `state`.
     Resized(u64),
     /// The storage turned out not to support a feature we advertised: stop advertising it
-    /// (blkback rewrites `feature-flush-cache`/`feature-barrier` 0 on EOPNOTSUPP).
+    /// (blkback rewrites `feature-flush-cache`/`feature-barrier` 0 on EOPNOTSUPP; we do
+    /// the same for discard and secure discard, and keep them withdrawn across frontend
+    /// reconnects, see `Device::vbd_event`).
     FeatureLost(Feature),
     /// The VBD cannot go on (e.g. the frontend overflowed its ring): write `error` and
     /// close the device.
@@ -210,8 +215,10 @@ pub enum Feature {
     Flush,
     /// Barrier only.
     Barrier,
-    /// Discard.
+    /// Discard (and with it, secure discard).
     Discard,
+    /// Secure discard only.
+    SecureDiscard,
 }
 
 /// Where a connected VBD sends its [`VbdEvent`]s. Cheap to clone, `Send + Sync`; sending

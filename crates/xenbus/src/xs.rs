@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use tracing::{debug, warn};
 use xenstore::{Errno, XsClient, XsOps};
 
 use crate::error::StoreError;
 use crate::manager::{Event, EventSender};
+use crate::ratelimit::{Kind, Warnings};
 use crate::store::{Access, Perm, Store, StoreOps};
 
 /// Retries of a conflicting transaction (Linux's xenbus drivers retry forever; a bound
@@ -188,13 +190,22 @@ pub fn spawn_watch_forwarder(
         .name("xenstore-watches".into())
         .spawn(move || {
             let mut dropped = events.dropped();
+            // A guest flooding a node we watch can overflow the queue again and again: one
+            // line per interval, counting every event lost since the last one.
+            let mut warnings = Warnings::new();
+            let mut lost_unreported = 0u64;
             while let Ok(ev) = events.recv() {
                 let now = events.dropped();
                 if now != dropped {
-                    warn!(
-                        lost = now - dropped,
-                        "xenstore watch events were lost; rescanning"
-                    );
+                    lost_unreported = lost_unreported.saturating_add(now.wrapping_sub(dropped));
+                    if let Some(suppressed) = warnings.admit(Kind::WatchEventsLost, Instant::now())
+                    {
+                        warn!(
+                            lost = lost_unreported,
+                            suppressed, "xenstore watch events were lost; rescanning"
+                        );
+                        lost_unreported = 0;
+                    }
                     dropped = now;
                     if !sender.send(Event::Rescan) {
                         return;

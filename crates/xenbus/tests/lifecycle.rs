@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -17,8 +17,8 @@ use xenbus::memstore::MemStore;
 use xenbus::store::{join, Store, StoreExt};
 use xenbus::toolstack::{self, DiskSpec, Removal};
 use xenbus::vbd::{
-    ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
-    FrontendParams, VbdEvent, VbdEventSink, VbdFactory,
+    BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo,
+    Feature, FrontendParams, VbdEvent, VbdEventSink, VbdFactory,
 };
 use xenbus::xs::{spawn_watch_forwarder, XsStore};
 use xenbus::{EventSender, Manager, StoreError, VbdError, XenbusState};
@@ -33,6 +33,10 @@ struct Shared {
     fail_open: Mutex<HashSet<PathBuf>>,
     sizes: Mutex<BTreeMap<PathBuf, u64>>,
     connects: Mutex<Vec<(DeviceConfig, FrontendParams)>>,
+    /// The features each connect was asked to serve.
+    features: Mutex<Vec<BackendFeatures>>,
+    /// Disks report secure discard.
+    secure_discard: AtomicBool,
     sinks: Mutex<Vec<VbdEventSink>>,
     disconnect_delay: Mutex<Duration>,
     open_delay: Mutex<BTreeMap<PathBuf, Duration>>,
@@ -52,7 +56,7 @@ impl Disk for FakeDisk {
             read_only: false,
             flush: true,
             discard: true,
-            secure_discard: false,
+            secure_discard: self.shared.secure_discard.load(Ordering::SeqCst),
             discard_granularity: 4096,
             discard_alignment: 0,
         }
@@ -143,6 +147,7 @@ impl VbdFactory for FakeFactory {
             .lock()
             .unwrap()
             .push((req.config.clone(), req.frontend.clone()));
+        self.0.features.lock().unwrap().push(*req.features);
         self.0.sinks.lock().unwrap().push(req.events.clone());
         Ok(Box::new(FakeVbd {
             shared: self.0.clone(),
@@ -721,6 +726,218 @@ fn slow_storage_open_stalls_no_other_device(kind: Kind) {
     h.stop();
 }
 
+/// Linux blkback on a frontend `state` that reads Unknown (`0`, or no number at all):
+/// disconnect, Closed, and the device is left alone until the toolstack re-creates it. A
+/// number xenbus.h does not define is fatal instead, as in blkback's `default:` case.
+fn frontend_writing_unknown_is_disconnected_and_left_closed(kind: Kind) {
+    let h = Harness::default(kind);
+    let (good_be, _) = connected_disk(&h, 6, 51712, "/images/good.img");
+    for (domid, value) in [(5u32, &b"0"[..]), (7, b"connected!")] {
+        let (be, fe) = connected_disk(&h, domid, 51712, "/images/a.img");
+        let guest = h.guest(domid);
+        guest.write(&join(&fe, "state"), value).unwrap();
+        h.wait_state(&be, XenbusState::Closed);
+        h.wait_until("disconnect", || h.live() == 1);
+        let device = |h: &Harness| {
+            h.sender
+                .status(WAIT)
+                .unwrap()
+                .1
+                .into_iter()
+                .find(|d| d.domid == domid)
+                .unwrap()
+        };
+        // The storage is released and the frontend no longer followed.
+        let d = device(&h);
+        assert!(d.disk.is_none() && d.frontend.is_none() && d.frontend_path.is_none());
+        // A frontend starting over is not served: the device is gone as far as it is
+        // concerned (Linux has unregistered it).
+        guest.write(&join(&fe, "state"), b"1").unwrap();
+        h.frontend_connect(&fe, &[]);
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.state(&be), XenbusState::Closed);
+        assert_eq!(h.live(), 1);
+        // The toolstack's removal is clean (nothing to wait for)...
+        assert_eq!(
+            toolstack::remove_disk(h.store.as_ref(), &be, &fe, Duration::from_secs(1)).unwrap(),
+            Removal::Clean
+        );
+        // ...and a device added again under the same name is served again.
+        let spec = DiskSpec::new("xenblkd", domid, 51712, "/images/again.img");
+        assert_eq!(h.attach(&spec), XenbusState::InitWait);
+        h.frontend_connect(&fe, &[]);
+        h.wait_state(&be, XenbusState::Connected);
+        assert_eq!(h.live(), 2);
+        h.set_frontend_state(&fe, XenbusState::Closed);
+        h.wait_state(&be, XenbusState::Closed);
+        h.wait_until("disconnect", || h.live() == 1);
+    }
+    // An undefined state number is a fatal error, not Unknown.
+    let (be, fe) = connected_disk(&h, 8, 51712, "/images/b.img");
+    h.guest(8).write(&join(&fe, "state"), b"9").unwrap();
+    h.wait_state(&be, XenbusState::Closing);
+    assert_eq!(
+        h.get(&join(&be, "error")).as_deref(),
+        Some("22 saw state 9 at frontend")
+    );
+    h.wait_until("disconnect", || h.live() == 1);
+    assert_eq!(h.state(&good_be), XenbusState::Connected);
+    h.stop();
+}
+
+/// A feature the storage refused is withdrawn from xenstore (secure discard included),
+/// and stays withdrawn when the frontend reconnects: the storage has not changed.
+fn refused_features_stay_withdrawn_across_reconnects(kind: Kind) {
+    let h = Harness::default(kind);
+    h.shared.secure_discard.store(true, Ordering::SeqCst);
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    assert_eq!(h.get(&join(&be, "discard-secure")).as_deref(), Some("1"));
+    let sink = h.shared.sinks.lock().unwrap()[0].clone();
+    sink.send(VbdEvent::FeatureLost(Feature::SecureDiscard));
+    h.wait_until("secure discard withdrawn", || {
+        h.get(&join(&be, "discard-secure")).as_deref() == Some("0")
+    });
+    assert_eq!(h.get(&join(&be, "feature-discard")).as_deref(), Some("1"));
+    sink.send(VbdEvent::FeatureLost(Feature::Flush));
+    h.wait_until("flush withdrawn", || {
+        h.get(&join(&be, "feature-flush-cache")).as_deref() == Some("0")
+    });
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    let f = devices[0].features.unwrap();
+    assert!(!f.secure_discard && !f.flush && !f.barrier && f.discard);
+
+    // The frontend closes and reconnects: what it reads is still the truth, and the engine
+    // is not asked to serve what the storage refused.
+    h.set_frontend_state(&fe, XenbusState::Closed);
+    h.wait_state(&be, XenbusState::Closed);
+    h.wait_until("disconnect", || h.live() == 0);
+    h.set_frontend_state(&fe, XenbusState::Initialising);
+    h.wait_state(&be, XenbusState::InitWait);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    for (node, value) in [
+        ("feature-flush-cache", "0"),
+        ("feature-barrier", "0"),
+        ("feature-discard", "1"),
+        ("discard-secure", "0"),
+    ] {
+        assert_eq!(h.get(&join(&be, node)).as_deref(), Some(value), "{node}");
+    }
+    let served = *h.shared.features.lock().unwrap().last().unwrap();
+    assert!(!served.secure_discard && !served.flush && !served.barrier && served.discard);
+    // Discard lost takes its secure variant's node with it.
+    let sink = h.shared.sinks.lock().unwrap()[1].clone();
+    sink.send(VbdEvent::FeatureLost(Feature::Discard));
+    h.wait_until("discard withdrawn", || {
+        h.get(&join(&be, "feature-discard")).as_deref() == Some("0")
+    });
+    assert_eq!(h.get(&join(&be, "discard-secure")).as_deref(), Some("0"));
+    h.stop();
+}
+
+/// What the test's tracing layer saw: (level, every field as `name=value`).
+type Seen = Mutex<Vec<(tracing::Level, String)>>;
+
+struct Capture(&'static Seen);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        let mut f = Fields(String::new());
+        event.record(&mut f);
+        self.0
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), f.0));
+    }
+}
+
+/// Every event of the process from the first call on (tests run in parallel: filter by
+/// what is yours).
+fn captured() -> &'static Seen {
+    static SEEN: std::sync::OnceLock<&'static Seen> = std::sync::OnceLock::new();
+    SEEN.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen: &'static Seen = Box::leak(Box::default());
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture(seen)))
+            .expect("no other subscriber in this test binary");
+        seen
+    })
+}
+
+/// A guest failing its device in a loop (a connect with a ring it never granted and a
+/// garbage optional flag, then Closed, Initialising, again) gets each warning logged once
+/// per interval, not once per round; its device still fails every round, and the other
+/// device is untouched.
+fn a_guest_repeating_warnings_gets_one_line_per_interval(kind: Kind) {
+    let seen = captured();
+    let h = Harness::default(kind);
+    let (good_be, _) = connected_disk(&h, 6, 51712, "/images/good.img");
+    // Its own domain per store kind: both run at once in this process.
+    let domid = match kind {
+        Kind::Mem => 31,
+        Kind::Server => 32,
+    };
+    let spec = DiskSpec::new("xenblkd", domid, 51712, "/images/bad.img");
+    h.attach(&spec);
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    let guest = h.guest(domid);
+    const ROUNDS: usize = 40;
+    for round in 0..ROUNDS {
+        h.frontend_connect(&fe, &[("ring-ref", "2989"), ("feature-persistent", "yes")]);
+        h.wait_state(&be, XenbusState::Closing);
+        assert!(
+            h.get(&join(&be, "error"))
+                .unwrap()
+                .starts_with("22 mapping ring-ref 2989"),
+            "round {round}"
+        );
+        guest.write(&join(&fe, "state"), b"6").unwrap();
+        h.wait_state(&be, XenbusState::Closed);
+        guest.write(&join(&fe, "state"), b"1").unwrap();
+        h.wait_state(&be, XenbusState::InitWait);
+    }
+    let device = format!("device=xenblkd/{domid}/51712 ");
+    let lines = |level: tracing::Level| -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, fields)| *l == level && fields.contains(&device))
+            .map(|(_, fields)| fields.clone())
+            .collect()
+    };
+    let warnings = lines(tracing::Level::WARN);
+    let count = |what: &str| warnings.iter().filter(|l| l.contains(what)).count();
+    // One of each per 10 s interval (the test takes less than one, on a quiet machine).
+    assert!((1..=2).contains(&count("device failed")), "{warnings:#?}");
+    assert!(
+        (1..=2).contains(&count("ignoring unparsable flag")),
+        "{warnings:#?}"
+    );
+    assert_eq!(
+        warnings.len(),
+        count("device failed")
+            + count("ignoring unparsable flag")
+            + count("repeated log lines were suppressed"),
+        "{warnings:#?}"
+    );
+    // The state machine's own lines (three a round) are capped per interval too.
+    let infos = lines(tracing::Level::INFO);
+    let cap = 2 * xenbus::ratelimit::Kind::Lifecycle.burst() as usize + 4;
+    assert!(infos.len() <= cap, "{} lines: {infos:#?}", infos.len());
+    assert_eq!(h.state(&good_be), XenbusState::Connected);
+    h.stop();
+}
+
 fn online_zero_closes_an_idle_device_at_once(kind: Kind) {
     let h = Harness::default(kind);
     let spec = DiskSpec::new("xenblkd", 5, 51712, "/images/a.img");
@@ -1087,4 +1304,7 @@ over_both_stores!(
     resize_and_lost_features_are_published,
     shutdown_closes_every_device,
     shutdown_forces_unresponsive_frontends_after_the_deadline,
+    frontend_writing_unknown_is_disconnected_and_left_closed,
+    refused_features_stay_withdrawn_across_reconnects,
+    a_guest_repeating_warnings_gets_one_line_per_interval,
 );
