@@ -285,7 +285,14 @@ impl GrantMapper for LinuxPlatform {
         // writable when `access` is ReadWrite, and GrantMapping never writes through a
         // read-only one.
         let mem = unsafe { SharedMemory::from_raw_parts(ptr, len, Some(release)) };
-        Ok(GrantMapping::new(mem, access, domid, count))
+        // One IOCTL_GNTDEV_MAP_GRANT_REF and one mmap of the whole range: one VMA
+        // (gntdev's VMAs carry vm_ops with a close hook, so the kernel never merges them
+        // with a neighbour either).
+        Ok(GrantMapping::new(mem, access, domid, count, 1))
+    }
+
+    fn max_vmas(&self, pages: usize) -> usize {
+        pages.min(1)
     }
 
     fn copy(&self, ops: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -60,10 +60,56 @@ pub const MAX_PORTS_PER_DOMAIN: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Live grant-mapping accounting shared with every mapping's release callback.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     mappings: AtomicUsize,
     pages: AtomicUsize,
+    /// VMAs the grant mappings occupy (one per `mmap`: per run of consecutive frames).
+    vmas: AtomicUsize,
+    /// Most `vmas` there may be ([`SimPlatform::set_grant_vma_limit`]).
+    vma_limit: AtomicUsize,
+    /// Maps refused because they would have gone past `vma_limit`.
+    vma_refusals: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            mappings: AtomicUsize::new(0),
+            pages: AtomicUsize::new(0),
+            vmas: AtomicUsize::new(0),
+            vma_limit: AtomicUsize::new(usize::MAX),
+            vma_refusals: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Counters {
+    /// Takes `n` VMAs for a mapping about to be made, or fails with ENOMEM as `mmap`
+    /// does once a process holds `vm.max_map_count` of them.
+    fn take_vmas(&self, n: usize) -> std::io::Result<()> {
+        let limit = self.vma_limit.load(Ordering::Acquire);
+        let mut held = self.vmas.load(Ordering::Acquire);
+        loop {
+            if held.saturating_add(n) > limit {
+                self.vma_refusals.fetch_add(1, Ordering::AcqRel);
+                return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            match self.vmas.compare_exchange_weak(
+                held,
+                held + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    fn release_vmas(&self, n: usize) {
+        self.vmas.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 /// An event channel a guest offered (an unbound port on Xen).
@@ -460,6 +506,29 @@ impl SimPlatform {
         v
     }
 
+    /// Simulates `vm.max_map_count` for the grant mappings: from now on a map that would
+    /// make them occupy more than `limit` VMAs fails with ENOMEM, as `mmap` does in a
+    /// process at its limit (`None`: no limit but the real one). The VMAs counted are
+    /// those of grant mappings only (see [`SimPlatform::live_vmas`]); the rest of the
+    /// process is what a backend's own reserve stands for.
+    pub fn set_grant_vma_limit(&self, limit: Option<usize>) {
+        self.inner
+            .counters
+            .vma_limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Release);
+    }
+
+    /// VMAs the live grant mappings occupy: one per `mmap`, so one per run of consecutive
+    /// guest frames of a batch, and one per single grant.
+    pub fn live_vmas(&self) -> usize {
+        self.inner.counters.vmas.load(Ordering::Acquire)
+    }
+
+    /// Maps refused (ENOMEM) because of [`SimPlatform::set_grant_vma_limit`].
+    pub fn vma_limit_refusals(&self) -> u64 {
+        self.inner.counters.vma_refusals.load(Ordering::Acquire)
+    }
+
     fn lookup(&self, domid: DomId) -> Option<Arc<SimDomain>> {
         self.inner
             .domains
@@ -499,6 +568,10 @@ impl SimPlatform {
                     status,
                 }
             })?;
+        if let Err(source) = self.inner.counters.take_vmas(1) {
+            dom.active.unpin(&dom.table, gref, readonly);
+            return Err(MapError::AddressSpace { pages: 1, source });
+        }
         let release = {
             let dom = dom.clone();
             let counters = self.inner.counters.clone();
@@ -506,17 +579,19 @@ impl SimPlatform {
                 dom.active.unpin(&dom.table, gref, readonly);
                 counters.mappings.fetch_sub(1, Ordering::AcqRel);
                 counters.pages.fetch_sub(1, Ordering::AcqRel);
+                counters.release_vmas(1);
             })
         };
         match vm::map_frame(dom.memory.as_fd(), frame, access.is_writable(), release) {
             Ok(mem) => {
                 self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
                 self.inner.counters.pages.fetch_add(1, Ordering::AcqRel);
-                Ok(GrantMapping::new(mem, access, domid, 1))
+                Ok(GrantMapping::new(mem, access, domid, 1, 1))
             }
             Err(source) => {
-                // `release` was dropped unrun: undo the pin here.
+                // `release` was dropped unrun: undo the pin and the VMA here.
                 dom.active.unpin(&dom.table, gref, readonly);
+                self.inner.counters.release_vmas(1);
                 Err(MapError::AddressSpace { pages: 1, source })
             }
         }
@@ -697,6 +772,21 @@ impl GrantMapper for SimPlatform {
                 }
             }
         }
+        // The frames were read once, by the pins: what the mapping costs is known before
+        // any mmap, and cannot change under us.
+        let vmas = vm::runs(&frames);
+        let unpin_all = || {
+            for &g in refs {
+                dom.active.unpin(&dom.table, g, readonly);
+            }
+        };
+        if let Err(source) = self.inner.counters.take_vmas(vmas) {
+            unpin_all();
+            return Err(MapError::AddressSpace {
+                pages: count,
+                source,
+            });
+        }
         let release = {
             let dom = dom.clone();
             let refs = refs.to_vec();
@@ -707,19 +797,19 @@ impl GrantMapper for SimPlatform {
                 }
                 counters.mappings.fetch_sub(1, Ordering::AcqRel);
                 counters.pages.fetch_sub(refs.len(), Ordering::AcqRel);
+                counters.release_vmas(vmas);
             })
         };
         match vm::map_frames(dom.memory.as_fd(), &frames, access.is_writable(), release) {
             Ok(mem) => {
                 self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
                 self.inner.counters.pages.fetch_add(count, Ordering::AcqRel);
-                Ok(GrantMapping::new(mem, access, domid, count))
+                Ok(GrantMapping::new(mem, access, domid, count, vmas))
             }
             Err(source) => {
-                // `release` was dropped unrun: undo the pins here.
-                for &g in refs {
-                    dom.active.unpin(&dom.table, g, readonly);
-                }
+                // `release` was dropped unrun: undo the pins and the VMAs here.
+                unpin_all();
+                self.inner.counters.release_vmas(vmas);
                 Err(MapError::AddressSpace {
                     pages: count,
                     source,
