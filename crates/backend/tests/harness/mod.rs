@@ -59,6 +59,8 @@ pub struct Opts {
     pub poll: Duration,
     /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
     pub persistent_budget: Option<usize>,
+    /// Guest memory, in pages.
+    pub guest_pages: u32,
 }
 
 impl Default for Opts {
@@ -84,6 +86,7 @@ impl Default for Opts {
             persistent_limits: PersistentGrantLimits::default(),
             poll: Duration::ZERO,
             persistent_budget: None,
+            guest_pages: 8192,
         }
     }
 }
@@ -271,10 +274,50 @@ impl Harness {
         wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
     ) -> Harness {
         let fds_before = FdTable::now();
-        let pages = 8192;
-        let platform = SimPlatform::new();
-        let guest = SimGuest::new(
+        let engine = Engine::start_with_budget(
+            EngineConfig {
+                reactors: opts.reactors,
+            },
+            opts.persistent_budget
+                .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
+        )
+        .unwrap();
+        let mut h = Self::guest(
+            opts,
             GUEST_DOMID,
+            SimPlatform::new(),
+            &engine,
+            fds_before,
+            wrap,
+        );
+        h.engine = Some(engine);
+        h
+    }
+
+    /// Another guest, domain `domid`, with a VBD of its own on this harness's engine and
+    /// simulated hypervisor. Tear it down before this one.
+    pub fn another_guest(&self, domid: DomId, opts: Opts) -> Harness {
+        Self::guest(
+            opts,
+            domid,
+            self.platform.clone(),
+            self.engine.as_ref().expect("the harness owning the engine"),
+            FdTable::default(),
+            |s| s,
+        )
+    }
+
+    fn guest(
+        opts: Opts,
+        domid: DomId,
+        platform: SimPlatform,
+        engine: &Engine,
+        fds_before: FdTable,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Harness {
+        let pages = opts.guest_pages;
+        let guest = SimGuest::new(
+            domid,
             GuestConfig {
                 pages,
                 grant_entries: 16 * 512,
@@ -302,16 +345,7 @@ impl Harness {
 
         let mut h = Harness {
             vbd: None,
-            engine: Some(
-                Engine::start_with_budget(
-                    EngineConfig {
-                        reactors: opts.reactors,
-                    },
-                    opts.persistent_budget
-                        .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
-                )
-                .unwrap(),
-            ),
+            engine: None,
             fronts: Vec::new(),
             platform,
             grant_calls: Arc::default(),
@@ -352,7 +386,7 @@ impl Harness {
         }
         let events = h.events.clone();
         let spec = VbdSpec {
-            domid: GUEST_DOMID,
+            domid,
             storage,
             read_only: opts.read_only,
             rings: specs,
@@ -375,7 +409,7 @@ impl Harness {
             inner: h.platform.clone(),
             calls: h.grant_calls.clone(),
         });
-        h.vbd = Some(h.engine.as_ref().unwrap().attach(spec, platform).unwrap());
+        h.vbd = Some(engine.attach(spec, platform).unwrap());
         h
     }
 
@@ -544,6 +578,23 @@ impl Harness {
         }
     }
 
+    /// Every response on ring `r` not yet claimed, waiting up to `timeout` for the first.
+    pub fn responses(&mut self, r: usize, timeout: Duration) -> Vec<Response> {
+        let f = &mut self.fronts[r];
+        let mut out: Vec<Response> = f.pending.drain().map(|(_, rsp)| rsp).collect();
+        loop {
+            while let Some(rsp) = f.ring.pop_response().unwrap() {
+                out.push(rsp);
+            }
+            if f.ring.final_check_for_responses().unwrap() {
+                continue;
+            }
+            if !out.is_empty() || !f.evtchn.wait(timeout).unwrap() {
+                return out;
+            }
+        }
+    }
+
     /// Collects a request's outcome: for a successful READ the data the guest got. Releases
     /// its pages. Updates the model for successful writes.
     pub fn complete(&mut self, r: usize, b: Built) -> (Response, Option<Vec<u8>>) {
@@ -636,6 +687,14 @@ impl Harness {
         let vbd = self.vbd.take().unwrap();
         let stats = vbd.detach(Duration::from_secs(10)).unwrap();
         assert_eq!(stats.total.in_flight, 0);
+        if self.engine.is_none() {
+            // Another guest on a shared engine: the owner's teardown checks the rest.
+            for p in std::mem::take(&mut self.persistent_pool) {
+                self.guest.end_access(p.gref).unwrap();
+            }
+            assert_eq!(self.guest.end_access_failures(), 0);
+            return;
+        }
         assert_eq!(self.live_mappings(), 0, "grant mappings left after detach");
         assert_eq!(self.platform.mapped_pages(), 0);
         let engine = self.engine.take().unwrap();

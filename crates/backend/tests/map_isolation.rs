@@ -1,0 +1,221 @@
+//! One guest must not be able to make another guest's I/O fail through the daemon-wide
+//! resources grant mapping consumes (issue 11, item 4): a hostile guest keeps its rings
+//! full of indirect requests whose data pages are scattered over its memory, in map mode,
+//! for 10 s, while a second guest on the same engine does verified I/O.
+//!
+//! In the simulator every run of non-consecutive guest frames is an `mmap` of its own, so
+//! a 256-segment request of scattered pages costs 256 VMAs and a 4096-segment one 4096.
+//! The simulator is given a small `vm.max_map_count` for grant mappings (past it a map
+//! fails with ENOMEM, as `mmap` does), and the engine the process limit that leaves
+//! exactly that much to grant mappings.
+
+mod harness;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use backend::GrantMode;
+use blkif::abi::{BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE};
+use blkif::{RawRequest, Segment};
+use harness::{serial, Harness, Opts, Rng, SECTOR};
+
+const FLOOD: Duration = Duration::from_secs(10);
+/// VMAs the simulated process leaves to grant mappings.
+const GRANT_VMAS: usize = 3000;
+const HOSTILE_DOMID: u16 = 8;
+/// The hostile guest's data pages: every other frame, so no two are consecutive.
+const HOSTILE_SEGMENTS: usize = 4096;
+
+/// Sets `stop` when dropped, so a failing test never leaves the flood running.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct FloodOutcome {
+    requests: u64,
+    failed: u64,
+}
+
+/// Keeps every ring of `h` full of READs and WRITEs of up to 256 and of 4096 one-sector
+/// segments over `HOSTILE_SEGMENTS` scattered pages until `stop`, then collects what is
+/// still outstanding.
+fn flood(h: &mut Harness, stop: &AtomicBool) -> FloodOutcome {
+    let top = h.opts.guest_pages - 1;
+    let data: Vec<u32> = (0..HOSTILE_SEGMENTS as u32)
+        .map(|k| h.guest.grant_access(0, top - 2 * k, false).unwrap())
+        .collect();
+    let descriptor_pages = HOSTILE_SEGMENTS / SEGMENTS_PER_INDIRECT_PAGE;
+    let indirect: Vec<u32> = (0..descriptor_pages as u32)
+        .map(|p| {
+            let frame = 64 + 2 * p;
+            let bytes: Vec<u8> = data
+                [p as usize * SEGMENTS_PER_INDIRECT_PAGE..][..SEGMENTS_PER_INDIRECT_PAGE]
+                .iter()
+                .flat_map(|&gref| {
+                    Segment {
+                        gref,
+                        first_sect: 0,
+                        last_sect: 0,
+                    }
+                    .encode()
+                })
+                .collect();
+            h.guest.write_page(frame, 0, &bytes).unwrap();
+            h.guest.grant_access(0, frame, true).unwrap()
+        })
+        .collect();
+    let disk_sectors = h.model.len() / SECTOR;
+    let mut rng = Rng::new(0xf100d);
+    let mut outcome = FloodOutcome::default();
+    let mut outstanding = vec![0u32; h.fronts.len()];
+    let mut id = 1u64 << 40;
+    while !stop.load(Ordering::SeqCst) || outstanding.iter().any(|&n| n > 0) {
+        for (r, waiting) in outstanding.iter_mut().enumerate() {
+            if !stop.load(Ordering::SeqCst) {
+                while h.fronts[r].ring.free_slots() > 0 {
+                    id += 1;
+                    // Mostly up to blkback's 256 segments, in sizes that fill the
+                    // process's map count to the brim, and every fourth the most the
+                    // engine accepts.
+                    let segments = if id % 4 == 0 {
+                        HOSTILE_SEGMENTS
+                    } else {
+                        1 + rng.below(256) as usize
+                    };
+                    let pages = segments.div_ceil(SEGMENTS_PER_INDIRECT_PAGE);
+                    let op = if id % 2 == 0 {
+                        BLKIF_OP_READ
+                    } else {
+                        BLKIF_OP_WRITE
+                    };
+                    let sector = rng.below((disk_sectors - segments) as u64);
+                    let raw = RawRequest::indirect(
+                        op,
+                        id,
+                        0,
+                        sector,
+                        segments as u16,
+                        &indirect[..pages],
+                    )
+                    .unwrap();
+                    h.fronts[r].ring.push_request(&raw).unwrap();
+                    *waiting += 1;
+                    outcome.requests += 1;
+                }
+                if h.fronts[r].ring.push_requests_and_check_notify() {
+                    h.fronts[r].evtchn.notify().unwrap();
+                }
+            }
+            for rsp in h.responses(r, Duration::from_millis(2)) {
+                *waiting -= 1;
+                if rsp.status != BLKIF_RSP_OKAY {
+                    outcome.failed += 1;
+                }
+            }
+        }
+    }
+    for gref in data.into_iter().chain(indirect) {
+        h.guest.end_access(gref).unwrap();
+    }
+    outcome
+}
+
+/// One write of random shape and data, then a read of it checked against the model.
+/// Returns what went wrong.
+fn verified_round(h: &mut Harness, rng: &mut Rng) -> Result<(), String> {
+    let disk_sectors = (h.model.len() / SECTOR) as u64;
+    let seg_sectors = 1 + rng.below(8) as usize;
+    let first = rng.below((8 - seg_sectors + 1) as u64) as u8;
+    let nsegs = 1 + rng.below(40) as usize;
+    let len = nsegs * seg_sectors * SECTOR;
+    let sector = rng.below(disk_sectors - (len / SECTOR) as u64);
+    let indirect = rng.below(4) == 0;
+    let data = rng.bytes(len);
+    let b = h.build(BLKIF_OP_WRITE, sector, &data, seg_sectors, first, indirect);
+    h.push(0, &[&b]);
+    let (rsp, _) = h.complete(0, b);
+    if rsp.status != BLKIF_RSP_OKAY {
+        return Err(format!("write at {sector} answered {}", rsp.status));
+    }
+    let b = h.build(BLKIF_OP_READ, sector, &vec![0; len], seg_sectors, first, indirect);
+    h.push(0, &[&b]);
+    let (rsp, back) = h.complete(0, b);
+    if rsp.status != BLKIF_RSP_OKAY {
+        return Err(format!("read at {sector} answered {}", rsp.status));
+    }
+    let at = sector as usize * SECTOR;
+    if back.as_deref() != Some(&h.model[at..at + len]) {
+        return Err(format!("read at {sector} returned other data"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_guest_flooding_scattered_indirect_requests_cannot_fail_another_guests_io() {
+    let _g = serial();
+    let reactors = 2;
+    let mut good = Harness::new(Opts {
+        mode: GrantMode::Map,
+        reactors,
+        disk_bytes: 8 << 20,
+        ..Opts::default()
+    });
+    good.platform.set_grant_vma_limit(Some(GRANT_VMAS));
+    let mut hostile = good.another_guest(
+        HOSTILE_DOMID,
+        Opts {
+            mode: GrantMode::Map,
+            rings: 2,
+            order: 1,
+            max_indirect: HOSTILE_SEGMENTS as u32,
+            disk_bytes: 32 << 20,
+            guest_pages: 2 * HOSTILE_SEGMENTS as u32 + 1024,
+            ..Opts::default()
+        },
+    );
+
+    let stop = AtomicBool::new(false);
+    let (flooded, rounds, failures) = std::thread::scope(|s| {
+        let flooder = s.spawn(|| flood(&mut hostile, &stop));
+        let stopper = StopOnDrop(&stop);
+        // Let the flood fill the rings first.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut rng = Rng::new(0x600d);
+        let deadline = Instant::now() + FLOOD;
+        let (mut rounds, mut failures) = (0u64, Vec::new());
+        while Instant::now() < deadline {
+            rounds += 1;
+            if let Err(e) = verified_round(&mut good, &mut rng) {
+                failures.push(e);
+            }
+        }
+        drop(stopper);
+        (flooder.join().unwrap(), rounds, failures)
+    });
+
+    let good_stats = good.vbd().stats().total;
+    let hostile_stats = hostile.vbd().stats().total;
+    eprintln!(
+        "flood: {flooded:?}; good guest: {rounds} rounds, {} failed; hostile stats {hostile_stats:?}; \
+         simulated map-count refusals {}",
+        failures.len(),
+        good.platform.vma_limit_refusals()
+    );
+    assert!(
+        failures.is_empty(),
+        "the well-behaved guest's I/O failed {} time(s) in {rounds} rounds, first: {}",
+        failures.len(),
+        failures[0]
+    );
+    assert_eq!(good_stats.errors, 0);
+    assert!(rounds >= 50, "the well-behaved guest was starved: {rounds} rounds");
+    assert!(flooded.requests > 100, "{flooded:?}");
+    hostile.teardown();
+    good.verify_disk(0);
+    good.teardown();
+}
