@@ -524,7 +524,7 @@ struct BudgetSampler {
 }
 
 impl BudgetSampler {
-    fn start(budget: backend::PersistentGrantBudget) -> Self {
+    fn start(budget: backend::MapBudget) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = std::thread::spawn({
@@ -580,7 +580,7 @@ fn many_rings_share_a_tiny_persistent_grant_budget() {
             disk_bytes: 2 << 20,
             ..Opts::default()
         });
-        let budget = h.engine.as_ref().unwrap().persistent_grant_budget().clone();
+        let budget = h.engine.as_ref().unwrap().map_budget().clone();
         assert_eq!(budget.usage().limit(), BUDGET);
         let sampler = BudgetSampler::start(budget.clone());
         let mut rng = Rng::new(0xb0d9e7 + mode as u64);
@@ -651,14 +651,16 @@ fn many_rings_share_a_tiny_persistent_grant_budget() {
 #[test]
 fn rings_reserve_their_own_mappings_from_the_process_budget() {
     use backend::grant_budget::{ring_map_reserve, RING_FIXED_MAPS};
+    use backend::MapCost;
     let _g = serial();
-    // Sized from vm.max_map_count: each ring holds back what it maps besides persistent
-    // grants (map mode: a batch mapping per request slot), until it is detached.
-    for (mode, rings, order, expect) in [
-        (GrantMode::Map, 1, 0, ring_map_reserve(32, 256, true)),
-        (GrantMode::Map, 2, 2, 2 * ring_map_reserve(128, 256, true)),
-        (GrantMode::Copy, 2, 0, 2 * RING_FIXED_MAPS),
-        (GrantMode::Auto, 1, 0, RING_FIXED_MAPS),
+    // Sized from vm.max_map_count: each ring holds back what it maps besides its guest's
+    // grant mappings (its ring pages, io_uring, bounce pool), until it is detached,
+    // whatever the mode: what requests map is taken from the guest's share as they map.
+    for (mode, rings, order) in [
+        (GrantMode::Map, 1, 0),
+        (GrantMode::Map, 2, 2),
+        (GrantMode::Copy, 2, 0),
+        (GrantMode::Auto, 1, 0),
     ] {
         let h = Harness::new(Opts {
             mode,
@@ -667,11 +669,23 @@ fn rings_reserve_their_own_mappings_from_the_process_budget() {
             persistent: true,
             ..Opts::default()
         });
-        let u = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+        let u = h.engine.as_ref().unwrap().map_budget().usage();
         let max_map_count = backend::grant_budget::read_max_map_count().unwrap();
+        // The harness grants ring pages contiguous: one VMA per ring mapping.
+        let one = ring_map_reserve(1, 1 << order);
+        assert_eq!(one, MapCost::new(RING_FIXED_MAPS + 1, 1 << order));
+        let expect = MapCost::new(rings * one.vmas, rings * one.pages);
         assert_eq!(u.reserved, expect, "{mode:?} x{rings} order {order}");
-        assert!(u.capacity < max_map_count);
-        assert_eq!(u.limit(), u.capacity - expect);
+        assert!(u.capacity.vmas < max_map_count);
+        assert_eq!(u.limit(), u.capacity.vmas - expect.vmas);
+        assert_eq!(u.guests, 1);
+        assert_eq!(
+            u.share(),
+            MapCost::new(
+                u.capacity.vmas - expect.vmas,
+                u.capacity.pages - expect.pages
+            )
+        );
         // `teardown` checks the reserve is given back.
         h.teardown();
     }
@@ -719,7 +733,7 @@ fn budget_pressure_moves_grants_to_the_ring_that_needs_them() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(h.vbd().stats().rings[2].persistent_budget_refusals > 0);
-    let budget = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+    let budget = h.engine.as_ref().unwrap().map_budget().usage();
     assert!(budget.grants <= 16);
     h.verify_disk(0);
     h.teardown();

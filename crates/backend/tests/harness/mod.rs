@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use backend::persistent_grants::PersistentGrantLimits;
 use backend::{
-    BudgetSize, Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId,
-    VbdLimits, VbdSpec,
+    BudgetSize, Engine, EngineConfig, Features, GrantMode, MapLimits, RingSpec, VbdEvent,
+    VbdHandle, VbdId, VbdLimits, VbdSpec,
 };
 use blkif::abi::{
     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
@@ -57,8 +57,15 @@ pub struct Opts {
     pub persistent_limits: PersistentGrantLimits,
     /// `VbdLimits::poll`.
     pub poll: Duration,
-    /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
+    /// The engine's grant-mapping budget in VMAs, without ring reserves
+    /// ([`BudgetSize::Vmas`]); `None`: sized from `vm.max_map_count`.
     pub persistent_budget: Option<usize>,
+    /// The `vm.max_map_count` the engine sizes its budget from ([`BudgetSize::MaxMapCount`])
+    /// instead of this process's, unless `persistent_budget` is given.
+    pub max_map_count: Option<usize>,
+    /// Grant pages the engine maps at most at once ([`MapLimits::max_mapped_pages`]);
+    /// `None`: the default.
+    pub max_mapped_pages: Option<usize>,
     /// Guest memory, in pages.
     pub guest_pages: u32,
 }
@@ -86,6 +93,8 @@ impl Default for Opts {
             persistent_limits: PersistentGrantLimits::default(),
             poll: Duration::ZERO,
             persistent_budget: None,
+            max_map_count: None,
+            max_mapped_pages: None,
             guest_pages: 8192,
         }
     }
@@ -274,12 +283,20 @@ impl Harness {
         wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
     ) -> Harness {
         let fds_before = FdTable::now();
-        let engine = Engine::start_with_budget(
+        let engine = Engine::start_with_limits(
             EngineConfig {
                 reactors: opts.reactors,
             },
-            opts.persistent_budget
-                .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
+            MapLimits {
+                size: match (opts.persistent_budget, opts.max_map_count) {
+                    (Some(vmas), _) => BudgetSize::Vmas(vmas),
+                    (None, Some(n)) => BudgetSize::MaxMapCount(n),
+                    (None, None) => BudgetSize::FromMapCount,
+                },
+                max_mapped_pages: opts
+                    .max_mapped_pages
+                    .unwrap_or(MapLimits::default().max_mapped_pages),
+            },
         )
         .unwrap();
         let mut h = Self::guest(
@@ -320,7 +337,8 @@ impl Harness {
             domid,
             GuestConfig {
                 pages,
-                grant_entries: 16 * 512,
+                // Enough to grant every page, and the rings.
+                grant_entries: (pages + 1024).max(16 * 512),
             },
         )
         .unwrap();
@@ -698,11 +716,11 @@ impl Harness {
         assert_eq!(self.live_mappings(), 0, "grant mappings left after detach");
         assert_eq!(self.platform.mapped_pages(), 0);
         let engine = self.engine.take().unwrap();
-        let budget = engine.persistent_grant_budget().usage();
+        let budget = engine.map_budget().usage();
         assert_eq!(
-            (budget.grants, budget.reserved),
-            (0, 0),
-            "persistent-grant budget not given back after detach"
+            (budget.grants, budget.reserved, budget.held, budget.guests),
+            (0, backend::MapCost::ZERO, backend::MapCost::ZERO, 0),
+            "grant-mapping budget not given back after detach"
         );
         assert!(
             engine.reactor_loads().iter().all(|&l| l == 0),

@@ -672,6 +672,10 @@ mod tests {
             p.map(1, &[], Access::ReadOnly),
             Err(MapError::BadBatchSize { count: 0, .. })
         ));
+        // What a map costs against vm.max_map_count, known before the ioctl: one mmap,
+        // whatever the batch.
+        assert_eq!(p.max_vmas(1), 1);
+        assert_eq!(p.max_vmas(MAX_MAP_BATCH), 1);
         let many = vec![8; MAX_MAP_BATCH + 1];
         assert!(matches!(
             p.map(1, &many, Access::ReadOnly),

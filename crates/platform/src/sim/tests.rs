@@ -278,9 +278,14 @@ fn a_mapping_costs_one_vma_per_run_of_frames_and_the_limit_refuses_like_mmap() {
     let e = platform
         .map(GUEST, &[spare, refs[0]], Access::ReadOnly)
         .unwrap_err();
-    assert!(matches!(&e, MapError::AddressSpace { source, .. } if source.raw_os_error() == Some(libc::ENOMEM)), "{e}");
+    assert!(
+        matches!(&e, MapError::AddressSpace { source, .. } if source.raw_os_error() == Some(libc::ENOMEM)),
+        "{e}"
+    );
     assert!(!e.grant_refused());
-    assert!(platform.map_each(GUEST, &refs[..1], Access::ReadOnly).is_err());
+    assert!(platform
+        .map_each(GUEST, &refs[..1], Access::ReadOnly)
+        .is_err());
     assert_eq!(platform.vma_limit_refusals(), 2);
     assert_eq!(platform.live_vmas(), 7);
     assert_eq!(guest.grant_entry(spare).unwrap().flags & GTF_READING, 0);
@@ -305,6 +310,35 @@ fn a_mapping_costs_one_vma_per_run_of_frames_and_the_limit_refuses_like_mmap() {
     drop((m, single, contiguous));
     assert_eq!(platform.live_vmas(), 0);
     assert_eq!(platform.live_mappings(), 0);
+}
+
+#[test]
+fn a_full_map_tracking_table_refuses_maps_like_xen() {
+    let (platform, guest, _h) = setup(32);
+    let refs: Vec<GrantRef> = (0..8)
+        .map(|f| guest.grant_access(0, f, false).unwrap())
+        .collect();
+    platform.set_grant_page_limit(Some(6));
+    // Four consecutive frames: one VMA, four pages.
+    let m = platform.map(GUEST, &refs[..4], Access::ReadWrite).unwrap();
+    assert_eq!((m.vmas(), platform.mapped_pages()), (1, 4));
+    let e = platform
+        .map(GUEST, &refs[4..7], Access::ReadOnly)
+        .unwrap_err();
+    assert_eq!(e.status(), GrantStatus::NO_DEVICE_SPACE);
+    assert!(!e.grant_refused(), "a copy would do");
+    assert!(platform
+        .map_each(GUEST, &refs[4..7], Access::ReadOnly)
+        .is_err());
+    assert_eq!(platform.page_limit_refusals(), 2);
+    assert_eq!(platform.mapped_pages(), 4, "the refused maps took nothing");
+    assert_eq!(guest.grant_entry(refs[4]).unwrap().flags & GTF_READING, 0);
+    let two = platform.map(GUEST, &refs[4..6], Access::ReadOnly).unwrap();
+    drop(m);
+    assert_eq!(platform.mapped_pages(), 2);
+    platform.set_grant_page_limit(None);
+    drop(two);
+    assert_eq!((platform.mapped_pages(), platform.live_vmas()), (0, 0));
 }
 
 #[test]
