@@ -692,6 +692,52 @@ fn rings_reserve_their_own_mappings_from_the_process_budget() {
 }
 
 #[test]
+fn a_map_that_fails_for_want_of_resources_is_served_by_grant_copy() {
+    let _g = serial();
+    // The engine's budget thinks there is room (sized from this process's limit), but
+    // the platform runs out: of VMAs (ENOMEM from mmap), or of map-tracking entries
+    // (GNTST_no_device_space) as when dom0's kernel backends took them. Each request is
+    // still served, by grant copy, and counted; refused grants still fail.
+    for (vmas, pages, persistent) in [
+        (Some(2), None, false),
+        (None, Some(2), false),
+        (Some(2), None, true),
+    ] {
+        let mut h = Harness::new(Opts {
+            mode: GrantMode::Map,
+            persistent,
+            ..Opts::default()
+        });
+        // The ring holds one VMA and one page; one more of each is left.
+        h.platform.set_grant_vma_limit(vmas);
+        h.platform.set_grant_page_limit(pages);
+        random_io(&mut h, 0, 0xe0e0, 40);
+        let s = h.vbd().stats().total;
+        assert_eq!(s.errors, 0);
+        assert!(s.map_fallbacks > 0, "{s:?}");
+        assert!(
+            h.platform.vma_limit_refusals() + h.platform.page_limit_refusals() > 0,
+            "the platform never refused"
+        );
+        let bogus = blkif::Segment {
+            gref: 9000,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        let id = h.id();
+        h.push_raw(
+            0,
+            &blkif::RawRequest::direct(BLKIF_OP_WRITE, id, 0, 0, &[bogus]).unwrap(),
+        );
+        assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        h.platform.set_grant_vma_limit(None);
+        h.platform.set_grant_page_limit(None);
+        h.verify_disk(0);
+        h.teardown();
+    }
+}
+
+#[test]
 fn budget_pressure_moves_grants_to_the_ring_that_needs_them() {
     let _g = serial();
     let mut h = Harness::new(Opts {
