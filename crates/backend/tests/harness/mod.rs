@@ -180,6 +180,10 @@ impl GrantMapper for CountingPlatform {
         r
     }
 
+    fn max_vmas(&self, pages: usize) -> usize {
+        self.inner.max_vmas(pages)
+    }
+
     fn map_each(
         &self,
         domid: DomId,
