@@ -405,7 +405,7 @@ mod tests {
     ) -> Result<u32, (AddRejected, u32)> {
         let s = share(c);
         c.add(gref, m, s, t)
-            .map(|m| *m)
+            .copied()
             .map_err(|r| (r.reason, r.mapping))
     }
 
@@ -647,7 +647,7 @@ mod tests {
     fn keep(c: &mut PersistentGrantCache<u32>, gref: u32, t: Instant) -> Option<u32> {
         let mut shares = c.reserve(1)?;
         let one = shares.split_grant().unwrap();
-        c.add(gref, gref * 10, one, t).ok().map(|m| *m)
+        c.add(gref, gref * 10, one, t).ok().copied()
     }
 
     #[test]

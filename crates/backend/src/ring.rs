@@ -625,7 +625,10 @@ impl RingRunner {
         }
         if let Some(slot) = self.stalled {
             let n = self.slots.get(slot).segs.len();
-            let pool = self.bounce.as_mut().expect("stalled only in copy mode");
+            let pool = self
+                .bounce
+                .as_mut()
+                .expect("a request waits for bounce pages only once the pool exists");
             let mut pages = std::mem::take(&mut self.slots.get_mut(slot).bounce);
             if pool.alloc(n, &mut pages) {
                 self.slots.get_mut(slot).bounce = pages;
@@ -831,7 +834,10 @@ impl RingRunner {
 
     /// Copy mode, bounce pages held: grant-copy a write's data in, then go on.
     fn start_copy_mode(&mut self, slot: u32, now: Instant) {
-        let pool = self.bounce.as_ref().expect("copy mode");
+        let pool = self
+            .bounce
+            .as_ref()
+            .expect("a copied request has a bounce pool");
         let base = pool.region().as_ptr() as usize;
         self.bounce_used = true;
         let s = self.slots.get_mut(slot);
@@ -1224,10 +1230,10 @@ impl RingRunner {
                     }
                 }
                 Err(e) => {
-                    // Granted read-only, or not at all: find out below. A map that failed
-                    // for want of resources says nothing about the grants.
+                    // Granted read-only, or not at all: find out below. A map known to
+                    // have failed for want of resources says nothing about the grants.
                     tracing::debug!(error = %e, "indirect pages do not map writable");
-                    writable_refused = e.grant_refused();
+                    writable_refused = !e.lacks_resources();
                 }
             }
         }
@@ -1401,6 +1407,11 @@ impl RingRunner {
                 Some(share) => batch_shares.push(share),
                 None => {
                     drop(kept_shares);
+                    if self.persistent {
+                        // Copied whole: its hits were not used either.
+                        let segs = self.slots.get(slot).segs.len();
+                        self.stats.persistent_misses.add(segs as u64);
+                    }
                     self.abandon_mapping(slot);
                     return Ok(Acquired::Fallback);
                 }
@@ -1563,7 +1574,10 @@ impl RingRunner {
     /// Copy mode: moves a request's data between the guest's granted pages and its
     /// bounce pages.
     fn copy_data(&mut self, slot: u32, direction: CopyDirection) -> Result<(), i16> {
-        let pool = self.bounce.as_ref().expect("copy mode");
+        let pool = self
+            .bounce
+            .as_ref()
+            .expect("a copied request has a bounce pool");
         let s = self.slots.get(slot);
         self.copy_segs.clear();
         self.copy_segs

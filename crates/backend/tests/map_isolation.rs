@@ -105,7 +105,7 @@ fn flood(h: &mut Harness, stop: &AtomicBool) -> FloodOutcome {
                         _ => (HOSTILE_SEGMENTS, &consecutive_indirect),
                     };
                     let pages = segments.div_ceil(SEGMENTS_PER_INDIRECT_PAGE);
-                    let op = if id % 2 == 0 {
+                    let op = if id.is_multiple_of(2) {
                         BLKIF_OP_READ
                     } else {
                         BLKIF_OP_WRITE

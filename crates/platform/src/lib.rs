@@ -198,6 +198,21 @@ impl MapError {
         }
     }
 
+    /// Whether the map is known to have failed for want of resources (address space,
+    /// `vm.max_map_count`, a full map-tracking table, a transient shortage): the grants
+    /// themselves may be fine. `false` when a grant was refused, and when the kernel did
+    /// not say ([`MapError::Kernel`] with an errno other than ENOMEM, ENOSPC or EAGAIN).
+    pub fn lacks_resources(&self) -> bool {
+        match self {
+            MapError::AddressSpace { .. } => true,
+            MapError::Grant { status, .. } | MapError::Kernel { status, .. } => matches!(
+                *status,
+                GrantStatus::NO_SPACE | GrantStatus::EAGAIN | GrantStatus::NO_DEVICE_SPACE
+            ),
+            MapError::BadBatchSize { .. } => false,
+        }
+    }
+
     /// Index of the failing entry in the batch, when the platform knows it.
     pub fn index(&self) -> Option<usize> {
         match self {
@@ -431,6 +446,23 @@ mod tests {
         }
         .grant_refused());
         assert!(MapError::BadBatchSize { count: 0, max: 1 }.grant_refused());
+        // Known shortages, as opposed to failures whose cause the kernel did not give.
+        assert!(grant(GrantStatus::NO_DEVICE_SPACE).lacks_resources());
+        assert!(!grant(GrantStatus::BAD_GNTREF).lacks_resources());
+        assert!(MapError::Kernel {
+            domid: 1,
+            count: 1,
+            status: GrantStatus::NO_SPACE,
+            source: enomem()
+        }
+        .lacks_resources());
+        assert!(!MapError::Kernel {
+            domid: 1,
+            count: 1,
+            status: GrantStatus::GENERAL_ERROR,
+            source: io::Error::from_raw_os_error(libc::EINVAL)
+        }
+        .lacks_resources());
     }
 
     #[test]
