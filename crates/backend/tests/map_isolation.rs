@@ -16,6 +16,7 @@
 mod harness;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backend::grant_budget::{BASE_MAP_RESERVE, MAPS_PER_REACTOR};
@@ -32,6 +33,52 @@ const GRANT_PAGES: usize = 6000;
 const HOSTILE_DOMID: u16 = 8;
 /// The hostile guest's data pages: every other frame, so no two are consecutive.
 const HOSTILE_SEGMENTS: usize = 4096;
+
+/// Warnings logged by any thread of this test binary (one test: the subscriber is global).
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn capture() -> Log {
+        let log = Log::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    }
+
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The `count=` of a log line.
+fn count_of(line: &str) -> u64 {
+    let at = line.find("count=").expect("a count") + "count=".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
 
 /// Sets `stop` when dropped, so a failing test never leaves the flood running.
 struct StopOnDrop<'a>(&'a AtomicBool);
@@ -190,6 +237,7 @@ fn verified_round(h: &mut Harness, rng: &mut Rng) -> Result<(), String> {
 #[test]
 fn a_guest_flooding_scattered_indirect_requests_cannot_fail_another_guests_io() {
     let _g = serial();
+    let log = Log::capture();
     // A reactor per ring: a ring its frontend keeps busy holds its reactor (a run does
     // not return while there is work), which starves the other rings of that reactor
     // whatever this test is about.
@@ -269,6 +317,30 @@ fn a_guest_flooding_scattered_indirect_requests_cannot_fail_another_guests_io() 
     // The engine never let a map run into either limit.
     assert_eq!(good.platform.vma_limit_refusals(), 0);
     assert_eq!(good.platform.page_limit_refusals(), 0);
+    // Logged at warn, for the hostile guest's VBD only, at most once per 10 s with the
+    // count since the last line: the first fallback at once, the next after 10 s.
+    let fallback_lines: Vec<String> = log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("grant-copied instead of mapped"))
+        .collect();
+    eprintln!("{fallback_lines:#?}");
+    assert!(
+        fallback_lines.iter().all(|l| l.contains("WARN")
+            && l.contains(&format!("vbd={}", hostile.vbd().id().0))
+            && l.contains(&format!("domid={HOSTILE_DOMID}"))),
+        "{fallback_lines:#?}"
+    );
+    assert!(
+        (1..=3).contains(&fallback_lines.len()),
+        "{fallback_lines:#?}"
+    );
+    let logged: u64 = fallback_lines.iter().map(|l| count_of(l)).sum();
+    assert!(
+        logged >= 1 && logged <= hostile_stats.map_fallbacks,
+        "{logged} logged of {}",
+        hostile_stats.map_fallbacks
+    );
     hostile.teardown();
     good.verify_disk(0);
     good.teardown();
