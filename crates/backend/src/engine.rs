@@ -6,9 +6,11 @@
 //! the VBD are ready hands each to the least-loaded reactor. [`VbdHandle::detach`] asks
 //! the reactors to drain and drop the VBD's rings and waits (bounded) for their reports.
 //!
-//! The engine owns the daemon-wide [`PersistentGrantBudget`] every ring's persistent-grant
-//! cache draws on, sized from `vm.max_map_count` at start ([`BudgetSize`]); each ring
-//! reserves its other mappings from it on attach and gives them back when dropped.
+//! The engine owns the daemon-wide [`MapBudget`] of grant mappings, sized from
+//! `vm.max_map_count` and a page limit at start ([`MapLimits`]). Every VBD's rings draw on
+//! their guest domain's share of it ([`crate::grant_budget::GuestBudget`]); each ring
+//! reserves its own mappings (ring pages, io_uring, bounce pool) on attach and gives them
+//! back when dropped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use blkif::{BackRing, RingError};
 use platform::{Access, MapError, Platform, PlatformError};
 use storage::StorageError;
 
-use crate::grant_budget::{ring_map_reserve, BudgetSize, PersistentGrantBudget};
+use crate::grant_budget::{ring_map_reserve, BudgetSize, MapBudget, MapLimits};
 use crate::reactor::{Command, ReactorHandle, RingClosed, VbdId};
 use crate::ring::{RingConfig, RingParts, RingRunner};
 use crate::stats::VbdStats;
@@ -109,7 +111,7 @@ pub enum DetachError {
 struct Inner {
     reactors: Vec<ReactorHandle>,
     next_vbd: AtomicU64,
-    budget: PersistentGrantBudget,
+    budget: MapBudget,
     /// Rings reserve their own mappings from the budget (it was sized from the process
     /// limit, which they count against too).
     reserve_ring_maps: bool,
@@ -127,17 +129,31 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the reactor threads, with a persistent-grant budget sized from this
-    /// process's `vm.max_map_count`.
+    /// Starts the reactor threads, with a grant-mapping budget sized from this process's
+    /// `vm.max_map_count`.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
-        Self::start_with_budget(config, BudgetSize::FromMapCount)
+        Self::start_with_limits(config, MapLimits::default())
     }
 
-    /// Starts the reactor threads with a persistent-grant budget of `budget` (tests give
-    /// a small fixed one).
+    /// Starts the reactor threads with a grant-mapping budget of `size` VMAs (tests give a
+    /// small one) and the default page limit.
     pub fn start_with_budget(
         config: EngineConfig,
-        budget: BudgetSize,
+        size: BudgetSize,
+    ) -> Result<Engine, EngineError> {
+        Self::start_with_limits(
+            config,
+            MapLimits {
+                size,
+                ..MapLimits::default()
+            },
+        )
+    }
+
+    /// Starts the reactor threads with a grant-mapping budget sized by `limits`.
+    pub fn start_with_limits(
+        config: EngineConfig,
+        limits: MapLimits,
     ) -> Result<Engine, EngineError> {
         let n = if config.reactors == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -150,19 +166,20 @@ impl Engine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(reactors = n, "engine started");
+        let (budget, reserve_ring_maps) = MapBudget::sized(limits, n);
         Ok(Engine {
             inner: Arc::new(Inner {
                 reactors,
                 next_vbd: AtomicU64::new(1),
-                budget: PersistentGrantBudget::sized(budget, n),
-                reserve_ring_maps: budget == BudgetSize::FromMapCount,
+                budget,
+                reserve_ring_maps,
             }),
         })
     }
 
-    /// The persistent-grant budget shared by every ring (for gauges and tests; clones
-    /// share it).
-    pub fn persistent_grant_budget(&self) -> &PersistentGrantBudget {
+    /// The grant-mapping budget shared by every ring (for gauges and tests; clones share
+    /// it).
+    pub fn map_budget(&self) -> &MapBudget {
         &self.inner.budget
     }
 
@@ -201,6 +218,9 @@ impl Engine {
         let id = VbdId(self.inner.next_vbd.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(VbdShared::new(id, &spec));
         let mode = spec.grant_mode.resolve(spec.persistent);
+        // The guest's share, held by its rings: the guest counts in everyone's share
+        // until its last ring is dropped.
+        let guest = self.inner.budget.guest(spec.domid);
 
         let mut runners = Vec::with_capacity(spec.rings.len());
         for (index, rs) in spec.rings.iter().enumerate() {
@@ -214,6 +234,7 @@ impl Engine {
                     ring: index,
                     source,
                 })?;
+            let ring_vmas = mapping.vmas();
             let mem = mapping
                 .into_shared()
                 .map_err(|_| AttachError::RingNotWritable { ring: index })?;
@@ -230,14 +251,10 @@ impl Engine {
                 })?;
             let depth = RingRunner::queue_depth(ring.size(), shared.max_indirect_segments);
             let map_reserve = self.inner.reserve_ring_maps.then(|| {
-                let max_segments = (shared.max_indirect_segments as usize)
-                    .max(blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST);
-                let maps = ring_map_reserve(
-                    ring.size() as usize,
-                    max_segments,
-                    mode == ResolvedGrantMode::Map,
-                );
-                let reservation = self.inner.budget.reserve(maps);
+                let reservation = self
+                    .inner
+                    .budget
+                    .reserve(ring_map_reserve(ring_vmas, count));
                 if self.inner.budget.over_committed() {
                     tracing::warn!(
                         ring = index,
@@ -272,7 +289,7 @@ impl Engine {
                     max_buffer_pages: spec.limits.max_buffer_pages,
                     resize_poll: spec.limits.resize_poll,
                     poll: spec.limits.poll,
-                    budget: self.inner.budget.clone(),
+                    budget: guest.clone(),
                     map_reserve,
                 },
             )

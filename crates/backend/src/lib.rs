@@ -9,8 +9,9 @@
 //!   complete, respond, notify), barrier drain and halting;
 //! - [`vbd`]: what a VBD is (spec, modes, limits, features) and the state its rings share;
 //! - [`persistent_grants`]: blkback's persistent-grant cache and purge;
-//! - [`grant_budget`]: the daemon-wide bound on persistent grants (each is a VMA, and the
-//!   process has `vm.max_map_count` of them);
+//! - [`grant_budget`]: the daemon-wide bound on grant mappings (VMAs: the process has
+//!   `vm.max_map_count` of them; mapped pages: dom0's map-tracking table) and every
+//!   guest's share of it;
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
 //! - `slots`: the per-ring request slot pool;
 //! - [`stats`]: run-time counters;
@@ -30,7 +31,7 @@ pub mod testing;
 pub mod vbd;
 
 pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};
-pub use grant_budget::{BudgetSize, BudgetUsage, PersistentGrantBudget};
+pub use grant_budget::{BudgetSize, BudgetUsage, GuestBudget, MapBudget, MapCost, MapLimits};
 pub use reactor::VbdId;
 pub use stats::{Stats, VbdStats};
 pub use sys::open_fd_count;

@@ -17,14 +17,18 @@
 //! * active entries (in use by an in-flight request) are never dropped;
 //! * if anything was dropped the overflow flag is cleared.
 //!
-//! Every entry also holds a share of the engine's [`PersistentGrantBudget`], the
-//! daemon-wide bound on persistent mappings (each is a VMA; see [`crate::grant_budget`]).
-//! A grant the budget refuses is treated like one that does not fit a full cache: used for
-//! its request only, overflow flag raised. And since blkback's arithmetic above frees
-//! nothing from a cache below its own limit, the budget adds one rule: when a grant was
-//! refused anywhere since a ring's last purge (or the rings' reserves exceed the
-//! budget), that purge drops at least `(max / 100) * 5` inactive entries too (at least one),
-//! so grants flow from the rings that hold them to the rings that want them.
+//! Every entry also holds a share of its guest's [`GuestBudget`], the guest's bounded part
+//! of the daemon-wide budget of grant mappings (each grant is a VMA and a mapped page;
+//! see [`crate::grant_budget`]), taken before the grant is mapped
+//! ([`reserve`](PersistentGrantCache::reserve)). A grant the budget has no room for is
+//! treated like one that does not fit a full cache: used for its request only, overflow
+//! flag raised. And since blkback's arithmetic above frees nothing from a cache below its
+//! own limit, the budget adds rules: a purge drops at least `(max / 100) * 5` inactive
+//! entries (at least one) when the guest was refused anything since the ring's last purge
+//! (so grants flow between the guest's rings, to the ones that want them) or the
+//! daemon-wide budget is over its capacity (ring reserves beyond it), and at least the
+//! guest's excess over its share when it holds more than that (another guest attached):
+//! one guest's refusals never make another guest's caches shrink.
 //!
 //! Time is passed in by the caller, so tests pin the timeout behaviour with a
 //! controllable clock. The cache owns the mappings: dropping one unmaps it, then gives its
@@ -37,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::grant_budget::{GrantShare, PersistentGrantBudget};
+use crate::grant_budget::{GuestBudget, MapShare};
 
 /// blkback's `LRU_PERCENT_CLEAN`.
 pub const LRU_PERCENT_CLEAN: usize = 5;
@@ -67,16 +71,22 @@ impl Default for PersistentGrantLimits {
     }
 }
 
-/// Why a grant could not be added to the cache; the caller keeps the mapping and uses
-/// it for this request only.
+/// Why a grant could not be added to the cache; the caller keeps the mapping and its
+/// share and uses them for this request only.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AddRejected {
     /// The cache holds `max_grants` entries; the VBD's overflow flag is now set.
     Full,
     /// The reference is already cached (a frontend using one gref twice at once).
     Duplicate,
-    /// The daemon-wide budget is spent; the VBD's overflow flag is now set.
-    Budget,
+}
+
+/// A grant [`add`](PersistentGrantCache::add) refused, handed back with its share.
+#[derive(Debug)]
+pub struct Rejected<M> {
+    pub reason: AddRejected,
+    pub mapping: M,
+    pub share: MapShare,
 }
 
 /// A persistently mapped grant and its share of the budget. Dropping it unmaps the grant
@@ -84,7 +94,7 @@ pub enum AddRejected {
 #[derive(Debug)]
 pub struct KeptGrant<M> {
     mapping: M,
-    _share: GrantShare,
+    _share: MapShare,
 }
 
 impl<M> KeptGrant<M> {
@@ -106,8 +116,8 @@ pub struct PersistentGrantCache<M> {
     limits: PersistentGrantLimits,
     /// blkback keeps `overflow_max_grants` per VBD, shared by all of its rings.
     overflow: Arc<AtomicBool>,
-    budget: PersistentGrantBudget,
-    /// The budget's refusal count at the last purge.
+    budget: GuestBudget,
+    /// The guest's refusal count at the last purge.
     refusals_seen: u64,
     /// Grants this cache wanted to keep and the budget refused.
     budget_refusals: u64,
@@ -115,11 +125,11 @@ pub struct PersistentGrantCache<M> {
 
 impl<M> PersistentGrantCache<M> {
     /// A cache for one ring; `overflow` is shared by all rings of the VBD, `budget` by
-    /// every ring of the engine.
+    /// every ring of the guest.
     pub fn new(
         limits: PersistentGrantLimits,
         overflow: Arc<AtomicBool>,
-        budget: PersistentGrantBudget,
+        budget: GuestBudget,
     ) -> Self {
         Self {
             entries: BTreeMap::new(),
@@ -160,21 +170,25 @@ impl<M> PersistentGrantCache<M> {
         self.limits.max_grants.saturating_sub(self.entries.len())
     }
 
-    /// How many of `wanted` new grants to map for keeping: bounded by the free entries
-    /// and by what is left of the daemon-wide budget (which another ring may still take
-    /// first: [`add`](Self::add) has the last word). Those the budget alone refuses are
+    /// The shares of as many of `wanted` new grants as to map for keeping (one each, split
+    /// off with [`MapShare::split_grant`]): bounded by the free entries and by what the
+    /// guest's budget has room for; `None` for none. Those the budget alone refuses are
     /// counted and raise the overflow flag.
-    pub fn room_for(&mut self, wanted: usize) -> usize {
+    pub fn reserve(&mut self, wanted: usize) -> Option<MapShare> {
         let own = self.free_entries().min(wanted);
-        let room = own.min(self.budget.available());
+        if own == 0 {
+            return None;
+        }
+        let shares = self.budget.try_take_grants(own);
+        let room = shares.as_ref().map_or(0, |s| s.cost().vmas);
         if room < own {
             self.refused(own - room);
         }
-        room
+        shares
     }
 
     fn refused(&mut self, n: usize) {
-        self.budget.note_refused(n);
+        self.budget.note_refused();
         self.budget_refusals += n as u64;
         self.overflow.store(true, Ordering::Relaxed);
     }
@@ -211,31 +225,38 @@ impl<M> PersistentGrantCache<M> {
         self.entries.get(&gref).is_some_and(|e| e.active)
     }
 
-    /// Adds a freshly mapped grant, active for the request that mapped it.
-    pub fn add(&mut self, gref: u32, mapping: M, now: Instant) -> Result<&M, (AddRejected, M)> {
-        if self.entries.len() >= self.limits.max_grants {
+    /// Adds a freshly mapped grant with its share of the budget, active for the request
+    /// that mapped it.
+    pub fn add(
+        &mut self,
+        gref: u32,
+        mapping: M,
+        mut share: MapShare,
+        now: Instant,
+    ) -> Result<&M, Rejected<M>> {
+        let reason = if self.entries.len() >= self.limits.max_grants {
             self.overflow.store(true, Ordering::Relaxed);
-            return Err((AddRejected::Full, mapping));
-        }
-        if self.entries.contains_key(&gref) {
-            return Err((AddRejected::Duplicate, mapping));
-        }
-        let Some(share) = self.budget.try_take() else {
-            // `try_take` counted it daemon-wide.
-            self.budget_refusals += 1;
-            self.overflow.store(true, Ordering::Relaxed);
-            return Err((AddRejected::Budget, mapping));
+            AddRejected::Full
+        } else if self.entries.contains_key(&gref) {
+            AddRejected::Duplicate
+        } else {
+            share.keep_as_grant();
+            self.in_use += 1;
+            let entry = self.entries.entry(gref).or_insert(Entry {
+                kept: KeptGrant {
+                    mapping,
+                    _share: share,
+                },
+                active: true,
+                last_used: now,
+            });
+            return Ok(&entry.kept.mapping);
         };
-        self.in_use += 1;
-        let entry = self.entries.entry(gref).or_insert(Entry {
-            kept: KeptGrant {
-                mapping,
-                _share: share,
-            },
-            active: true,
-            last_used: now,
-        });
-        Ok(&entry.kept.mapping)
+        Err(Rejected {
+            reason,
+            mapping,
+            share,
+        })
     }
 
     /// Undoes a [`get`](Self::get) whose request did not use the grant after all: it is
@@ -284,10 +305,15 @@ impl<M> PersistentGrantCache<M> {
             target.min(count)
         };
         let refusals = self.budget.refusals();
+        let excess = self.budget.excess();
         let budget_pressure = std::mem::replace(&mut self.refusals_seen, refusals) != refusals
-            || self.budget.over_committed();
+            || self.budget.budget_over_committed()
+            || excess != crate::grant_budget::MapCost::ZERO;
         if budget_pressure {
             let share = ((max / 100) * LRU_PERCENT_CLEAN).max(1);
+            // Over its share, the guest gives back at least the excess (each grant is a
+            // VMA and a page) as soon as possible: another guest is owed it.
+            let share = share.max(excess.vmas.max(excess.pages));
             num_clean = num_clean.max(share.min(count));
         }
 
@@ -351,6 +377,7 @@ impl<M> PersistentGrantCache<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grant_budget::{MapBudget, MapCost};
 
     fn cache(max: usize, timeout_s: u64) -> PersistentGrantCache<u32> {
         PersistentGrantCache::new(
@@ -359,8 +386,27 @@ mod tests {
                 unused_timeout: Duration::from_secs(timeout_s),
             },
             Arc::new(AtomicBool::new(false)),
-            PersistentGrantBudget::unlimited(),
+            MapBudget::unlimited().guest(1),
         )
+    }
+
+    /// One grant's share of the cache's guest budget, taken as a ring takes it before
+    /// mapping.
+    fn share(c: &PersistentGrantCache<u32>) -> MapShare {
+        c.budget.try_take(MapCost::grants(1)).expect("budget room")
+    }
+
+    /// Adds `gref` (mapped as `m`) with a share of its own.
+    fn add(
+        c: &mut PersistentGrantCache<u32>,
+        gref: u32,
+        m: u32,
+        t: Instant,
+    ) -> Result<u32, (AddRejected, u32)> {
+        let s = share(c);
+        c.add(gref, m, s, t)
+            .copied()
+            .map_err(|r| (r.reason, r.mapping))
     }
 
     /// The mappings of removed grants (dropping them gives their shares back).
@@ -375,7 +421,7 @@ mod tests {
     /// Fills the cache with grefs 0..n, all returned (inactive) at `t`.
     fn fill(c: &mut PersistentGrantCache<u32>, n: u32, t: Instant) {
         for g in 0..n {
-            c.add(g, g, t).unwrap();
+            add(c, g, g, t).unwrap();
             c.put(g, t);
         }
     }
@@ -385,7 +431,7 @@ mod tests {
         let t = Instant::now();
         let mut c = cache(10, 60);
         assert!(c.get(7).is_none());
-        assert_eq!(*c.add(7, 70, t).unwrap(), 70);
+        assert_eq!(add(&mut c, 7, 70, t).unwrap(), 70);
         assert_eq!(c.in_use(), 1);
         assert!(c.get(7).is_none(), "already active");
         c.put(7, t);
@@ -400,7 +446,7 @@ mod tests {
         let mut c = cache(4, 1);
         assert_eq!(c.peek(5), None);
         assert!(!c.is_active(5));
-        c.add(5, 50, t).unwrap();
+        add(&mut c, 5, 50, t).unwrap();
         assert!(c.is_active(5));
         // Taken by one request, read by another (an indirect page that is also a data
         // page in flight): neither takes it twice nor frees it.
@@ -418,7 +464,7 @@ mod tests {
     fn unget_frees_a_grant_and_keeps_its_last_use() {
         let t = Instant::now();
         let mut c = cache(4, 1);
-        c.add(5, 50, t).unwrap();
+        add(&mut c, 5, 50, t).unwrap();
         c.put(5, t);
         assert_eq!(c.get(5), Some(&50));
         c.unget(5);
@@ -433,17 +479,20 @@ mod tests {
         let mut c = cache(2, 60);
         fill(&mut c, 2, t);
         assert!(!c.overflowed());
-        assert_eq!(c.add(9, 90, t).unwrap_err(), (AddRejected::Full, 90));
+        assert_eq!(add(&mut c, 9, 90, t).unwrap_err(), (AddRejected::Full, 90));
         assert!(c.overflowed());
-        assert_eq!(c.add(1, 10, t).unwrap_err().0, AddRejected::Full);
+        assert_eq!(add(&mut c, 1, 10, t).unwrap_err().0, AddRejected::Full);
     }
 
     #[test]
     fn duplicate_add_is_rejected() {
         let t = Instant::now();
         let mut c = cache(4, 60);
-        c.add(3, 30, t).unwrap();
-        assert_eq!(c.add(3, 31, t).unwrap_err(), (AddRejected::Duplicate, 31));
+        add(&mut c, 3, 30, t).unwrap();
+        assert_eq!(
+            add(&mut c, 3, 31, t).unwrap_err(),
+            (AddRejected::Duplicate, 31)
+        );
     }
 
     #[test]
@@ -471,7 +520,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cache(1056, 60);
         fill(&mut c, 1056, t0);
-        assert!(c.add(5000, 0, t0).is_err());
+        assert!(add(&mut c, 5000, 0, t0).is_err());
         let removed = maps(c.purge(t0 + Duration::from_secs(1)));
         // (1056 / 100) * 5 = 50, not 52.8.
         assert_eq!(removed.len(), 50);
@@ -548,13 +597,13 @@ mod tests {
             max_grants: 100,
             unused_timeout: Duration::from_secs(60),
         };
-        let budget = PersistentGrantBudget::unlimited();
+        let budget = MapBudget::unlimited().guest(1);
         let mut a: PersistentGrantCache<u32> =
             PersistentGrantCache::new(limits, flag.clone(), budget.clone());
         let mut b: PersistentGrantCache<u32> = PersistentGrantCache::new(limits, flag, budget);
         fill(&mut a, 100, t0);
         fill(&mut b, 100, t0);
-        assert!(a.add(1000, 0, t0).is_err());
+        assert!(add(&mut a, 1000, 0, t0).is_err());
         assert_eq!(
             b.purge(t0).len(),
             5,
@@ -583,47 +632,62 @@ mod tests {
         }
     }
 
-    /// A cache of VBD-wide flag `flag` drawing on `budget`.
+    /// A cache of VBD-wide flag `flag` drawing on `budget` (a guest's).
     fn budget_cache(
         max: usize,
-        budget: &PersistentGrantBudget,
+        budget: &GuestBudget,
     ) -> (PersistentGrantCache<u32>, Arc<AtomicBool>) {
         let flag = Arc::new(AtomicBool::new(false));
         let c = PersistentGrantCache::new(limits(max), flag.clone(), budget.clone());
         (c, flag)
     }
 
+    /// Keeps `gref` as a ring does: shares first (`None`: no room, nothing mapped),
+    /// then the add.
+    fn keep(c: &mut PersistentGrantCache<u32>, gref: u32, t: Instant) -> Option<u32> {
+        let mut shares = c.reserve(1)?;
+        let one = shares.split_grant().unwrap();
+        c.add(gref, gref * 10, one, t).ok().copied()
+    }
+
     #[test]
-    fn two_caches_share_a_tiny_budget() {
+    fn two_rings_of_a_guest_share_its_tiny_budget() {
         let t0 = Instant::now();
-        let budget = PersistentGrantBudget::new(3);
-        let (mut a, a_flag) = budget_cache(10, &budget);
-        let (mut b, b_flag) = budget_cache(10, &budget);
+        let budget = MapBudget::new(MapCost::grants(3));
+        let guest = budget.guest(1);
+        let (mut a, a_flag) = budget_cache(10, &guest);
+        let (mut b, b_flag) = budget_cache(10, &guest);
         fill(&mut a, 2, t0);
-        b.add(10, 100, t0).unwrap();
+        assert_eq!(keep(&mut b, 10, t0), Some(100));
         b.put(10, t0);
         assert_eq!(budget.usage().grants, 3);
-        // The budget is spent although both caches have room of their own: refused like
-        // a full cache, mapping handed back, overflow raised on b's VBD only.
-        assert_eq!(b.add(11, 110, t0).unwrap_err(), (AddRejected::Budget, 110));
+        // The budget is spent although both caches have room of their own: nothing to
+        // map for keeping, overflow raised on b's VBD only.
+        assert_eq!(keep(&mut b, 11, t0), None);
         assert!(b_flag.load(Ordering::Relaxed));
         assert!(!a_flag.load(Ordering::Relaxed));
         assert_eq!(b.budget_refusals(), 1);
         assert_eq!(a.free_entries(), 8);
-        assert_eq!(a.room_for(5), 0, "no budget left");
+        assert!(a.reserve(5).is_none(), "no budget left");
         assert_eq!(a.budget_refusals(), 5);
-        assert_eq!(budget.refusals(), 6);
+        assert_eq!(guest.refusals(), 2);
         assert_eq!(budget.usage().grants, 3, "refusals take nothing");
-        // a's purge sheds a grant (below its own limit) because the budget refused some.
+        // a's purge sheds a grant (below its own limit) because its guest was refused.
         let removed = a.purge(t0);
         assert_eq!(maps_of(&removed), vec![0]);
         // Not given back while the mapping is alive: the purged grant is still mapped.
-        assert_eq!(budget.available(), 0);
+        assert_eq!(guest.available(), MapCost::ZERO);
         drop(removed);
-        assert_eq!(budget.available(), 1);
-        assert_eq!(b.room_for(5), 1);
-        assert_eq!(*b.add(11, 110, t0).unwrap(), 110);
-        assert!(b.add(12, 120, t0).is_err());
+        assert_eq!(guest.available(), MapCost::grants(1));
+        let two = b.reserve(5).unwrap();
+        assert_eq!(
+            two.cost(),
+            MapCost::grants(1),
+            "only what there is room for"
+        );
+        drop(two);
+        assert_eq!(keep(&mut b, 11, t0), Some(110));
+        assert_eq!(keep(&mut b, 12, t0), None);
         b.put(11, t0);
         drop((a, b));
         assert_eq!(
@@ -631,14 +695,31 @@ mod tests {
             0,
             "dropped caches give everything back"
         );
-        assert_eq!(budget.available(), 3);
+        assert_eq!(guest.available(), MapCost::grants(3));
+    }
+
+    #[test]
+    fn a_refused_add_hands_the_share_back_with_the_mapping() {
+        let t0 = Instant::now();
+        let budget = MapBudget::new(MapCost::grants(8));
+        let guest = budget.guest(1);
+        let (mut c, _) = budget_cache(1, &guest);
+        assert_eq!(keep(&mut c, 1, t0), Some(10));
+        let extra = guest.try_take(MapCost::grants(1)).unwrap();
+        let r = c.add(2, 20, extra, t0).unwrap_err();
+        assert_eq!((r.reason, r.mapping), (AddRejected::Full, 20));
+        // Still counted: the caller uses the mapping for its request, then drops both.
+        assert_eq!(budget.usage().held, MapCost::grants(2));
+        assert_eq!(budget.usage().grants, 1, "not a kept grant");
+        drop(r.share);
+        assert_eq!(budget.usage().held, MapCost::grants(1));
     }
 
     #[test]
     fn every_way_out_of_the_cache_gives_the_share_back() {
         let t0 = Instant::now();
-        let budget = PersistentGrantBudget::new(100);
-        let (mut c, _) = budget_cache(100, &budget);
+        let budget = MapBudget::new(MapCost::grants(100));
+        let (mut c, _) = budget_cache(100, &budget.guest(1));
         fill(&mut c, 40, t0);
         assert_eq!(budget.usage().grants, 40);
         // Timed out.
@@ -648,9 +729,10 @@ mod tests {
         }
         drop(c.purge(t0 + Duration::from_secs(61)));
         assert_eq!(budget.usage().grants, 10);
-        // Refused adds and duplicates take nothing.
-        assert!(c.add(3, 3, t0).is_err());
+        // Refused adds and duplicates keep nothing.
+        assert!(add(&mut c, 3, 3, t0).is_err());
         assert_eq!(budget.usage().grants, 10);
+        assert_eq!(budget.usage().held, MapCost::grants(10));
         // Drained at teardown.
         let drained = c.drain();
         assert_eq!(drained.len(), 10);
@@ -662,34 +744,76 @@ mod tests {
         c.get(0).unwrap();
         drop(c);
         assert_eq!(budget.usage().grants, 0);
-        assert_eq!(budget.available(), 100);
+        assert_eq!(budget.usage().held, MapCost::ZERO);
     }
 
     #[test]
     fn budget_pressure_sheds_five_percent_per_purge_and_stops_when_it_ends() {
         let t0 = Instant::now();
-        let budget = PersistentGrantBudget::new(200);
-        let (mut holder, _) = budget_cache(1056, &budget);
-        let (mut starved, _) = budget_cache(1056, &budget);
+        let budget = MapBudget::new(MapCost::grants(200));
+        let guest = budget.guest(1);
+        let (mut holder, _) = budget_cache(1056, &guest);
+        let (mut starved, _) = budget_cache(1056, &guest);
         fill(&mut holder, 200, t0);
         // Below its own limit, without overflow: blkback's arithmetic frees nothing.
         assert!(holder.purge(t0).is_empty());
-        assert_eq!(starved.room_for(8), 0);
-        // The refusal moves the budget: (1056 / 100) * 5 = 50 inactive grants go, in
-        // grant-reference order; the active ones stay.
+        assert!(starved.reserve(8).is_none());
+        // The refusal moves the guest's count: (1056 / 100) * 5 = 50 inactive grants go,
+        // in grant-reference order; the active ones stay.
         for g in 0..10 {
             holder.get(g).unwrap();
         }
         assert_eq!(maps(holder.purge(t0)), (10..60).collect::<Vec<_>>());
         // No refusal since: nothing more.
         assert!(holder.purge(t0).is_empty());
-        assert_eq!(starved.room_for(8), 8);
+        assert_eq!(starved.reserve(8).unwrap().cost(), MapCost::grants(8));
         // Ring reserves beyond the budget shed grants on every purge while they last.
-        let reserve = budget.reserve(100);
+        let reserve = budget.reserve(MapCost::grants(100));
         assert!(budget.over_committed());
         assert_eq!(holder.purge(t0).len(), 50);
         assert_eq!(holder.len(), 100);
         drop(reserve);
         assert!(holder.purge(t0).is_empty());
+    }
+
+    #[test]
+    fn another_guests_refusals_do_not_shrink_this_guests_cache() {
+        let t0 = Instant::now();
+        let budget = MapBudget::new(MapCost::grants(200));
+        let (good, hostile) = (budget.guest(1), budget.guest(2));
+        let (mut kept, _) = budget_cache(1056, &good);
+        let (mut greedy, _) = budget_cache(1056, &hostile);
+        fill(&mut kept, 100, t0);
+        // The hostile guest takes its share, then is refused over and over.
+        for g in 0..100 {
+            assert!(keep(&mut greedy, g, t0).is_some());
+        }
+        for g in 100..200 {
+            assert!(keep(&mut greedy, g, t0).is_none());
+        }
+        assert!(hostile.refusals() > 0);
+        assert!(
+            kept.purge(t0).is_empty(),
+            "the well-behaved guest keeps its grants"
+        );
+        assert_eq!(kept.len(), 100);
+    }
+
+    #[test]
+    fn a_guest_over_its_share_sheds_the_excess_at_once() {
+        let t0 = Instant::now();
+        let budget = MapBudget::new(MapCost::grants(200));
+        let first = budget.guest(1);
+        let (mut c, _) = budget_cache(1056, &first);
+        fill(&mut c, 180, t0);
+        // A second guest: the first's share halves to 100, 80 over it.
+        let second = budget.guest(2);
+        assert_eq!(first.excess(), MapCost::grants(80));
+        assert_eq!(second.available(), MapCost::grants(20));
+        assert_eq!(c.purge(t0).len(), 80);
+        assert_eq!(first.excess(), MapCost::ZERO);
+        assert_eq!(second.available(), MapCost::grants(100));
+        // Within its share again: nothing more goes.
+        assert!(c.purge(t0).is_empty());
     }
 }

@@ -23,10 +23,19 @@
 //! the request completed, so a write is acknowledged only once the storage completed it
 //! and a flush only once the data is durable.
 //!
-//! Failures stay with their request: a request that fails validation, whose grants do
-//! not map, or whose storage operation fails gets `BLKIF_RSP_ERROR` (or
+//! Failures stay with their request: a request that fails validation, whose grants the
+//! hypervisor refuses, or whose storage operation fails gets `BLKIF_RSP_ERROR` (or
 //! `BLKIF_RSP_EOPNOTSUPP`) and nothing else changes. A frontend that overflows the ring
 //! halts this ring only; requests already in flight still complete and are answered.
+//!
+//! What a request maps is first taken from its guest's share of the daemon-wide
+//! grant-mapping budget ([`crate::grant_budget`]). A request whose mapping the share has
+//! no room for, or whose map fails for want of resources (not because a grant was
+//! refused), is served by grant copy through the ring's bounce pages instead, as a
+//! map-or-copy ring serves what its persistent-grant cache cannot hold: a valid request
+//! never fails because another guest, or its own guest, took the daemon's mappings. Those
+//! fallbacks are counted (`map_fallbacks`) and logged at warn, at most one line per
+//! [`FALLBACK_LOG_INTERVAL`] per VBD.
 
 use std::collections::VecDeque;
 use std::io;
@@ -40,13 +49,13 @@ use blkif::{
     Response, Segment, Segments, Validated,
 };
 use platform::{
-    Access, CopyBuffer, CopyDirection, CopySegment, DomId, EventChannel, GrantMapping, OutOfBounds,
-    Platform, MAX_MAP_BATCH,
+    Access, CopyBuffer, CopyDirection, CopySegment, DomId, EventChannel, GrantMapping, GrantRef,
+    MapError, OutOfBounds, Platform, MAX_MAP_BATCH,
 };
 use storage::{is_unsupported, StorageOp, StorageQueue, SubmitError};
 
 use crate::bounce::BouncePool;
-use crate::grant_budget::{MapReservation, PersistentGrantBudget};
+use crate::grant_budget::{GuestBudget, MapCost, MapReservation, MapShare};
 use crate::persistent_grants::{PersistentGrantCache, PersistentGrantLimits};
 use crate::reactor::{RingTask, VbdId};
 use crate::slots::SlotPool;
@@ -55,6 +64,50 @@ use crate::vbd::{LostFeature, ResolvedGrantMode, VbdEvent, VbdShared};
 
 /// How long a bounce pool goes unused before its memory is given back.
 const BOUNCE_IDLE: Duration = Duration::from_secs(1);
+
+/// Most one warning line per VBD about requests grant-copied instead of mapped, each
+/// with the count since the last.
+pub(crate) const FALLBACK_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A grant mapping made for one request (or one indirect request's descriptor pages),
+/// with what it cost of the guest's budget. Field order: the mapping goes first, then its
+/// share is given back, so the budget never counts fewer mappings than exist.
+struct HeldMapping {
+    mapping: GrantMapping,
+    _share: MapShare,
+}
+
+/// Why a mapping for a request was not made.
+enum NotMapped {
+    /// The guest's share of the budget has no room for it.
+    Budget,
+    /// The platform refused the map.
+    Map(MapError),
+}
+
+impl NotMapped {
+    /// Whether the request can be served by grant copy instead: yes unless the hypervisor
+    /// refused a grant itself (then a copy is refused too, and the request fails as in
+    /// blkback).
+    fn copy_instead(&self) -> bool {
+        match self {
+            NotMapped::Budget => true,
+            NotMapped::Map(e) => !e.grant_refused(),
+        }
+    }
+}
+
+/// How a request's data pages were made addressable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acquired {
+    /// Mapped (or taken from the persistent-grant cache).
+    Mapped,
+    /// Map-or-copy: the persistent-grant cache cannot hold the request, which is
+    /// grant-copied by design.
+    Copy,
+    /// The mapping could not be had (budget, resources): grant-copied instead.
+    Fallback,
+}
 
 /// Most iovecs in one storage operation.
 const MAX_IOV: usize = storage::MAX_SEGMENTS;
@@ -108,7 +161,7 @@ struct Slot {
     /// Grant refs taken from the persistent cache, returned at completion.
     persistent: Vec<u32>,
     /// Grants mapped for this request only, unmapped at completion.
-    mappings: Vec<GrantMapping>,
+    mappings: Vec<HeldMapping>,
     /// Bounce pages (copy mode).
     bounce: Vec<u32>,
     /// The request's data goes through bounce pages (copy mode, or a request the
@@ -240,8 +293,8 @@ enum IndirectSource {
     InUse,
     /// Mapped by this request and kept: active until parsed, like `Taken`.
     Added,
-    /// Mapped writable for the cache, which then refused it (another ring took the last
-    /// of the budget): mapping `k` of the request's own.
+    /// Mapped writable for the cache, which then refused it: mapping `k` of the
+    /// request's own.
     Single(usize),
     /// Page `k` of what this request mapped read-only (map mode) or copied (map-or-copy
     /// and copy modes) for itself only.
@@ -324,6 +377,8 @@ pub(crate) struct RingRunner {
     stats: Arc<RingStats>,
     index: usize,
     domid: DomId,
+    /// The guest's share of the daemon-wide grant-mapping budget (the cache holds it too).
+    budget: GuestBudget,
     persistent: bool,
     mode: ResolvedGrantMode,
     /// Size of the bounce pool, in pages.
@@ -369,8 +424,8 @@ pub(crate) struct RingRunner {
     responses_unpublished: bool,
     resize_poll: Option<std::time::Duration>,
     next_resize: Option<Instant>,
-    /// This ring's share of the process's mappings besides persistent grants (`None`
-    /// when the budget was sized by hand); given back when the ring is dropped.
+    /// What this ring maps besides its guest's grant mappings (`None` when the budget
+    /// was sized by hand); given back when the ring is dropped.
     _map_reserve: Option<MapReservation>,
 }
 
@@ -384,7 +439,7 @@ pub(crate) struct RingConfig {
     pub(crate) max_buffer_pages: usize,
     pub(crate) resize_poll: Option<std::time::Duration>,
     pub(crate) poll: Duration,
-    pub(crate) budget: PersistentGrantBudget,
+    pub(crate) budget: GuestBudget,
     pub(crate) map_reserve: Option<MapReservation>,
 }
 
@@ -410,7 +465,7 @@ impl RingRunner {
             cache: PersistentGrantCache::new(
                 cfg.persistent_limits,
                 cfg.vbd.persistent_overflow.clone(),
-                cfg.budget,
+                cfg.budget.clone(),
             ),
             bounce,
             ring: parts.ring,
@@ -419,6 +474,7 @@ impl RingRunner {
             stats,
             index: parts.index,
             domid: cfg.domid,
+            budget: cfg.budget,
             persistent: cfg.persistent,
             mode: cfg.mode,
             bounce_pages,
@@ -569,7 +625,10 @@ impl RingRunner {
         }
         if let Some(slot) = self.stalled {
             let n = self.slots.get(slot).segs.len();
-            let pool = self.bounce.as_mut().expect("stalled only in copy mode");
+            let pool = self
+                .bounce
+                .as_mut()
+                .expect("a request waits for bounce pages only once the pool exists");
             let mut pages = std::mem::take(&mut self.slots.get_mut(slot).bounce);
             if pool.alloc(n, &mut pages) {
                 self.slots.get_mut(slot).bounce = pages;
@@ -720,7 +779,7 @@ impl RingRunner {
 
         if self.mode != ResolvedGrantMode::Copy {
             match self.map_segments(slot, now) {
-                Ok(true) => {
+                Ok(Acquired::Mapped) => {
                     self.after_acquire(slot, now);
                     return;
                 }
@@ -732,7 +791,8 @@ impl RingRunner {
                 // blkback when a grant does not fit, the next purge makes room by dropping
                 // the least recently used, so the cache follows the working set (small
                 // requests map into it again; large ones keep being copied).
-                Ok(false) => self.cache.note_overflow(),
+                Ok(Acquired::Copy) => self.cache.note_overflow(),
+                Ok(Acquired::Fallback) => self.note_fallback(now),
             }
         }
         if self.bounce.is_none() {
@@ -779,7 +839,10 @@ impl RingRunner {
 
     /// Copy mode, bounce pages held: grant-copy a write's data in, then go on.
     fn start_copy_mode(&mut self, slot: u32, now: Instant) {
-        let pool = self.bounce.as_ref().expect("copy mode");
+        let pool = self
+            .bounce
+            .as_ref()
+            .expect("a copied request has a bounce pool");
         let base = pool.region().as_ptr() as usize;
         self.bounce_used = true;
         let s = self.slots.get_mut(slot);
@@ -1123,24 +1186,26 @@ impl RingRunner {
 
         // Misses the cache takes: mapped writable, one mapping each, as blkback maps
         // them (no GNTMAP_readonly with persistent grants) and as every kept grant is, so
-        // the entry can serve a data page of a READ later.
-        let mut singles: Vec<GrantMapping> = Vec::new();
+        // the entry can serve a data page of a READ later. Their shares of the guest's
+        // budget are taken first.
+        let mut singles: Vec<HeldMapping> = Vec::new();
         let mut writable_refused = false;
-        let keep = if !self.persistent
+        let kept_shares = if !self.persistent
             || self.mode == ResolvedGrantMode::Copy
             || self.indirect_read_only
             || misses.is_empty()
         {
-            0
+            None
         } else {
-            let keep = self.cache.room_for(misses.len());
-            if keep < misses.len() {
+            let shares = self.cache.reserve(misses.len());
+            if shares.as_ref().map_or(0, |s| s.cost().vmas) < misses.len() {
                 // As blkback when a grant does not fit: the next purge makes room.
                 self.cache.note_overflow();
             }
-            keep
+            shares
         };
-        if keep > 0 {
+        if let Some(mut shares) = kept_shares {
+            let keep = shares.cost().vmas;
             self.grefs.clear();
             self.grefs.extend(misses[..keep].iter().map(|&i| grefs[i]));
             match self
@@ -1149,19 +1214,31 @@ impl RingRunner {
             {
                 Ok(maps) => {
                     for (&i, m) in misses[..keep].iter().zip(maps) {
-                        sources[i] = match self.cache.add(grefs[i], m, now) {
+                        let Some(one) = shares.split_grant() else {
+                            // `reserve` took one share per grant: not reached.
+                            tracing::error!(
+                                gref = grefs[i],
+                                "indirect page mapped without its share"
+                            );
+                            return Err(BLKIF_RSP_ERROR);
+                        };
+                        sources[i] = match self.cache.add(grefs[i], m, one, now) {
                             Ok(_) => IndirectSource::Added,
-                            Err((_, m)) => {
-                                singles.push(m);
+                            Err(rejected) => {
+                                singles.push(HeldMapping {
+                                    mapping: rejected.mapping,
+                                    _share: rejected.share,
+                                });
                                 IndirectSource::Single(singles.len() - 1)
                             }
                         };
                     }
                 }
                 Err(e) => {
-                    // Granted read-only, or not at all: find out below.
+                    // Granted read-only, or not at all: find out below. A map known to
+                    // have failed for want of resources says nothing about the grants.
                     tracing::debug!(error = %e, "indirect pages do not map writable");
-                    writable_refused = true;
+                    writable_refused = !e.lacks_resources();
                 }
             }
         }
@@ -1177,18 +1254,22 @@ impl RingRunner {
         let mut batch = None;
         if !self.grefs.is_empty() {
             if self.mode == ResolvedGrantMode::Map {
-                // Only read: mapped read-only, unmapped right after parsing.
-                let m = self
-                    .platform
-                    .map(self.domid, &self.grefs, Access::ReadOnly)
-                    .map_err(|e| {
+                // Only read: mapped read-only, unmapped right after parsing; copied like
+                // in the other modes when the guest's budget has no room for the mapping
+                // or it fails for want of resources.
+                match self.map_budgeted(&self.grefs, Access::ReadOnly) {
+                    Ok(held) => batch = Some(held),
+                    Err(NotMapped::Map(e)) if e.grant_refused() => {
                         tracing::debug!(error = %e, "indirect pages do not map");
-                        BLKIF_RSP_ERROR
-                    })?;
-                batch = Some(m);
-            } else {
+                        return Err(BLKIF_RSP_ERROR);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if batch.is_none() {
                 // Copy and map-or-copy modes copy them into private memory (one small
-                // copy instead of a read-only map and unmap).
+                // copy instead of a read-only map and unmap), and so does map mode when it
+                // could not map them.
                 let local = self.grefs.len();
                 if self.indirect_pages.len() < local {
                     self.indirect_pages.resize(local, [0; PAGE_SIZE]);
@@ -1233,11 +1314,14 @@ impl RingRunner {
                     IndirectPage::Mapped(MappedPage { mapping, page: 0 })
                 }
                 IndirectSource::Single(k) => IndirectPage::Mapped(MappedPage {
-                    mapping: &singles[k],
+                    mapping: &singles[k].mapping,
                     page: 0,
                 }),
                 IndirectSource::Local(k) => match &batch {
-                    Some(mapping) => IndirectPage::Mapped(MappedPage { mapping, page: k }),
+                    Some(held) => IndirectPage::Mapped(MappedPage {
+                        mapping: &held.mapping,
+                        page: k,
+                    }),
                     None => IndirectPage::Copied(&self.indirect_pages[k]),
                 },
                 IndirectSource::Miss => unreachable!("every miss was given a source"),
@@ -1250,22 +1334,17 @@ impl RingRunner {
     }
 
     /// Map mode: makes every data segment's page addressable, from the persistent cache
-    /// when possible. In map-or-copy mode, returns `Ok(false)` with nothing taken when the
-    /// cache cannot hold the request's grants (all free in it, or room for the others),
-    /// which then goes through bounce buffers instead.
-    fn map_segments(&mut self, slot: u32, now: Instant) -> Result<bool, i16> {
+    /// when possible. Returns [`Acquired::Copy`] in map-or-copy mode, with nothing taken,
+    /// when the cache cannot hold the request's grants (all free in it, or room for the
+    /// others), and [`Acquired::Fallback`], with nothing taken either, when what the
+    /// request would map does not fit its guest's share of the budget or a map failed for
+    /// want of resources: the request then goes through bounce buffers instead.
+    fn map_segments(&mut self, slot: u32, now: Instant) -> Result<Acquired, i16> {
         let s = self.slots.get_mut(slot);
         s.addrs.clear();
         if !s.has_data() {
-            return Ok(true);
+            return Ok(Acquired::Mapped);
         }
-        // The seed maps read-only for requests that only read guest memory, except with
-        // persistent grants, whose mappings outlive the request and may serve a READ later.
-        let access = if self.persistent || s.fills_guest() {
-            Access::ReadWrite
-        } else {
-            Access::ReadOnly
-        };
         self.misses.clear();
         for (i, seg) in s.segs.iter().enumerate() {
             let hit = if self.persistent {
@@ -1288,21 +1367,20 @@ impl RingRunner {
             if self.persistent {
                 self.stats.persistent_hits.add(s.segs.len() as u64);
             }
-            return Ok(true);
+            return Ok(Acquired::Mapped);
         }
         // How many misses become persistent: as many as the cache has free entries for,
-        // the daemon-wide budget has shares for, and one map call takes; of a gref the
+        // the guest's budget has shares for, and one map call takes; of a gref the
         // request names twice, only the first, and none the cache holds already (it keeps
         // one entry per gref: the others, mapped one VMA each, would be unmapped at
         // completion, and a hostile frontend repeating a gref 4096 times per request
-        // would make that many).
-        let room = if !self.persistent {
-            0
-        } else if self.mode == ResolvedGrantMode::MapOrCopy
-            && self.cache.free_entries() < self.misses.len()
+        // would make that many). The shares are taken before anything is mapped.
+        let kept_shares = if !self.persistent
+            || (self.mode == ResolvedGrantMode::MapOrCopy
+                && self.cache.free_entries() < self.misses.len())
         {
-            // Copied whatever the budget says: not counted as the budget's refusal.
-            0
+            // Map-or-copy: copied whatever the budget says, not counted as its refusal.
+            None
         } else {
             let cache = &self.cache;
             let distinct = distinct_first(
@@ -1312,82 +1390,199 @@ impl RingRunner {
                 &mut self.dedup,
                 &mut self.reordered,
             );
-            self.cache.room_for(distinct.min(MAX_MAP_BATCH))
+            self.cache.reserve(distinct.min(MAX_MAP_BATCH))
         };
+        let room = kept_shares.as_ref().map_or(0, |sh| sh.cost().vmas);
         if self.mode == ResolvedGrantMode::MapOrCopy && self.misses.len() > room {
             // Copied whole: its hits were not used either.
             self.stats.persistent_misses.add(s.segs.len() as u64);
-            for gref in s.persistent.drain(..) {
-                self.cache.unget(gref);
+            self.abandon_mapping(slot);
+            return Ok(Acquired::Copy);
+        }
+        if room < self.misses.len() && self.persistent {
+            self.cache.note_overflow();
+        }
+        // The rest is mapped for this request only, in batches: each batch's worst case
+        // is taken from the guest's share before anything is mapped, so the request
+        // either gets all it needs or maps nothing and is copied.
+        let mut batch_shares: Vec<MapShare> = Vec::new();
+        for batch in self.misses[room..].chunks(MAX_MAP_BATCH) {
+            let cost = MapCost::new(self.platform.max_vmas(batch.len()), batch.len());
+            match self.budget.try_take(cost) {
+                Some(share) => batch_shares.push(share),
+                None => {
+                    drop(kept_shares);
+                    if self.persistent {
+                        // Copied whole: its hits were not used either.
+                        let segs = self.slots.get(slot).segs.len();
+                        self.stats.persistent_misses.add(segs as u64);
+                    }
+                    self.abandon_mapping(slot);
+                    return Ok(Acquired::Fallback);
+                }
             }
-            s.addrs.clear();
-            return Ok(false);
         }
         if self.persistent {
             let misses = self.misses.len();
+            let s = self.slots.get(slot);
             self.stats
                 .persistent_hits
                 .add((s.segs.len() - misses) as u64);
             self.stats.persistent_misses.add(misses as u64);
         }
-        let mut start = 0;
-        if self.persistent {
+        // The seed maps read-only for requests that only read guest memory, except with
+        // persistent grants, whose mappings outlive the request and may serve a READ later.
+        let access = if self.persistent || self.slots.get(slot).fills_guest() {
+            Access::ReadWrite
+        } else {
+            Access::ReadOnly
+        };
+        if let Some(mut shares) = kept_shares {
             // Mapped one grant per mapping so the purge can drop them one by one.
-            if room > 0 {
-                self.grefs.clear();
-                self.grefs
-                    .extend(self.misses[..room].iter().map(|&i| s.segs[i].gref));
-                let maps = self
-                    .platform
-                    .map_each(self.domid, &self.grefs, Access::ReadWrite)
-                    .map_err(|e| {
-                        tracing::debug!(error = %e, "grant map failed");
-                        BLKIF_RSP_ERROR
-                    })?;
-                for (&i, m) in self.misses[..room].iter().zip(maps) {
-                    let gref = s.segs[i].gref;
-                    // Refused (another ring took the last of the budget meanwhile):
-                    // used for this request only.
-                    match self.cache.add(gref, m, now) {
-                        Ok(m) => {
-                            s.addrs[i] = m.as_ptr() as usize;
-                            s.persistent.push(gref);
-                        }
-                        Err((_, m)) => {
-                            s.addrs[i] = m.as_ptr() as usize;
-                            s.mappings.push(m);
-                        }
+            let s = self.slots.get(slot);
+            self.grefs.clear();
+            self.grefs
+                .extend(self.misses[..room].iter().map(|&i| s.segs[i].gref));
+            let maps = match self
+                .platform
+                .map_each(self.domid, &self.grefs, Access::ReadWrite)
+            {
+                Ok(maps) => maps,
+                Err(e) => return self.map_failed(slot, NotMapped::Map(e)),
+            };
+            let s = self.slots.get_mut(slot);
+            for (&i, m) in self.misses[..room].iter().zip(maps) {
+                let gref = s.segs[i].gref;
+                let Some(one) = shares.split_grant() else {
+                    // `reserve` took one share per grant: not reached.
+                    tracing::error!(gref, "persistent grant mapped without its share");
+                    return self.map_failed(slot, NotMapped::Budget);
+                };
+                match self.cache.add(gref, m, one, now) {
+                    Ok(m) => {
+                        s.addrs[i] = m.as_ptr() as usize;
+                        s.persistent.push(gref);
+                    }
+                    // Not kept after all: used for this request only, with its share.
+                    Err(rejected) => {
+                        s.addrs[i] = rejected.mapping.as_ptr() as usize;
+                        s.mappings.push(HeldMapping {
+                            mapping: rejected.mapping,
+                            _share: rejected.share,
+                        });
                     }
                 }
             }
-            start = room;
-            if start < self.misses.len() {
-                self.cache.note_overflow();
-            }
         }
-        // The rest: mapped for this request only, in batches.
-        for batch in self.misses[start..].chunks(MAX_MAP_BATCH) {
+        for (batch, share) in self.misses[room..].chunks(MAX_MAP_BATCH).zip(batch_shares) {
+            let s = self.slots.get(slot);
             self.grefs.clear();
             self.grefs.extend(batch.iter().map(|&i| s.segs[i].gref));
-            let m = self
-                .platform
-                .map(self.domid, &self.grefs, access)
-                .map_err(|e| {
-                    tracing::debug!(error = %e, "grant map failed");
-                    BLKIF_RSP_ERROR
-                })?;
+            let held = match self.map_with(&self.grefs, access, share) {
+                Ok(held) => held,
+                Err(e) => return self.map_failed(slot, e),
+            };
+            let base = held.mapping.as_ptr() as usize;
+            let s = self.slots.get_mut(slot);
             for (k, &i) in batch.iter().enumerate() {
-                s.addrs[i] = m.as_ptr() as usize + k * PAGE_SIZE;
+                s.addrs[i] = base + k * PAGE_SIZE;
             }
-            s.mappings.push(m);
+            s.mappings.push(held);
         }
-        Ok(true)
+        Ok(Acquired::Mapped)
+    }
+
+    /// Maps `refs` of the guest for one request with `share`, taken from the guest's
+    /// budget for the platform's worst case; what the mapping did not take is given back.
+    fn map_with(
+        &self,
+        refs: &[GrantRef],
+        access: Access,
+        mut share: MapShare,
+    ) -> Result<HeldMapping, NotMapped> {
+        let mapping = self
+            .platform
+            .map(self.domid, refs, access)
+            .map_err(NotMapped::Map)?;
+        share.shrink_to(MapCost::new(mapping.vmas(), mapping.pages()));
+        Ok(HeldMapping {
+            mapping,
+            _share: share,
+        })
+    }
+
+    /// Like [`map_with`](Self::map_with), taking the share first.
+    fn map_budgeted(&self, refs: &[GrantRef], access: Access) -> Result<HeldMapping, NotMapped> {
+        let cost = MapCost::new(self.platform.max_vmas(refs.len()), refs.len());
+        let share = self.budget.try_take(cost).ok_or(NotMapped::Budget)?;
+        self.map_with(refs, access, share)
+    }
+
+    /// A map of the request's data failed: undoes what it took, and says whether the
+    /// request is copied instead or fails.
+    fn map_failed(&mut self, slot: u32, why: NotMapped) -> Result<Acquired, i16> {
+        self.abandon_mapping(slot);
+        let copy = why.copy_instead();
+        if let NotMapped::Map(e) = &why {
+            tracing::debug!(
+                vbd = self.vbd.id.0,
+                ring = self.index,
+                error = %e,
+                copy,
+                "grant map failed"
+            );
+        }
+        if copy {
+            Ok(Acquired::Fallback)
+        } else {
+            Err(BLKIF_RSP_ERROR)
+        }
+    }
+
+    /// Gives back whatever a request took towards mapping its data: persistent grants
+    /// (hits and grants just added, free again; their last use unchanged) and mappings
+    /// of its own.
+    fn abandon_mapping(&mut self, slot: u32) {
+        let s = self.slots.get_mut(slot);
+        for gref in s.persistent.drain(..) {
+            self.cache.unget(gref);
+        }
+        s.mappings.clear();
+        s.addrs.clear();
+    }
+
+    /// Counts a request grant-copied because it could not be mapped, and logs the count
+    /// when a line is due.
+    fn note_fallback(&mut self, now: Instant) {
+        self.stats.map_fallbacks.inc();
+        self.vbd.map_fallbacks.add(1);
+        self.log_fallbacks(now);
+    }
+
+    /// At most one warning per [`FALLBACK_LOG_INTERVAL`] per VBD (whichever ring is
+    /// first), with the count since the last one.
+    fn log_fallbacks(&self, now: Instant) {
+        if let Some(count) = self.vbd.map_fallbacks.due(now, FALLBACK_LOG_INTERVAL) {
+            let usage = self.budget.usage();
+            tracing::warn!(
+                vbd = self.vbd.id.0,
+                domid = self.domid,
+                count,
+                held = ?usage.held,
+                share = ?usage.share,
+                "requests grant-copied instead of mapped: the guest reached its share of \
+                 the daemon's grant mappings, or a map failed for want of resources"
+            );
+        }
     }
 
     /// Copy mode: moves a request's data between the guest's granted pages and its
     /// bounce pages.
     fn copy_data(&mut self, slot: u32, direction: CopyDirection) -> Result<(), i16> {
-        let pool = self.bounce.as_ref().expect("copy mode");
+        let pool = self
+            .bounce
+            .as_ref()
+            .expect("a copied request has a bounce pool");
         let s = self.slots.get(slot);
         self.copy_segs.clear();
         self.copy_segs
@@ -1548,6 +1743,9 @@ impl RingTask for RingRunner {
     fn tick(&mut self, now: Instant) {
         self.purge(now);
         self.reclaim_bounce(now);
+        // Fallbacks counted since the last line are logged once the interval is over,
+        // even if no further one comes to trigger it.
+        self.log_fallbacks(now);
         if let Some(at) = self.next_resize {
             if now >= at {
                 if let Err(e) = self.vbd.refresh_size() {
@@ -1620,7 +1818,7 @@ mod tests {
                 unused_timeout: Duration::from_secs(60),
             },
             Arc::new(AtomicBool::new(false)),
-            PersistentGrantBudget::unlimited(),
+            crate::grant_budget::MapBudget::unlimited().guest(1),
         )
     }
 
@@ -1630,7 +1828,8 @@ mod tests {
         let t = Instant::now();
         let mut c = cache(16);
         for gref in [10, 11, 12] {
-            c.add(gref, gref * 100, t).unwrap();
+            let share = c.reserve(1).unwrap();
+            c.add(gref, gref * 100, share, t).unwrap();
             c.put(gref, t);
         }
         // 12 is another in-flight request's data page.

@@ -10,6 +10,7 @@
 
 use std::ops::AddAssign;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// A counter written by exactly one thread and read by any.
 #[derive(Debug, Default)]
@@ -62,6 +63,7 @@ pub(crate) struct RingStats {
     pub(crate) indirect_hits: Counter,
     pub(crate) indirect_misses: Counter,
     pub(crate) notifications: Counter,
+    pub(crate) map_fallbacks: Counter,
     pub(crate) halted: AtomicBool,
 }
 
@@ -86,6 +88,7 @@ impl RingStats {
             indirect_page_hits: self.indirect_hits.get(),
             indirect_page_misses: self.indirect_misses.get(),
             notifications: self.notifications.get(),
+            map_fallbacks: self.map_fallbacks.get(),
             halted_rings: u64::from(self.halted.load(Ordering::Relaxed)),
         }
     }
@@ -135,6 +138,10 @@ pub struct Stats {
     pub indirect_page_misses: u64,
     /// Event-channel notifications sent to the frontend.
     pub notifications: u64,
+    /// Requests grant-copied through bounce pages although the ring maps (map and
+    /// map-or-copy modes): their guest's share of the daemon-wide grant-mapping budget
+    /// had no room for what they would map, or a map failed for want of resources.
+    pub map_fallbacks: u64,
     /// Rings halted because the frontend overflowed them (0 or 1 for one ring).
     pub halted_rings: u64,
 }
@@ -159,7 +166,52 @@ impl AddAssign for Stats {
         self.indirect_page_hits += o.indirect_page_hits;
         self.indirect_page_misses += o.indirect_page_misses;
         self.notifications += o.notifications;
+        self.map_fallbacks += o.map_fallbacks;
         self.halted_rings += o.halted_rings;
+    }
+}
+
+/// Events counted by several threads and reported (logged) at most once per interval,
+/// each report with the count since the previous one.
+#[derive(Debug)]
+pub(crate) struct RateLimitedCount {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the last report, plus one (0: never reported).
+    last_ms: AtomicU64,
+    pending: AtomicU64,
+}
+
+impl RateLimitedCount {
+    pub(crate) fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            last_ms: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count to report now, if any is pending and no report was made within
+    /// `interval` (the first report is due at once). Only one caller gets it.
+    pub(crate) fn due(&self, now: Instant, interval: Duration) -> Option<u64> {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX - 1)
+            + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now_ms.saturating_sub(last) < interval_ms {
+            return None;
+        }
+        self.last_ms
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.pending.swap(0, Ordering::Relaxed)).filter(|&n| n > 0)
     }
 }
 
@@ -195,5 +247,32 @@ mod tests {
         t += s;
         assert_eq!(t.rd_sect, 16);
         assert_eq!(t.halted_rings, 2);
+    }
+
+    #[test]
+    fn rate_limited_count_reports_at_most_once_per_interval_with_the_count() {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(10);
+        let c = RateLimitedCount::new(t0);
+        assert_eq!(c.due(t0, interval), None, "nothing to report");
+        c.add(1);
+        assert_eq!(c.due(t0, interval), Some(1), "the first report is at once");
+        c.add(5);
+        c.add(2);
+        assert_eq!(c.due(t0 + Duration::from_secs(9), interval), None);
+        assert_eq!(c.due(t0 + Duration::from_secs(10), interval), Some(7));
+        assert_eq!(c.due(t0 + Duration::from_secs(30), interval), None);
+        c.add(1);
+        assert_eq!(c.due(t0 + Duration::from_secs(31), interval), Some(1));
+        // Many threads, one report per interval between them.
+        for _ in 0..100 {
+            c.add(1);
+        }
+        let t = t0 + Duration::from_secs(45);
+        let reports: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| c.due(t, interval))).collect();
+            hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(reports, vec![100]);
     }
 }

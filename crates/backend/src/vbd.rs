@@ -18,7 +18,7 @@ use storage::Storage;
 
 use crate::persistent_grants::PersistentGrantLimits;
 use crate::reactor::VbdId;
-use crate::stats::{RingStats, VbdStats};
+use crate::stats::{RateLimitedCount, RingStats, VbdStats};
 
 /// blkback's default `max_indirect_segments` advertised as
 /// `feature-max-indirect-segments`.
@@ -198,6 +198,8 @@ pub(crate) struct VbdShared {
     /// blkback's VBD-wide `overflow_max_grants`.
     pub(crate) persistent_overflow: Arc<AtomicBool>,
     pub(crate) ring_stats: Vec<Arc<RingStats>>,
+    /// Requests grant-copied because they could not be mapped, not yet logged.
+    pub(crate) map_fallbacks: RateLimitedCount,
     events: Option<EventCallback>,
     /// Serialises resize checks (ring 0's tick and on-request refreshes).
     resize_lock: Mutex<()>,
@@ -229,6 +231,7 @@ impl VbdShared {
             ring_stats: (0..spec.rings.len())
                 .map(|_| Arc::new(RingStats::default()))
                 .collect(),
+            map_fallbacks: RateLimitedCount::new(std::time::Instant::now()),
             events: spec.events.clone(),
             resize_lock: Mutex::new(()),
         }

@@ -533,7 +533,7 @@ struct BudgetSampler {
 }
 
 impl BudgetSampler {
-    fn start(budget: backend::PersistentGrantBudget) -> Self {
+    fn start(budget: backend::MapBudget) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = std::thread::spawn({
@@ -589,7 +589,7 @@ fn many_rings_share_a_tiny_persistent_grant_budget() {
             disk_bytes: 2 << 20,
             ..Opts::default()
         });
-        let budget = h.engine.as_ref().unwrap().persistent_grant_budget().clone();
+        let budget = h.engine.as_ref().unwrap().map_budget().clone();
         assert_eq!(budget.usage().limit(), BUDGET);
         let sampler = BudgetSampler::start(budget.clone());
         let mut rng = Rng::new(0xb0d9e7 + mode as u64);
@@ -660,14 +660,16 @@ fn many_rings_share_a_tiny_persistent_grant_budget() {
 #[test]
 fn rings_reserve_their_own_mappings_from_the_process_budget() {
     use backend::grant_budget::{ring_map_reserve, RING_FIXED_MAPS};
+    use backend::MapCost;
     let _g = serial();
-    // Sized from vm.max_map_count: each ring holds back what it maps besides persistent
-    // grants (map mode: a batch mapping per request slot), until it is detached.
-    for (mode, rings, order, expect) in [
-        (GrantMode::Map, 1, 0, ring_map_reserve(32, 256, true)),
-        (GrantMode::Map, 2, 2, 2 * ring_map_reserve(128, 256, true)),
-        (GrantMode::Copy, 2, 0, 2 * RING_FIXED_MAPS),
-        (GrantMode::Auto, 1, 0, RING_FIXED_MAPS),
+    // Sized from vm.max_map_count: each ring holds back what it maps besides its guest's
+    // grant mappings (its ring pages, io_uring, bounce pool), until it is detached,
+    // whatever the mode: what requests map is taken from the guest's share as they map.
+    for (mode, rings, order) in [
+        (GrantMode::Map, 1, 0),
+        (GrantMode::Map, 2, 2),
+        (GrantMode::Copy, 2, 0),
+        (GrantMode::Auto, 1, 0),
     ] {
         let h = Harness::new(Opts {
             mode,
@@ -676,12 +678,70 @@ fn rings_reserve_their_own_mappings_from_the_process_budget() {
             persistent: true,
             ..Opts::default()
         });
-        let u = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+        let u = h.engine.as_ref().unwrap().map_budget().usage();
         let max_map_count = backend::grant_budget::read_max_map_count().unwrap();
+        // The harness grants ring pages contiguous: one VMA per ring mapping.
+        let one = ring_map_reserve(1, 1 << order);
+        assert_eq!(one, MapCost::new(RING_FIXED_MAPS + 1, 1 << order));
+        let expect = MapCost::new(rings * one.vmas, rings * one.pages);
         assert_eq!(u.reserved, expect, "{mode:?} x{rings} order {order}");
-        assert!(u.capacity < max_map_count);
-        assert_eq!(u.limit(), u.capacity - expect);
+        assert!(u.capacity.vmas < max_map_count);
+        assert_eq!(u.limit(), u.capacity.vmas - expect.vmas);
+        assert_eq!(u.guests, 1);
+        assert_eq!(
+            u.share(),
+            MapCost::new(
+                u.capacity.vmas - expect.vmas,
+                u.capacity.pages - expect.pages
+            )
+        );
         // `teardown` checks the reserve is given back.
+        h.teardown();
+    }
+}
+
+#[test]
+fn a_map_that_fails_for_want_of_resources_is_served_by_grant_copy() {
+    let _g = serial();
+    // The engine's budget thinks there is room (sized from this process's limit), but
+    // the platform runs out: of VMAs (ENOMEM from mmap), or of map-tracking entries
+    // (GNTST_no_device_space) as when dom0's kernel backends took them. Each request is
+    // still served, by grant copy, and counted; refused grants still fail.
+    for (vmas, pages, persistent) in [
+        (Some(2), None, false),
+        (None, Some(2), false),
+        (Some(2), None, true),
+    ] {
+        let mut h = Harness::new(Opts {
+            mode: GrantMode::Map,
+            persistent,
+            ..Opts::default()
+        });
+        // The ring holds one VMA and one page; one more of each is left.
+        h.platform.set_grant_vma_limit(vmas);
+        h.platform.set_grant_page_limit(pages);
+        random_io(&mut h, 0, 0xe0e0, 40);
+        let s = h.vbd().stats().total;
+        assert_eq!(s.errors, 0);
+        assert!(s.map_fallbacks > 0, "{s:?}");
+        assert!(
+            h.platform.vma_limit_refusals() + h.platform.page_limit_refusals() > 0,
+            "the platform never refused"
+        );
+        let bogus = blkif::Segment {
+            gref: 9000,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        let id = h.id();
+        h.push_raw(
+            0,
+            &blkif::RawRequest::direct(BLKIF_OP_WRITE, id, 0, 0, &[bogus]).unwrap(),
+        );
+        assert_eq!(h.wait(0, id).status, BLKIF_RSP_ERROR);
+        h.platform.set_grant_vma_limit(None);
+        h.platform.set_grant_page_limit(None);
+        h.verify_disk(0);
         h.teardown();
     }
 }
@@ -728,7 +788,7 @@ fn budget_pressure_moves_grants_to_the_ring_that_needs_them() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(h.vbd().stats().rings[2].persistent_budget_refusals > 0);
-    let budget = h.engine.as_ref().unwrap().persistent_grant_budget().usage();
+    let budget = h.engine.as_ref().unwrap().map_budget().usage();
     assert!(budget.grants <= 16);
     h.verify_disk(0);
     h.teardown();

@@ -358,12 +358,7 @@ fn a_tiny_persistent_grant_budget_costs_persistence_not_requests() {
             ..RigOpts::default()
         });
         assert!(rig.fe().negotiated().persistent);
-        let budget = rig
-            .engine
-            .as_ref()
-            .unwrap()
-            .persistent_grant_budget()
-            .clone();
+        let budget = rig.engine.as_ref().unwrap().map_budget().clone();
         let region = rig.model.len() / 4;
         std::thread::scope(|s| {
             for t in 0..4usize {

@@ -179,6 +179,40 @@ impl MapError {
         }
     }
 
+    /// Whether the hypervisor refused the grant itself (no such reference, not granted
+    /// to us, read-only, another domain): a grant copy of it would be refused too.
+    /// `false` for a map that failed for want of resources (address space, the process's
+    /// `vm.max_map_count`, the hypervisor's map-tracking table) or for an unknown reason:
+    /// gntdev reports a refused entry only as an errno from `mmap`, so on Linux a failed
+    /// map never says which it was. The engine serves those requests by grant copy
+    /// instead, which uses none of these resources and reports each refused grant
+    /// precisely.
+    pub fn grant_refused(&self) -> bool {
+        match self {
+            MapError::Grant { status, .. } => !matches!(
+                *status,
+                GrantStatus::NO_SPACE | GrantStatus::EAGAIN | GrantStatus::NO_DEVICE_SPACE
+            ),
+            MapError::BadBatchSize { .. } => true,
+            MapError::Kernel { .. } | MapError::AddressSpace { .. } => false,
+        }
+    }
+
+    /// Whether the map is known to have failed for want of resources (address space,
+    /// `vm.max_map_count`, a full map-tracking table, a transient shortage): the grants
+    /// themselves may be fine. `false` when a grant was refused, and when the kernel did
+    /// not say ([`MapError::Kernel`] with an errno other than ENOMEM, ENOSPC or EAGAIN).
+    pub fn lacks_resources(&self) -> bool {
+        match self {
+            MapError::AddressSpace { .. } => true,
+            MapError::Grant { status, .. } | MapError::Kernel { status, .. } => matches!(
+                *status,
+                GrantStatus::NO_SPACE | GrantStatus::EAGAIN | GrantStatus::NO_DEVICE_SPACE
+            ),
+            MapError::BadBatchSize { .. } => false,
+        }
+    }
+
     /// Index of the failing entry in the batch, when the platform knows it.
     pub fn index(&self) -> Option<usize> {
         match self {
@@ -275,6 +309,17 @@ pub trait GrantMapper: Send + Sync {
         access: Access,
     ) -> Result<GrantMapping, MapError>;
 
+    /// Most VMAs one [`map`](Self::map) of `pages` grants may occupy in this process
+    /// (what it costs against `vm.max_map_count`), known before mapping so that the cost
+    /// can be reserved first; the mapping made says what it really took
+    /// ([`GrantMapping::vmas`]). The default, one per page, is the worst case of a
+    /// platform that maps each guest frame on its own (the simulator, whose guest frames
+    /// are file pages: frames that are not consecutive cannot share an `mmap`); gntdev
+    /// maps any batch as one VMA.
+    fn max_vmas(&self, pages: usize) -> usize {
+        pages
+    }
+
     /// Maps each ref on its own (persistent grants, which the LRU purge unmaps one by
     /// one). All or nothing: on failure the ones already mapped are unmapped and the error
     /// names the failing index in `refs`.
@@ -370,6 +415,54 @@ mod tests {
         assert_eq!(GrantStatus(-99).to_string(), "GNTST_unknown (-99)");
         assert!(GrantStatus::OKAY.is_ok());
         assert!(!GrantStatus::GENERAL_ERROR.is_ok());
+    }
+
+    #[test]
+    fn only_refused_grants_are_not_worth_a_copy() {
+        let grant = |status| MapError::Grant {
+            domid: 1,
+            index: 0,
+            gref: 9,
+            count: 1,
+            status,
+        };
+        assert!(grant(GrantStatus::BAD_GNTREF).grant_refused());
+        assert!(grant(GrantStatus::PERMISSION_DENIED).grant_refused());
+        assert!(grant(GrantStatus::BAD_DOMAIN).grant_refused());
+        assert!(!grant(GrantStatus::NO_DEVICE_SPACE).grant_refused());
+        assert!(!grant(GrantStatus::NO_SPACE).grant_refused());
+        assert!(!grant(GrantStatus::EAGAIN).grant_refused());
+        let enomem = || io::Error::from_raw_os_error(libc::ENOMEM);
+        assert!(!MapError::AddressSpace {
+            pages: 1,
+            source: enomem()
+        }
+        .grant_refused());
+        assert!(!MapError::Kernel {
+            domid: 1,
+            count: 1,
+            status: GrantStatus::GENERAL_ERROR,
+            source: io::Error::from_raw_os_error(libc::EINVAL)
+        }
+        .grant_refused());
+        assert!(MapError::BadBatchSize { count: 0, max: 1 }.grant_refused());
+        // Known shortages, as opposed to failures whose cause the kernel did not give.
+        assert!(grant(GrantStatus::NO_DEVICE_SPACE).lacks_resources());
+        assert!(!grant(GrantStatus::BAD_GNTREF).lacks_resources());
+        assert!(MapError::Kernel {
+            domid: 1,
+            count: 1,
+            status: GrantStatus::NO_SPACE,
+            source: enomem()
+        }
+        .lacks_resources());
+        assert!(!MapError::Kernel {
+            domid: 1,
+            count: 1,
+            status: GrantStatus::GENERAL_ERROR,
+            source: io::Error::from_raw_os_error(libc::EINVAL)
+        }
+        .lacks_resources());
     }
 
     #[test]

@@ -31,19 +31,29 @@ pub struct GrantMapping {
     access: Access,
     domid: DomId,
     pages: usize,
+    vmas: usize,
 }
 
 impl GrantMapping {
     /// `mem` must cover exactly `pages` pages and release the mapping on drop; for
     /// [`Access::ReadOnly`] it may be mapped without write permission, which is why only
-    /// read paths of it are ever used then.
-    pub(crate) fn new(mem: SharedMemory, access: Access, domid: DomId, pages: usize) -> Self {
+    /// read paths of it are ever used then. `vmas`: how many VMAs the mapping occupies in
+    /// this process (see [`GrantMapping::vmas`]).
+    pub(crate) fn new(
+        mem: SharedMemory,
+        access: Access,
+        domid: DomId,
+        pages: usize,
+        vmas: usize,
+    ) -> Self {
         debug_assert_eq!(mem.len(), pages * PAGE_SIZE);
+        debug_assert!((1..=pages).contains(&vmas));
         Self {
             mem,
             access,
             domid,
             pages,
+            vmas,
         }
     }
 
@@ -59,6 +69,16 @@ impl GrantMapping {
     /// Number of pages (= grant refs of the batch).
     pub fn pages(&self) -> usize {
         self.pages
+    }
+
+    /// VMAs the mapping occupies in this process, each counted against
+    /// `vm.max_map_count` until the mapping is dropped: 1 on gntdev (one `mmap` of the
+    /// whole batch), one per run of consecutive guest frames in the simulator (each run
+    /// is an `mmap` of its own). At most [`GrantMapper::max_vmas`] of its page count.
+    ///
+    /// [`GrantMapper::max_vmas`]: crate::GrantMapper::max_vmas
+    pub fn vmas(&self) -> usize {
+        self.vmas
     }
 
     /// Length in bytes.
@@ -373,7 +393,7 @@ mod tests {
     #[test]
     fn read_only_mapping_refuses_writes_and_hides_shared() {
         let mem = SharedMemory::anonymous(PAGE_SIZE).unwrap();
-        let m = GrantMapping::new(mem, Access::ReadOnly, 3, 1);
+        let m = GrantMapping::new(mem, Access::ReadOnly, 3, 1, 1);
         assert_eq!(m.write(0, b"x"), Err(ReadOnlyMapping::ReadOnly));
         assert!(m.shared().is_none());
         let m = m.into_shared().unwrap_err();
@@ -388,7 +408,7 @@ mod tests {
     #[test]
     fn read_write_mapping_round_trips() {
         let mem = SharedMemory::anonymous(2 * PAGE_SIZE).unwrap();
-        let m = GrantMapping::new(mem, Access::ReadWrite, 3, 2);
+        let m = GrantMapping::new(mem, Access::ReadWrite, 3, 2, 2);
         m.write(PAGE_SIZE + 10, b"abc").unwrap();
         let mut b = [0u8; 3];
         m.read(PAGE_SIZE + 10, &mut b).unwrap();

@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backend::{
-    DetachError, Engine, Features, PersistentGrantBudget, RingSpec, VbdHandle, VbdLimits, VbdSpec,
-};
+use backend::{DetachError, Engine, Features, MapBudget, RingSpec, VbdHandle, VbdLimits, VbdSpec};
 use platform::Platform;
 use storage::{DirectIo, OpenOptions, Storage};
 use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
@@ -148,25 +146,31 @@ impl EngineFactory {
     /// been handed to the xenbus manager.
     pub fn gauges(&self) -> EngineGauges {
         EngineGauges {
-            budget: self.engine.persistent_grant_budget().clone(),
+            budget: self.engine.map_budget().clone(),
         }
     }
 }
 
 /// Daemon-wide gauges of the engine for `xenblkd status`, next to the process's own
-/// (grant mappings, fds, threads): the persistent-grant budget every ring draws on.
+/// (grant mappings, fds, threads): the grant-mapping budget every guest has a share of.
 #[derive(Clone)]
 pub struct EngineGauges {
-    budget: PersistentGrantBudget,
+    budget: MapBudget,
 }
 
 impl EngineGauges {
     /// `persistent_grant_budget_used` (persistent grants mapped by all devices),
-    /// `persistent_grant_budget_limit` (most there may be with the rings attached now) and
-    /// `persistent_grant_budget_refusals` (grants used per request because the budget was
-    /// spent, since start).
+    /// `persistent_grant_budget_limit` (most there may be with the rings attached now),
+    /// `persistent_grant_budget_refusals` (takes of the budget refused, since start: a
+    /// grant used for its request only, or a request grant-copied instead of mapped),
+    /// `grant_map_vmas` / `grant_map_vma_capacity` (VMAs held by guests' grant mappings,
+    /// and what `vm.max_map_count` leaves them with the rings' own reserves),
+    /// `grant_map_pages` / `grant_map_page_capacity` (grant pages mapped, and the limit),
+    /// `grant_map_guests` (domains sharing the budget) and `grant_map_guest_share_vmas` /
+    /// `_pages` (most one of them may hold now).
     pub fn read(&self) -> BTreeMap<String, u64> {
         let u = self.budget.usage();
+        let share = u.share();
         BTreeMap::from([
             ("persistent_grant_budget_used".to_string(), u.grants as u64),
             (
@@ -174,6 +178,22 @@ impl EngineGauges {
                 u.limit() as u64,
             ),
             ("persistent_grant_budget_refusals".to_string(), u.refusals),
+            ("grant_map_vmas".to_string(), u.held.vmas as u64),
+            (
+                "grant_map_vma_capacity".to_string(),
+                u.capacity.vmas.saturating_sub(u.reserved.vmas) as u64,
+            ),
+            ("grant_map_pages".to_string(), u.held.pages as u64),
+            (
+                "grant_map_page_capacity".to_string(),
+                u.capacity.pages.saturating_sub(u.reserved.pages) as u64,
+            ),
+            ("grant_map_guests".to_string(), u.guests as u64),
+            ("grant_map_guest_share_vmas".to_string(), share.vmas as u64),
+            (
+                "grant_map_guest_share_pages".to_string(),
+                share.pages as u64,
+            ),
         ])
     }
 }
@@ -377,6 +397,7 @@ impl ConnectedVbd for EngineVbd {
             ("indirect_page_hits".to_string(), t.indirect_page_hits),
             ("indirect_page_misses".to_string(), t.indirect_page_misses),
             ("notifications".to_string(), t.notifications),
+            ("map_fallbacks".to_string(), t.map_fallbacks),
             ("halted_rings".to_string(), t.halted_rings),
             ("rings".to_string(), s.rings.len() as u64),
         ]);
@@ -490,19 +511,42 @@ mod tests {
 
     #[test]
     fn gauges_show_the_persistent_grant_budget() {
-        let engine = Engine::start_with_budget(
+        let engine = Engine::start_with_limits(
             backend::EngineConfig { reactors: 1 },
-            backend::BudgetSize::Grants(5),
+            backend::MapLimits {
+                size: backend::BudgetSize::Vmas(5),
+                max_mapped_pages: 64,
+            },
         )
         .unwrap();
+        let budget = engine.map_budget().clone();
         let factory = EngineFactory::new(engine, Arc::new(platform::sim::SimPlatform::new()));
         let gauges = factory.gauges();
         let m = gauges.read();
         assert_eq!(m["persistent_grant_budget_used"], 0);
         assert_eq!(m["persistent_grant_budget_limit"], 5);
         assert_eq!(m["persistent_grant_budget_refusals"], 0);
+        assert_eq!(m["grant_map_vma_capacity"], 5);
+        assert_eq!(m["grant_map_page_capacity"], 64);
+        assert_eq!(m["grant_map_guests"], 0);
+        // Two guests with mappings: each may hold half.
+        let (a, b) = (budget.guest(1), budget.guest(2));
+        let held = a.try_take(backend::MapCost::new(2, 30)).unwrap();
+        assert!(b.try_take(backend::MapCost::new(1, 33)).is_none());
+        let m = gauges.read();
+        assert_eq!((m["grant_map_vmas"], m["grant_map_pages"]), (2, 30));
+        assert_eq!(m["grant_map_guests"], 2);
+        assert_eq!(
+            (
+                m["grant_map_guest_share_vmas"],
+                m["grant_map_guest_share_pages"]
+            ),
+            (2, 32)
+        );
+        assert_eq!(m["persistent_grant_budget_refusals"], 1);
+        drop((held, a, b));
         drop(factory);
         // Still readable: the manager may outlive the factory's other users.
-        assert_eq!(gauges.read().len(), 3);
+        assert_eq!(gauges.read()["grant_map_guests"], 0);
     }
 }

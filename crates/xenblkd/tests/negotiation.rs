@@ -135,10 +135,19 @@ fn feature_and_protocol_matrix_full_backend() {
         assert!(st["stats"]["wr_req"].as_u64().unwrap() >= 24, "{st}");
         assert!(st["stats"]["ds_req"].as_u64().unwrap() >= 1, "{st}");
         assert!(st["stats"]["f_req"].as_u64().unwrap() >= 1, "{st}");
+        // Requests grant-copied because their guest's share of the mapping budget was
+        // spent: reported per device, none here.
+        assert_eq!(st["stats"]["map_fallbacks"].as_u64(), Some(0), "{st}");
     }
     // `xenblkd status`, as an operator reads it, while everything is connected.
     let text = host.status_text();
     println!("{text}");
+    assert!(text.contains("map_fallbacks 0"), "{text}");
+    // One share of the grant-mapping budget per guest domain.
+    assert!(
+        text.contains(&format!("grant_map_guests {}", cases.len())),
+        "{text}"
+    );
     assert!(
         text.contains("xenblkd/2/51712 (xvda): backend Connected, frontend Connected"),
         "{text}"

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use backend::persistent_grants::PersistentGrantLimits;
 use backend::{
-    BudgetSize, Engine, EngineConfig, Features, GrantMode, RingSpec, VbdEvent, VbdHandle, VbdId,
-    VbdLimits, VbdSpec,
+    BudgetSize, Engine, EngineConfig, Features, GrantMode, MapLimits, RingSpec, VbdEvent,
+    VbdHandle, VbdId, VbdLimits, VbdSpec,
 };
 use blkif::abi::{
     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
@@ -57,8 +57,17 @@ pub struct Opts {
     pub persistent_limits: PersistentGrantLimits,
     /// `VbdLimits::poll`.
     pub poll: Duration,
-    /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
+    /// The engine's grant-mapping budget in VMAs, without ring reserves
+    /// ([`BudgetSize::Vmas`]); `None`: sized from `vm.max_map_count`.
     pub persistent_budget: Option<usize>,
+    /// The `vm.max_map_count` the engine sizes its budget from ([`BudgetSize::MaxMapCount`])
+    /// instead of this process's, unless `persistent_budget` is given.
+    pub max_map_count: Option<usize>,
+    /// Grant pages the engine maps at most at once ([`MapLimits::max_mapped_pages`]);
+    /// `None`: the default.
+    pub max_mapped_pages: Option<usize>,
+    /// Guest memory, in pages.
+    pub guest_pages: u32,
 }
 
 impl Default for Opts {
@@ -84,6 +93,9 @@ impl Default for Opts {
             persistent_limits: PersistentGrantLimits::default(),
             poll: Duration::ZERO,
             persistent_budget: None,
+            max_map_count: None,
+            max_mapped_pages: None,
+            guest_pages: 8192,
         }
     }
 }
@@ -166,6 +178,10 @@ impl GrantMapper for CountingPlatform {
         let r = self.inner.map(domid, refs, access);
         self.calls.mapped(refs, access, &r);
         r
+    }
+
+    fn max_vmas(&self, pages: usize) -> usize {
+        self.inner.max_vmas(pages)
     }
 
     fn map_each(
@@ -271,13 +287,62 @@ impl Harness {
         wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
     ) -> Harness {
         let fds_before = FdTable::now();
-        let pages = 8192;
-        let platform = SimPlatform::new();
-        let guest = SimGuest::new(
+        let engine = Engine::start_with_limits(
+            EngineConfig {
+                reactors: opts.reactors,
+            },
+            MapLimits {
+                size: match (opts.persistent_budget, opts.max_map_count) {
+                    (Some(vmas), _) => BudgetSize::Vmas(vmas),
+                    (None, Some(n)) => BudgetSize::MaxMapCount(n),
+                    (None, None) => BudgetSize::FromMapCount,
+                },
+                max_mapped_pages: opts
+                    .max_mapped_pages
+                    .unwrap_or(MapLimits::default().max_mapped_pages),
+            },
+        )
+        .unwrap();
+        let mut h = Self::guest(
+            opts,
             GUEST_DOMID,
+            SimPlatform::new(),
+            &engine,
+            fds_before,
+            wrap,
+        );
+        h.engine = Some(engine);
+        h
+    }
+
+    /// Another guest, domain `domid`, with a VBD of its own on this harness's engine and
+    /// simulated hypervisor. Tear it down before this one.
+    pub fn another_guest(&self, domid: DomId, opts: Opts) -> Harness {
+        Self::guest(
+            opts,
+            domid,
+            self.platform.clone(),
+            self.engine.as_ref().expect("the harness owning the engine"),
+            FdTable::default(),
+            |s| s,
+        )
+    }
+
+    fn guest(
+        opts: Opts,
+        domid: DomId,
+        platform: SimPlatform,
+        engine: &Engine,
+        fds_before: FdTable,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Harness {
+        let pages = opts.guest_pages;
+        let guest = SimGuest::new(
+            domid,
             GuestConfig {
                 pages,
-                grant_entries: 16 * 512,
+                // Enough to grant every page, and the rings.
+                grant_entries: (pages + 1024).max(16 * 512),
             },
         )
         .unwrap();
@@ -302,16 +367,7 @@ impl Harness {
 
         let mut h = Harness {
             vbd: None,
-            engine: Some(
-                Engine::start_with_budget(
-                    EngineConfig {
-                        reactors: opts.reactors,
-                    },
-                    opts.persistent_budget
-                        .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
-                )
-                .unwrap(),
-            ),
+            engine: None,
             fronts: Vec::new(),
             platform,
             grant_calls: Arc::default(),
@@ -352,7 +408,7 @@ impl Harness {
         }
         let events = h.events.clone();
         let spec = VbdSpec {
-            domid: GUEST_DOMID,
+            domid,
             storage,
             read_only: opts.read_only,
             rings: specs,
@@ -375,7 +431,7 @@ impl Harness {
             inner: h.platform.clone(),
             calls: h.grant_calls.clone(),
         });
-        h.vbd = Some(h.engine.as_ref().unwrap().attach(spec, platform).unwrap());
+        h.vbd = Some(engine.attach(spec, platform).unwrap());
         h
     }
 
@@ -544,6 +600,23 @@ impl Harness {
         }
     }
 
+    /// Every response on ring `r` not yet claimed, waiting up to `timeout` for the first.
+    pub fn responses(&mut self, r: usize, timeout: Duration) -> Vec<Response> {
+        let f = &mut self.fronts[r];
+        let mut out: Vec<Response> = f.pending.drain().map(|(_, rsp)| rsp).collect();
+        loop {
+            while let Some(rsp) = f.ring.pop_response().unwrap() {
+                out.push(rsp);
+            }
+            if f.ring.final_check_for_responses().unwrap() {
+                continue;
+            }
+            if !out.is_empty() || !f.evtchn.wait(timeout).unwrap() {
+                return out;
+            }
+        }
+    }
+
     /// Collects a request's outcome: for a successful READ the data the guest got. Releases
     /// its pages. Updates the model for successful writes.
     pub fn complete(&mut self, r: usize, b: Built) -> (Response, Option<Vec<u8>>) {
@@ -636,14 +709,22 @@ impl Harness {
         let vbd = self.vbd.take().unwrap();
         let stats = vbd.detach(Duration::from_secs(10)).unwrap();
         assert_eq!(stats.total.in_flight, 0);
+        if self.engine.is_none() {
+            // Another guest on a shared engine: the owner's teardown checks the rest.
+            for p in std::mem::take(&mut self.persistent_pool) {
+                self.guest.end_access(p.gref).unwrap();
+            }
+            assert_eq!(self.guest.end_access_failures(), 0);
+            return;
+        }
         assert_eq!(self.live_mappings(), 0, "grant mappings left after detach");
         assert_eq!(self.platform.mapped_pages(), 0);
         let engine = self.engine.take().unwrap();
-        let budget = engine.persistent_grant_budget().usage();
+        let budget = engine.map_budget().usage();
         assert_eq!(
-            (budget.grants, budget.reserved),
-            (0, 0),
-            "persistent-grant budget not given back after detach"
+            (budget.grants, budget.reserved, budget.held, budget.guests),
+            (0, backend::MapCost::ZERO, backend::MapCost::ZERO, 0),
+            "grant-mapping budget not given back after detach"
         );
         assert!(
             engine.reactor_loads().iter().all(|&l| l == 0),

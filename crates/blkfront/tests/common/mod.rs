@@ -37,7 +37,8 @@ pub struct RigOpts {
     pub read_only: bool,
     pub disk_bytes: u64,
     pub guest_pages: u32,
-    /// The engine's persistent-grant budget; `None`: sized from `vm.max_map_count`.
+    /// The engine's grant-mapping budget in VMAs, without ring reserves
+    /// (`BudgetSize::Vmas`); `None`: sized from `vm.max_map_count`.
     pub persistent_budget: Option<usize>,
 }
 
@@ -139,7 +140,7 @@ impl Rig {
         let engine = Engine::start_with_budget(
             EngineConfig { reactors: 2 },
             opts.persistent_budget
-                .map_or(BudgetSize::FromMapCount, BudgetSize::Grants),
+                .map_or(BudgetSize::FromMapCount, BudgetSize::Vmas),
         )
         .unwrap();
         let spec = VbdSpec {
@@ -206,11 +207,11 @@ impl Rig {
         let vbd = self.vbd.take().unwrap();
         vbd.detach(Duration::from_secs(10)).unwrap();
         let engine = self.engine.take().unwrap();
-        let budget = engine.persistent_grant_budget().usage();
+        let budget = engine.map_budget().usage();
         assert_eq!(
-            (budget.grants, budget.reserved),
-            (0, 0),
-            "persistent-grant budget not given back after detach"
+            (budget.grants, budget.reserved, budget.held, budget.guests),
+            (0, backend::MapCost::ZERO, backend::MapCost::ZERO, 0),
+            "grant-mapping budget not given back after detach"
         );
         engine.shutdown();
         let fe = self.fe.take().unwrap();

@@ -285,7 +285,14 @@ impl GrantMapper for LinuxPlatform {
         // writable when `access` is ReadWrite, and GrantMapping never writes through a
         // read-only one.
         let mem = unsafe { SharedMemory::from_raw_parts(ptr, len, Some(release)) };
-        Ok(GrantMapping::new(mem, access, domid, count))
+        // One IOCTL_GNTDEV_MAP_GRANT_REF and one mmap of the whole range: one VMA
+        // (gntdev's VMAs carry vm_ops with a close hook, so the kernel never merges them
+        // with a neighbour either).
+        Ok(GrantMapping::new(mem, access, domid, count, 1))
+    }
+
+    fn max_vmas(&self, pages: usize) -> usize {
+        pages.min(1)
     }
 
     fn copy(&self, ops: &mut [GrantCopyOp<'_>]) -> Result<(), PlatformError> {
@@ -665,6 +672,10 @@ mod tests {
             p.map(1, &[], Access::ReadOnly),
             Err(MapError::BadBatchSize { count: 0, .. })
         ));
+        // What a map costs against vm.max_map_count, known before the ioctl: one mmap,
+        // whatever the batch.
+        assert_eq!(p.max_vmas(1), 1);
+        assert_eq!(p.max_vmas(MAX_MAP_BATCH), 1);
         let many = vec![8; MAX_MAP_BATCH + 1];
         assert!(matches!(
             p.map(1, &many, Access::ReadOnly),

@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -62,11 +62,98 @@ pub const MAX_PORTS_PER_DOMAIN: usize = 1024;
 /// How long the backend waits for a connecting guest's hello, and a guest for the answer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A count of something held, with a limit the simulated platform enforces.
+#[derive(Debug)]
+struct Limited {
+    held: AtomicUsize,
+    limit: AtomicUsize,
+    /// Takes refused because they would have gone past `limit`.
+    refusals: AtomicU64,
+}
+
+impl Default for Limited {
+    fn default() -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+            refusals: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Limited {
+    /// Takes `n` if the total stays within the limit; counts a refusal otherwise.
+    fn take(&self, n: usize) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
+        let mut held = self.held.load(Ordering::Acquire);
+        loop {
+            if held.saturating_add(n) > limit {
+                self.refusals.fetch_add(1, Ordering::AcqRel);
+                return false;
+            }
+            match self.held.compare_exchange_weak(
+                held,
+                held + n,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    fn get(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
 /// Live grant-mapping accounting shared with every mapping's release callback.
 #[derive(Debug, Default)]
 struct Counters {
     mappings: AtomicUsize,
-    pages: AtomicUsize,
+    /// Grant pages mapped: on Xen, entries of the backend domain's map-tracking table
+    /// ([`SimPlatform::set_grant_page_limit`]).
+    pages: Limited,
+    /// VMAs the grant mappings occupy (one per `mmap`: per run of consecutive frames;
+    /// [`SimPlatform::set_grant_vma_limit`]).
+    vmas: Limited,
+}
+
+impl Counters {
+    /// Takes what a mapping of `pages` pages in `vmas` VMAs costs before it is made:
+    /// refused with the status Xen gives when the backend's map-tracking table is full
+    /// (`GNTST_no_device_space`), or with ENOMEM as from `mmap` once a process holds
+    /// `vm.max_map_count` VMAs.
+    fn take(&self, domid: DomId, refs: &[GrantRef], vmas: usize) -> Result<(), MapError> {
+        let pages = refs.len();
+        if !self.pages.take(pages) {
+            return Err(MapError::Grant {
+                domid,
+                index: 0,
+                gref: refs[0],
+                count: pages,
+                status: GrantStatus::NO_DEVICE_SPACE,
+            });
+        }
+        if !self.vmas.take(vmas) {
+            self.pages.release(pages);
+            return Err(MapError::AddressSpace {
+                pages,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&self, pages: usize, vmas: usize) {
+        self.pages.release(pages);
+        self.vmas.release(vmas);
+    }
 }
 
 /// An event channel a guest offered (an unbound port on Xen).
@@ -485,6 +572,48 @@ impl SimPlatform {
         v
     }
 
+    /// Simulates `vm.max_map_count` for the grant mappings: from now on a map that would
+    /// make them occupy more than `limit` VMAs fails with ENOMEM, as `mmap` does in a
+    /// process at its limit (`None`: no limit but the real one). The VMAs counted are
+    /// those of grant mappings only (see [`SimPlatform::live_vmas`]); the rest of the
+    /// process is what a backend's own reserve stands for.
+    pub fn set_grant_vma_limit(&self, limit: Option<usize>) {
+        self.inner
+            .counters
+            .vmas
+            .limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Release);
+    }
+
+    /// Simulates the size of the backend domain's map-tracking table (Xen's
+    /// `gnttab_max_maptrack_frames` x 256 entries): from now on a map that would make
+    /// more than `limit` grant pages mapped at once fails with `GNTST_no_device_space`, as
+    /// Xen answers when the table is full (`None`: no limit).
+    pub fn set_grant_page_limit(&self, limit: Option<usize>) {
+        self.inner
+            .counters
+            .pages
+            .limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Release);
+    }
+
+    /// VMAs the live grant mappings occupy: one per `mmap`, so one per run of consecutive
+    /// guest frames of a batch, and one per single grant.
+    pub fn live_vmas(&self) -> usize {
+        self.inner.counters.vmas.get()
+    }
+
+    /// Maps refused (ENOMEM) because of [`SimPlatform::set_grant_vma_limit`].
+    pub fn vma_limit_refusals(&self) -> u64 {
+        self.inner.counters.vmas.refusals.load(Ordering::Acquire)
+    }
+
+    /// Maps refused (`GNTST_no_device_space`) because of
+    /// [`SimPlatform::set_grant_page_limit`].
+    pub fn page_limit_refusals(&self) -> u64 {
+        self.inner.counters.pages.refusals.load(Ordering::Acquire)
+    }
+
     fn lookup(&self, domid: DomId) -> Option<Arc<SimDomain>> {
         self.inner
             .domains
@@ -524,24 +653,28 @@ impl SimPlatform {
                     status,
                 }
             })?;
+        if let Err(e) = self.inner.counters.take(domid, &[gref], 1) {
+            dom.active.unpin(&dom.table, gref, readonly);
+            return Err(e);
+        }
         let release = {
             let dom = dom.clone();
             let counters = self.inner.counters.clone();
             Box::new(move || {
                 dom.active.unpin(&dom.table, gref, readonly);
                 counters.mappings.fetch_sub(1, Ordering::AcqRel);
-                counters.pages.fetch_sub(1, Ordering::AcqRel);
+                counters.release(1, 1);
             })
         };
         match vm::map_frame(dom.memory.as_fd(), frame, access.is_writable(), release) {
             Ok(mem) => {
                 self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
-                self.inner.counters.pages.fetch_add(1, Ordering::AcqRel);
-                Ok(GrantMapping::new(mem, access, domid, 1))
+                Ok(GrantMapping::new(mem, access, domid, 1, 1))
             }
             Err(source) => {
-                // `release` was dropped unrun: undo the pin here.
+                // `release` was dropped unrun: undo the pin and the counts here.
                 dom.active.unpin(&dom.table, gref, readonly);
+                self.inner.counters.release(1, 1);
                 Err(MapError::AddressSpace { pages: 1, source })
             }
         }
@@ -722,6 +855,18 @@ impl GrantMapper for SimPlatform {
                 }
             }
         }
+        // The frames were read once, by the pins: what the mapping costs is known before
+        // any mmap, and cannot change under us.
+        let vmas = vm::runs(&frames);
+        let unpin_all = || {
+            for &g in refs {
+                dom.active.unpin(&dom.table, g, readonly);
+            }
+        };
+        if let Err(e) = self.inner.counters.take(domid, refs, vmas) {
+            unpin_all();
+            return Err(e);
+        }
         let release = {
             let dom = dom.clone();
             let refs = refs.to_vec();
@@ -731,20 +876,18 @@ impl GrantMapper for SimPlatform {
                     dom.active.unpin(&dom.table, g, readonly);
                 }
                 counters.mappings.fetch_sub(1, Ordering::AcqRel);
-                counters.pages.fetch_sub(refs.len(), Ordering::AcqRel);
+                counters.release(refs.len(), vmas);
             })
         };
         match vm::map_frames(dom.memory.as_fd(), &frames, access.is_writable(), release) {
             Ok(mem) => {
                 self.inner.counters.mappings.fetch_add(1, Ordering::AcqRel);
-                self.inner.counters.pages.fetch_add(count, Ordering::AcqRel);
-                Ok(GrantMapping::new(mem, access, domid, count))
+                Ok(GrantMapping::new(mem, access, domid, count, vmas))
             }
             Err(source) => {
-                // `release` was dropped unrun: undo the pins here.
-                for &g in refs {
-                    dom.active.unpin(&dom.table, g, readonly);
-                }
+                // `release` was dropped unrun: undo the pins and the counts here.
+                unpin_all();
+                self.inner.counters.release(count, vmas);
                 Err(MapError::AddressSpace {
                     pages: count,
                     source,
@@ -823,7 +966,7 @@ impl GrantMapper for SimPlatform {
     }
 
     fn mapped_pages(&self) -> usize {
-        self.inner.counters.pages.load(Ordering::Acquire)
+        self.inner.counters.pages.get()
     }
 }
 

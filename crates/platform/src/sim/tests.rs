@@ -239,6 +239,119 @@ fn pins_are_counted_per_entry_and_end_access_sees_them() {
     );
 }
 
+/// Number of VMAs (lines of /proc/self/maps) in this process.
+fn process_vmas() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_mapping_costs_one_vma_per_run_of_frames_and_the_limit_refuses_like_mmap() {
+    let (platform, guest, _h) = setup(32);
+    // Frames 0..4 consecutive, then 10, 12, 13: three runs.
+    let refs: Vec<GrantRef> = [0u32, 1, 2, 3, 10, 12, 13]
+        .iter()
+        .map(|&f| guest.grant_access(0, f, false).unwrap())
+        .collect();
+    assert_eq!(platform.max_vmas(refs.len()), refs.len(), "worst case");
+    let before = process_vmas();
+    let m = platform.map(GUEST, &refs, Access::ReadWrite).unwrap();
+    assert_eq!(m.vmas(), 3);
+    assert_eq!(platform.live_vmas(), 3);
+    // What the kernel sees (other threads of the test binary may map meanwhile, but
+    // this test's own mappings are what moved).
+    assert!(process_vmas() >= before + 3);
+    let single = platform.map(GUEST, &refs[4..5], Access::ReadOnly).unwrap();
+    assert_eq!(single.vmas(), 1);
+    let each = platform
+        .map_each(GUEST, &refs[..3], Access::ReadOnly)
+        .unwrap();
+    assert!(each.iter().all(|m| m.vmas() == 1));
+    assert_eq!(platform.live_vmas(), 3 + 1 + 3);
+
+    // A limit at what is held: the next map is refused before anything is mapped or
+    // pinned, with ENOMEM as from mmap, and counted.
+    platform.set_grant_vma_limit(Some(7));
+    let spare = guest.grant_access(0, 20, false).unwrap();
+    let e = platform
+        .map(GUEST, &[spare, refs[0]], Access::ReadOnly)
+        .unwrap_err();
+    assert!(
+        matches!(&e, MapError::AddressSpace { source, .. } if source.raw_os_error() == Some(libc::ENOMEM)),
+        "{e}"
+    );
+    assert!(!e.grant_refused());
+    assert!(platform
+        .map_each(GUEST, &refs[..1], Access::ReadOnly)
+        .is_err());
+    assert_eq!(platform.vma_limit_refusals(), 2);
+    assert_eq!(platform.live_vmas(), 7);
+    assert_eq!(guest.grant_entry(spare).unwrap().flags & GTF_READING, 0);
+    // Dropping gives the VMAs back: a batch of one run fits where it did not.
+    drop(each);
+    assert_eq!(platform.live_vmas(), 4);
+    let contiguous = platform.map(GUEST, &refs[..4], Access::ReadOnly).unwrap();
+    assert_eq!(contiguous.vmas(), 1);
+    assert_eq!(platform.live_vmas(), 5);
+    // Frames 10, 12, 13 are two runs: two VMAs, one more than the limit now leaves.
+    platform.set_grant_vma_limit(Some(6));
+    assert!(platform.map(GUEST, &refs[4..7], Access::ReadOnly).is_err());
+    platform.set_grant_vma_limit(Some(7));
+    assert_eq!(
+        platform
+            .map(GUEST, &refs[4..7], Access::ReadOnly)
+            .unwrap()
+            .vmas(),
+        2
+    );
+    platform.set_grant_vma_limit(None);
+    drop((m, single, contiguous));
+    assert_eq!(platform.live_vmas(), 0);
+    assert_eq!(platform.live_mappings(), 0);
+}
+
+#[test]
+fn a_full_map_tracking_table_refuses_maps_like_xen() {
+    let (platform, guest, _h) = setup(32);
+    let refs: Vec<GrantRef> = (0..8)
+        .map(|f| guest.grant_access(0, f, false).unwrap())
+        .collect();
+    platform.set_grant_page_limit(Some(6));
+    // Four consecutive frames: one VMA, four pages.
+    let m = platform.map(GUEST, &refs[..4], Access::ReadWrite).unwrap();
+    assert_eq!((m.vmas(), platform.mapped_pages()), (1, 4));
+    let e = platform
+        .map(GUEST, &refs[4..7], Access::ReadOnly)
+        .unwrap_err();
+    assert_eq!(e.status(), GrantStatus::NO_DEVICE_SPACE);
+    assert!(!e.grant_refused(), "a copy would do");
+    assert!(platform
+        .map_each(GUEST, &refs[4..7], Access::ReadOnly)
+        .is_err());
+    assert_eq!(platform.page_limit_refusals(), 2);
+    assert_eq!(platform.mapped_pages(), 4, "the refused maps took nothing");
+    assert_eq!(guest.grant_entry(refs[4]).unwrap().flags & GTF_READING, 0);
+    let two = platform.map(GUEST, &refs[4..6], Access::ReadOnly).unwrap();
+    drop(m);
+    assert_eq!(platform.mapped_pages(), 2);
+    platform.set_grant_page_limit(None);
+    drop(two);
+    assert_eq!((platform.mapped_pages(), platform.live_vmas()), (0, 0));
+}
+
+#[test]
+fn runs_of_frames() {
+    assert_eq!(vm::runs(&[]), 0);
+    assert_eq!(vm::runs(&[5]), 1);
+    assert_eq!(vm::runs(&[5, 6, 7]), 1);
+    assert_eq!(vm::runs(&[5, 7, 9]), 3);
+    assert_eq!(vm::runs(&[7, 6]), 2, "descending frames are not one mmap");
+    assert_eq!(vm::runs(&[1, 2, 4, 5, 5]), 3);
+    assert_eq!(vm::runs(&[u32::MAX, 0]), 2);
+}
+
 #[test]
 fn map_each_maps_individually_and_is_all_or_nothing() {
     let (platform, guest, _h) = setup(8);

@@ -92,6 +92,17 @@ pub(crate) fn map_frame(
     Ok(unsafe { SharedMemory::from_raw_parts(ptr, PAGE_SIZE, Some(release)) })
 }
 
+/// How many runs of consecutive frames `frames` holds: the `mmap`s (VMAs)
+/// [`map_frames`] makes for it. Adjacent runs never merge into one VMA: they map
+/// non-consecutive offsets of the file.
+pub(crate) fn runs(frames: &[u32]) -> usize {
+    let breaks = frames
+        .windows(2)
+        .filter(|w| u64::from(w[1]) != u64::from(w[0]) + 1)
+        .count();
+    usize::from(!frames.is_empty()) + breaks
+}
+
 /// Maps `frames` (page indices into `fd`) as one virtually contiguous region, page `i`
 /// backed by `frames[i]`, the way gntdev maps a grant batch: zero copy, the same pages
 /// the guest sees. Runs of consecutive frames share one `mmap`. `on_release` runs after
