@@ -142,6 +142,10 @@ struct Slot {
     /// Submission order, so a reconnect resends in the order the guest submitted.
     order: u64,
     submitted: Instant,
+    /// When the operation started waiting for a lost connection without an answer since:
+    /// kept across reconnects, so a server that keeps dropping the connection cannot hold
+    /// it beyond the bound.
+    waiting_since: Option<Instant>,
 }
 
 impl Slot {
@@ -164,6 +168,7 @@ impl Slot {
             flush_after: false,
             order: 0,
             submitted: Instant::now(),
+            waiting_since: None,
         }
     }
 
@@ -205,7 +210,12 @@ impl Slot {
 
     /// Calls `f(ptr, len)` for the pieces of the current chunk's buffers covering bytes
     /// `[skip, skip + len)` of the chunk, until `f` returns false.
-    fn for_each_piece(&self, mut skip: usize, mut len: usize, mut f: impl FnMut(*mut u8, usize) -> bool) {
+    fn for_each_piece(
+        &self,
+        mut skip: usize,
+        mut len: usize,
+        mut f: impl FnMut(*mut u8, usize) -> bool,
+    ) {
         for v in &self.iovs[self.first..] {
             if len == 0 {
                 return;
@@ -278,7 +288,8 @@ fn spawn_reconnect(target: &ConnTarget, mailbox: Arc<Reconnect>, eventfd: Arc<Ev
     let uri = Arc::clone(&target.uri);
     let timeout = target.connect_timeout;
     let thread_mailbox = Arc::clone(&mailbox);
-    let cap = (target.reconnect_timeout / 8).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let cap =
+        (target.reconnect_timeout / 8).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let spawned = std::thread::Builder::new()
         .name("nbd-reconnect".into())
         .spawn(move || {
@@ -420,7 +431,10 @@ impl NbdQueue {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let (max_payload, max_discard) = (self.target.max_payload, self.target.max_discard);
-        let (can_fua, can_flush) = (self.has(proto::TFLAG_SEND_FUA), self.has(proto::TFLAG_SEND_FLUSH));
+        let (can_fua, can_flush) = (
+            self.has(proto::TFLAG_SEND_FUA),
+            self.has(proto::TFLAG_SEND_FLUSH),
+        );
         let (can_trim, can_zero) = (
             self.has(proto::TFLAG_SEND_TRIM),
             self.has(proto::TFLAG_SEND_WRITE_ZEROES),
@@ -491,6 +505,7 @@ impl NbdQueue {
             return;
         }
         slot.awaiting = false;
+        slot.waiting_since = None;
         if error != 0 {
             let errno = proto::errno_of(error);
             let kind = slot.kind();
@@ -528,9 +543,11 @@ impl NbdQueue {
             // SAFETY: shutdown takes only integers; the descriptor is open (owned by us).
             unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
         }
-        self.lost = Some(Outage {
-            since: Instant::now(),
-        });
+        let now = Instant::now();
+        for slot in self.slots.iter_mut().filter(|s| s.op != Op::Free) {
+            slot.waiting_since.get_or_insert(now);
+        }
+        self.lost = Some(Outage { since: now });
     }
 
     /// The old socket is quiet: close it, forget partial transfers, start reconnecting.
@@ -546,7 +563,11 @@ impl NbdQueue {
             slot.awaiting = false;
             slot.reply = None;
         }
-        spawn_reconnect(&self.target, Arc::clone(&self.reconnect), Arc::clone(&self.eventfd));
+        spawn_reconnect(
+            &self.target,
+            Arc::clone(&self.reconnect),
+            Arc::clone(&self.eventfd),
+        );
     }
 
     /// Takes the helper's new connection and resends every unfinished operation.
@@ -566,9 +587,7 @@ impl NbdQueue {
         self.lost = None;
         let mut resend = std::mem::take(&mut self.resend);
         resend.clear();
-        resend.extend(
-            (0..self.depth).filter(|&i| self.slots[i as usize].op != Op::Free),
-        );
+        resend.extend((0..self.depth).filter(|&i| self.slots[i as usize].op != Op::Free));
         resend.sort_unstable_by_key(|&i| self.slots[i as usize].order);
         tracing::info!(uri = %self.target.uri, resent = resend.len(), "resending unfinished NBD commands");
         for &idx in &resend {
@@ -586,7 +605,10 @@ impl NbdQueue {
             if slot.op == Op::Free {
                 continue;
             }
-            let waiting_since = slot.submitted.max(outage_since);
+            // Submitted during this outage: it waits from its submission.
+            let waiting_since = slot
+                .waiting_since
+                .unwrap_or_else(|| slot.submitted.max(outage_since));
             if now.duration_since(waiting_since) >= bound {
                 tracing::warn!(uri = %self.target.uri, ?bound, op = %slot.kind(),
                     "NBD server unreachable for the reconnect bound; failing the operation");
@@ -611,7 +633,11 @@ impl NbdQueue {
                 None => {
                     self.expire(since);
                     if !self.reconnect.running.load(Ordering::Acquire) {
-                        spawn_reconnect(&self.target, Arc::clone(&self.reconnect), Arc::clone(&self.eventfd));
+                        spawn_reconnect(
+                            &self.target,
+                            Arc::clone(&self.reconnect),
+                            Arc::clone(&self.eventfd),
+                        );
                     }
                     return false;
                 }
@@ -655,15 +681,19 @@ impl NbdQueue {
             }
             if slot.command == proto::CMD_WRITE {
                 let mut full = false;
-                slot.for_each_piece(skip, slot.chunk as usize - skip.min(slot.chunk as usize), |ptr, len| {
-                    iov.push(IoVec(libc::iovec {
-                        iov_base: ptr.cast(),
-                        iov_len: len,
-                    }));
-                    bytes += len;
-                    full = iov.len() >= MAX_SEND_IOVS;
-                    !full
-                });
+                slot.for_each_piece(
+                    skip,
+                    slot.chunk as usize - skip.min(slot.chunk as usize),
+                    |ptr, len| {
+                        iov.push(IoVec(libc::iovec {
+                            iov_base: ptr.cast(),
+                            iov_len: len,
+                        }));
+                        bytes += len;
+                        full = iov.len() >= MAX_SEND_IOVS;
+                        !full
+                    },
+                );
                 skip = 0;
                 if full {
                     break 'commands;
@@ -764,7 +794,9 @@ impl NbdQueue {
         }
         let mut n = (res as usize).min(batch);
         while n > 0 {
-            let Some(&idx) = self.send_queue.front() else { break };
+            let Some(&idx) = self.send_queue.front() else {
+                break;
+            };
             let left = self.slots[idx as usize].wire_len() - self.send_skip;
             if n >= left {
                 n -= left;
@@ -823,7 +855,8 @@ impl NbdQueue {
         loop {
             match self.rstate {
                 RecvState::Header => {
-                    let header = match proto::parse_reply_header(&self.rbuf[self.rstart..self.rend]) {
+                    let header = match proto::parse_reply_header(&self.rbuf[self.rstart..self.rend])
+                    {
                         Ok(None) => break,
                         Ok(Some(h)) => h,
                         Err(e) => return self.lose(&format_args!("protocol error: {e}")),
@@ -834,10 +867,9 @@ impl NbdQueue {
                     self.rstart += proto::SIMPLE_REPLY_LEN;
                     let idx = handle as u32;
                     let seq = (handle >> 32) as u32;
-                    let valid = self
-                        .slots
-                        .get(idx as usize)
-                        .is_some_and(|s| s.op != Op::Free && s.awaiting && s.reply.is_none() && s.seq == seq);
+                    let valid = self.slots.get(idx as usize).is_some_and(|s| {
+                        s.op != Op::Free && s.awaiting && s.reply.is_none() && s.seq == seq
+                    });
                     if !valid {
                         return self.lose(&format_args!("reply for unknown handle {handle:#x}"));
                     }
@@ -995,6 +1027,7 @@ impl StorageQueue for NbdQueue {
         slot.awaiting = false;
         slot.reply = None;
         slot.sent = false;
+        slot.waiting_since = None;
         match op {
             StorageOp::Read { offset, iov } => {
                 slot.op = Op::Read;
@@ -1004,7 +1037,8 @@ impl StorageQueue for NbdQueue {
             StorageOp::Write { offset, iov, fua } => {
                 slot.op = Op::Write { fua };
                 slot.offset = offset;
-                slot.flush_after = fua && !self.target.info.read_only && self.flags & proto::TFLAG_SEND_FUA == 0;
+                slot.flush_after =
+                    fua && !self.target.info.read_only && self.flags & proto::TFLAG_SEND_FUA == 0;
                 slot.iovs.extend(iov.iter().map(|v| IoVec(*v)));
             }
             StorageOp::Flush => {

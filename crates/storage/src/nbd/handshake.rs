@@ -215,8 +215,7 @@ fn export_name(
     export: &str,
     no_zeroes: bool,
 ) -> Result<Negotiated, HandshakeError> {
-    let mut msg =
-        proto::encode_option_header(proto::OPT_EXPORT_NAME, export.len() as u32).to_vec();
+    let mut msg = proto::encode_option_header(proto::OPT_EXPORT_NAME, export.len() as u32).to_vec();
     msg.extend_from_slice(export.as_bytes());
     s.write_all(&msg)?;
     let (size, flags) = proto::parse_export_name_reply(&read_exact(s)?);
@@ -328,7 +327,11 @@ mod tests {
     #[test]
     fn go_with_block_size() {
         let mut input = greeting();
-        input.extend(reply(proto::OPT_GO, proto::REP_INFO, &export_info(1 << 20, 0x1ed)));
+        input.extend(reply(
+            proto::OPT_GO,
+            proto::REP_INFO,
+            &export_info(1 << 20, 0x1ed),
+        ));
         input.extend(reply(
             proto::OPT_GO,
             proto::REP_INFO,
@@ -398,7 +401,9 @@ mod tests {
         input.extend(r);
         assert!(matches!(
             run(input).0,
-            Err(HandshakeError::Protocol(ProtocolError::OptionReplyTooLong(_)))
+            Err(HandshakeError::Protocol(ProtocolError::OptionReplyTooLong(
+                _
+            )))
         ));
     }
 

@@ -30,6 +30,8 @@ mod conn;
 pub mod handshake;
 pub mod proto;
 mod shared;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod uri;
 
 use std::io;
@@ -149,14 +151,19 @@ impl NbdStorage {
         }
         let pbs = preferred.clamp(lbs, 65536);
         let round = |v: u64| v - v % u64::from(lbs);
-        let max_payload = round(u64::from(max.unwrap_or(DEFAULT_MAX_PAYLOAD).min(DEFAULT_MAX_PAYLOAD))) as u32;
+        let max_payload = round(u64::from(
+            max.unwrap_or(DEFAULT_MAX_PAYLOAD).min(DEFAULT_MAX_PAYLOAD),
+        )) as u32;
         if max_payload < lbs {
             return Err(unusable(format!("maximum block size {max:?} below {lbs}")));
         }
-        let max_discard = round(max.map_or(conn::DISCARD_CHUNK, |m| u64::from(m).min(conn::DISCARD_CHUNK)));
+        let max_discard = round(max.map_or(conn::DISCARD_CHUNK, |m| {
+            u64::from(m).min(conn::DISCARD_CHUNK)
+        }));
         let f = |flag| negotiated.has(flag);
         let read_only = config.read_only || f(proto::TFLAG_READ_ONLY);
-        let discard = !read_only && (f(proto::TFLAG_SEND_TRIM) || f(proto::TFLAG_SEND_WRITE_ZEROES));
+        let discard =
+            !read_only && (f(proto::TFLAG_SEND_TRIM) || f(proto::TFLAG_SEND_WRITE_ZEROES));
         let size = round(negotiated.size);
         let info = StorageInfo {
             size_bytes: size,
@@ -219,8 +226,12 @@ impl NbdStorage {
         if let Some((fd, n)) = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Ok((fd, n.flags));
         }
-        let (fd, n) = handshake::open(&self.uri.address, &self.uri.export, self.config.connect_timeout)
-            .map_err(|e| StorageError::Nbd(format!("{}: {e}", self.uri)))?;
+        let (fd, n) = handshake::open(
+            &self.uri.address,
+            &self.uri.export,
+            self.config.connect_timeout,
+        )
+        .map_err(|e| StorageError::Nbd(format!("{}: {e}", self.uri)))?;
         if n.size != self.size.load(Ordering::Acquire) {
             tracing::info!(uri = %self.uri, size = n.size, "export size changed");
         }

@@ -223,7 +223,10 @@ pub struct BlockSize {
 /// One `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
     BlockSize(BlockSize),
     /// A type we did not ask for or do not use (name, description, future ones).
     Other(u16),
@@ -459,9 +462,11 @@ mod tests {
     fn option_reply_headers_are_bounded_and_matched() {
         let h = parse_option_reply_header(&reply_header(OPT_GO, REP_INFO, 12), OPT_GO).unwrap();
         assert_eq!((h.reply_type, h.len, h.is_error()), (REP_INFO, 12, false));
-        assert!(parse_option_reply_header(&reply_header(OPT_GO, REP_ERR_UNKNOWN, 0), OPT_GO)
-            .unwrap()
-            .is_error());
+        assert!(
+            parse_option_reply_header(&reply_header(OPT_GO, REP_ERR_UNKNOWN, 0), OPT_GO)
+                .unwrap()
+                .is_error()
+        );
         assert_eq!(
             parse_option_reply_header(&reply_header(OPT_INFO, REP_ACK, 0), OPT_GO),
             Err(ProtocolError::WrongOption {
@@ -509,8 +514,17 @@ mod tests {
                 maximum: 1 << 25
             }))
         );
-        for (min, pref, max) in [(0, 4096, 4096), (3, 4096, 4096), (1 << 17, 1 << 17, 1 << 20), (512, 256, 4096), (4096, 4096, 512)] {
-            assert!(parse_info(&bs(min, pref, max)).is_err(), "{min} {pref} {max}");
+        for (min, pref, max) in [
+            (0, 4096, 4096),
+            (3, 4096, 4096),
+            (1 << 17, 1 << 17, 1 << 20),
+            (512, 256, 4096),
+            (4096, 4096, 512),
+        ] {
+            assert!(
+                parse_info(&bs(min, pref, max)).is_err(),
+                "{min} {pref} {max}"
+            );
         }
         assert_eq!(parse_info(&[0, 1, b'x']), Ok(Info::Other(1)));
         assert!(parse_info(&[0]).is_err());

@@ -106,7 +106,10 @@ pub(crate) struct SharedQueue {
 
 impl SharedQueue {
     /// A new queue on `shared`, `None` if its last queue already closed it.
-    pub(crate) fn new(shared: Arc<Shared>, depth: u32) -> Result<Option<SharedQueue>, StorageError> {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        depth: u32,
+    ) -> Result<Option<SharedQueue>, StorageError> {
         let mailbox = Arc::new(Mailbox {
             done: Mutex::new(Vec::with_capacity(depth as usize)),
             eventfd: EventFd::new().map_err(StorageError::EventFd)?,
@@ -116,7 +119,10 @@ impl SharedQueue {
             if shared.stop.load(Ordering::Acquire) {
                 return Ok(None);
             }
-            let id = boxes.iter().position(Option::is_none).unwrap_or(boxes.len());
+            let id = boxes
+                .iter()
+                .position(Option::is_none)
+                .unwrap_or(boxes.len());
             if id == boxes.len() {
                 boxes.push(Some(Arc::clone(&mailbox)));
             } else {

@@ -46,7 +46,9 @@ pub struct NbdUri {
 /// Why a URI was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
-    #[error("not an NBD URI (expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH)")]
+    #[error(
+        "not an NBD URI (expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH)"
+    )]
     NotNbd,
     #[error("{0} is not supported (xenblkd speaks plain NBD over TCP or a unix socket)")]
     UnsupportedScheme(String),
@@ -221,9 +223,15 @@ mod tests {
     #[test]
     fn tcp_uris() {
         let u = NbdUri::parse("nbd://example.org/disk0").unwrap();
-        assert_eq!((u.address, u.export.as_str()), (tcp("example.org", 10809), "disk0"));
+        assert_eq!(
+            (u.address, u.export.as_str()),
+            (tcp("example.org", 10809), "disk0")
+        );
         let u = NbdUri::parse("nbd://127.0.0.1:10810").unwrap();
-        assert_eq!((u.address, u.export.as_str()), (tcp("127.0.0.1", 10810), ""));
+        assert_eq!(
+            (u.address, u.export.as_str()),
+            (tcp("127.0.0.1", 10810), "")
+        );
         let u = NbdUri::parse("nbd+tcp://[::1]:3000/a%20b/c").unwrap();
         assert_eq!((u.address, u.export.as_str()), (tcp("::1", 3000), "a b/c"));
         let u = NbdUri::parse("NBD://[fe80::1]/").unwrap();
@@ -247,10 +255,17 @@ mod tests {
         let u = NbdUri::parse("nbd+unix://?socket=%2Ftmp%2Fs").unwrap();
         assert_eq!(
             (u.address, u.export.as_str()),
-            (NbdAddress::Unix { path: "/tmp/s".into() }, "")
+            (
+                NbdAddress::Unix {
+                    path: "/tmp/s".into()
+                },
+                ""
+            )
         );
         assert_eq!(
-            NbdUri::parse("nbd+unix:///e?socket=/s").unwrap().to_string(),
+            NbdUri::parse("nbd+unix:///e?socket=/s")
+                .unwrap()
+                .to_string(),
             "nbd+unix:///e?socket=/s"
         );
     }
@@ -276,7 +291,10 @@ mod tests {
             ("nbd+unix:///e?socket=rel", BadSocketPath),
             (long_sock.as_str(), BadSocketPath),
             ("nbd://h/e?socket=/s", BadQuery("socket".into())),
-            ("nbd+unix:///e?socket=/s&socket=/t", BadQuery("socket".into())),
+            (
+                "nbd+unix:///e?socket=/s&socket=/t",
+                BadQuery("socket".into()),
+            ),
             ("nbd+unix:///e?socket=/s&tls=on", BadQuery("tls".into())),
             ("nbd://h/%zz", BadEncoding),
             ("nbd://h/%00", BadEncoding),
@@ -294,7 +312,12 @@ mod tests {
 
     #[test]
     fn recognises_nbd_schemes() {
-        for s in ["nbd://h/e", "NBD+unix:///e?socket=/s", "nbds://h", "nbd+vsock://2"] {
+        for s in [
+            "nbd://h/e",
+            "NBD+unix:///e?socket=/s",
+            "nbds://h",
+            "nbd+vsock://2",
+        ] {
             assert!(is_nbd_uri(s), "{s}");
         }
         for s in ["/a/b", "raw:/a", "qcow2:/x", "", "nbd", "nbd:/x"] {
