@@ -39,7 +39,8 @@ const BLOCK: u64 = 4096;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Disk image or block device; default: a sparse image the demo creates.
+    /// Disk image, block device or NBD export URI; default: a sparse image the demo
+    /// creates.
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Size of the default image.
@@ -213,6 +214,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // The toolstack: what `xenblkd attach` writes, then wait for InitWait.
     let store = XsStore::new(Arc::new(dom0));
+    // An NBD URI is passed on as it is.
     let image_abs = std::fs::canonicalize(&image).unwrap_or_else(|_| image.clone());
     let spec = DiskSpec::new(
         XENBLKD_BACKEND_TYPE,

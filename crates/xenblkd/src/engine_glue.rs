@@ -84,6 +84,33 @@ pub fn open_options(config: &DeviceConfig) -> OpenOptions {
     }
 }
 
+/// How an NBD export is opened for a device: the toolstack's read-only, the operator's
+/// reconnect bound.
+pub fn nbd_config(config: &DeviceConfig) -> storage::NbdConfig {
+    storage::NbdConfig {
+        read_only: config.read_only,
+        reconnect_timeout: Duration::from_secs(config.settings.nbd_reconnect_secs),
+        ..storage::NbdConfig::default()
+    }
+}
+
+/// Opens the NBD export a device's target names.
+fn open_nbd(config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
+    let uri = config.target.path.to_string_lossy();
+    let storage = storage::NbdStorage::open(&uri, nbd_config(config)).map_err(|e| {
+        let errno = match &e {
+            storage::nbd::NbdOpenError::Uri(_) => EINVAL,
+            storage::nbd::NbdOpenError::Handshake {
+                source: storage::nbd::handshake::HandshakeError::Io(io),
+                ..
+            } => io.raw_os_error().unwrap_or(5),
+            _ => 5,
+        };
+        VbdError::new(format!("opening {uri}"), e, errno)
+    })?;
+    Ok(Arc::new(StorageDisk::new(Arc::new(storage))))
+}
+
 /// [`VbdFactory`] over the engine and a platform.
 pub struct EngineFactory {
     engine: Engine,
@@ -152,6 +179,7 @@ impl VbdFactory for EngineFactory {
         let context = || format!("opening {}", path.display());
         match config.target.format {
             DiskFormat::Raw => {}
+            DiskFormat::Nbd => return open_nbd(config),
             DiskFormat::Qcow2 => {
                 return Err(VbdError::new(
                     context(),
