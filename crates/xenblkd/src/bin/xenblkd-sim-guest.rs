@@ -5,7 +5,7 @@
 //! `err <step>: ...`), so a test can follow and synchronise with it.
 //!
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
-//! `flush`, `discard`, `expect-read-error` (a write succeeds, a read fails), `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
+//! `flush`, `discard`, `expect-read-error` (a write succeeds, a read fails), `expect-write-error`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
 //! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
@@ -220,6 +220,13 @@ impl Guest {
                 match fe.read(0, &mut buf) {
                     Ok(()) => bail!("the read succeeded"),
                     Err(e) => Ok(format!("read failed: {e}")),
+                }
+            }
+            "expect-write-error" => {
+                let data = vec![0xa5u8; 4096];
+                match self.frontend()?.write(0, &data) {
+                    Ok(()) => bail!("the write succeeded"),
+                    Err(e) => Ok(format!("write failed: {e}")),
                 }
             }
             "flush" => {
