@@ -113,10 +113,7 @@ fn first_free_vdev(store: &dyn Store, domid: u32) -> anyhow::Result<u32> {
 
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
     let store = connect(args.xs.xenstore_socket.as_deref())?;
-    let nbd = args
-        .image
-        .to_str()
-        .is_some_and(|s| storage::nbd::is_nbd_uri(s));
+    let nbd = args.image.to_str().is_some_and(storage::nbd::is_nbd_uri);
     if nbd {
         // Checked here so a typo fails the command, not the guest's device.
         storage::nbd::NbdUri::parse(args.image.to_str().unwrap_or_default())

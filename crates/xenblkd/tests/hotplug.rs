@@ -162,7 +162,8 @@ fn libxl_phy_route_with_the_hotplug_script() {
         host.read(&join(&be, "physical-device-path")),
         Some(server.uri(""))
     );
-    host.guest(5, 51712, &[], "connect,io:16,flush,close").finish();
+    host.guest(5, 51712, &[], "connect,io:16,flush,close")
+        .finish();
     assert_eq!(host.detach(&spec), Removal::Clean);
     // No server behind the socket: the attach fails with the reason.
     host.create_domain(6);
