@@ -62,6 +62,9 @@ pub enum StorageError {
     EventFd(#[source] io::Error),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// Connecting to or negotiating with an NBD server failed.
+    #[error("NBD: {0}")]
+    Nbd(String),
 }
 
 /// An operation was refused at submission; nothing was queued and no completion will be

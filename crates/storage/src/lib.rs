@@ -38,6 +38,10 @@
 //!   system or device allows it ([`open`] picks file or block device by `fstat`). Note that
 //!   tmpfs accepts O_DIRECT since Linux 6.6; ramfs and some FUSE file systems do not, and
 //!   get buffered I/O.
+//! - [`nbd`]: an export of an NBD server, over TCP or a unix socket, with the transmission
+//!   phase on the queue's io_uring (reads and writes straight between the socket and the
+//!   guest's pages; the one other exception to "never write through the iovecs": read
+//!   data that arrived together with a reply header is copied from the receive buffer).
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
@@ -55,6 +59,7 @@ use std::sync::Arc;
 pub mod baseline;
 mod buffer;
 mod error;
+pub mod nbd;
 pub mod null;
 pub mod raw;
 mod sys;
@@ -64,6 +69,7 @@ mod uring;
 
 pub use buffer::AlignedBuf;
 pub use error::{is_unsupported, OpKind, StorageError, SubmitError, UnsupportedOp};
+pub use nbd::{NbdConfig, NbdStorage};
 pub use null::{NullConfig, NullStorage};
 pub use raw::{DirectIo, OpenOptions, RawStorage};
 
@@ -79,6 +85,8 @@ pub enum StorageKind {
     File,
     BlockDevice,
     Null,
+    /// An export of an NBD server.
+    Nbd,
 }
 
 /// What a storage is and what it can do; the engine derives the xenstore features

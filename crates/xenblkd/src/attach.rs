@@ -54,7 +54,8 @@ pub struct CheckTargetArgs {
 pub struct AttachArgs {
     /// The guest.
     pub domid: u32,
-    /// Disk image or block device.
+    /// Disk image, block device, or NBD export (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`).
     pub image: PathBuf,
     /// Virtual device (xvdb, sdb, hdc, or a number); default: the first free xvdX.
     pub vdev: Option<String>,
@@ -135,14 +136,30 @@ pub fn check_target(params: &str, writable: bool, direct_io_safe: bool) -> anyho
         direct_io_safe,
         !writable,
     );
-    crate::engine_glue::open_target(&target, options, None)?;
+    let nbd = storage::NbdConfig {
+        read_only: !writable,
+        ..storage::NbdConfig::default()
+    };
+    crate::engine_glue::open_target(&target, options, None, nbd)?;
     Ok(())
 }
 
 pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
     let store = connect(args.xs.xenstore_socket.as_deref())?;
-    let image =
-        std::fs::canonicalize(&args.image).with_context(|| format!("{}", args.image.display()))?;
+    let nbd = args.image.to_str().is_some_and(storage::nbd::is_nbd_uri);
+    if nbd {
+        // Checked here so a typo fails the command, not the guest's device.
+        storage::nbd::NbdUri::parse(args.image.to_str().unwrap_or_default())
+            .with_context(|| format!("{}", args.image.display()))?;
+        if matches!(args.format, FormatArg::Qcow2) {
+            bail!("NBD exports are served as raw; --format qcow2 does not apply");
+        }
+    }
+    let image = if nbd {
+        args.image.clone()
+    } else {
+        std::fs::canonicalize(&args.image).with_context(|| format!("{}", args.image.display()))?
+    };
     let devid = match &args.vdev {
         Some(v) => parse_vdev(v)?,
         None => first_free_vdev(&store, args.domid)?,

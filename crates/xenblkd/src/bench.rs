@@ -110,7 +110,8 @@ pub struct BenchArgs {
     /// Size of the region I/O goes to (and of the default image).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub size: u64,
-    /// Image or block device; default: a prepared file under /var/tmp/xenblkd.
+    /// Image, block device or NBD export (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`); default: a prepared file under /var/tmp/xenblkd.
     #[arg(long)]
     pub image: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
@@ -307,6 +308,13 @@ fn open_storage(args: &BenchArgs, image: Option<&Path>) -> anyhow::Result<Arc<dy
             })
             .context("null storage")?,
         )),
+        (StorageArg::File, Some(uri)) if uri.to_str().is_some_and(storage::nbd::is_nbd_uri) => {
+            let uri = uri.to_str().unwrap_or_default();
+            Ok(Arc::new(
+                storage::NbdStorage::open(uri, storage::NbdConfig::default())
+                    .with_context(|| format!("opening {uri}"))?,
+            ))
+        }
         (StorageArg::File, Some(path)) => storage::open(
             path,
             OpenOptions {
@@ -594,6 +602,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
 
     let baseline_cfg = if args.baseline {
+        if image
+            .as_deref()
+            .and_then(|p| p.to_str())
+            .is_some_and(storage::nbd::is_nbd_uri)
+        {
+            bail!("--baseline runs io_uring on a file; for NBD the baseline is fio --ioengine=nbd (scripts/bench-nbd)");
+        }
         let path = image
             .as_ref()
             .context("--baseline needs file storage (io_uring straight on the image)")?;

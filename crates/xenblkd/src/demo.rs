@@ -39,7 +39,8 @@ const BLOCK: u64 = 4096;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Disk image or block device; default: a sparse image the demo creates.
+    /// Disk image, block device or NBD export URI; default: a sparse image the demo
+    /// creates.
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Size of the default image.
@@ -187,8 +188,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     // Open the storage as the daemon will, so that a missing or unusable image is
     // reported with its path and the OS error, not as a guest that failed to connect.
-    let image_abs =
-        std::fs::canonicalize(&image).with_context(|| format!("opening {}", image.display()))?;
+    let is_uri = image.to_str().is_some_and(|s| s.contains("://"));
+    let image_abs = if is_uri {
+        image.clone()
+    } else {
+        std::fs::canonicalize(&image).with_context(|| format!("opening {}", image.display()))?
+    };
     crate::attach::check_target(&image_abs.display().to_string(), true, false)?;
     println!("xenblkd demo: a simulated Xen guest's blkfront against xenblkd, no Xen needed");
     println!("  image: {}", image.display());

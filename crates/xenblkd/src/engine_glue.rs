@@ -104,11 +104,13 @@ pub fn open_target(
     target: &DiskTarget,
     options: OpenOptions,
     physical_device: Option<(u32, u32)>,
+    nbd: storage::NbdConfig,
 ) -> Result<Arc<dyn Storage>, VbdError> {
     let path = &target.path;
     let context = || format!("opening {}", path.display());
     match target.format {
         DiskFormat::Raw => {}
+        DiskFormat::Nbd => return open_nbd(target, nbd),
         DiskFormat::Qcow2 => {
             return Err(VbdError::new(
                 context(),
@@ -128,6 +130,33 @@ pub fn open_target(
         };
         VbdError::new(context(), e, errno)
     })
+}
+
+/// How an NBD export is opened for a device: the toolstack's read-only, the operator's
+/// reconnect bound.
+pub fn nbd_config(config: &DeviceConfig) -> storage::NbdConfig {
+    storage::NbdConfig {
+        read_only: config.read_only,
+        reconnect_timeout: Duration::from_secs(config.settings.nbd_reconnect_secs),
+        ..storage::NbdConfig::default()
+    }
+}
+
+/// Opens the NBD export a target names.
+fn open_nbd(target: &DiskTarget, nbd: storage::NbdConfig) -> Result<Arc<dyn Storage>, VbdError> {
+    let uri = target.path.to_string_lossy();
+    let storage = storage::NbdStorage::open(&uri, nbd).map_err(|e| {
+        let errno = match &e {
+            storage::nbd::NbdOpenError::Uri(_) => EINVAL,
+            storage::nbd::NbdOpenError::Handshake {
+                source: storage::nbd::handshake::HandshakeError::Io(io),
+                ..
+            } => io.raw_os_error().unwrap_or(5),
+            _ => 5,
+        };
+        VbdError::new(format!("opening {uri}"), e, errno)
+    })?;
+    Ok(Arc::new(storage))
 }
 
 /// [`VbdFactory`] over the engine and a platform.
@@ -216,7 +245,12 @@ fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
 
 impl VbdFactory for EngineFactory {
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
-        let storage = open_target(&config.target, open_options(config), config.physical_device)?;
+        let storage = open_target(
+            &config.target,
+            open_options(config),
+            config.physical_device,
+            nbd_config(config),
+        )?;
         Ok(Arc::new(StorageDisk::new(storage)))
     }
 

@@ -142,6 +142,47 @@ fn libxl_phy_route_with_the_hotplug_script() {
         let (ok, err) = run_script(&host, "remove", &xenbus_path);
         assert!(ok, "hotplug remove failed: {err}");
     }
+    // An NBD export: the script passes the URI on; the guest is served from qemu-nbd.
+    let nbd_img = host.image("nbd.img", 16);
+    let sock = nbd_img.with_extension("sock");
+    let server = storage::nbd::testing::NbdServer::qemu_nbd(
+        &nbd_img,
+        storage::nbd::testing::Listen::Unix(sock.clone()),
+        &[],
+    )
+    .unwrap();
+    host.create_domain(5);
+    let mut spec = disk("vbd", 5, 51712, Path::new("/unused"));
+    spec.params = format!("aio:{}", server.uri(""));
+    spec.script = Some(script().display().to_string());
+    assert_eq!(host.attach(&spec), XenbusState::InitWait);
+    let be = spec.backend_path();
+    let (ok, err) = run_script(&host, "add", "backend/vbd/5/51712");
+    assert!(ok, "hotplug add failed: {err}");
+    assert_eq!(
+        host.read(&join(&be, "physical-device-path")),
+        Some(server.uri(""))
+    );
+    host.guest(5, 51712, &[], "connect,io:16,flush,close")
+        .finish();
+    assert_eq!(host.detach(&spec), Removal::Clean);
+    // No server behind the socket: the attach fails with the reason.
+    host.create_domain(6);
+    let mut spec = disk("vbd", 6, 51712, Path::new("/unused"));
+    spec.params = format!(
+        "nbd+unix:///x?socket={}",
+        sock.with_extension("none").display()
+    );
+    spec.script = Some(script().display().to_string());
+    host.attach(&spec);
+    let (ok, _) = run_script(&host, "add", "backend/vbd/6/51712");
+    assert!(!ok);
+    assert!(host
+        .read(&join(&spec.backend_path(), "hotplug-error"))
+        .unwrap()
+        .contains("does not exist"));
+    assert_eq!(host.detach(&spec), Removal::Clean);
+
     // A target the script refuses: libxl reads hotplug-error and fails the attach.
     host.create_domain(3);
     let mut spec = disk("vbd", 3, 51712, Path::new("/unused"));

@@ -24,6 +24,7 @@
 //! grant_mode = "auto"            # map | copy | auto
 //! discard = true
 //! direct_io = "auto"             # auto | on | off
+//! nbd_reconnect_secs = 30        # NBD targets: how long requests wait for a lost server
 //!
 //! [[device]]                     # overrides, matched on any of type/domid/vdev
 //! domid = 5
@@ -50,6 +51,12 @@ pub const MAX_INDIRECT_SEGMENTS: u32 = 4096;
 /// Segments of a direct request (`BLKIF_MAX_SEGMENTS_PER_REQUEST`); advertising fewer
 /// indirect segments than this is pointless, so such a setting means "no indirect".
 pub const DIRECT_SEGMENTS: u32 = 11;
+
+/// Default of [`DeviceSettings::nbd_reconnect_secs`].
+pub const DEFAULT_NBD_RECONNECT_SECS: u64 = 30;
+/// Ceiling of [`DeviceSettings::nbd_reconnect_secs`] (a day): a guest's requests must
+/// not be held for ever.
+pub const MAX_NBD_RECONNECT_SECS: u64 = 86_400;
 
 /// The backend type our own `xenblkd attach` writes under, which no stock driver binds.
 pub const XENBLKD_BACKEND_TYPE: &str = "xenblkd";
@@ -108,6 +115,9 @@ pub struct DeviceSettings {
     pub discard: bool,
     /// Page cache policy.
     pub direct_io: DirectIo,
+    /// NBD targets: how long a request waits for a lost connection to come back (the
+    /// daemon reconnects and resends meanwhile) before it fails with an error.
+    pub nbd_reconnect_secs: u64,
 }
 
 impl Default for DeviceSettings {
@@ -127,6 +137,7 @@ impl Default for DeviceSettings {
             grant_mode: GrantMode::Auto,
             discard: true,
             direct_io: DirectIo::Auto,
+            nbd_reconnect_secs: DEFAULT_NBD_RECONNECT_SECS,
         }
     }
 }
@@ -156,6 +167,12 @@ impl DeviceSettings {
                     "must be 0 (off) or {}..={MAX_INDIRECT_SEGMENTS}",
                     DIRECT_SEGMENTS + 1
                 ),
+            ));
+        }
+        if self.nbd_reconnect_secs > MAX_NBD_RECONNECT_SECS {
+            return Err(bad(
+                "nbd_reconnect_secs",
+                format!("must be 0..={MAX_NBD_RECONNECT_SECS}"),
             ));
         }
         Ok(())
@@ -191,6 +208,8 @@ pub struct DeviceOverride {
     pub discard: Option<bool>,
     /// See [`DeviceSettings::direct_io`].
     pub direct_io: Option<DirectIo>,
+    /// See [`DeviceSettings::nbd_reconnect_secs`].
+    pub nbd_reconnect_secs: Option<u64>,
 }
 
 impl DeviceOverride {
@@ -232,6 +251,9 @@ impl DeviceOverride {
         }
         if let Some(v) = self.direct_io {
             s.direct_io = v;
+        }
+        if let Some(v) = self.nbd_reconnect_secs {
+            s.nbd_reconnect_secs = v;
         }
     }
 }
@@ -447,6 +469,7 @@ mod tests {
             [[device]]
             backend_type = "xenblkd"
             direct_io = "off"
+            nbd_reconnect_secs = 5
             "#,
             "test",
         )
@@ -457,6 +480,11 @@ mod tests {
         assert_eq!(c.settings_for("vbd", 6, 51728).max_queues, 4);
         assert_eq!(c.settings_for("vbd", 6, 51728).grant_mode, GrantMode::Copy);
         assert_eq!(c.settings_for("xenblkd", 6, 1).direct_io, DirectIo::Off);
+        assert_eq!(c.settings_for("xenblkd", 6, 1).nbd_reconnect_secs, 5);
+        assert_eq!(
+            c.settings_for("vbd", 6, 1).nbd_reconnect_secs,
+            DEFAULT_NBD_RECONNECT_SECS
+        );
     }
 
     #[test]
@@ -473,6 +501,10 @@ mod tests {
             ),
             ("[[device]]\nvdev = \"floppy\"", "device[0].vdev"),
             ("[[device]]\nmax_queues = 1000", "device[0].max_queues"),
+            (
+                "[[device]]\nnbd_reconnect_secs = 86401",
+                "device[0].nbd_reconnect_secs",
+            ),
             ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
             (
                 "[[backend_type]]\nname = \"qdisk\"\nwait_for_hotplug = true",

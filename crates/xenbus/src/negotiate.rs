@@ -12,7 +12,9 @@ use std::path::PathBuf;
 
 use crate::config::{DeviceSettings, MAX_RING_PAGE_ORDER};
 use crate::error::{sanitize, DeviceError, NegotiationError, StoreError};
-use crate::parse::{parse_flag, parse_major_minor, parse_params, parse_u32, DiskTarget};
+use crate::parse::{
+    is_nbd_uri, parse_flag, parse_major_minor, parse_params, parse_u32, DiskFormat, DiskTarget,
+};
 use crate::state::XenbusState;
 use crate::store::{join, StoreExt, StoreOps};
 use crate::vbd::{
@@ -82,6 +84,16 @@ impl BackendNodes {
         let format = from_params
             .as_ref()
             .map_or(crate::parse::DiskFormat::Raw, |t| t.format);
+        if let Some(t) = from_params.as_ref().filter(|t| t.format == DiskFormat::Nbd) {
+            // Only a URI names an export: the hotplug script's, when it wrote one (it may
+            // have resolved the host), else params'. A device number means nothing here.
+            use std::os::unix::ffi::OsStrExt;
+            let path = match &self.physical_device_path {
+                Some(p) if is_nbd_uri(p.as_os_str().as_bytes()) => p.clone(),
+                _ => t.path.clone(),
+            };
+            return Ok(DiskTarget { format, path });
+        }
         match (
             &self.physical_device_path,
             self.physical_device,
@@ -172,7 +184,8 @@ pub fn read_backend(
         None => None,
         Some(v) => {
             let v = v.strip_suffix(&[0]).unwrap_or(&v).to_vec();
-            if !v.starts_with(b"/") || v.contains(&0) {
+            // An absolute path, or the URI of an NBD export the script passed on.
+            if !(v.starts_with(b"/") || is_nbd_uri(&v)) || v.contains(&0) {
                 return Err(invalid(join(backend, "physical-device-path"), &v).into());
             }
             Some(PathBuf::from(OsStr::from_bytes(&v)))
@@ -730,6 +743,39 @@ mod tests {
         assert_eq!(
             n.target(BE).unwrap().path.to_str().unwrap(),
             "/dev/block/253:3"
+        );
+    }
+
+    #[test]
+    fn nbd_targets_come_from_a_uri() {
+        let s = backend_store();
+        s.write(&join(BE, "params"), b"nbd://store.example:10810/vm5")
+            .unwrap();
+        let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Nbd, "nbd://store.example:10810/vm5")
+        );
+        // The hotplug script passed it on, resolved: that one is used.
+        s.write(
+            &join(BE, "physical-device-path"),
+            b"nbd://192.0.2.7:10810/vm5",
+        )
+        .unwrap();
+        s.write(&join(BE, "physical-device"), b"fd:3").unwrap();
+        let n = read_backend(&s, BE).unwrap().unwrap();
+        assert!(n.hotplug_done());
+        assert_eq!(
+            n.target(BE).unwrap().path.to_str().unwrap(),
+            "nbd://192.0.2.7:10810/vm5"
+        );
+        // A path or device number never replaces an export.
+        s.write(&join(BE, "physical-device-path"), b"/dev/loop3")
+            .unwrap();
+        let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Nbd, "nbd://store.example:10810/vm5")
         );
     }
 

@@ -6,7 +6,7 @@
 //! simulated hypervisor comes first and prints `ok attach ms=N` (how long it took).
 //!
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
-//! `flush`, `discard`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
+//! `flush`, `discard`, `expect-read-error` (a write succeeds, a read fails), `expect-write-error`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
 //! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
@@ -209,6 +209,26 @@ impl Guest {
                     self.io_round()?;
                 }
                 Ok(format!("{n}"))
+            }
+            "expect-read-error" => {
+                // A write beside it must still succeed: a storage fault fails only its own
+                // requests.
+                let fe = self.frontend()?;
+                let data = vec![0x5au8; 4096];
+                fe.write(0, &data)
+                    .context("the write beside the failing read")?;
+                let mut buf = vec![0u8; 4096];
+                match fe.read(0, &mut buf) {
+                    Ok(()) => bail!("the read succeeded"),
+                    Err(e) => Ok(format!("read failed: {e}")),
+                }
+            }
+            "expect-write-error" => {
+                let data = vec![0xa5u8; 4096];
+                match self.frontend()?.write(0, &data) {
+                    Ok(()) => bail!("the write succeeded"),
+                    Err(e) => Ok(format!("write failed: {e}")),
+                }
             }
             "flush" => {
                 self.frontend()?.flush()?;
