@@ -38,6 +38,9 @@
 //!   system or device allows it ([`open`] picks file or block device by `fstat`). Note that
 //!   tmpfs accepts O_DIRECT since Linux 6.6; ramfs and some FUSE file systems do not, and
 //!   get buffered I/O.
+//! - [`qcow2`]: a qcow2 image and its backing chain through the `imago` library: mapped
+//!   reads and writes on the reactor's io_uring, allocation, copy-on-write, compressed
+//!   clusters, discard and flush on a worker thread per queue (see the module).
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
@@ -56,6 +59,7 @@ pub mod baseline;
 mod buffer;
 mod error;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 mod sys;
 #[cfg(any(test, feature = "testing"))]
@@ -65,6 +69,7 @@ mod uring;
 pub use buffer::AlignedBuf;
 pub use error::{is_unsupported, OpKind, StorageError, SubmitError, UnsupportedOp};
 pub use null::{NullConfig, NullStorage};
+pub use qcow2::Qcow2Storage;
 pub use raw::{DirectIo, OpenOptions, RawStorage};
 
 /// Largest number of iovecs in one read or write (the kernel's `UIO_MAXIOV`).
@@ -79,6 +84,8 @@ pub enum StorageKind {
     File,
     BlockDevice,
     Null,
+    /// A qcow2 image (and its backing chain) through imago.
+    Qcow2,
 }
 
 /// What a storage is and what it can do; the engine derives the xenstore features
@@ -123,6 +130,12 @@ pub trait Storage: Send + Sync {
 
     /// Opens a queue with room for `depth` operations in flight (one per ring).
     fn open_queue(&self, depth: u32) -> Result<Box<dyn StorageQueue>, StorageError>;
+
+    /// What the storage is made of, top first, as `format:path` (an image and its backing
+    /// files); empty for storage that is one thing (a raw file, a device, the null disk).
+    fn layers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One storage operation. `offset` and `len` are in bytes.
