@@ -61,6 +61,22 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(v)
 }
 
+/// The first `len` bytes of the file (fewer if it is shorter), read through a page-aligned
+/// buffer so that a file opened with O_DIRECT reads too.
+fn read_prefix(file: &File, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = crate::AlignedBuf::page_aligned(len.next_multiple_of(4096));
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf.as_mut_slice()[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf.as_slice()[..got.min(len)].to_vec())
+}
+
 /// True if the file starts with the qcow2 magic.
 pub(crate) fn has_qcow2_magic(file: &File) -> std::io::Result<bool> {
     let mut b = [0u8; 4];
@@ -74,15 +90,12 @@ pub(crate) fn has_qcow2_magic(file: &File) -> std::io::Result<bool> {
 /// Reads and checks the header of the qcow2 image open as `file`.
 pub(crate) fn read(file: &File) -> Result<Header, HeaderError> {
     let io = |e: std::io::Error| HeaderError::Invalid(format!("reading the header: {e}"));
-    let mut fixed = [0u8; V3_MIN_HEADER_LEN];
-    let len = file.metadata().map_err(io)?.len();
-    if len < V2_HEADER_LEN as u64 {
+    let fixed = read_prefix(file, V3_MIN_HEADER_LEN).map_err(io)?;
+    if fixed.len() < V2_HEADER_LEN {
         return Err(HeaderError::Invalid(
             "too short for a qcow2 header".to_string(),
         ));
     }
-    let fixed_len = (len.min(V3_MIN_HEADER_LEN as u64)) as usize;
-    file.read_exact_at(&mut fixed[..fixed_len], 0).map_err(io)?;
     if be32(&fixed, 0) != MAGIC {
         return Err(HeaderError::Invalid("not a qcow2 image".to_string()));
     }
@@ -109,9 +122,8 @@ pub(crate) fn read(file: &File) -> Result<Header, HeaderError> {
     }
 
     // Everything else lives in the first cluster (header, extensions, backing name).
-    let first_len = (len.min(cluster_size as u64)) as usize;
-    let mut first = vec![0u8; first_len];
-    file.read_exact_at(&mut first, 0).map_err(io)?;
+    let first = read_prefix(file, cluster_size).map_err(io)?;
+    let first_len = first.len();
 
     let ext_start = if version == 3 {
         if first_len < V3_MIN_HEADER_LEN {

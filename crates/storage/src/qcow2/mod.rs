@@ -33,6 +33,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use imago::qcow2::Qcow2;
@@ -62,6 +63,9 @@ pub(crate) struct Image {
     pub(crate) gate: Gate,
     pub(crate) path: PathBuf,
     pub(crate) writable: bool,
+    /// Reads and writes served on the reactor's io_uring / handed to a worker.
+    pub(crate) mapped: AtomicU64,
+    pub(crate) worker: AtomicU64,
 }
 
 impl Drop for Image {
@@ -347,10 +351,23 @@ impl Qcow2Storage {
                 gate: Gate::default(),
                 path: path.to_path_buf(),
                 writable: !read_only,
+                mapped: AtomicU64::new(0),
+                worker: AtomicU64::new(0),
             }),
             info,
             layers: names,
         })
+    }
+}
+
+impl Qcow2Storage {
+    /// Reads and writes served so far on the reactors' io_uring (`.0`) and by the workers
+    /// through imago (`.1`): a fully allocated image should see almost only the first.
+    pub fn request_paths(&self) -> (u64, u64) {
+        (
+            self.image.mapped.load(Ordering::Relaxed),
+            self.image.worker.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -28,6 +28,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -564,7 +565,10 @@ impl StorageQueue for Qcow2Queue {
                 };
                 slot.direction = direction;
                 slot.iovs.extend(iov.iter().map(|v| IoVec(*v)));
-                if !self.try_mapped(idx, offset) {
+                if self.try_mapped(idx, offset) {
+                    self.image.mapped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.image.worker.fetch_add(1, Ordering::Relaxed);
                     self.to_worker(idx, job);
                 }
             }
