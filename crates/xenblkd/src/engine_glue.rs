@@ -57,6 +57,10 @@ impl Disk for StorageDisk {
             .map_err(|e| VbdError::io("re-reading the storage size", &e))
     }
 
+    fn layers(&self) -> Vec<String> {
+        self.storage.layers()
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -150,23 +154,22 @@ impl VbdFactory for EngineFactory {
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
         let path = &config.target.path;
         let context = || format!("opening {}", path.display());
-        match config.target.format {
-            DiskFormat::Raw => {}
-            DiskFormat::Qcow2 => {
-                return Err(VbdError::new(
-                    context(),
-                    "qcow2 images are not supported by this build's storage layer",
-                    EOPNOTSUPP,
-                ))
-            }
-        }
         if let Some(expected) = config.physical_device {
             check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
         }
-        let storage = storage::open(path, open_options(config)).map_err(|e| {
+        let options = open_options(config);
+        let opened: Result<Arc<dyn Storage>, _> = match config.target.format {
+            DiskFormat::Raw => storage::open(path, options),
+            DiskFormat::Qcow2 => {
+                storage::Qcow2Storage::open(path, options).map(|s| Arc::new(s) as Arc<dyn Storage>)
+            }
+        };
+        let storage = opened.map_err(|e| {
             let errno = match &e {
                 storage::StorageError::Open { source, .. }
                 | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
+                storage::StorageError::UnsupportedImage { .. } => EOPNOTSUPP,
+                storage::StorageError::InvalidImage { .. } => EINVAL,
                 _ => 5,
             };
             VbdError::new(context(), e, errno)
