@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with only the Rust toolchain.
 # Installs what the tests need (Xen's C headers, 32-bit gcc for the x86_32 ABI
-# cross-check) instead of skipping the tests that need them.
+# cross-check, QEMU's qemu-img/qemu-io for qcow2) instead of skipping the tests that
+# need them. The qcow2 tests also mount small tmpfs file systems (root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 [ -f /usr/include/xen/io/blkif.h ] || missing+=(libxen-dev)
+# qemu-img and qemu-io make and check the qcow2 images of the qcow2 tests.
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || missing+=(qemu-utils)
 if ! echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /dev/null 2>/dev/null; then
     missing+=(gcc-multilib)
 fi

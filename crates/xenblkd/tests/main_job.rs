@@ -105,3 +105,30 @@ fn bench_baseline_reports_ratios_on_the_same_image() {
     assert!((ratio - iops / base).abs() < 1e-6 * ratio.max(1.0));
     assert_eq!(v["image"], image);
 }
+
+#[test]
+fn bench_takes_a_qcow2_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bench.qcow2");
+    let image = image.to_str().unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "32M"])
+        .output()
+        .expect("qemu-img (Debian package qemu-utils)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = bench_json(&["--image", image, "--size", "32M", "--rw", "randread", "--direct", "off"]);
+    positive(&v, &["iops"]);
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["errors"], 0);
+    // Every cluster is allocated: reads go to io_uring, the worker only loads L2 tables.
+    let mapped = positive(&v, &["qcow2_mapped_requests"]);
+    let worker = v["qcow2_worker_requests"].as_f64().unwrap();
+    assert!(worker < mapped / 100.0, "mapped {mapped}, worker {worker}");
+    // The io_uring baseline is not the guest's disk for a qcow2 image.
+    let out = xenblkd()
+        .args(["bench", "--runtime", "0.1", "--image", image, "--baseline"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-img bench"));
+}
