@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{readable, run_one, wait_for};
 use storage::{
-    AlignedBuf, DirectIo, OpenOptions, Qcow2Storage, Storage, StorageError, StorageKind,
-    StorageOp, StorageQueue, SubmitError,
+    AlignedBuf, DirectIo, OpenOptions, Qcow2Storage, Storage, StorageError, StorageKind, StorageOp,
+    StorageQueue, SubmitError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -334,8 +334,14 @@ fn backing_chain_reads_writes_discards_and_stays_consistent() {
     check_clean(&top);
     check_clean(&mid);
     compare_identical(&top, &reference.path);
-    assert!(std::fs::read(&base).unwrap() == base_before, "base.raw changed");
-    assert!(std::fs::read(&mid).unwrap() == mid_before, "mid.qcow2 changed");
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "base.raw changed"
+    );
+    assert!(
+        std::fs::read(&mid).unwrap() == mid_before,
+        "mid.qcow2 changed"
+    );
 }
 
 #[test]
@@ -368,7 +374,8 @@ fn direct_io_chain_and_two_queues_in_parallel() {
             for i in 0..(half / chunk as u64) {
                 let offset = qi as u64 * half + i * chunk as u64;
                 let mut b = AlignedBuf::page_aligned(chunk);
-                b.as_mut_slice().fill(pass.wrapping_mul(40) ^ (i as u8) ^ (qi as u8 * 7));
+                b.as_mut_slice()
+                    .fill(pass.wrapping_mul(40) ^ (i as u8) ^ (qi as u8 * 7));
                 reference.write(offset, b.as_slice());
                 iovs.push((offset, [b.full_iovec()]));
                 bufs.push(b);
@@ -416,7 +423,9 @@ fn direct_io_chain_and_two_queues_in_parallel() {
         }
         drop(bufs);
     }
-    let mut disk = Disk { queue: queues.pop().unwrap() };
+    let mut disk = Disk {
+        queue: queues.pop().unwrap(),
+    };
     disk.discard(MIB + 4096, 2 * MIB).unwrap();
     reference.write(MIB + 4096, &vec![0u8; (2 * MIB) as usize]);
     let got = disk.read(0, (8 * MIB) as usize).unwrap();
@@ -500,7 +509,10 @@ fn compressed_clusters_read_and_rewrite() {
     let mut disk = Disk::open(&storage);
     assert!(disk.read(0, data.len()).unwrap() == data);
     // Partial overwrites of compressed clusters (imago decompresses and reallocates).
-    for (i, offset) in [4096u64, 65536 + 512, 3 * MIB + 60 * 1024].into_iter().enumerate() {
+    for (i, offset) in [4096u64, 65536 + 512, 3 * MIB + 60 * 1024]
+        .into_iter()
+        .enumerate()
+    {
         let patch = vec![0x11 * (i as u8 + 1); 8192];
         disk.write(offset, &patch).unwrap();
         reference.write(offset, &patch);
@@ -548,7 +560,10 @@ fn read_only_images_refuse_writes_and_offer_no_discard() {
     disk.read(0, (4 * MIB) as usize).unwrap();
     drop(disk);
     drop(storage);
-    assert!(std::fs::read(&top).unwrap() == before, "a read-only open changed the image");
+    assert!(
+        std::fs::read(&top).unwrap() == before,
+        "a read-only open changed the image"
+    );
 }
 
 fn open_err(path: &Path) -> StorageError {
@@ -600,7 +615,18 @@ fn unsupported_features_are_refused_naming_image_and_feature() {
     let base = d.join("base.raw");
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
     let over = d.join("noformat.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", p(&base), "-F", "raw", p(&over), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(&base),
+        "-F",
+        "raw",
+        p(&over),
+        "1M",
+    ]);
     // Current qemu-img always records one; older ones did not. Turn the backing-format
     // extension into an unknown one, which readers skip.
     let mut header = std::fs::read(&over).unwrap();
@@ -619,23 +645,53 @@ fn unsupported_features_are_refused_naming_image_and_feature() {
     // The dirty bit (set by hand: QEMU leaves it after a crash with lazy refcounts).
     let dirty = d.join("dirty.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&dirty), "1M"]);
-    let f = std::fs::OpenOptions::new().write(true).open(&dirty).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dirty)
+        .unwrap();
     f.write_all_at(&[1], 79).unwrap();
     let msg = open_err(&dirty).to_string();
-    assert!(msg.contains(p(&dirty)) && msg.contains("dirty bit"), "{msg}");
+    assert!(
+        msg.contains(p(&dirty)) && msg.contains("dirty bit"),
+        "{msg}"
+    );
 
     // A backing chain that loops.
     let a = d.join("a.qcow2");
     let b = d.join("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&a), "1M"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", p(&a), "-F", "qcow2", p(&b), "1M"]);
-    qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", p(&b), "-F", "qcow2", p(&a)]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        p(&a),
+        "-F",
+        "qcow2",
+        p(&b),
+        "1M",
+    ]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        p(&b),
+        "-F",
+        "qcow2",
+        p(&a),
+    ]);
     let msg = open_err(&b).to_string();
     assert!(msg.contains("loops"), "{msg}");
 
     // Not qcow2 at all.
     let msg = open_err(&base).to_string();
-    assert!(msg.contains(p(&base)) && msg.contains("not a qcow2 image"), "{msg}");
+    assert!(
+        msg.contains(p(&base)) && msg.contains("not a qcow2 image"),
+        "{msg}"
+    );
 }
 
 /// Child side of [`flushed_writes_survive_sigkill`]: writes a pattern, flushes, prints
@@ -766,7 +822,10 @@ fn full_host_file_system_fails_only_the_affected_writes() {
             }
         }
     }
-    assert!(failed > 0 && written > 0, "written {written}, failed {failed}");
+    assert!(
+        failed > 0 && written > 0,
+        "written {written}, failed {failed}"
+    );
     // Everything else still works: reads, rewrites of allocated clusters, flush.
     disk.write(4096, &[0x43; 8192]).unwrap();
     reference.write(4096, &[0x43; 8192]);
@@ -787,6 +846,74 @@ fn completion_fd_is_quiet_when_idle() {
     let mut disk = Disk::open(&storage);
     disk.write(0, &[1; 4096]).unwrap();
     disk.read(0, 4096).unwrap();
-    assert!(!readable(disk.queue.completion_fd(), Duration::from_millis(50)));
+    assert!(!readable(
+        disk.queue.completion_fd(),
+        Duration::from_millis(50)
+    ));
     assert_eq!(disk.queue.in_flight(), 0);
+}
+
+#[test]
+fn version_2_images_with_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let mut data = vec![0u8; (8 * MIB) as usize];
+    Rng(11).fill(&mut data);
+    std::fs::write(&base, &data).unwrap();
+    let img = dir.path().join("v2.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        p(&base),
+        "-F",
+        "raw",
+        p(&img),
+        "8M",
+    ]);
+    let reference = Reference::of(&img, dir.path().join("ref.raw"));
+    let storage = Qcow2Storage::open(&img, buffered()).unwrap();
+    // Version 2 has no zero clusters and imago does not discard there: not offered.
+    let info = storage.info();
+    assert!(!info.discard && info.discard_granularity == 0 && info.flush);
+    let mut disk = Disk::open(&storage);
+    let mut q = storage.open_queue(1).unwrap();
+    // SAFETY: refused before it reaches the storage.
+    let refused = unsafe {
+        q.submit(
+            StorageOp::Discard {
+                offset: 0,
+                len: 4096,
+                secure: false,
+            },
+            1,
+        )
+    };
+    assert_eq!(
+        refused,
+        Err(SubmitError::Unsupported(storage::OpKind::Discard))
+    );
+    for round in 0..300u64 {
+        let mut rng = Rng(round + 5);
+        let offset = rng.below(8 * MIB / 512 - 512) * 512;
+        let len = ((rng.below(512) + 1) * 512) as usize;
+        if round % 2 == 0 {
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            disk.write(offset, &data).unwrap();
+            reference.write(offset, &data);
+        } else {
+            assert!(disk.read(offset, len).unwrap() == reference.read(offset, len));
+        }
+    }
+    assert!(disk.read(0, (8 * MIB) as usize).unwrap() == reference.read(0, (8 * MIB) as usize));
+    disk.flush().unwrap();
+    drop(disk);
+    drop(storage);
+    check_clean(&img);
+    compare_identical(&img, &reference.path);
 }

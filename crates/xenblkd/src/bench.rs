@@ -370,8 +370,9 @@ fn open_storage(
             })
             .context("null storage")?,
         ),
-        (StorageArg::File, Some(path)) => storage::open(path, options)
-            .with_context(|| format!("opening {}", path.display()))?,
+        (StorageArg::File, Some(path)) => {
+            storage::open(path, options).with_context(|| format!("opening {}", path.display()))?
+        }
         (StorageArg::File, None) => bail!("file storage needs an image"),
     };
     Ok((storage, None))
@@ -834,15 +835,14 @@ pub fn print_text(r: &BenchReport) {
         r.storage,
         r.image
             .as_deref()
-            .map(|p| format!(
-                " image={p} format={}",
-                r.format.as_deref().unwrap_or("raw")
-            ))
+            .map(|p| format!(" image={p} format={}", r.format.as_deref().unwrap_or("raw")))
             .unwrap_or_default(),
         r.direct
     );
     if let (Some(mapped), Some(worker)) = (r.qcow2_mapped_requests, r.qcow2_worker_requests) {
-        println!("  qcow2: {mapped} requests on the reactor's io_uring, {worker} through the worker");
+        println!(
+            "  qcow2: {mapped} requests on the reactor's io_uring, {worker} through the worker"
+        );
     }
     println!(
         "  negotiated: protocol={} queues={} ring-order={} persistent={} indirect={} grant-mode={} flush={} discard={}",

@@ -112,11 +112,26 @@ fn bench_takes_a_qcow2_image() {
     let image = dir.path().join("bench.qcow2");
     let image = image.to_str().unwrap();
     let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "32M"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            image,
+            "32M",
+        ])
         .output()
         .expect("qemu-img (Debian package qemu-utils)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = bench_json(&["--image", image, "--size", "32M", "--rw", "randread", "--direct", "off"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = bench_json(&[
+        "--image", image, "--size", "32M", "--rw", "randread", "--direct", "off",
+    ]);
     positive(&v, &["iops"]);
     assert_eq!(v["format"], "qcow2");
     assert_eq!(v["errors"], 0);
@@ -131,4 +146,57 @@ fn bench_takes_a_qcow2_image() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-img bench"));
+}
+
+#[test]
+fn demo_runs_on_a_qcow2_image_with_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = sparse_image(&dir, "base.img", 64 << 20);
+    let top = dir.path().join("demo.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .expect("qemu-img (Debian package qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = xenblkd()
+        .args(["demo", "--data", "16M", "--bench-secs", "0.3", "--image"])
+        .arg(&top)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = format!(
+        "({}), backing chain qcow2:{} -> raw:{}",
+        "qcow2",
+        top.canonicalize().unwrap().display(),
+        base.canonicalize().unwrap().display()
+    );
+    for needle in [
+        chain.as_str(),
+        "verified 16 MiB",
+        "reads back as zeros",
+        "detached cleanly",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    let check = Command::new("qemu-img")
+        .arg("check")
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }

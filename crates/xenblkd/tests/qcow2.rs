@@ -47,17 +47,15 @@ fn a_qcow2_disk_with_a_backing_chain_end_to_end() {
     let mut g = host.guest(
         5,
         51712,
-        &[
-            "--max-queues",
-            "2",
-            "--mirror",
-            reference.to_str().unwrap(),
-        ],
+        &["--max-queues", "2", "--mirror", reference.to_str().unwrap()],
         "connect,io:48,discard,flush,io:24,flush,close",
     );
     g.expect("ok connect");
     // Discard is a qcow2 feature (clusters unmapped), whatever the file system can do.
-    assert_eq!(host.read(&join(&be, "feature-discard")).as_deref(), Some("1"));
+    assert_eq!(
+        host.read(&join(&be, "feature-discard")).as_deref(),
+        Some("1")
+    );
     assert_eq!(
         host.read(&join(&be, "discard-granularity")).as_deref(),
         Some("65536")
@@ -66,7 +64,10 @@ fn a_qcow2_disk_with_a_backing_chain_end_to_end() {
     assert_eq!(host.detach(&spec), Removal::Clean);
     assert_eq!(host.stop_daemon().code(), Some(0));
     qcow2_consistent(&top, &reference);
-    assert!(std::fs::read(&base).unwrap() == base_before, "the backing file changed");
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the backing file changed"
+    );
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -86,7 +87,13 @@ fn xenblkd_attach_serves_qcow2_and_reports_refusals() {
         Command::new(XENBLKD)
             .args(["attach", "6"])
             .arg(image)
-            .args([vdev, "--format", "qcow2", "--no-wait-connect", "--direct-io-safe"])
+            .args([
+                vdev,
+                "--format",
+                "qcow2",
+                "--no-wait-connect",
+                "--direct-io-safe",
+            ])
             .arg("--xenstore-socket")
             .arg(host.xs_socket(0))
             .output()
@@ -125,7 +132,9 @@ fn xenblkd_attach_serves_qcow2_and_reports_refusals() {
             && msg.contains("encryption (LUKS) is not supported"),
         "{msg}"
     );
-    assert!(host.read("/local/domain/6/device/vbd/51728/state").is_none());
+    assert!(host
+        .read("/local/domain/6/device/vbd/51728/state")
+        .is_none());
     // A raw file declared qcow2.
     let raw = host.image("plain.img", 4);
     let out = attach(&raw, "xvdc");
@@ -196,7 +205,8 @@ fn a_full_host_file_system_fails_only_that_disks_writes() {
     let dev = host.device_status("xenblkd", 7, 51712).unwrap();
     assert_eq!(dev["state"], "Connected", "{dev}");
     assert!(dev["stats"]["errors"].as_u64().unwrap() >= 1, "{dev}");
-    host.guest(8, 51712, &[], "connect,io:16,flush,close").finish();
+    host.guest(8, 51712, &[], "connect,io:16,flush,close")
+        .finish();
     std::fs::write(&go_on, b"").unwrap();
     g.finish();
     assert_eq!(host.detach(&spec), Removal::Clean);

@@ -46,10 +46,7 @@ impl Gate {
             }
             let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             while self.state.load(Ordering::Acquire) & EXCLUSIVE != 0 {
-                guard = self
-                    .changed
-                    .wait(guard)
-                    .unwrap_or_else(|p| p.into_inner());
+                guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
         }
     }
@@ -70,16 +67,10 @@ impl Gate {
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         // One exclusive holder at a time.
         while self.state.fetch_or(EXCLUSIVE, Ordering::AcqRel) & EXCLUSIVE != 0 {
-            guard = self
-                .changed
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         while self.state.load(Ordering::Acquire) & !EXCLUSIVE != 0 {
-            guard = self
-                .changed
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -121,9 +112,15 @@ mod tests {
         while gate.state.load(Ordering::SeqCst) & EXCLUSIVE == 0 {
             std::thread::yield_now();
         }
-        assert!(!gate.try_enter_shared(), "shared must fail once exclusive waits");
+        assert!(
+            !gate.try_enter_shared(),
+            "shared must fail once exclusive waits"
+        );
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!inside.load(Ordering::SeqCst), "exclusive ran beside a shared holder");
+        assert!(
+            !inside.load(Ordering::SeqCst),
+            "exclusive ran beside a shared holder"
+        );
         gate.leave_shared();
         // A blocking shared entry waits for the exclusive holder to finish.
         gate.enter_shared();

@@ -114,11 +114,7 @@ pub(crate) fn read(file: &File) -> Result<Header, HeaderError> {
         0 => {}
         1 => return Err(HeaderError::Unsupported("encryption (AES)".to_string())),
         2 => return Err(HeaderError::Unsupported("encryption (LUKS)".to_string())),
-        m => {
-            return Err(HeaderError::Unsupported(format!(
-                "encryption (method {m})"
-            )))
-        }
+        m => return Err(HeaderError::Unsupported(format!("encryption (method {m})"))),
     }
 
     // Everything else lives in the first cluster (header, extensions, backing name).

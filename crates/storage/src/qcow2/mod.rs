@@ -4,8 +4,9 @@
 //! What it serves: qcow2 version 2 and 3 images with cluster allocation on write, backing
 //! chains of qcow2 and raw layers (every backing file opened read-only, at most
 //! [`MAX_CHAIN`] layers, each backing format recorded in its overlay's header), compressed
-//! clusters (read; a write reallocates the cluster), discard (unmaps whole clusters, writes
-//! zeros for partial ones: a discarded range reads back as zeros), flush (imago writes its
+//! clusters (read; a write reallocates the cluster), discard on version 3 images (unmaps
+//! whole clusters, writes zeros for partial ones: a discarded range reads back as zeros;
+//! version 2 images offer no discard), flush (imago writes its
 //! cached L2 tables and refcount blocks in dependency order, then `fsync`).
 //!
 //! Refused when the disk is added, with the image and the feature named (see `header`):
@@ -124,7 +125,11 @@ fn header_error(path: &Path, e: HeaderError) -> StorageError {
 }
 
 /// Opens `path` the way the options ask; returns the file and whether O_DIRECT is on.
-fn open_file(path: &Path, writable: bool, direct_io: DirectIo) -> Result<(File, bool), StorageError> {
+fn open_file(
+    path: &Path,
+    writable: bool,
+    direct_io: DirectIo,
+) -> Result<(File, bool), StorageError> {
     let open_err = |source: io::Error| StorageError::Open {
         path: path.to_path_buf(),
         source,
@@ -266,11 +271,14 @@ impl Qcow2Storage {
             .first()
             .and_then(|l| l.header.clone())
             .ok_or_else(|| invalid(path, "no image"))?;
-        let top_meta = layers[0].file.metadata().map_err(|source| StorageError::Probe {
-            path: path.to_path_buf(),
-            what: "fstat",
-            source,
-        })?;
+        let top_meta = layers[0]
+            .file
+            .metadata()
+            .map_err(|source| StorageError::Probe {
+                path: path.to_path_buf(),
+                what: "fstat",
+                source,
+            })?;
         let direct = layers.iter().any(|l| l.direct);
         let names: Vec<String> = layers
             .iter()
@@ -312,6 +320,7 @@ impl Qcow2Storage {
         debug_assert_eq!(access.size(), top_header.size);
 
         let read_only = options.read_only;
+        let discard_offered = !read_only && top_header.version >= 3;
         let logical_block_size = if direct {
             u32::try_from(access.req_align()).unwrap_or(4096).max(512)
         } else {
@@ -334,10 +343,12 @@ impl Qcow2Storage {
             read_only,
             flush: !read_only,
             // imago unmaps whole clusters (and zeroes partial ones): a discard frees space
-            // in any qcow2 image, whatever the host file system can do.
-            discard: !read_only,
+            // in any version 3 image, whatever the host file system can do. Version 2 has
+            // no zero clusters, and imago does not discard there (its maintainer: "safely
+            // discarding on them is a hairy affair"): no discard offered.
+            discard: discard_offered,
             secure_discard: false,
-            discard_granularity: if read_only { 0 } else { cluster },
+            discard_granularity: if discard_offered { cluster } else { 0 },
             discard_alignment: 0,
             direct_io: direct,
             kind: StorageKind::Qcow2,

@@ -237,8 +237,7 @@ impl Qcow2Queue {
         let resolved = lookup_only(|| {
             let mut pos = 0u64;
             while pos < total {
-                let Ok((mapping, len)) = image.access.get_mapping(offset + pos, total - pos)
-                else {
+                let Ok((mapping, len)) = image.access.get_mapping(offset + pos, total - pos) else {
                     return false;
                 };
                 let len = len.min(total - pos);
@@ -402,7 +401,7 @@ impl Qcow2Queue {
         }
     }
 
-    fn to_worker(&mut self, idx: u32, op: JobOp) {
+    fn hand_to_worker(&mut self, idx: u32, op: JobOp) {
         let slot = &mut self.slots[idx as usize];
         slot.state = SlotState::Worker;
         let job = Job {
@@ -443,7 +442,12 @@ impl Qcow2Queue {
     }
 
     /// Handles one CQE; returns the completed slot's tag and result when it finished.
-    fn on_cqe(&mut self, user_data: u64, res: i32, resubmit: &mut bool) -> Option<(u64, io::Result<u64>)> {
+    fn on_cqe(
+        &mut self,
+        user_data: u64,
+        res: i32,
+        resubmit: &mut bool,
+    ) -> Option<(u64, io::Result<u64>)> {
         let idx = (user_data >> 32) as u32;
         let j = (user_data & 0xffff_ffff) as usize;
         let slot = self.slots.get_mut(idx as usize)?;
@@ -555,13 +559,7 @@ impl StorageQueue for Qcow2Queue {
                             fua,
                         },
                     ),
-                    _ => (
-                        Direction::Read,
-                        JobOp::Read {
-                            offset,
-                            len: total,
-                        },
-                    ),
+                    _ => (Direction::Read, JobOp::Read { offset, len: total }),
                 };
                 slot.direction = direction;
                 slot.iovs.extend(iov.iter().map(|v| IoVec(*v)));
@@ -569,12 +567,12 @@ impl StorageQueue for Qcow2Queue {
                     self.image.mapped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.image.worker.fetch_add(1, Ordering::Relaxed);
-                    self.to_worker(idx, job);
+                    self.hand_to_worker(idx, job);
                 }
             }
-            StorageOp::Flush => self.to_worker(idx, JobOp::Flush),
+            StorageOp::Flush => self.hand_to_worker(idx, JobOp::Flush),
             StorageOp::Discard { offset, len, .. } => {
-                self.to_worker(idx, JobOp::Discard { offset, len })
+                self.hand_to_worker(idx, JobOp::Discard { offset, len })
             }
         }
         Ok(())
@@ -617,13 +615,7 @@ impl StorageQueue for Qcow2Queue {
         self.cqes = cqes;
 
         let mut results = std::mem::take(&mut self.results);
-        results.append(
-            &mut self
-                .port
-                .results
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        results.append(&mut self.port.results.lock().unwrap_or_else(|p| p.into_inner()));
         let mut ready = std::mem::take(&mut self.ready);
         for (idx, result) in results.drain(..).chain(ready.drain(..)) {
             let tag = self.release(idx);

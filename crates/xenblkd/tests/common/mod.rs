@@ -463,7 +463,16 @@ pub fn qcow2_chain(host: &Host, name: &str, mib: u64) -> (PathBuf, PathBuf, Path
     let top = dir.join(format!("{name}.qcow2"));
     let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t, &format!("{mib}M"),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        b,
+        "-F",
+        "raw",
+        t,
+        &format!("{mib}M"),
     ]);
     let reference = dir.join(format!("{name}-ref.raw"));
     qemu_img(&["convert", "-O", "raw", t, reference.to_str().unwrap()]);
