@@ -65,6 +65,12 @@ pub enum StorageError {
     /// Connecting to or negotiating with an NBD server failed.
     #[error("NBD: {0}")]
     Nbd(String),
+    /// The image uses a feature this build does not serve (named for the operator).
+    #[error("{path}: {feature} is not supported")]
+    UnsupportedImage { path: PathBuf, feature: String },
+    /// The image is malformed or not of the format it was declared as.
+    #[error("{path}: {reason}")]
+    InvalidImage { path: PathBuf, reason: String },
 }
 
 /// An operation was refused at submission; nothing was queued and no completion will be

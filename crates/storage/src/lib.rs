@@ -42,6 +42,9 @@
 //!   phase on the queue's io_uring (reads and writes straight between the socket and the
 //!   guest's pages; the one other exception to "never write through the iovecs": read
 //!   data that arrived together with a reply header is copied from the receive buffer).
+//! - [`qcow2`]: a qcow2 image and its backing chain through the `imago` library: mapped
+//!   reads and writes on the reactor's io_uring, allocation, copy-on-write, compressed
+//!   clusters, discard and flush on a worker thread per queue (see the module).
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
@@ -61,6 +64,7 @@ mod buffer;
 mod error;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 mod sys;
 #[cfg(any(test, feature = "testing"))]
@@ -71,6 +75,7 @@ pub use buffer::AlignedBuf;
 pub use error::{is_unsupported, OpKind, StorageError, SubmitError, UnsupportedOp};
 pub use nbd::{NbdConfig, NbdStorage};
 pub use null::{NullConfig, NullStorage};
+pub use qcow2::Qcow2Storage;
 pub use raw::{DirectIo, OpenOptions, RawStorage};
 
 /// Largest number of iovecs in one read or write (the kernel's `UIO_MAXIOV`).
@@ -87,6 +92,8 @@ pub enum StorageKind {
     Null,
     /// An export of an NBD server.
     Nbd,
+    /// A qcow2 image (and its backing chain) through imago.
+    Qcow2,
 }
 
 /// What a storage is and what it can do; the engine derives the xenstore features
@@ -131,6 +138,12 @@ pub trait Storage: Send + Sync {
 
     /// Opens a queue with room for `depth` operations in flight (one per ring).
     fn open_queue(&self, depth: u32) -> Result<Box<dyn StorageQueue>, StorageError>;
+
+    /// What the storage is made of, top first, as `format:path` (an image and its backing
+    /// files); empty for storage that is one thing (a raw file, a device, the null disk).
+    fn layers(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One storage operation. `offset` and `len` are in bytes.

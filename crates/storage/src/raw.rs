@@ -273,7 +273,7 @@ fn direct_refused(path: &Path, e: io::Error) -> StorageError {
 
 /// Some file systems accept O_DIRECT at open and refuse it at I/O time; one aligned read
 /// at offset 0 tells. Tries the alignments a direct read can need.
-fn probe_direct_read(file: &File) -> io::Result<()> {
+pub(crate) fn probe_direct_read(file: &File) -> io::Result<()> {
     let mut last = io::Error::from_raw_os_error(libc::EINVAL);
     for align in [512usize, 4096] {
         let mut buf = AlignedBuf::new(align, align);

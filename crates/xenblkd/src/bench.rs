@@ -89,6 +89,35 @@ pub enum StorageArg {
     Null,
 }
 
+/// The format of an `--image` given to `demo` or `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormatArg {
+    /// qcow2 if the file starts with the qcow2 magic, else raw (the operator's own file:
+    /// the daemon itself never probes, it takes the format from `params`).
+    Auto,
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormatArg {
+    /// Resolves `auto` by looking at the file.
+    pub fn resolve(self, image: &Path) -> anyhow::Result<ImageFormatArg> {
+        Ok(match self {
+            ImageFormatArg::Auto => {
+                if storage::qcow2::is_qcow2(image)
+                    .with_context(|| format!("reading {}", image.display()))?
+                {
+                    ImageFormatArg::Qcow2
+                } else {
+                    ImageFormatArg::Raw
+                }
+            }
+            other => other,
+        })
+    }
+}
+
 /// `xenblkd bench` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -114,6 +143,9 @@ pub struct BenchArgs {
     /// `nbd+unix:///export?socket=PATH`); default: a prepared file under /var/tmp/xenblkd.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Format of `--image`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: ImageFormatArg,
     #[arg(long, value_enum, default_value = "auto")]
     pub grant_mode: GrantModeArg,
     #[arg(long, value_enum, default_value = "on")]
@@ -233,6 +265,14 @@ pub struct BenchReport {
     pub queues: u32,
     pub storage: StorageArg,
     pub image: Option<String>,
+    /// `raw` or `qcow2` for file storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// For qcow2: requests served on the reactor's io_uring and by the worker thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2_mapped_requests: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qcow2_worker_requests: Option<u64>,
     pub direct: bool,
     pub runtime_s: f64,
     pub ios: u64,
@@ -298,38 +338,52 @@ pub fn default_image(size: u64) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn open_storage(args: &BenchArgs, image: Option<&Path>) -> anyhow::Result<Arc<dyn Storage>> {
-    match (args.storage, image) {
-        (StorageArg::Null, _) => Ok(Arc::new(
+/// The opened storage, and the qcow2 backend behind it when it is one (for its counters).
+type Opened = (Arc<dyn Storage>, Option<Arc<storage::Qcow2Storage>>);
+
+fn open_storage(
+    args: &BenchArgs,
+    image: Option<&Path>,
+    format: ImageFormatArg,
+) -> anyhow::Result<Opened> {
+    let options = OpenOptions {
+        read_only: false,
+        direct_io: if args.direct.on() {
+            DirectIo::Auto
+        } else {
+            DirectIo::Off
+        },
+        exclusive: false,
+    };
+    if let (StorageArg::File, Some(path), ImageFormatArg::Qcow2) = (args.storage, image, format) {
+        let q = Arc::new(
+            storage::Qcow2Storage::open(path, options)
+                .with_context(|| format!("opening {}", path.display()))?,
+        );
+        return Ok((q.clone(), Some(q)));
+    }
+    let storage: Arc<dyn Storage> = match (args.storage, image) {
+        (StorageArg::Null, _) => Arc::new(
             NullStorage::new(NullConfig {
                 size_bytes: args.size,
                 logical_block_size: 512,
                 read_only: false,
             })
             .context("null storage")?,
-        )),
+        ),
         (StorageArg::File, Some(uri)) if uri.to_str().is_some_and(storage::nbd::is_nbd_uri) => {
             let uri = uri.to_str().unwrap_or_default();
-            Ok(Arc::new(
+            Arc::new(
                 storage::NbdStorage::open(uri, storage::NbdConfig::default())
                     .with_context(|| format!("opening {uri}"))?,
-            ))
+            )
         }
-        (StorageArg::File, Some(path)) => storage::open(
-            path,
-            OpenOptions {
-                read_only: false,
-                direct_io: if args.direct.on() {
-                    DirectIo::Auto
-                } else {
-                    DirectIo::Off
-                },
-                exclusive: false,
-            },
-        )
-        .with_context(|| format!("opening {}", path.display())),
+        (StorageArg::File, Some(path)) => {
+            storage::open(path, options).with_context(|| format!("opening {}", path.display()))?
+        }
         (StorageArg::File, None) => bail!("file storage needs an image"),
-    }
+    };
+    Ok((storage, None))
 }
 
 /// On-CPU nanoseconds of this process's engine reactor threads.
@@ -552,7 +606,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         (StorageArg::File, Some(p)) => Some(p.clone()),
         (StorageArg::File, None) => Some(default_image(args.size)?),
     };
-    let storage = open_storage(args, image.as_deref())?;
+    let format = match &image {
+        Some(p) => args.format.resolve(p)?,
+        None => ImageFormatArg::Raw,
+    };
+    if format == ImageFormatArg::Qcow2 && args.baseline {
+        bail!("--baseline runs io_uring straight on the file, which for a qcow2 image is not the guest's disk; compare with `qemu-img bench` (scripts/bench-qcow2)");
+    }
+    let (storage, qcow2) = open_storage(args, image.as_deref(), format)?;
     let info = storage.info();
     let size = args.size.min(info.size_bytes);
 
@@ -693,6 +754,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         queues: args.queues,
         storage: args.storage,
         image: image.as_ref().map(|p| p.display().to_string()),
+        format: image.as_ref().map(|_| {
+            if format == ImageFormatArg::Qcow2 {
+                "qcow2".to_string()
+            } else {
+                "raw".to_string()
+            }
+        }),
+        qcow2_mapped_requests: qcow2.as_ref().map(|q| q.request_paths().0),
+        qcow2_worker_requests: qcow2.as_ref().map(|q| q.request_paths().1),
         direct: info.direct_io,
         runtime_s: secs,
         ios,
@@ -780,10 +850,15 @@ pub fn print_text(r: &BenchReport) {
         r.storage,
         r.image
             .as_deref()
-            .map(|p| format!(" image={p}"))
+            .map(|p| format!(" image={p} format={}", r.format.as_deref().unwrap_or("raw")))
             .unwrap_or_default(),
         r.direct
     );
+    if let (Some(mapped), Some(worker)) = (r.qcow2_mapped_requests, r.qcow2_worker_requests) {
+        println!(
+            "  qcow2: {mapped} requests on the reactor's io_uring, {worker} through the worker"
+        );
+    }
     println!(
         "  negotiated: protocol={} queues={} ring-order={} persistent={} indirect={} grant-mode={} flush={} discard={}",
         n.protocol, n.queues, n.ring_order, n.persistent, n.indirect_segments, n.grant_mode, n.flush, n.discard

@@ -43,6 +43,9 @@ pub struct DemoArgs {
     /// creates.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Format of `--image`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: bench::ImageFormatArg,
     /// Size of the default image.
     #[arg(long, default_value = "1G", value_parser = bench::parse_size)]
     pub size: u64,
@@ -194,7 +197,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     } else {
         std::fs::canonicalize(&image).with_context(|| format!("opening {}", image.display()))?
     };
-    crate::attach::check_target(&image_abs.display().to_string(), true, false)?;
+    // What an xl disk line's `target=qcow2:/img` becomes in `params`.
+    let prefix = if is_uri {
+        ""
+    } else {
+        match args.format.resolve(&image_abs)? {
+            bench::ImageFormatArg::Qcow2 => "qcow2:",
+            _ => "",
+        }
+    };
+    crate::attach::check_target(&format!("{prefix}{}", image_abs.display()), true, false)?;
     println!("xenblkd demo: a simulated Xen guest's blkfront against xenblkd, no Xen needed");
     println!("  image: {}", image.display());
 
@@ -227,7 +239,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         XENBLKD_BACKEND_TYPE,
         GUEST_DOMID,
         DEVID,
-        &image_abs.display().to_string(),
+        &format!("{prefix}{}", image_abs.display()),
     );
     toolstack::attach_disk(&store, &spec, toolstack::INIT_TIMEOUT).context("attaching the disk")?;
 
@@ -256,6 +268,18 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .and_then(|d| d.stats.get("grant_copy"))
         .map(|&c| if c == 1 { "copy" } else { "map" })
         .unwrap_or("unknown (daemon status unavailable)");
+    if let Some(d) = status.as_ref().and_then(|(_, devs)| devs.first()) {
+        println!(
+            "  storage: {} ({}){}",
+            d.target.as_deref().unwrap_or("?"),
+            d.format.as_deref().unwrap_or("?"),
+            if d.layers.len() > 1 {
+                format!(", backing chain {}", d.layers.join(" -> "))
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("  negotiated over xenstore:");
     println!("    ABI                {}", n.protocol.xenstore_name());
     println!("    queues             {}", n.queues);

@@ -55,6 +55,10 @@ impl Disk for StorageDisk {
             .map_err(|e| VbdError::io("re-reading the storage size", &e))
     }
 
+    fn layers(&self) -> Vec<String> {
+        self.storage.layers()
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -108,24 +112,24 @@ pub fn open_target(
 ) -> Result<Arc<dyn Storage>, VbdError> {
     let path = &target.path;
     let context = || format!("opening {}", path.display());
-    match target.format {
-        DiskFormat::Raw => {}
-        DiskFormat::Nbd => return open_nbd(target, nbd),
-        DiskFormat::Qcow2 => {
-            return Err(VbdError::new(
-                context(),
-                "qcow2 images are not supported by this build's storage layer",
-                EOPNOTSUPP,
-            ))
-        }
+    if target.format == DiskFormat::Nbd {
+        return open_nbd(target, nbd);
     }
     if let Some(expected) = physical_device {
         check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
     }
-    storage::open(path, options).map_err(|e| {
+    let opened: Result<Arc<dyn Storage>, _> = match target.format {
+        DiskFormat::Raw | DiskFormat::Nbd => storage::open(path, options),
+        DiskFormat::Qcow2 => {
+            storage::Qcow2Storage::open(path, options).map(|s| Arc::new(s) as Arc<dyn Storage>)
+        }
+    };
+    opened.map_err(|e| {
         let errno = match &e {
             storage::StorageError::Open { source, .. }
             | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
+            storage::StorageError::UnsupportedImage { .. } => EOPNOTSUPP,
+            storage::StorageError::InvalidImage { .. } => EINVAL,
             _ => 5,
         };
         VbdError::new(context(), e, errno)

@@ -141,6 +141,12 @@ pub fn render(reply: &Value) -> String {
                 }
             ));
         }
+        if let Some(layers) = d.get("layers").and_then(Value::as_array) {
+            let chain: Vec<&str> = layers.iter().filter_map(Value::as_str).collect();
+            if chain.len() > 1 {
+                out.push_str(&format!("  backing chain: {}\n", chain.join(" -> ")));
+            }
+        }
         if let Some(fe) = d.get("frontend").filter(|v| !v.is_null()) {
             let queues = fe["queues"].as_array().map_or(0, Vec::len);
             let proto = match str_of(fe, "protocol") {
@@ -234,7 +240,8 @@ mod tests {
         let reply: Value = serde_json::from_str(
             r#"{"ok":true,"daemon":{"backend_types":["vbd","xenblkd"],"home":"/local/domain/0","shutting_down":false},
             "devices":[{"backend_type":"xenblkd","domid":5,"devid":51728,"vdev":"xvdb","state":"Connected",
-            "frontend_state":"Connected","target":"/img/a.raw","format":"raw",
+            "frontend_state":"Connected","target":"/img/a.qcow2","format":"qcow2",
+            "layers":["qcow2:/img/a.qcow2","qcow2:/img/b.qcow2","raw:/img/c.raw"],
             "disk":{"size_bytes":1073741824,"logical_block_size":512,"physical_block_size":4096,"read_only":false},
             "frontend":{"protocol":"X86_64","protocol_specified":true,"queues":[{},{}],"ring_page_order":1,"persistent":true},
             "features":{"flush":true,"barrier":true,"discard":true,"discard_granularity":4096,"discard_alignment":0,
@@ -248,6 +255,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1.0 GiB"), "{text}");
+        assert!(text.contains("storage: /img/a.qcow2 (qcow2)"), "{text}");
+        assert!(
+            text.contains(
+                "backing chain: qcow2:/img/a.qcow2 -> qcow2:/img/b.qcow2 -> raw:/img/c.raw"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("protocol X86_64, 2 queue(s), ring-page-order 1, persistent grants yes"),
             "{text}"

@@ -97,10 +97,12 @@ fn libxl_phy_route_with_the_hotplug_script() {
     let file_img = host.image("file.img", 16);
     let dev_img = host.image("dev.img", 16);
     let lo = Loop::new(&dev_img);
+    let (qcow2_img, _, qcow2_ref) = common::qcow2_chain(&host, "hotplug", 16);
     // (domid, params as the xl disk line's target gives it)
     let cases = [
         (1u32, format!("aio:{}", file_img.display())),
         (2, lo.0.clone()),
+        (5, format!("qcow2:{}", qcow2_img.display())),
     ];
     for (domid, params) in cases {
         host.create_domain(domid);
@@ -125,22 +127,27 @@ fn libxl_phy_route_with_the_hotplug_script() {
                 "loop devices are major 7: {devnum}"
             );
         } else {
-            assert_eq!(
-                Path::new(&resolved),
-                std::fs::canonicalize(&file_img).unwrap()
-            );
+            let img = if domid == 5 { &qcow2_img } else { &file_img };
+            assert_eq!(Path::new(&resolved), std::fs::canonicalize(img).unwrap());
             assert_eq!(host.read(&join(&be, "physical-device")), None);
         }
-        let g = host.guest(
-            domid,
-            51712,
-            &["--max-queues", "2"],
-            "connect,io:16,flush,close",
-        );
+        let mut args = vec!["--max-queues", "2"];
+        if domid == 5 {
+            args.extend(["--mirror", qcow2_ref.to_str().unwrap()]);
+        }
+        let g = host.guest(domid, 51712, &args, "connect,io:16,flush,close");
         g.finish();
+        if domid == 5 {
+            let dev = host.device_status("vbd", domid, 51712).unwrap();
+            assert_eq!(dev["format"], "qcow2", "{dev}");
+        }
         assert_eq!(host.detach(&spec), Removal::Clean);
         let (ok, err) = run_script(&host, "remove", &xenbus_path);
         assert!(ok, "hotplug remove failed: {err}");
+        if domid == 5 {
+            // The device is gone, so the image is closed (and flushed).
+            common::qcow2_consistent(&qcow2_img, &qcow2_ref);
+        }
     }
     // An NBD export: the script passes the URI on; the guest is served from qemu-nbd.
     let nbd_img = host.image("nbd.img", 16);

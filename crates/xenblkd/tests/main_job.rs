@@ -135,3 +135,98 @@ fn a_missing_image_is_named_with_the_os_error() {
         );
     }
 }
+
+#[test]
+fn bench_takes_a_qcow2_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bench.qcow2");
+    let image = image.to_str().unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            image,
+            "32M",
+        ])
+        .output()
+        .expect("qemu-img (Debian package qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = bench_json(&[
+        "--image", image, "--size", "32M", "--rw", "randread", "--direct", "off",
+    ]);
+    positive(&v, &["iops"]);
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["errors"], 0);
+    // Every cluster is allocated: reads go to io_uring, the worker only loads L2 tables.
+    let mapped = positive(&v, &["qcow2_mapped_requests"]);
+    let worker = v["qcow2_worker_requests"].as_f64().unwrap();
+    assert!(worker < mapped / 100.0, "mapped {mapped}, worker {worker}");
+    // The io_uring baseline is not the guest's disk for a qcow2 image.
+    let out = xenblkd()
+        .args(["bench", "--runtime", "0.1", "--image", image, "--baseline"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-img bench"));
+}
+
+#[test]
+fn demo_runs_on_a_qcow2_image_with_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = sparse_image(&dir, "base.img", 64 << 20);
+    let top = dir.path().join("demo.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .expect("qemu-img (Debian package qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = xenblkd()
+        .args(["demo", "--data", "16M", "--bench-secs", "0.3", "--image"])
+        .arg(&top)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = format!(
+        "({}), backing chain qcow2:{} -> raw:{}",
+        "qcow2",
+        top.canonicalize().unwrap().display(),
+        base.canonicalize().unwrap().display()
+    );
+    for needle in [
+        chain.as_str(),
+        "verified 16 MiB",
+        "reads back as zeros",
+        "detached cleanly",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    let check = Command::new("qemu-img")
+        .arg("check")
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}

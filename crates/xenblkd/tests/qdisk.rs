@@ -289,3 +289,29 @@ fn the_stand_in_exits_with_its_domain_and_on_quit() {
         assert_eq!(host.read(&devmodel::claim_path(0, domid)), None);
     }
 }
+
+#[test]
+fn qdisk_with_format_qcow2() {
+    let mut host = Host::start(&["--type", "qdisk"]);
+    host.create_domain(10);
+    let (top, _, reference) = common::qcow2_chain(&host, "qdisk", 16);
+    // libxl writes `params` as FORMAT:TARGET for qdisk disks (`format=qcow2`).
+    let spec = DiskSpec::new("qdisk", 10, 51712, &format!("qcow2:{}", top.display()));
+    toolstack::add_disk(host.xs.as_ref(), &spec).unwrap();
+    let mut dm = StandIn::start(&host, 10);
+    let be = spec.backend_path();
+    host.wait_state(&be, XenbusState::InitWait);
+    let dev = host.device_status("qdisk", 10, 51712).unwrap();
+    assert_eq!(dev["format"], "qcow2");
+    host.guest(
+        10,
+        51712,
+        &["--mirror", reference.to_str().unwrap()],
+        "connect,io:32,flush,discard,flush,close",
+    )
+    .finish();
+    dm.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    dm.expect_exit("SIGHUP");
+    assert_eq!(host.stop_daemon().code(), Some(0));
+    common::qcow2_consistent(&top, &reference);
+}

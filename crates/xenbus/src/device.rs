@@ -913,6 +913,7 @@ impl Device {
                 .as_ref()
                 .map(|c| c.target.format.name().to_string()),
             disk: self.disk_info,
+            layers: self.disk.as_ref().map(|d| d.layers()).unwrap_or_default(),
             frontend: self.session.as_ref().map(|s| s.frontend.clone()),
             features: self.session.as_ref().map(|s| s.features),
             stats: self

@@ -38,6 +38,10 @@ pub struct DeviceStatus {
     pub format: Option<String>,
     /// Storage properties, once opened.
     pub disk: Option<DiskInfo>,
+    /// The image and its backing chain, top first, as `format:path` (empty for a disk
+    /// that is one file or device).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
     /// The frontend's negotiated transport parameters, while connected.
     pub frontend: Option<FrontendParams>,
     /// What we advertised at connect, while connected.

@@ -81,6 +81,11 @@ pub trait Disk: Send + Sync {
     fn info(&self) -> DiskInfo;
     /// Re-reads the size (online resize) and returns it in bytes.
     fn refresh_size(&self) -> Result<u64, VbdError>;
+    /// What the disk is made of, top first, as `format:path` (an image and its backing
+    /// files); empty for a disk that is one thing.
+    fn layers(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The concrete type, so a factory can get its own disk back in
     /// [`VbdFactory::connect`].
     fn as_any(&self) -> &dyn std::any::Any;

@@ -75,6 +75,10 @@ struct Args {
     /// Seed of the data patterns.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A raw file that receives every write (and zeros for every discard) the guest makes,
+    /// so a test can compare the backend's image with it (`qemu-img compare`).
+    #[arg(long)]
+    mirror: Option<PathBuf>,
 }
 
 /// A small deterministic generator (xorshift64*), so data is reproducible per seed.
@@ -155,6 +159,7 @@ impl Guest {
             .collect();
         fe.write(offset, &data)
             .with_context(|| format!("write {len} at {offset}"))?;
+        self.mirror(offset, &data)?;
         let mut back = vec![0u8; len as usize];
         fe.read(offset, &mut back)
             .with_context(|| format!("read {len} at {offset}"))?;
@@ -162,6 +167,19 @@ impl Guest {
             bail!("data mismatch: {len} bytes at {offset}");
         }
         self.ops += 1;
+        Ok(())
+    }
+
+    /// Applies a completed write to the `--mirror` file.
+    fn mirror(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        if let Some(path) = &self.args.mirror {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening the mirror {}", path.display()))?;
+            std::os::unix::fs::FileExt::write_all_at(&f, data, offset)
+                .context("writing the mirror")?;
+        }
         Ok(())
     }
 
@@ -238,6 +256,11 @@ impl Guest {
                 let fe = self.frontend()?;
                 let secure = false;
                 fe.discard(0, 1 << 20, secure)?;
+                // What a discard leaves is unspecified, except where the backend says it
+                // reads back as zeros (file punch holes, qcow2): the mirror follows the disk.
+                let mut back = vec![0u8; 1 << 20];
+                fe.read(0, &mut back)?;
+                self.mirror(0, &back)?;
                 Ok(String::new())
             }
             "loop" => {

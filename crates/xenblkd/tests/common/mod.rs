@@ -435,3 +435,73 @@ pub fn guest_store(host: &Host, domid: u32) -> XsStore {
         XsClient::connect_unix(host.xs_socket(domid)).unwrap(),
     ))
 }
+
+/// Runs `qemu-img` (Debian: qemu-utils), failing the test on error.
+pub fn qemu_img(args: &[&str]) -> std::process::Output {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian package qemu-utils) must be installed");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `base.raw` (random data, 3 sectors short of the disk) under `top.qcow2` in the host's
+/// directory, and a raw reference of what the guest sees (`qemu-img convert`), which a
+/// guest started with `--mirror` keeps up to date. Returns (top, base, reference).
+pub fn qcow2_chain(host: &Host, name: &str, mib: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = host.dir.path();
+    let base = dir.join(format!("{name}-base.raw"));
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ mib;
+    let data: Vec<u8> = (0..(mib << 20) - 3 * 512)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&base, data).unwrap();
+    let top = dir.join(format!("{name}.qcow2"));
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        b,
+        "-F",
+        "raw",
+        t,
+        &format!("{mib}M"),
+    ]);
+    let reference = dir.join(format!("{name}-ref.raw"));
+    qemu_img(&["convert", "-O", "raw", t, reference.to_str().unwrap()]);
+    (top, base, reference)
+}
+
+/// `qemu-img check` is clean and `qemu-img compare` finds the image identical to the
+/// raw reference.
+pub fn qcow2_consistent(image: &Path, reference: &Path) {
+    for args in [
+        vec!["check", "-q", "-f", "qcow2", image.to_str().unwrap()],
+        vec![
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            reference.to_str().unwrap(),
+        ],
+    ] {
+        qemu_img(&args);
+    }
+}

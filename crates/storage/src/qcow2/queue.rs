@@ -1,0 +1,850 @@
+//! The queue of the qcow2 backend: one per ring, owned by the ring's reactor.
+//!
+//! Two paths, both ending at the queue's completion eventfd:
+//! - **Mapped I/O (the reactor, io_uring).** A read or write enters the image's gate
+//!   shared (never waiting), then asks imago where its guest range lives, with storage I/O
+//!   forbidden on this thread (`host_file::lookup_only`): a hit in imago's L2 cache answers
+//!   at once, a miss fails the lookup. If every piece is data already allocated (for a write:
+//!   in the top image and not shared, imago's `writable`), or reads as zeros, the request
+//!   becomes up to [`MAX_EXTENTS`] `READV`/`WRITEV` SQEs on the files' own descriptors,
+//!   zero pieces are filled in place, and the ring's CQEs signal the eventfd as in the raw
+//!   backend. This is every read and write of an allocated image: no thread hop, no copy.
+//! - **The worker.** Everything else — an uncached L2 table, allocation, copy-on-write from
+//!   a backing file, compressed clusters, zero clusters being written, discard, flush,
+//!   requests split into more than [`MAX_EXTENTS`] pieces — goes to the queue's worker
+//!   thread (started at the first such request) through a bounded channel of `depth`
+//!   entries. The worker runs imago's synchronous `read`/`write`/`flush`/`sync`/discard
+//!   with the data bounced through a 1 MiB buffer of its own (imago needs Rust slices; the
+//!   guest's pages are only ever touched through raw pointers), appends the result to the
+//!   queue's result list and writes the eventfd.
+//!
+//! Nothing on the mapped path allocates once the slot's vectors have grown to the
+//! request's size (they are reused); the worker path allocates inside imago, which is
+//! allocation and metadata I/O anyway.
+//!
+//! Waiting: a reactor may wait on imago's internal locks while a worker holds them across
+//! a metadata read or write of the same image (an L2 table being loaded or updated); it
+//! never performs I/O itself and never waits on the gate.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use imago::Mapping;
+use io_uring::{opcode, types, IoUring};
+
+use super::host_file::lookup_only;
+use super::Image;
+use crate::sys::EventFd;
+use crate::{
+    validate, AlignedBuf, Completion, StorageError, StorageInfo, StorageOp, StorageQueue,
+    SubmitError,
+};
+
+/// Most pieces a request is split into on the mapped path (more go to the worker).
+pub(crate) const MAX_EXTENTS: usize = 32;
+/// Resubmissions of an SQE that failed with EAGAIN/EINTR.
+const MAX_RETRIES: u8 = 3;
+/// iovecs reserved per slot up front: a direct blkif request has at most 11 segments.
+const INITIAL_IOVS_PER_SLOT: usize = 16;
+/// The worker's bounce buffer: requests are copied through it in pieces of this size.
+const BOUNCE_BYTES: usize = 1 << 20;
+/// `Extent::fd` of a piece that reads as zeros.
+const ZERO_FD: RawFd = -1;
+
+/// A `libc::iovec` that may move between threads with its queue or a worker job.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct IoVec(libc::iovec);
+
+// SAFETY: the pointer inside is only an address handed to the kernel or used for the
+// documented raw-pointer copies and zero-fills; the validity of the memory is the
+// submitter's contract (see `StorageQueue::submit`), independent of the thread.
+unsafe impl Send for IoVec {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Its pieces are in the io_uring.
+    Ring,
+    /// Handed to the worker.
+    Worker,
+    /// Completed at submission (every piece read as zeros), delivered at the next reap.
+    Ready,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Read,
+    Write { fua: bool },
+}
+
+/// One contiguous piece of a request on the mapped path.
+struct Extent {
+    /// File to read or write ([`ZERO_FD`]: reads as zeros, filled at submission).
+    fd: RawFd,
+    host_offset: u64,
+    len: u64,
+    done: u64,
+    /// This piece's iovecs in `Slot::pieces`; `first` advances as it completes short.
+    first: usize,
+    end: usize,
+    retries: u8,
+}
+
+struct Slot {
+    tag: u64,
+    state: SlotState,
+    direction: Direction,
+    total: u64,
+    /// The queue's copy of the caller's iovecs.
+    iovs: Vec<IoVec>,
+    /// The same memory cut along extent boundaries (mapped path only).
+    pieces: Vec<IoVec>,
+    extents: Vec<Extent>,
+    /// SQEs of this slot not yet completed.
+    pending: u32,
+    error: Option<io::Error>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            tag: 0,
+            state: SlotState::Free,
+            direction: Direction::Read,
+            total: 0,
+            iovs: Vec::with_capacity(INITIAL_IOVS_PER_SLOT),
+            pieces: Vec::with_capacity(INITIAL_IOVS_PER_SLOT + 2),
+            extents: Vec::with_capacity(4),
+            pending: 0,
+            error: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum JobOp {
+    Read { offset: u64, len: u64 },
+    Write { offset: u64, len: u64, fua: bool },
+    Flush,
+    Discard { offset: u64, len: u64 },
+}
+
+/// A request for the worker. `iov` points into the slot's iovec copy, which the queue does
+/// not touch until the job's result has been reaped (or the worker has been joined).
+struct Job {
+    slot: u32,
+    op: JobOp,
+    iov: *const IoVec,
+    iov_count: usize,
+}
+
+// SAFETY: `iov` points to the slot's `iovs` vector, owned by the queue and left untouched
+// while the job is out (the slot is in state `Worker` until its result is reaped, and Drop
+// joins the worker before the vectors are freed); the memory those iovecs describe is the
+// submitter's contract.
+unsafe impl Send for Job {}
+
+/// Where the worker leaves results; its eventfd is the queue's completion fd (also
+/// registered with the io_uring).
+struct Port {
+    results: Mutex<Vec<(u32, io::Result<u64>)>>,
+    eventfd: EventFd,
+}
+
+struct Worker {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub(crate) struct Qcow2Queue {
+    image: Arc<Image>,
+    info: StorageInfo,
+    ring: IoUring,
+    port: Arc<Port>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    depth: u32,
+    /// SQEs pushed whose CQE has not been seen.
+    in_ring: u32,
+    /// Completed at submission, not yet delivered.
+    ready: Vec<(u32, io::Result<u64>)>,
+    ready_unsignalled: bool,
+    worker: Option<Worker>,
+    /// Reused buffers for draining the CQ and the worker's results.
+    cqes: Vec<(u64, i32)>,
+    results: Vec<(u32, io::Result<u64>)>,
+}
+
+impl Qcow2Queue {
+    pub(crate) fn new(
+        image: Arc<Image>,
+        info: StorageInfo,
+        depth: u32,
+    ) -> Result<Qcow2Queue, StorageError> {
+        let entries = depth.next_power_of_two().max(8);
+        let ring = IoUring::builder()
+            .dontfork()
+            .build(entries)
+            .map_err(StorageError::Ring)?;
+        let port = Arc::new(Port {
+            results: Mutex::new(Vec::with_capacity(depth as usize)),
+            eventfd: EventFd::new().map_err(StorageError::EventFd)?,
+        });
+        ring.submitter()
+            .register_eventfd(port.eventfd.as_raw_fd())
+            .map_err(StorageError::Ring)?;
+        Ok(Qcow2Queue {
+            image,
+            info,
+            ring,
+            port,
+            slots: (0..depth).map(|_| Slot::new()).collect(),
+            free: (0..depth).rev().collect(),
+            depth,
+            in_ring: 0,
+            ready: Vec::with_capacity(depth as usize),
+            ready_unsignalled: false,
+            worker: None,
+            cqes: Vec::with_capacity(entries as usize * 2),
+            results: Vec::with_capacity(depth as usize),
+        })
+    }
+
+    fn release(&mut self, idx: u32) -> u64 {
+        let slot = &mut self.slots[idx as usize];
+        slot.state = SlotState::Free;
+        slot.iovs.clear();
+        slot.pieces.clear();
+        slot.extents.clear();
+        slot.error = None;
+        self.free.push(idx);
+        slot.tag
+    }
+
+    /// Resolves a read or write into extents and queues its SQEs. False (with nothing
+    /// queued and the gate left) when the request needs the worker.
+    fn try_mapped(&mut self, idx: u32, offset: u64) -> bool {
+        let Qcow2Queue { image, slots, .. } = self;
+        if !image.gate.try_enter_shared() {
+            return false;
+        }
+        let slot = &mut slots[idx as usize];
+        let (direction, total) = (slot.direction, slot.total);
+        let resolved = lookup_only(|| {
+            let mut pos = 0u64;
+            while pos < total {
+                let Ok((mapping, len)) = image.access.get_mapping(offset + pos, total - pos) else {
+                    return false;
+                };
+                let len = len.min(total - pos);
+                if len == 0 {
+                    return false;
+                }
+                let (fd, host_offset) = match mapping {
+                    Mapping::Raw {
+                        storage,
+                        offset: host,
+                        writable,
+                        ..
+                    } => {
+                        if matches!(direction, Direction::Write { .. }) && !writable {
+                            return false;
+                        }
+                        (storage.io_fd(), host)
+                    }
+                    Mapping::Zero { .. } if direction == Direction::Read => (ZERO_FD, 0),
+                    _ => return false,
+                };
+                let full = slot.extents.len() == MAX_EXTENTS;
+                match slot.extents.last_mut() {
+                    Some(last)
+                        if last.fd == fd
+                            && (fd == ZERO_FD || last.host_offset + last.len == host_offset) =>
+                    {
+                        last.len += len
+                    }
+                    _ if full => return false,
+                    _ => slot.extents.push(Extent {
+                        fd,
+                        host_offset,
+                        len,
+                        done: 0,
+                        first: 0,
+                        end: 0,
+                        retries: 0,
+                    }),
+                }
+                pos += len;
+            }
+            true
+        });
+        if !resolved {
+            slot.extents.clear();
+            image.gate.leave_shared();
+            return false;
+        }
+
+        // Cut the caller's iovecs along the extents; zero pieces are filled now.
+        let (mut iov_idx, mut iov_off) = (0usize, 0usize);
+        for e in slot.extents.iter_mut() {
+            e.first = slot.pieces.len();
+            let mut left = e.len;
+            while left > 0 {
+                let Some(v) = slot.iovs.get(iov_idx) else {
+                    break;
+                };
+                let avail = v.0.iov_len - iov_off;
+                let take = avail.min(usize::try_from(left).unwrap_or(usize::MAX));
+                let piece = libc::iovec {
+                    iov_base: v.0.iov_base.cast::<u8>().wrapping_add(iov_off).cast(),
+                    iov_len: take,
+                };
+                if e.fd == ZERO_FD {
+                    // SAFETY: the piece lies inside an iovec the submitter guaranteed to be
+                    // writable for this read until its completion; no Rust reference to it
+                    // exists.
+                    unsafe { std::ptr::write_bytes(piece.iov_base.cast::<u8>(), 0, take) };
+                } else {
+                    slot.pieces.push(IoVec(piece));
+                }
+                left -= take as u64;
+                iov_off += take;
+                if iov_off == v.0.iov_len {
+                    iov_idx += 1;
+                    iov_off = 0;
+                }
+            }
+            e.end = slot.pieces.len();
+            if e.fd == ZERO_FD {
+                e.done = e.len;
+            }
+        }
+
+        slot.pending = 0;
+        slot.state = SlotState::Ring;
+        let extents = slot.extents.len();
+        for j in 0..extents {
+            if self.slots[idx as usize].extents[j].fd == ZERO_FD {
+                continue;
+            }
+            self.slots[idx as usize].pending += 1;
+            if let Err(e) = self.push(idx, j) {
+                // Cannot happen after a successful submit-to-make-room; fail the piece
+                // rather than lose it.
+                let slot = &mut self.slots[idx as usize];
+                slot.pending -= 1;
+                slot.error.get_or_insert(e);
+            }
+        }
+        let slot = &mut self.slots[idx as usize];
+        if slot.pending == 0 {
+            slot.state = SlotState::Ready;
+            let result = match slot.error.take() {
+                Some(e) => Err(e),
+                None => Ok(slot.total),
+            };
+            self.image.gate.leave_shared();
+            self.ready.push((idx, result));
+            self.ready_unsignalled = true;
+        }
+        true
+    }
+
+    /// Pushes the SQE for extent `j` of slot `idx`, handing the SQ to the kernel first if
+    /// it is full (a slot may need up to [`MAX_EXTENTS`] entries).
+    fn push(&mut self, idx: u32, j: usize) -> io::Result<()> {
+        let entry = {
+            let slot = &self.slots[idx as usize];
+            let e = &slot.extents[j];
+            let iov = slot.pieces[e.first..e.end].as_ptr().cast::<libc::iovec>();
+            // At most MAX_SEGMENTS + MAX_EXTENTS pieces: fits u32.
+            let count = (e.end - e.first) as u32;
+            let fd = types::Fd(e.fd);
+            let at = e.host_offset + e.done;
+            let user_data = (u64::from(idx) << 32) | j as u64;
+            match slot.direction {
+                Direction::Read => opcode::Readv::new(fd, iov, count).offset(at).build(),
+                Direction::Write { fua } => opcode::Writev::new(fd, iov, count)
+                    .offset(at)
+                    .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                    .build(),
+            }
+            .user_data(user_data)
+        };
+        for _ in 0..2 {
+            // SAFETY: the SQE refers to (a) the slot's `pieces`, owned by this queue and
+            // neither reallocated nor freed while the slot is in state `Ring` (released only
+            // after its last CQE was reaped; Drop waits for every CQE); (b) the caller's
+            // buffers, valid until the completion is delivered or the queue dropped (the
+            // `submit` contract); (c) a descriptor owned by a `HostFile` of `self.image`,
+            // which this queue keeps alive.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.in_ring += 1;
+                return Ok(());
+            }
+            self.submit_queued()?;
+        }
+        Err(io::Error::other("io_uring submission queue full"))
+    }
+
+    fn submit_queued(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn hand_to_worker(&mut self, idx: u32, op: JobOp) {
+        let slot = &mut self.slots[idx as usize];
+        slot.state = SlotState::Worker;
+        let job = Job {
+            slot: idx,
+            op,
+            iov: slot.iovs.as_ptr(),
+            iov_count: slot.iovs.len(),
+        };
+        if let Err(e) = self.send(job) {
+            tracing::error!(path = %self.image.path.display(), error = %e,
+                "qcow2 worker unavailable");
+            self.slots[idx as usize].state = SlotState::Ready;
+            self.ready.push((idx, Err(e)));
+            self.ready_unsignalled = true;
+        }
+    }
+
+    fn send(&mut self, job: Job) -> io::Result<()> {
+        if self.worker.is_none() {
+            let (tx, rx) = mpsc::sync_channel::<Job>(self.depth as usize);
+            let image = Arc::clone(&self.image);
+            let port = Arc::clone(&self.port);
+            let thread = std::thread::Builder::new()
+                .name("xenblkd-qcow2".into())
+                .spawn(move || worker_main(&image, &rx, &port))?;
+            self.worker = Some(Worker {
+                jobs: Some(tx),
+                thread: Some(thread),
+            });
+        }
+        match self.worker.as_ref().and_then(|w| w.jobs.as_ref()) {
+            // Never blocks: at most `depth` slots exist, so at most `depth` jobs are out.
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| io::Error::other("qcow2 worker thread is gone")),
+            None => Err(io::Error::other("qcow2 worker thread not started")),
+        }
+    }
+
+    /// Handles one CQE; returns the completed slot's tag and result when it finished.
+    fn on_cqe(
+        &mut self,
+        user_data: u64,
+        res: i32,
+        resubmit: &mut bool,
+    ) -> Option<(u64, io::Result<u64>)> {
+        let idx = (user_data >> 32) as u32;
+        let j = (user_data & 0xffff_ffff) as usize;
+        let slot = self.slots.get_mut(idx as usize)?;
+        if slot.state != SlotState::Ring || j >= slot.extents.len() {
+            tracing::error!(user_data, "CQE for no operation in flight");
+            return None;
+        }
+        self.in_ring = self.in_ring.saturating_sub(1);
+        let direction = slot.direction;
+        let e = &mut slot.extents[j];
+        let mut finished = true;
+        if res < 0 {
+            let errno = -res;
+            if (errno == libc::EAGAIN || errno == libc::EINTR) && e.retries < MAX_RETRIES {
+                e.retries += 1;
+                finished = false;
+            } else {
+                slot.error
+                    .get_or_insert(io::Error::from_raw_os_error(errno));
+            }
+        } else if res == 0 {
+            match direction {
+                Direction::Read => {
+                    // End of a file inside the image's size (a raw backing file shorter
+                    // than its overlay, a data cluster at the end of the file): zeros.
+                    for piece in &slot.pieces[e.first..e.end] {
+                        // SAFETY: as for the zero extents at submission: caller-guaranteed
+                        // writable memory for this read, no Rust reference to it.
+                        unsafe {
+                            std::ptr::write_bytes(piece.0.iov_base.cast::<u8>(), 0, piece.0.iov_len)
+                        };
+                    }
+                    e.done = e.len;
+                }
+                Direction::Write { .. } => {
+                    slot.error
+                        .get_or_insert(io::Error::from(io::ErrorKind::WriteZero));
+                }
+            }
+        } else {
+            let mut n = res as u64;
+            e.done += n;
+            if e.done < e.len {
+                // Drop the transferred prefix from this extent's pieces and go on.
+                while n > 0 && e.first < e.end {
+                    let v = &mut slot.pieces[e.first].0;
+                    let len = v.iov_len as u64;
+                    if len <= n {
+                        n -= len;
+                        e.first += 1;
+                    } else {
+                        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n as usize).cast();
+                        v.iov_len -= n as usize;
+                        n = 0;
+                    }
+                }
+                finished = e.first == e.end;
+                if finished {
+                    slot.error
+                        .get_or_insert(io::Error::other("transfer longer than its buffers"));
+                }
+            }
+        }
+        if !finished {
+            match self.push(idx, j) {
+                Ok(()) => {
+                    *resubmit = true;
+                    return None;
+                }
+                Err(e) => {
+                    self.slots[idx as usize].error.get_or_insert(e);
+                }
+            }
+        }
+        let slot = &mut self.slots[idx as usize];
+        slot.pending -= 1;
+        if slot.pending > 0 {
+            return None;
+        }
+        let result = match slot.error.take() {
+            Some(e) => Err(e),
+            None => Ok(slot.total),
+        };
+        self.image.gate.leave_shared();
+        let tag = self.release(idx);
+        Some((tag, result))
+    }
+}
+
+impl StorageQueue for Qcow2Queue {
+    unsafe fn submit(&mut self, op: StorageOp<'_>, tag: u64) -> Result<(), SubmitError> {
+        let total = validate(&op, &self.info, self.info.size_bytes)?;
+        let idx = self.free.pop().ok_or(SubmitError::Full)?;
+        let slot = &mut self.slots[idx as usize];
+        slot.tag = tag;
+        slot.total = total;
+        slot.error = None;
+        slot.iovs.clear();
+        slot.pieces.clear();
+        slot.extents.clear();
+        match op {
+            StorageOp::Read { offset, iov } | StorageOp::Write { offset, iov, .. } => {
+                let (direction, job) = match op {
+                    StorageOp::Write { fua, .. } => (
+                        Direction::Write { fua },
+                        JobOp::Write {
+                            offset,
+                            len: total,
+                            fua,
+                        },
+                    ),
+                    _ => (Direction::Read, JobOp::Read { offset, len: total }),
+                };
+                slot.direction = direction;
+                slot.iovs.extend(iov.iter().map(|v| IoVec(*v)));
+                if self.try_mapped(idx, offset) {
+                    self.image.mapped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.image.worker.fetch_add(1, Ordering::Relaxed);
+                    self.hand_to_worker(idx, job);
+                }
+            }
+            StorageOp::Flush => self.hand_to_worker(idx, JobOp::Flush),
+            StorageOp::Discard { offset, len, .. } => {
+                self.hand_to_worker(idx, JobOp::Discard { offset, len })
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> io::Result<()> {
+        if self.ready_unsignalled {
+            self.ready_unsignalled = false;
+            self.port.eventfd.signal()?;
+        }
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.submit_queued()
+    }
+
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.port.eventfd.as_fd()
+    }
+
+    fn reap(&mut self, f: Completion<'_>) -> usize {
+        // Clear the fd first: a completion posted after this point signals it again.
+        self.port.eventfd.drain();
+        let mut delivered = 0;
+        let mut resubmitted = false;
+
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
+        for &(user_data, res) in &cqes {
+            if let Some((tag, result)) = self.on_cqe(user_data, res, &mut resubmitted) {
+                f(tag, result);
+                delivered += 1;
+            }
+        }
+        cqes.clear();
+        self.cqes = cqes;
+
+        let mut results = std::mem::take(&mut self.results);
+        results.append(&mut self.port.results.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut ready = std::mem::take(&mut self.ready);
+        for (idx, result) in results.drain(..).chain(ready.drain(..)) {
+            let tag = self.release(idx);
+            f(tag, result);
+            delivered += 1;
+        }
+        self.results = results;
+        self.ready = ready;
+
+        if resubmitted {
+            if let Err(e) = self.submit_queued() {
+                tracing::warn!(error = %e, "resubmitting short transfers failed; will retry");
+                let _ = self.port.eventfd.signal();
+            }
+        }
+        delivered
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.depth - self.free.len() as u32
+    }
+
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+}
+
+impl Drop for Qcow2Queue {
+    fn drop(&mut self) {
+        // The worker finishes the jobs it was given (their memory is valid until we return)
+        // and exits when its channel closes.
+        if let Some(mut w) = self.worker.take() {
+            drop(w.jobs.take());
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+        if let Err(e) = self.submit_queued() {
+            tracing::warn!(error = %e, "submitting queued operations at queue drop failed");
+        }
+        loop {
+            let unsubmitted = self.ring.submission().len() as u32;
+            if self.in_ring <= unsubmitted {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for in-flight operations at queue drop");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            let seen = self.ring.completion().count() as u32;
+            self.in_ring = self.in_ring.saturating_sub(seen);
+        }
+        // Requests that were on the ring held the gate; give it back so a later discard on
+        // the image (through another queue) does not wait for them for ever.
+        for slot in &self.slots {
+            if slot.state == SlotState::Ring {
+                self.image.gate.leave_shared();
+            }
+        }
+    }
+}
+
+/// Leaves the gate when dropped (also when a job panics inside imago).
+struct Held<'a> {
+    image: &'a Image,
+    exclusive: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.exclusive {
+            self.image.gate.leave_exclusive();
+        } else {
+            self.image.gate.leave_shared();
+        }
+    }
+}
+
+fn shared(image: &Image) -> Held<'_> {
+    image.gate.enter_shared();
+    Held {
+        image,
+        exclusive: false,
+    }
+}
+
+fn worker_main(image: &Image, jobs: &mpsc::Receiver<Job>, port: &Port) {
+    let mut bounce = AlignedBuf::page_aligned(BOUNCE_BYTES);
+    for job in jobs {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_job(image, &job, &mut bounce)
+        }))
+        .unwrap_or_else(|_| Err(io::Error::other("qcow2 worker panicked")));
+        if let Err(e) = &result {
+            tracing::debug!(path = %image.path.display(), op = ?job.op, error = %e,
+                "qcow2 request failed");
+        }
+        port.results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((job.slot, result));
+        if let Err(e) = port.eventfd.signal() {
+            tracing::error!(error = %e, "qcow2 worker cannot signal completion");
+        }
+    }
+}
+
+fn run_job(image: &Image, job: &Job, bounce: &mut AlignedBuf) -> io::Result<u64> {
+    // SAFETY: see `Job`: the slot's iovec copy outlives the job.
+    let iovs = unsafe { std::slice::from_raw_parts(job.iov, job.iov_count) };
+    let access = &image.access;
+    match job.op {
+        JobOp::Read { offset, len } => {
+            let _held = shared(image);
+            let mut pos = 0u64;
+            while pos < len {
+                let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
+                let buf = &mut bounce.as_mut_slice()[..n];
+                access.read(&mut *buf, offset + pos)?;
+                // SAFETY: the iovecs describe memory writable for this read until its
+                // completion (the `submit` contract), disjoint from `bounce`.
+                unsafe { copy_to_iovecs(iovs, pos, buf) };
+                pos += n as u64;
+            }
+            Ok(len)
+        }
+        JobOp::Write { offset, len, fua } => {
+            let _held = shared(image);
+            let mut pos = 0u64;
+            while pos < len {
+                let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
+                let buf = &mut bounce.as_mut_slice()[..n];
+                // SAFETY: the iovecs describe memory readable for this write until its
+                // completion (the `submit` contract), disjoint from `bounce`.
+                unsafe { copy_from_iovecs(iovs, pos, buf) };
+                access.write(&*buf, offset + pos)?;
+                pos += n as u64;
+            }
+            if fua {
+                access.flush()?;
+                access.sync()?;
+            }
+            Ok(len)
+        }
+        JobOp::Flush => {
+            let _held = shared(image);
+            // imago writes refcount blocks before the L2 tables that point at what they
+            // count, then the file is synced: metadata and data are durable together.
+            access.flush()?;
+            access.sync()?;
+            Ok(0)
+        }
+        JobOp::Discard { offset, len } => {
+            image.gate.enter_exclusive();
+            let _held = Held {
+                image,
+                exclusive: true,
+            };
+            // SAFETY: imago requires that no data mapping of the image is held or used
+            // while clusters are freed; every user of a mapping (mapped requests on any
+            // queue of this image, worker jobs) holds the gate shared, and we hold it
+            // exclusively.
+            unsafe { access.discard_to_zero_unsafe(offset, len) }?;
+            Ok(len)
+        }
+    }
+}
+
+/// Copies `src` into the memory the iovecs describe, starting `skip` bytes in.
+///
+/// # Safety
+/// Every iovec must describe memory valid for writes, not aliased by `src` and not accessed
+/// through Rust references meanwhile.
+unsafe fn copy_to_iovecs(iovs: &[IoVec], skip: u64, src: &[u8]) {
+    let mut skip = skip;
+    let mut src = src;
+    for v in iovs {
+        if src.is_empty() {
+            break;
+        }
+        let len = v.0.iov_len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(src.len());
+        // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                v.0.iov_base.cast::<u8>().add(skip as usize),
+                n,
+            )
+        };
+        src = &src[n..];
+        skip = 0;
+    }
+}
+
+/// Copies from the memory the iovecs describe, starting `skip` bytes in, into `dst`.
+///
+/// # Safety
+/// Every iovec must describe memory valid for reads, not aliased by `dst`.
+unsafe fn copy_from_iovecs(iovs: &[IoVec], skip: u64, dst: &mut [u8]) {
+    let mut skip = skip;
+    let mut at = 0usize;
+    for v in iovs {
+        if at == dst.len() {
+            break;
+        }
+        let len = v.0.iov_len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(dst.len() - at);
+        // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                v.0.iov_base.cast::<u8>().add(skip as usize),
+                dst[at..].as_mut_ptr(),
+                n,
+            )
+        };
+        at += n;
+        skip = 0;
+    }
+}
