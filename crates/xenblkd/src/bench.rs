@@ -607,8 +607,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         (StorageArg::File, None) => Some(default_image(args.size)?),
     };
     let format = match &image {
-        Some(p) => args.format.resolve(p)?,
-        None => ImageFormatArg::Raw,
+        Some(p) if !p.to_str().is_some_and(storage::nbd::is_nbd_uri) => args.format.resolve(p)?,
+        _ => ImageFormatArg::Raw,
     };
     if format == ImageFormatArg::Qcow2 && args.baseline {
         bail!("--baseline runs io_uring straight on the file, which for a qcow2 image is not the guest's disk; compare with `qemu-img bench` (scripts/bench-qcow2)");
