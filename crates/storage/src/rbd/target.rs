@@ -81,7 +81,7 @@ fn split_escaped(s: &str, sep: char) -> Result<Vec<String>, TargetError> {
                 None => return Err(TargetError::TrailingBackslash),
             },
             c if c == sep => {
-                if parts.len() > MAX_OPTIONS + 1 {
+                if parts.len() > MAX_OPTIONS {
                     return Err(TargetError::TooManyOptions);
                 }
                 parts.push(String::new());
