@@ -25,7 +25,7 @@ fn text(out: &std::process::Output) -> String {
 }
 
 /// Guest 6 runs verified I/O, flush and discard on an RBD image while guest 7 does the
-/// same on a file; status names the format.
+/// same on a file; status names the format; `rbd resize` reaches the guest online.
 #[test]
 fn guest_io_on_an_rbd_disk_beside_a_file_disk() {
     let _g = io_guard();
@@ -33,12 +33,21 @@ fn guest_io_on_an_rbd_disk_beside_a_file_disk() {
     let host = Host::start(&[]);
     host.create_domain(6);
     host.create_domain(7);
-    let target = c.create_image(&c.unique_name("guest"), 64).unwrap();
+    let name = c.unique_name("guest");
+    let target = c.create_image(&name, 64).unwrap();
     let spec = disk("xenblkd", 6, 51712, Path::new(&target));
     assert_eq!(host.attach(&spec), XenbusState::InitWait);
     let other = disk("xenblkd", 7, 51712, &host.image("file.img", 16));
     assert_eq!(host.attach(&other), XenbusState::InitWait);
-    let mut guest = host.guest(6, 51712, &[], "connect,io:24,flush,discard,io:8,close");
+    let mut guest = host.guest(
+        6,
+        51712,
+        &[],
+        &format!(
+            "connect,io:24,flush,discard,io:8,wait-capacity:{},io:4,close",
+            80 << 20
+        ),
+    );
     let mut bystander = host.guest(7, 51712, &[], "connect,io:24,close");
     let connected = guest.expect("ok connect");
     assert!(
@@ -52,6 +61,9 @@ fn guest_io_on_an_rbd_disk_beside_a_file_disk() {
     assert_eq!(dev["format"], "rbd", "{dev}");
     assert!(host.status_text().contains("rbd"), "{}", host.status_text());
     guest.expect("ok discard");
+    guest.expect("ok io:8");
+    c.resize_image(&name, 80).unwrap();
+    guest.expect("ok wait-capacity");
     guest.expect("ok close");
     bystander.expect("ok close");
     guest.finish();
