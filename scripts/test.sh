@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with only the Rust toolchain.
 # Installs what the tests need (Xen's C headers, 32-bit gcc for the x86_32 ABI
-# cross-check, qemu-img/qemu-io for qcow2, qemu-nbd and nbdkit for the NBD backend)
-# instead of skipping the tests that need them. The qcow2 tests also mount small tmpfs
-# file systems (root).
+# cross-check, qemu-img/qemu-io for qcow2, qemu-nbd and nbdkit for the NBD backend, a
+# Ceph monitor and OSD for the RBD backend) instead of skipping the tests that need them.
+# The qcow2 tests also mount small tmpfs file systems (root); the RBD tests start their
+# own single-node cluster per test binary with scripts/ceph-cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,10 +20,24 @@ command -v nbdkit >/dev/null || missing+=(nbdkit)
 if ! echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /dev/null 2>/dev/null; then
     missing+=(gcc-multilib)
 fi
+# A real single-node Ceph cluster for the RBD backend's tests (librbd1 and librados2,
+# which xenblkd loads at run time, come with ceph-common). Without recommends: ~51 MB
+# instead of a full Ceph install.
+ceph_missing=()
+command -v ceph-mon >/dev/null || ceph_missing+=(ceph-mon)
+command -v ceph-osd >/dev/null || ceph_missing+=(ceph-osd)
+command -v rbd >/dev/null && /sbin/ldconfig -p | grep -q "librbd.so.1 " || ceph_missing+=(ceph-common)
+if ((${#missing[@]} + ${#ceph_missing[@]})); then
+    as_root apt-get update -qq
+fi
 if ((${#missing[@]})); then
     echo "test.sh: installing ${missing[*]}"
-    as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+if ((${#ceph_missing[@]})); then
+    echo "test.sh: installing ${ceph_missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${ceph_missing[@]}"
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

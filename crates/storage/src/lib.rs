@@ -45,6 +45,9 @@
 //! - [`qcow2`]: a qcow2 image and its backing chain through the `imago` library: mapped
 //!   reads and writes on the reactor's io_uring, allocation, copy-on-write, compressed
 //!   clusters, discard and flush on a worker thread per queue (see the module).
+//! - [`rbd`]: an image of a Ceph cluster through librbd's asynchronous C API (loaded at
+//!   run time), completing into the reactor through the queue's eventfd from librbd's
+//!   callback thread.
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
@@ -66,6 +69,7 @@ pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -77,6 +81,7 @@ pub use nbd::{NbdConfig, NbdStorage};
 pub use null::{NullConfig, NullStorage};
 pub use qcow2::Qcow2Storage;
 pub use raw::{DirectIo, OpenOptions, RawStorage};
+pub use rbd::{RbdConfig, RbdStorage};
 
 /// Largest number of iovecs in one read or write (the kernel's `UIO_MAXIOV`).
 pub const MAX_SEGMENTS: usize = 1024;
@@ -94,6 +99,8 @@ pub enum StorageKind {
     Nbd,
     /// A qcow2 image (and its backing chain) through imago.
     Qcow2,
+    /// An image of a Ceph cluster through librbd.
+    Rbd,
 }
 
 /// What a storage is and what it can do; the engine derives the xenstore features

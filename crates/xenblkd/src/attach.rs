@@ -40,7 +40,8 @@ pub struct XenstoreArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckTargetArgs {
-    /// What `params` would say: an absolute path, optionally prefixed `raw:`, `aio:`, `qcow2:`.
+    /// What `params` would say: an absolute path, optionally prefixed `raw:`, `aio:`,
+    /// `qcow2:`, an NBD URI or an `rbd:pool/image` target.
     pub params: String,
     /// The disk is read-only (`mode` r).
     #[arg(long)]
@@ -54,8 +55,9 @@ pub struct CheckTargetArgs {
 pub struct AttachArgs {
     /// The guest.
     pub domid: u32,
-    /// Disk image, block device, or NBD export (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`).
+    /// Disk image, block device, NBD export (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`) or Ceph RBD image
+    /// (`rbd:pool[/namespace]/image[:id=NAME][:conf=PATH]`).
     pub image: PathBuf,
     /// Virtual device (xvdb, sdb, hdc, or a number); default: the first free xvdX.
     pub vdev: Option<String>,
@@ -155,7 +157,15 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
             bail!("NBD exports are served as raw; --format qcow2 does not apply");
         }
     }
-    let image = if nbd {
+    let rbd = args.image.to_str().is_some_and(storage::rbd::is_rbd_target);
+    if rbd {
+        storage::rbd::RbdTarget::parse(args.image.to_str().unwrap_or_default())
+            .with_context(|| format!("{}", args.image.display()))?;
+        if matches!(args.format, FormatArg::Qcow2) {
+            bail!("RBD images are served as raw; --format qcow2 does not apply");
+        }
+    }
+    let image = if nbd || rbd {
         args.image.clone()
     } else {
         std::fs::canonicalize(&args.image).with_context(|| format!("{}", args.image.display()))?

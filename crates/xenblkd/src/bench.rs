@@ -100,6 +100,11 @@ pub enum ImageFormatArg {
     Qcow2,
 }
 
+/// An NBD URI or an `rbd:` target: network storage, never probed for a format.
+fn is_network_target(s: &str) -> bool {
+    storage::nbd::is_nbd_uri(s) || storage::rbd::is_rbd_target(s)
+}
+
 impl ImageFormatArg {
     /// Resolves `auto` by looking at the file.
     pub fn resolve(self, image: &Path) -> anyhow::Result<ImageFormatArg> {
@@ -139,8 +144,9 @@ pub struct BenchArgs {
     /// Size of the region I/O goes to (and of the default image).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub size: u64,
-    /// Image, block device or NBD export (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`); default: a prepared file under /var/tmp/xenblkd.
+    /// Image, block device, NBD export (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`) or Ceph RBD image (`rbd:pool/image[:conf=PATH]`);
+    /// default: a prepared file under /var/tmp/xenblkd.
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Format of `--image`.
@@ -378,6 +384,14 @@ fn open_storage(
                     .with_context(|| format!("opening {uri}"))?,
             )
         }
+        (StorageArg::File, Some(target))
+            if target.to_str().is_some_and(storage::rbd::is_rbd_target) =>
+        {
+            let target = target.to_str().unwrap_or_default();
+            let storage = storage::RbdStorage::open(target, storage::RbdConfig::default())
+                .with_context(|| "opening the RBD image".to_string())?;
+            Arc::new(storage)
+        }
         (StorageArg::File, Some(path)) => {
             storage::open(path, options).with_context(|| format!("opening {}", path.display()))?
         }
@@ -607,7 +621,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         (StorageArg::File, None) => Some(default_image(args.size)?),
     };
     let format = match &image {
-        Some(p) if !p.to_str().is_some_and(storage::nbd::is_nbd_uri) => args.format.resolve(p)?,
+        Some(p) if !p.to_str().is_some_and(is_network_target) => args.format.resolve(p)?,
         _ => ImageFormatArg::Raw,
     };
     if format == ImageFormatArg::Qcow2 && args.baseline {
@@ -666,9 +680,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         if image
             .as_deref()
             .and_then(|p| p.to_str())
-            .is_some_and(storage::nbd::is_nbd_uri)
+            .is_some_and(is_network_target)
         {
-            bail!("--baseline runs io_uring on a file; for NBD the baseline is fio --ioengine=nbd (scripts/bench-nbd)");
+            bail!("--baseline runs io_uring on a file; for NBD the baseline is fio --ioengine=nbd (scripts/bench-nbd), for RBD fio --ioengine=rbd (scripts/bench-rbd)");
         }
         let path = image
             .as_ref()

@@ -191,7 +191,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     // Open the storage as the daemon will, so that a missing or unusable image is
     // reported with its path and the OS error, not as a guest that failed to connect.
-    let is_uri = image.to_str().is_some_and(|s| s.contains("://"));
+    let is_uri = image
+        .to_str()
+        .is_some_and(|s| s.contains("://") || storage::rbd::is_rbd_target(s));
     let image_abs = if is_uri {
         image.clone()
     } else {

@@ -112,14 +112,16 @@ pub fn open_target(
 ) -> Result<Arc<dyn Storage>, VbdError> {
     let path = &target.path;
     let context = || format!("opening {}", path.display());
-    if target.format == DiskFormat::Nbd {
-        return open_nbd(target, nbd);
+    match target.format {
+        DiskFormat::Nbd => return open_nbd(target, nbd),
+        DiskFormat::Rbd => return open_rbd(target, options.read_only),
+        DiskFormat::Raw | DiskFormat::Qcow2 => {}
     }
     if let Some(expected) = physical_device {
         check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
     }
     let opened: Result<Arc<dyn Storage>, _> = match target.format {
-        DiskFormat::Raw | DiskFormat::Nbd => storage::open(path, options),
+        DiskFormat::Raw | DiskFormat::Nbd | DiskFormat::Rbd => storage::open(path, options),
         DiskFormat::Qcow2 => {
             storage::Qcow2Storage::open(path, options).map(|s| Arc::new(s) as Arc<dyn Storage>)
         }
@@ -160,6 +162,23 @@ fn open_nbd(target: &DiskTarget, nbd: storage::NbdConfig) -> Result<Arc<dyn Stor
         };
         VbdError::new(format!("opening {uri}"), e, errno)
     })?;
+    Ok(Arc::new(storage))
+}
+
+/// Opens the Ceph RBD image a target names. The timeouts are librbd's, bounded by
+/// xenblkd's defaults unless ceph.conf or the target's options set them.
+fn open_rbd(target: &DiskTarget, read_only: bool) -> Result<Arc<dyn Storage>, VbdError> {
+    let text = target.path.to_string_lossy();
+    // Named without its options, which may carry monitors, users or keys.
+    let shown = storage::rbd::RbdTarget::parse(&text)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "an rbd: target".to_string());
+    let config = storage::RbdConfig {
+        read_only,
+        ..storage::RbdConfig::default()
+    };
+    let storage = storage::RbdStorage::open(&text, config)
+        .map_err(|e| VbdError::new(format!("opening {shown}"), e.to_string(), e.errno()))?;
     Ok(Arc::new(storage))
 }
 

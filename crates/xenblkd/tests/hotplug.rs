@@ -9,62 +9,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{disk, Host, XENBLKD};
+use common::{disk, hotplug_script as script, run_hotplug as run_script, Host};
 use xenbus::store::{join, Store};
 use xenbus::toolstack::Removal;
 use xenbus::XenbusState;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/xenblkd-hotplug")
-}
-
-/// A directory with xenstore-read/-write/-rm shims.
-fn shims(dir: &Path) -> PathBuf {
-    let bin = dir.join("shim-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for (tool, op) in [
-        ("xenstore-read", "read"),
-        ("xenstore-write", "write"),
-        ("xenstore-rm", "rm"),
-    ] {
-        let p = bin.join(tool);
-        std::fs::write(
-            &p,
-            format!("#!/bin/sh\nexec '{XENBLKD}' xenstore {op} \"$@\"\n"),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    bin
-}
-
-/// Runs the hotplug script as libxl does; returns (success, stderr).
-fn run_script(host: &Host, action: &str, xenbus_path: &str) -> (bool, String) {
-    let path = format!(
-        "{}:{}",
-        shims(host.dir.path()).display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new("bash")
-        .arg(script())
-        .arg(action)
-        .env("XENBUS_PATH", xenbus_path)
-        .env("XENBUS_TYPE", "vbd")
-        .env("XENBUS_BASE_PATH", "backend")
-        .env("XENSTORED_PATH", host.xs_socket(0))
-        .env("XENBLKD", XENBLKD)
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A loop device over a file, detached on drop.
 struct Loop(String);

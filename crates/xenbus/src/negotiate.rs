@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use crate::config::{DeviceSettings, MAX_RING_PAGE_ORDER};
 use crate::error::{sanitize, DeviceError, NegotiationError, StoreError};
 use crate::parse::{
-    is_nbd_uri, parse_flag, parse_major_minor, parse_params, parse_u32, DiskFormat, DiskTarget,
+    is_nbd_uri, is_network_target, is_rbd_target, parse_flag, parse_major_minor, parse_params,
+    parse_u32, DiskFormat, DiskTarget,
 };
 use crate::state::XenbusState;
 use crate::store::{join, StoreExt, StoreOps};
@@ -84,12 +85,20 @@ impl BackendNodes {
         let format = from_params
             .as_ref()
             .map_or(crate::parse::DiskFormat::Raw, |t| t.format);
-        if let Some(t) = from_params.as_ref().filter(|t| t.format == DiskFormat::Nbd) {
-            // Only a URI names an export: the hotplug script's, when it wrote one (it may
-            // have resolved the host), else params'. A device number means nothing here.
+        if let Some(t) = from_params
+            .as_ref()
+            .filter(|t| matches!(t.format, DiskFormat::Nbd | DiskFormat::Rbd))
+        {
+            // Only a URI names an export, and only an rbd: target an image: the hotplug
+            // script's, when it wrote one of the same kind (it may have resolved the
+            // host), else params'. A path or device number means nothing here.
             use std::os::unix::ffi::OsStrExt;
+            let same_kind = |p: &[u8]| match format {
+                DiskFormat::Nbd => is_nbd_uri(p),
+                _ => is_rbd_target(p),
+            };
             let path = match &self.physical_device_path {
-                Some(p) if is_nbd_uri(p.as_os_str().as_bytes()) => p.clone(),
+                Some(p) if same_kind(p.as_os_str().as_bytes()) => p.clone(),
                 _ => t.path.clone(),
             };
             return Ok(DiskTarget { format, path });
@@ -184,8 +193,8 @@ pub fn read_backend(
         None => None,
         Some(v) => {
             let v = v.strip_suffix(&[0]).unwrap_or(&v).to_vec();
-            // An absolute path, or the URI of an NBD export the script passed on.
-            if !(v.starts_with(b"/") || is_nbd_uri(&v)) || v.contains(&0) {
+            // An absolute path, or the NBD URI or rbd: target the script passed on.
+            if !(v.starts_with(b"/") || is_network_target(&v)) || v.contains(&0) {
                 return Err(invalid(join(backend, "physical-device-path"), &v).into());
             }
             Some(PathBuf::from(OsStr::from_bytes(&v)))
@@ -777,6 +786,38 @@ mod tests {
             (t.format, t.path.to_str().unwrap()),
             (DiskFormat::Nbd, "nbd://store.example:10810/vm5")
         );
+    }
+
+    #[test]
+    fn rbd_targets_come_from_params_or_the_script() {
+        let s = backend_store();
+        s.write(&join(BE, "params"), b"aio:rbd:rbd/vm5:id=xen")
+            .unwrap();
+        let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+        assert_eq!(
+            (t.format, t.path.to_str().unwrap()),
+            (DiskFormat::Rbd, "rbd:rbd/vm5:id=xen")
+        );
+        s.write(
+            &join(BE, "physical-device-path"),
+            b"rbd:rbd/vm5:id=xen:conf=/etc/ceph/ceph.conf",
+        )
+        .unwrap();
+        let n = read_backend(&s, BE).unwrap().unwrap();
+        assert!(n.hotplug_done());
+        assert_eq!(
+            n.target(BE).unwrap().path.to_str().unwrap(),
+            "rbd:rbd/vm5:id=xen:conf=/etc/ceph/ceph.conf"
+        );
+        // Neither a path nor an NBD URI replaces an image.
+        for other in [&b"/dev/rbd0"[..], b"nbd://h/e"] {
+            s.write(&join(BE, "physical-device-path"), other).unwrap();
+            let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+            assert_eq!(
+                (t.format, t.path.to_str().unwrap()),
+                (DiskFormat::Rbd, "rbd:rbd/vm5:id=xen")
+            );
+        }
     }
 
     #[test]

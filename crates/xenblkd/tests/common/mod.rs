@@ -9,6 +9,7 @@
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -504,4 +505,53 @@ pub fn qcow2_consistent(image: &Path, reference: &Path) {
     ] {
         qemu_img(&args);
     }
+}
+
+/// The repository's disk hotplug script.
+pub fn hotplug_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/xenblkd-hotplug")
+}
+
+/// A directory with xenstore-read/-write/-rm shims.
+fn shims(dir: &Path) -> PathBuf {
+    let bin = dir.join("shim-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (tool, op) in [
+        ("xenstore-read", "read"),
+        ("xenstore-write", "write"),
+        ("xenstore-rm", "rm"),
+    ] {
+        let p = bin.join(tool);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\nexec '{XENBLKD}' xenstore {op} \"$@\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// Runs the hotplug script as libxl does; returns (success, stderr).
+pub fn run_hotplug(host: &Host, action: &str, xenbus_path: &str) -> (bool, String) {
+    let path = format!(
+        "{}:{}",
+        shims(host.dir.path()).display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(hotplug_script())
+        .arg(action)
+        .env("XENBUS_PATH", xenbus_path)
+        .env("XENBUS_TYPE", "vbd")
+        .env("XENBUS_BASE_PATH", "backend")
+        .env("XENSTORED_PATH", host.xs_socket(0))
+        .env("XENBLKD", XENBLKD)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
