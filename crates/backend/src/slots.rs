@@ -71,6 +71,7 @@ impl<T> SlotPool<T> {
     }
 
     /// Indices of the slots in use.
+    #[cfg(test)]
     pub(crate) fn busy_indices(&self) -> impl Iterator<Item = u32> + '_ {
         self.busy
             .iter()
