@@ -155,7 +155,8 @@ pub(crate) struct RingConfig {
 
 impl RingRunner {
     pub(crate) fn new(parts: RingParts, cfg: RingConfig) -> io::Result<Self> {
-        let size = parts.ring.size() as usize;
+        let ring_size = parts.ring.size();
+        let size = ring_size as usize;
         let max_segs = (cfg.vbd.max_indirect_segments as usize)
             .max(blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST);
         let stats = cfg.vbd.ring_stats[parts.index].clone();
@@ -183,7 +184,7 @@ impl RingRunner {
             .then(|| cfg.resize_poll.map(|p| Instant::now() + p))
             .flatten();
         Ok(Self {
-            io: InFlight::new(parts.queue, size, who),
+            io: InFlight::new(parts.queue, ring_size, who),
             pages,
             ring: parts.ring,
             evtchn: parts.evtchn,

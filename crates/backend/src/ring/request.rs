@@ -201,7 +201,7 @@ impl std::fmt::Debug for InFlight {
 }
 
 impl InFlight {
-    pub(super) fn new(queue: Box<dyn StorageQueue>, size: usize, who: Who) -> Self {
+    pub(super) fn new(queue: Box<dyn StorageQueue>, size: u32, who: Who) -> Self {
         Self {
             queue: ManuallyDrop::new(queue),
             slots: SlotPool::new(size, Slot::new),
