@@ -21,11 +21,13 @@ use blkif::{BackRing, RingError};
 use platform::{Access, MapError, Platform, PlatformError};
 use storage::StorageError;
 
-use crate::grant_budget::{ring_map_reserve, BudgetSize, MapBudget, MapLimits};
+use crate::grant_budget::{ring_map_reserve, BudgetSize, GuestBudget, MapBudget, MapLimits};
 use crate::reactor::{Command, ReactorHandle, RingClosed, VbdId};
 use crate::ring::{RingConfig, RingParts, RingRunner};
 use crate::stats::VbdStats;
-use crate::vbd::{Features, ResolvedGrantMode, VbdShared, VbdSpec, MAX_INDIRECT_SEGMENTS};
+use crate::vbd::{
+    Features, ResolvedGrantMode, RingSpec, VbdShared, VbdSpec, MAX_INDIRECT_SEGMENTS,
+};
 
 /// Engine-wide settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,6 +130,23 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("reactor_loads", &self.reactor_loads())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every ring of a VBD being attached is built from.
+struct RingSetup<'a> {
+    spec: &'a VbdSpec,
+    platform: &'a Arc<dyn Platform>,
+    shared: &'a Arc<VbdShared>,
+    mode: ResolvedGrantMode,
+    guest: &'a GuestBudget,
+}
+
 impl Engine {
     /// Starts the reactor threads, with a grant-mapping budget sized from this process's
     /// `vm.max_map_count`.
@@ -224,79 +243,14 @@ impl Engine {
 
         let mut runners = Vec::with_capacity(spec.rings.len());
         for (index, rs) in spec.rings.iter().enumerate() {
-            let count = rs.ring_refs.len();
-            if !(1..=crate::vbd::MAX_RING_PAGES).contains(&count) || !count.is_power_of_two() {
-                return Err(AttachError::BadRingPages { ring: index, count });
-            }
-            let mapping = platform
-                .map(spec.domid, &rs.ring_refs, Access::ReadWrite)
-                .map_err(|source| AttachError::MapRing {
-                    ring: index,
-                    source,
-                })?;
-            let ring_vmas = mapping.vmas();
-            let mem = mapping
-                .into_shared()
-                .map_err(|_| AttachError::RingNotWritable { ring: index })?;
-            let ring = BackRing::new(mem, spec.protocol).map_err(|source| AttachError::Ring {
-                ring: index,
-                source,
-            })?;
-            let evtchn = platform
-                .bind_interdomain(spec.domid, rs.event_channel)
-                .map_err(|source| AttachError::EventChannel {
-                    ring: index,
-                    port: rs.event_channel,
-                    source,
-                })?;
-            let depth = RingRunner::queue_depth(ring.size(), shared.max_indirect_segments);
-            let map_reserve = self.inner.reserve_ring_maps.then(|| {
-                let reservation = self
-                    .inner
-                    .budget
-                    .reserve(ring_map_reserve(ring_vmas, count));
-                if self.inner.budget.over_committed() {
-                    tracing::warn!(
-                        ring = index,
-                        usage = ?self.inner.budget.usage(),
-                        "the rings attached reserve more mappings than vm.max_map_count \
-                         leaves: persistent grants are being shed to make room"
-                    );
-                }
-                reservation
-            });
-            let queue =
-                spec.storage
-                    .open_queue(depth)
-                    .map_err(|source| AttachError::StorageQueue {
-                        ring: index,
-                        source,
-                    })?;
-            let runner = RingRunner::new(
-                RingParts {
-                    index,
-                    ring,
-                    evtchn,
-                    queue,
-                },
-                RingConfig {
-                    vbd: shared.clone(),
-                    platform: platform.clone(),
-                    domid: spec.domid,
-                    persistent: spec.persistent,
-                    persistent_limits: spec.limits.persistent,
-                    mode,
-                    max_buffer_pages: spec.limits.max_buffer_pages,
-                    resize_poll: spec.limits.resize_poll,
-                    poll: spec.limits.poll,
-                    budget: guest.clone(),
-                    map_reserve,
-                },
-            )
-            .map_err(|source| AttachError::Io {
-                ring: index,
-                source,
-            })?;
+            let ring = RingSetup {
+                spec: &spec,
+                platform: &platform,
+                shared: &shared,
+                mode,
+                guest: &guest,
+            };
+            let runner = self.build_ring(&ring, index, rs)?;
             runners.push(runner);
         }
 
@@ -332,6 +286,96 @@ impl Engine {
         })
     }
 
+    /// Maps ring `index` of a VBD being attached, binds its event channel and opens its
+    /// storage queue.
+    fn build_ring(
+        &self,
+        setup: &RingSetup<'_>,
+        index: usize,
+        rs: &RingSpec,
+    ) -> Result<RingRunner, AttachError> {
+        let RingSetup {
+            spec,
+            platform,
+            shared,
+            mode,
+            guest,
+        } = *setup;
+        let count = rs.ring_refs.len();
+        if !(1..=crate::vbd::MAX_RING_PAGES).contains(&count) || !count.is_power_of_two() {
+            return Err(AttachError::BadRingPages { ring: index, count });
+        }
+        let mapping = platform
+            .map(spec.domid, &rs.ring_refs, Access::ReadWrite)
+            .map_err(|source| AttachError::MapRing {
+                ring: index,
+                source,
+            })?;
+        let ring_vmas = mapping.vmas();
+        let mem = mapping
+            .into_shared()
+            .map_err(|_| AttachError::RingNotWritable { ring: index })?;
+        let ring = BackRing::new(mem, spec.protocol).map_err(|source| AttachError::Ring {
+            ring: index,
+            source,
+        })?;
+        let evtchn = platform
+            .bind_interdomain(spec.domid, rs.event_channel)
+            .map_err(|source| AttachError::EventChannel {
+                ring: index,
+                port: rs.event_channel,
+                source,
+            })?;
+        let depth = RingRunner::queue_depth(ring.size(), shared.max_indirect_segments);
+        let map_reserve = self.inner.reserve_ring_maps.then(|| {
+            let reservation = self
+                .inner
+                .budget
+                .reserve(ring_map_reserve(ring_vmas, count));
+            if self.inner.budget.over_committed() {
+                tracing::warn!(
+                    ring = index,
+                    usage = ?self.inner.budget.usage(),
+                    "the rings attached reserve more mappings than vm.max_map_count \
+                     leaves: persistent grants are being shed to make room"
+                );
+            }
+            reservation
+        });
+        let queue = spec
+            .storage
+            .open_queue(depth)
+            .map_err(|source| AttachError::StorageQueue {
+                ring: index,
+                source,
+            })?;
+        RingRunner::new(
+            RingParts {
+                index,
+                ring,
+                evtchn,
+                queue,
+            },
+            RingConfig {
+                vbd: shared.clone(),
+                platform: platform.clone(),
+                domid: spec.domid,
+                persistent: spec.persistent,
+                persistent_limits: spec.limits.persistent,
+                mode,
+                max_buffer_pages: spec.limits.max_buffer_pages,
+                resize_poll: spec.limits.resize_poll,
+                poll: spec.limits.poll,
+                budget: guest.clone(),
+                map_reserve,
+            },
+        )
+        .map_err(|source| AttachError::Io {
+            ring: index,
+            source,
+        })
+    }
+
     /// Drains and drops every ring, then stops the reactor threads.
     pub fn shutdown(self) {
         drop(self);
@@ -356,6 +400,17 @@ pub struct VbdHandle {
     placement: BTreeMap<usize, usize>,
     mode: ResolvedGrantMode,
     detached: bool,
+}
+
+impl std::fmt::Debug for VbdHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VbdHandle")
+            .field("id", &self.shared.id)
+            .field("mode", &self.mode)
+            .field("placement", &self.placement)
+            .field("detached", &self.detached)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VbdHandle {

@@ -5,8 +5,11 @@
 //! Modules and what each owns:
 //! - [`engine`]: the public API ([`Engine`], [`VbdHandle`]) and attach/detach;
 //! - `reactor`: the threads, their epoll loop, timer and control channel;
-//! - `ring`: one ring's request pipeline (consume, validate, map/copy, submit,
-//!   complete, respond, notify), barrier drain and halting;
+//! - `ring`: one ring's request pipeline, split along a request's life: the pass loop
+//!   (consume, publish, notify, halting) in `ring`, then `ring::indirect` (descriptor
+//!   pages), `ring::acquire` (map, copy, bounce within the grant budget), `ring::pages`
+//!   (what a request holds of its pages until completion), `ring::request` (slot,
+//!   phases, storage operations) and `ring::lifecycle` (those steps in order);
 //! - [`vbd`]: what a VBD is (spec, modes, limits, features) and the state its rings share;
 //! - [`persistent_grants`]: blkback's persistent-grant cache and purge;
 //! - [`grant_budget`]: the daemon-wide bound on grant mappings (VMAs: the process has
@@ -17,6 +20,9 @@
 //! - [`stats`]: run-time counters;
 //! - `sys`: epoll/timerfd/eventfd wrappers;
 //! - [`testing`]: fd-leak checks for tests of this crate and the layers around it.
+
+#![warn(missing_debug_implementations)]
+#![warn(clippy::cast_possible_truncation)]
 
 pub mod bounce;
 pub mod engine;

@@ -31,13 +31,16 @@
 //! one guest's refusals never make another guest's caches shrink.
 //!
 //! Time is passed in by the caller, so tests pin the timeout behaviour with a
-//! controllable clock. The cache owns the mappings: dropping one unmaps it, then gives its
-//! share back.
+//! controllable clock. The cache owns the mappings, and a request that takes one holds a
+//! [`Lease`] on it: the mapping lives while either holds it (dropping the last unmaps it,
+//! then gives its share back), and the grant is back in the cache when the lease is gone.
+//! A request's pages stay mapped while the request owns its leases, whatever happens to
+//! the cache.
 //!
 //! [`purge`]: PersistentGrantCache::purge
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,10 +94,15 @@ pub struct Rejected<M> {
 
 /// A persistently mapped grant and its share of the budget. Dropping it unmaps the grant
 /// first, then gives the share back, so the budget never counts fewer mappings than exist.
+/// The cache holds one reference to it, and a [`Lease`] one more while a request uses it:
+/// the grant stays mapped while either holds it, so a purge or a cache torn down under a
+/// request in flight cannot unmap the request's page.
 #[derive(Debug)]
 pub struct KeptGrant<M> {
     mapping: M,
     _share: MapShare,
+    /// The cache's count of leases out.
+    leased: Arc<AtomicUsize>,
 }
 
 impl<M> KeptGrant<M> {
@@ -103,16 +111,48 @@ impl<M> KeptGrant<M> {
     }
 }
 
+/// A cached grant taken by one request ([`PersistentGrantCache::get`] or
+/// [`add`](PersistentGrantCache::add)). While it exists the entry is in use: no other
+/// request takes it and no purge removes it, and the mapping stays valid even if the
+/// cache is dropped. Dropping the lease returns the grant to the cache with its last use
+/// unchanged (blkback's "not used after all"); [`PersistentGrantCache::put`] returns it
+/// with a new last use (the request completed).
+#[derive(Debug)]
+#[must_use = "dropping a lease returns the grant at once"]
+pub struct Lease<M> {
+    kept: Arc<KeptGrant<M>>,
+    gref: u32,
+}
+
+impl<M> Lease<M> {
+    pub fn mapping(&self) -> &M {
+        &self.kept.mapping
+    }
+}
+
+impl<M> Drop for Lease<M> {
+    fn drop(&mut self) {
+        self.kept.leased.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Entry<M> {
-    kept: KeptGrant<M>,
-    active: bool,
+    kept: Arc<KeptGrant<M>>,
     last_used: Instant,
+}
+
+impl<M> Entry<M> {
+    /// Taken by a request: a lease holds the other reference.
+    fn active(&self) -> bool {
+        Arc::strong_count(&self.kept) > 1
+    }
 }
 
 /// One ring's persistent grants, keyed by grant reference.
 pub struct PersistentGrantCache<M> {
     entries: BTreeMap<u32, Entry<M>>,
-    in_use: usize,
+    /// Leases out (shared with every entry, so a lease dropped anywhere is counted).
+    leased: Arc<AtomicUsize>,
     limits: PersistentGrantLimits,
     /// blkback keeps `overflow_max_grants` per VBD, shared by all of its rings.
     overflow: Arc<AtomicBool>,
@@ -121,6 +161,16 @@ pub struct PersistentGrantCache<M> {
     refusals_seen: u64,
     /// Grants this cache wanted to keep and the budget refused.
     budget_refusals: u64,
+}
+
+impl<M> std::fmt::Debug for PersistentGrantCache<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistentGrantCache")
+            .field("len", &self.entries.len())
+            .field("in_use", &self.in_use())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<M> PersistentGrantCache<M> {
@@ -133,7 +183,7 @@ impl<M> PersistentGrantCache<M> {
     ) -> Self {
         Self {
             entries: BTreeMap::new(),
-            in_use: 0,
+            leased: Arc::new(AtomicUsize::new(0)),
             limits,
             overflow,
             refusals_seen: budget.refusals(),
@@ -156,9 +206,9 @@ impl<M> PersistentGrantCache<M> {
         self.entries.contains_key(&gref)
     }
 
-    /// Number of grants currently used by in-flight requests.
+    /// Number of grants currently leased to in-flight requests.
     pub fn in_use(&self) -> usize {
-        self.in_use
+        self.leased.load(Ordering::Relaxed)
     }
 
     pub fn limits(&self) -> PersistentGrantLimits {
@@ -198,34 +248,40 @@ impl<M> PersistentGrantCache<M> {
         self.budget_refusals
     }
 
-    /// Takes a cached grant for a request: marks it active and returns its mapping.
-    /// `None` if the grant is not cached, or is already active (blkback refuses a grant
-    /// "already in use" and the request maps it afresh).
-    pub fn get(&mut self, gref: u32) -> Option<&M> {
-        let entry = self.entries.get_mut(&gref)?;
-        if entry.active {
+    fn lease(&self, gref: u32, kept: &Arc<KeptGrant<M>>) -> Lease<M> {
+        self.leased.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            kept: kept.clone(),
+            gref,
+        }
+    }
+
+    /// Takes a cached grant for a request. `None` if the grant is not cached, or is
+    /// already leased (blkback refuses a grant "already in use" and the request maps it
+    /// afresh).
+    pub fn get(&mut self, gref: u32) -> Option<Lease<M>> {
+        let entry = self.entries.get(&gref)?;
+        if entry.active() {
             tracing::debug!(gref, "persistent grant requested while already in use");
             return None;
         }
-        entry.active = true;
-        self.in_use += 1;
-        Some(&entry.kept.mapping)
+        Some(self.lease(gref, &entry.kept))
     }
 
-    /// The mapping of a cached grant, active or not, without taking it. For reading an
+    /// The mapping of a cached grant, leased or not, without taking it. For reading an
     /// indirect descriptor page whose grant another in-flight request holds as a data page:
-    /// the entry cannot go while it is active, and the caller is done with the mapping
-    /// before it touches the cache again (the borrow says so).
+    /// the caller is done with the mapping before it touches the cache again (the borrow
+    /// says so).
     pub fn peek(&self, gref: u32) -> Option<&M> {
         self.entries.get(&gref).map(|e| &e.kept.mapping)
     }
 
-    /// Whether `gref` is cached and taken by a request.
+    /// Whether `gref` is cached and leased to a request.
     pub fn is_active(&self, gref: u32) -> bool {
-        self.entries.get(&gref).is_some_and(|e| e.active)
+        self.entries.get(&gref).is_some_and(Entry::active)
     }
 
-    /// Adds a freshly mapped grant with its share of the budget, active for the request
+    /// Adds a freshly mapped grant with its share of the budget, leased to the request
     /// that mapped it.
     pub fn add(
         &mut self,
@@ -233,7 +289,7 @@ impl<M> PersistentGrantCache<M> {
         mapping: M,
         mut share: MapShare,
         now: Instant,
-    ) -> Result<&M, Rejected<M>> {
+    ) -> Result<Lease<M>, Rejected<M>> {
         let reason = if self.entries.len() >= self.limits.max_grants {
             self.overflow.store(true, Ordering::Relaxed);
             AddRejected::Full
@@ -241,16 +297,20 @@ impl<M> PersistentGrantCache<M> {
             AddRejected::Duplicate
         } else {
             share.keep_as_grant();
-            self.in_use += 1;
-            let entry = self.entries.entry(gref).or_insert(Entry {
-                kept: KeptGrant {
-                    mapping,
-                    _share: share,
-                },
-                active: true,
-                last_used: now,
+            let kept = Arc::new(KeptGrant {
+                mapping,
+                _share: share,
+                leased: self.leased.clone(),
             });
-            return Ok(&entry.kept.mapping);
+            let lease = self.lease(gref, &kept);
+            self.entries.insert(
+                gref,
+                Entry {
+                    kept,
+                    last_used: now,
+                },
+            );
+            return Ok(lease);
         };
         Err(Rejected {
             reason,
@@ -259,27 +319,12 @@ impl<M> PersistentGrantCache<M> {
         })
     }
 
-    /// Undoes a [`get`](Self::get) whose request did not use the grant after all: it is
-    /// free again and keeps its last-use time.
-    pub fn unget(&mut self, gref: u32) {
-        match self.entries.get_mut(&gref) {
-            Some(entry) if entry.active => {
-                entry.active = false;
-                self.in_use -= 1;
-            }
-            _ => tracing::warn!(gref, "ungetting a persistent grant that is not in use"),
-        }
-    }
-
-    /// Returns a grant when its request completes.
-    pub fn put(&mut self, gref: u32, now: Instant) {
-        match self.entries.get_mut(&gref) {
-            Some(entry) if entry.active => {
-                entry.active = false;
-                entry.last_used = now;
-                self.in_use -= 1;
-            }
-            _ => tracing::warn!(gref, "returning a persistent grant that is not in use"),
+    /// Returns a grant when its request completes: last used `now`.
+    pub fn put(&mut self, lease: Lease<M>, now: Instant) {
+        match self.entries.get_mut(&lease.gref) {
+            Some(entry) if Arc::ptr_eq(&entry.kept, &lease.kept) => entry.last_used = now,
+            // Purged while leased: it goes when the lease does.
+            _ => {}
         }
     }
 
@@ -295,7 +340,7 @@ impl<M> PersistentGrantCache<M> {
 
     /// blkback's `purge_persistent_gnt`, plus the budget's rule (module docs). Returns the
     /// grants removed; dropping them unmaps and gives their shares back.
-    pub fn purge(&mut self, now: Instant) -> Vec<KeptGrant<M>> {
+    pub fn purge(&mut self, now: Instant) -> Vec<Arc<KeptGrant<M>>> {
         let count = self.entries.len();
         let max = self.limits.max_grants;
         let mut num_clean = if count < max || (count == max && !self.overflowed()) {
@@ -325,7 +370,7 @@ impl<M> PersistentGrantCache<M> {
         let mut doomed: Vec<u32> = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.active && expired(e))
+            .filter(|(_, e)| !e.active() && expired(e))
             .map(|(&gref, _)| gref)
             .collect();
         if doomed.len() < num_clean {
@@ -333,14 +378,14 @@ impl<M> PersistentGrantCache<M> {
             let extra: Vec<u32> = self
                 .entries
                 .iter()
-                .filter(|(_, e)| !e.active && !expired(e))
+                .filter(|(_, e)| !e.active() && !expired(e))
                 .map(|(&gref, _)| gref)
                 .take(missing)
                 .collect();
             doomed.extend(extra);
         }
 
-        let removed: Vec<KeptGrant<M>> = doomed
+        let removed: Vec<Arc<KeptGrant<M>>> = doomed
             .into_iter()
             .filter_map(|gref| self.entries.remove(&gref).map(|e| e.kept))
             .collect();
@@ -356,17 +401,13 @@ impl<M> PersistentGrantCache<M> {
         removed
     }
 
-    /// Removes every grant (ring teardown). Active grants are a caller bug at teardown
-    /// time: in-flight requests must have completed first. Dropping the cache does the
-    /// same without the check.
-    pub fn drain(&mut self) -> Vec<KeptGrant<M>> {
-        if self.in_use != 0 {
-            tracing::warn!(
-                in_use = self.in_use,
-                "draining persistent grants still in use"
-            );
+    /// Removes every grant (ring teardown). A grant still leased stays mapped until its
+    /// lease is dropped.
+    pub fn drain(&mut self) -> Vec<Arc<KeptGrant<M>>> {
+        let leased = self.in_use();
+        if leased != 0 {
+            tracing::debug!(leased, "draining persistent grants still leased");
         }
-        self.in_use = 0;
         std::mem::take(&mut self.entries)
             .into_values()
             .map(|e| e.kept)
@@ -402,28 +443,30 @@ mod tests {
         gref: u32,
         m: u32,
         t: Instant,
-    ) -> Result<u32, (AddRejected, u32)> {
+    ) -> Result<Lease<u32>, (AddRejected, u32)> {
         let s = share(c);
-        c.add(gref, m, s, t)
-            .copied()
-            .map_err(|r| (r.reason, r.mapping))
+        c.add(gref, m, s, t).map_err(|r| (r.reason, r.mapping))
     }
 
     /// The mappings of removed grants (dropping them gives their shares back).
-    fn maps(removed: Vec<KeptGrant<u32>>) -> Vec<u32> {
+    fn maps(removed: Vec<Arc<KeptGrant<u32>>>) -> Vec<u32> {
         maps_of(&removed)
     }
 
-    fn maps_of(removed: &[KeptGrant<u32>]) -> Vec<u32> {
+    fn maps_of(removed: &[Arc<KeptGrant<u32>>]) -> Vec<u32> {
         removed.iter().map(|k| *k.mapping()).collect()
     }
 
     /// Fills the cache with grefs 0..n, all returned (inactive) at `t`.
     fn fill(c: &mut PersistentGrantCache<u32>, n: u32, t: Instant) {
         for g in 0..n {
-            add(c, g, g, t).unwrap();
-            c.put(g, t);
+            let lease = add(c, g, g, t).unwrap();
+            c.put(lease, t);
         }
+    }
+
+    fn got(c: &mut PersistentGrantCache<u32>, gref: u32) -> Option<u32> {
+        c.get(gref).map(|l| *l.mapping())
     }
 
     #[test]
@@ -431,12 +474,14 @@ mod tests {
         let t = Instant::now();
         let mut c = cache(10, 60);
         assert!(c.get(7).is_none());
-        assert_eq!(add(&mut c, 7, 70, t).unwrap(), 70);
+        let lease = add(&mut c, 7, 70, t).unwrap();
+        assert_eq!(*lease.mapping(), 70);
         assert_eq!(c.in_use(), 1);
         assert!(c.get(7).is_none(), "already active");
-        c.put(7, t);
+        c.put(lease, t);
         assert_eq!(c.in_use(), 0);
-        assert_eq!(c.get(7), Some(&70));
+        let lease = c.get(7).unwrap();
+        assert_eq!(*lease.mapping(), 70);
         assert_eq!(c.in_use(), 1);
     }
 
@@ -446,13 +491,13 @@ mod tests {
         let mut c = cache(4, 1);
         assert_eq!(c.peek(5), None);
         assert!(!c.is_active(5));
-        add(&mut c, 5, 50, t).unwrap();
+        let lease = add(&mut c, 5, 50, t).unwrap();
         assert!(c.is_active(5));
         // Taken by one request, read by another (an indirect page that is also a data
         // page in flight): neither takes it twice nor frees it.
         assert_eq!(c.peek(5), Some(&50));
         assert_eq!(c.in_use(), 1);
-        c.put(5, t);
+        c.put(lease, t);
         assert!(!c.is_active(5));
         assert_eq!(c.peek(5), Some(&50));
         assert_eq!(c.in_use(), 0);
@@ -461,16 +506,43 @@ mod tests {
     }
 
     #[test]
-    fn unget_frees_a_grant_and_keeps_its_last_use() {
+    fn a_dropped_lease_frees_its_grant_and_keeps_its_last_use() {
         let t = Instant::now();
         let mut c = cache(4, 1);
-        add(&mut c, 5, 50, t).unwrap();
-        c.put(5, t);
-        assert_eq!(c.get(5), Some(&50));
-        c.unget(5);
+        fill(&mut c, 1, t);
+        let lease = c.get(0).unwrap();
+        assert!(c.is_active(0));
+        drop(lease);
+        assert_eq!(c.in_use(), 0);
+        assert!(!c.is_active(0));
+        assert_eq!(got(&mut c, 0), Some(0), "back in the cache, free to take");
+        // Mapped 50 at gref 5 for the purge check below.
+        let lease = add(&mut c, 5, 50, t).unwrap();
+        c.put(lease, t);
+        drop(c.get(5).unwrap());
         assert_eq!(c.in_use(), 0);
         // Still last used at `t`: expired a second later, as if never taken again.
-        assert_eq!(maps(c.purge(t + Duration::from_secs(1))), vec![50]);
+        assert_eq!(maps(c.purge(t + Duration::from_secs(1))), vec![0, 50]);
+    }
+
+    #[test]
+    fn a_leased_grant_outlives_a_purge_and_the_cache() {
+        let t = Instant::now();
+        let budget = MapBudget::new(MapCost::grants(4));
+        let (mut c, _) = budget_cache(4, &budget.guest(1));
+        fill(&mut c, 2, t);
+        let lease = c.get(1).unwrap();
+        // Everything inactive expires; the leased grant stays.
+        assert_eq!(maps(c.purge(t + Duration::from_secs(3600))), vec![0]);
+        assert_eq!(c.len(), 1);
+        // Teardown drops the cache under a request in flight: the lease keeps the
+        // mapping and its share until the request lets go.
+        drop(c);
+        assert_eq!(*lease.mapping(), 1);
+        assert_eq!(budget.usage().grants, 1);
+        drop(lease);
+        assert_eq!(budget.usage().grants, 0);
+        assert_eq!(budget.usage().held, MapCost::ZERO);
     }
 
     #[test]
@@ -488,7 +560,7 @@ mod tests {
     fn duplicate_add_is_rejected() {
         let t = Instant::now();
         let mut c = cache(4, 60);
-        add(&mut c, 3, 30, t).unwrap();
+        let _lease = add(&mut c, 3, 30, t).unwrap();
         assert_eq!(
             add(&mut c, 3, 31, t).unwrap_err(),
             (AddRejected::Duplicate, 31)
@@ -552,8 +624,8 @@ mod tests {
         // 30 of them used again recently.
         let t1 = t0 + Duration::from_secs(50);
         for g in 0..30 {
-            c.get(g).unwrap();
-            c.put(g, t1);
+            let lease = c.get(g).unwrap();
+            c.put(lease, t1);
         }
         c.note_overflow();
         let removed = c.purge(t0 + Duration::from_secs(61));
@@ -567,15 +639,13 @@ mod tests {
         let t0 = Instant::now();
         let mut c = cache(100, 60);
         fill(&mut c, 100, t0);
-        for g in 0..100 {
-            c.get(g).unwrap();
-        }
+        let mut leases: Vec<_> = (0..100).map(|g| c.get(g).unwrap()).collect();
         c.note_overflow();
         assert!(c.purge(t0 + Duration::from_secs(3600)).is_empty());
         assert_eq!(c.in_use(), 100);
         // Half come back: the target (5) is met from the inactive ones, timed-out first.
-        for g in 50..100 {
-            c.put(g, t0 + Duration::from_secs(3600));
+        for lease in leases.drain(50..) {
+            c.put(lease, t0 + Duration::from_secs(3600));
         }
         let removed = maps(c.purge(t0 + Duration::from_secs(3601)));
         assert_eq!(removed, (50..55).collect::<Vec<_>>());
@@ -647,7 +717,7 @@ mod tests {
     fn keep(c: &mut PersistentGrantCache<u32>, gref: u32, t: Instant) -> Option<u32> {
         let mut shares = c.reserve(1)?;
         let one = shares.split_grant().unwrap();
-        c.add(gref, gref * 10, one, t).ok().copied()
+        c.add(gref, gref * 10, one, t).ok().map(|l| *l.mapping())
     }
 
     #[test]
@@ -659,7 +729,6 @@ mod tests {
         let (mut b, b_flag) = budget_cache(10, &guest);
         fill(&mut a, 2, t0);
         assert_eq!(keep(&mut b, 10, t0), Some(100));
-        b.put(10, t0);
         assert_eq!(budget.usage().grants, 3);
         // The budget is spent although both caches have room of their own: nothing to
         // map for keeping, overflow raised on b's VBD only.
@@ -688,7 +757,6 @@ mod tests {
         drop(two);
         assert_eq!(keep(&mut b, 11, t0), Some(110));
         assert_eq!(keep(&mut b, 12, t0), None);
-        b.put(11, t0);
         drop((a, b));
         assert_eq!(
             budget.usage().grants,
@@ -724,8 +792,8 @@ mod tests {
         assert_eq!(budget.usage().grants, 40);
         // Timed out.
         for g in 0..10 {
-            c.get(g).unwrap();
-            c.put(g, t0 + Duration::from_secs(30));
+            let lease = c.get(g).unwrap();
+            c.put(lease, t0 + Duration::from_secs(30));
         }
         drop(c.purge(t0 + Duration::from_secs(61)));
         assert_eq!(budget.usage().grants, 10);
@@ -741,8 +809,10 @@ mod tests {
         assert_eq!(budget.usage().grants, 0);
         // Dropped whole, with grants still active (a ring dropped mid-request).
         fill(&mut c, 5, t0);
-        c.get(0).unwrap();
+        let lease = c.get(0).unwrap();
         drop(c);
+        assert_eq!(budget.usage().grants, 1, "the leased grant is still mapped");
+        drop(lease);
         assert_eq!(budget.usage().grants, 0);
         assert_eq!(budget.usage().held, MapCost::ZERO);
     }
@@ -760,9 +830,7 @@ mod tests {
         assert!(starved.reserve(8).is_none());
         // The refusal moves the guest's count: (1056 / 100) * 5 = 50 inactive grants go,
         // in grant-reference order; the active ones stay.
-        for g in 0..10 {
-            holder.get(g).unwrap();
-        }
+        let _leases: Vec<_> = (0..10).map(|g| holder.get(g).unwrap()).collect();
         assert_eq!(maps(holder.purge(t0)), (10..60).collect::<Vec<_>>());
         // No refusal since: nothing more.
         assert!(holder.purge(t0).is_empty());

@@ -15,12 +15,12 @@ pub(crate) struct SlotPool<T> {
 }
 
 impl<T> SlotPool<T> {
-    pub(crate) fn new(n: usize, mut make: impl FnMut() -> T) -> Self {
+    pub(crate) fn new(n: u32, mut make: impl FnMut() -> T) -> Self {
         Self {
             slots: (0..n).map(|_| make()).collect(),
             // Pop order 0, 1, 2, ...
-            free: (0..n as u32).rev().collect(),
-            busy: vec![false; n],
+            free: (0..n).rev().collect(),
+            busy: vec![false; n as usize],
         }
     }
 
@@ -71,12 +71,13 @@ impl<T> SlotPool<T> {
     }
 
     /// Indices of the slots in use.
+    #[cfg(test)]
     pub(crate) fn busy_indices(&self) -> impl Iterator<Item = u32> + '_ {
         self.busy
             .iter()
             .enumerate()
             .filter(|(_, b)| **b)
-            .map(|(i, _)| i as u32)
+            .filter_map(|(i, _)| u32::try_from(i).ok())
     }
 }
 

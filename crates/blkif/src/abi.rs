@@ -25,6 +25,7 @@ pub const SECTOR_SIZE: u64 = 512;
 
 /// Sectors in one page: `first_sect`/`last_sect` must be below this (the seed's
 /// `last_sect >= (XEN_PAGE_SIZE >> 9)` check).
+#[allow(clippy::cast_possible_truncation)] // 4096 / 512 = 8
 pub const SECTORS_PER_PAGE: u8 = (PAGE_SIZE as u64 / SECTOR_SIZE) as u8;
 
 // Operations (`BLKIF_OP_*`).
@@ -374,7 +375,13 @@ pub const fn ring_size_for_len(protocol: Protocol, ring_bytes: usize) -> u32 {
     if ring_bytes < sring::RING {
         return 0;
     }
-    round_down_pow2((ring_bytes - sring::RING) / protocol.slot_size()) as u32
+    let slots = round_down_pow2((ring_bytes - sring::RING) / protocol.slot_size());
+    if slots > 1 << 31 {
+        return 1 << 31;
+    }
+    #[allow(clippy::cast_possible_truncation)] // at most 2^31, checked above
+    let slots = slots as u32;
+    slots
 }
 
 /// Slots in a ring of `2^order` pages (`ring-page-order`), or `None` when `order`

@@ -57,6 +57,10 @@
 //! }
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod abi;
 pub mod request;
 pub mod response;

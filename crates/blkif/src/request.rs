@@ -76,6 +76,10 @@ pub struct Segment {
     pub last_sect: u8,
 }
 
+/// [`SECTOR_SIZE`] in memory units.
+const SECTOR_BYTES: usize = 512;
+const _: () = assert!(SECTOR_BYTES as u64 == SECTOR_SIZE);
+
 impl Segment {
     /// Decodes one 8-byte descriptor from a private buffer.
     pub fn decode(bytes: &[u8; SEGMENT_SIZE]) -> Self {
@@ -122,12 +126,13 @@ impl Segment {
 
     /// Byte offset of the I/O inside the page.
     pub fn offset_bytes(&self) -> usize {
-        usize::from(self.first_sect) * SECTOR_SIZE as usize
+        usize::from(self.first_sect) * SECTOR_BYTES
     }
 
     /// Byte length of the I/O.
     pub fn len_bytes(&self) -> usize {
-        self.nr_sectors() as usize * SECTOR_SIZE as usize
+        (usize::from(self.last_sect) + 1).saturating_sub(usize::from(self.first_sect))
+            * SECTOR_BYTES
     }
 }
 
@@ -318,11 +323,12 @@ impl RawRequest {
         {
             return None;
         }
+        let nr_segments = u8::try_from(segments.len()).ok()?;
         let mut segs = [Segment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
         segs[..segments.len()].copy_from_slice(segments);
         Some(RawRequest::ReadWrite {
             operation,
-            nr_segments: segments.len() as u8,
+            nr_segments,
             handle,
             id,
             sector_number,
@@ -493,9 +499,12 @@ impl RawRequest {
                 }
                 // blkback BUG_ON()s here; a limit above 4096 would reach it, so check.
                 let nr_pages = indirect_pages(usize::from(nr_segments));
-                if nr_pages > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST {
+                let Some(nr_pages) = u8::try_from(nr_pages)
+                    .ok()
+                    .filter(|&n| usize::from(n) <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+                else {
                     return Err(RequestError::TooManyIndirectPages { nr_pages });
-                }
+                };
                 // Refuse a write to a read-only device before anything gets mapped; the
                 // range check needs the descriptors and runs in `finish`.
                 limits.check_access(op, sector_number, 0)?;
@@ -505,7 +514,7 @@ impl RawRequest {
                     handle,
                     sector: sector_number,
                     nr_segments,
-                    nr_pages: nr_pages as u8,
+                    nr_pages,
                     grefs: indirect_grefs,
                 }))
             }

@@ -49,6 +49,9 @@ pub const GTF_SUB_PAGE: u16 = 1 << 8;
 pub const ENTRY_SIZE: usize = 8;
 /// Entries per 4 KiB grant-table frame.
 pub const ENTRIES_PER_FRAME: usize = shmem::PAGE_SIZE / ENTRY_SIZE;
+/// [`ENTRIES_PER_FRAME`] as a grant-reference count.
+#[allow(clippy::cast_possible_truncation)] // 512
+pub const ENTRIES_PER_FRAME_U32: u32 = ENTRIES_PER_FRAME as u32;
 /// `GNTTAB_NR_RESERVED_ENTRIES`: entries 0..8 belong to the toolstack (console,
 /// xenstore); guests hand out refs from here on.
 pub const NR_RESERVED_ENTRIES: u32 = 8;

@@ -23,6 +23,9 @@
 //! Error statuses are Xen's own `GNTST_*` codes ([`GrantStatus`]) so that a test on the
 //! simulator asserts exactly what a real hypervisor would answer.
 
+#![warn(missing_debug_implementations)]
+#![warn(clippy::cast_possible_truncation)]
+
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;

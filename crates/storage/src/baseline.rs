@@ -26,6 +26,11 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::{sys, AlignedBuf, StorageOp, StorageQueue, SubmitError};
 
+/// A latency in nanoseconds (saturating: 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The I/O pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -198,6 +203,8 @@ impl LatencyHistogram {
         }
     }
 
+    // Bucket numbers are below 64 << SUB_BITS: they fit any usize.
+    #[allow(clippy::cast_possible_truncation)]
     fn index(v: u64) -> usize {
         if v < SUB {
             return v as usize;
@@ -236,6 +243,8 @@ impl LatencyHistogram {
         if self.count == 0 {
             return 0;
         }
+        // At most `count`: q is clamped to 0..=1.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let target = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (i, &c) in self.buckets.iter().enumerate() {
@@ -253,7 +262,7 @@ impl LatencyHistogram {
         }
         LatencySummary {
             min_ns: self.min,
-            mean_ns: (self.sum / u128::from(self.count)) as u64,
+            mean_ns: u64::try_from(self.sum / u128::from(self.count)).unwrap_or(u64::MAX),
             p50_ns: self.quantile(0.50),
             p90_ns: self.quantile(0.90),
             p99_ns: self.quantile(0.99),
@@ -330,7 +339,7 @@ fn make_buffers(depth: u32, bs: u32) -> Vec<AlignedBuf> {
         .map(|i| {
             let mut b = AlignedBuf::page_aligned(bs as usize);
             for (j, x) in b.as_mut_slice().iter_mut().enumerate() {
-                *x = (i as usize + j) as u8 | 1;
+                *x = (i as usize + j).to_le_bytes()[0] | 1;
             }
             b
         })
@@ -410,8 +419,13 @@ pub fn run(cfg: &BaselineConfig) -> io::Result<BaselineResult> {
             .collect();
         for (user_data, res) in done {
             in_flight -= 1;
-            let slot = user_data as usize;
-            hist.record(now.duration_since(started[slot]).as_nanos() as u64);
+            let Some(slot) = usize::try_from(user_data)
+                .ok()
+                .filter(|&s| s < started.len())
+            else {
+                continue;
+            };
+            hist.record(nanos(now.duration_since(started[slot])));
             if res < 0 {
                 first_error.get_or_insert(io::Error::from_raw_os_error(-res));
             } else if res as u32 != bs {
@@ -507,8 +521,10 @@ pub fn run_queue(
         queue.reap(&mut |tag, res| done.push((tag, res)));
         let now = Instant::now();
         for (tag, res) in done.drain(..) {
-            let slot = tag as usize;
-            hist.record(now.duration_since(started[slot]).as_nanos() as u64);
+            let Some(slot) = usize::try_from(tag).ok().filter(|&s| s < started.len()) else {
+                continue;
+            };
+            hist.record(nanos(now.duration_since(started[slot])));
             match res {
                 Ok(n) if n == u64::from(bs) => ops += 1,
                 Ok(n) => {
@@ -559,10 +575,14 @@ pub fn prepare_file(path: &Path, size: u64) -> io::Result<()> {
     if len >= size {
         return Ok(());
     }
-    let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let chunk: Vec<u8> = (0..1usize << 20)
+        .map(|i| (i % 251).to_le_bytes()[0] | 1)
+        .collect();
     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(len))?;
     let mut at = len;
     while at < size {
+        // At most the chunk's length, a usize.
+        #[allow(clippy::cast_possible_truncation)]
         let n = (size - at).min(chunk.len() as u64) as usize;
         file.write_all(&chunk[..n])?;
         at += n as u64;

@@ -10,6 +10,14 @@ pub struct AlignedBuf {
     len: usize,
 }
 
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AlignedBuf {
     /// Allocates `len` zero bytes aligned to `align` (a power of two).
     pub fn new(len: usize, align: usize) -> Self {

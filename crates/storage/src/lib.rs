@@ -55,7 +55,8 @@
 //! [`StorageQueue`] and through a bare io_uring loop, so the cost of the abstraction is
 //! measured side by side.
 
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_debug_implementations)]
+#![warn(clippy::cast_possible_truncation)]
 
 use std::io;
 use std::os::fd::BorrowedFd;

@@ -140,7 +140,8 @@ impl StorageQueue for NullQueue {
     }
 
     fn in_flight(&self) -> u32 {
-        (self.queued.len() + self.ready.len()) as u32
+        // Both hold at most `depth` operations.
+        u32::try_from(self.queued.len() + self.ready.len()).unwrap_or(u32::MAX)
     }
 
     fn depth(&self) -> u32 {

@@ -67,13 +67,61 @@ pub struct RawStorage {
     max_transfer: AtomicU32,
 }
 
+/// Opens `path` as `options` ask, with O_DIRECT when asked or (auto) when the file system
+/// or device takes it; returns whether it did.
+fn open_file(path: &Path, options: OpenOptions) -> Result<(File, bool), StorageError> {
+    let open_err = |source: io::Error| StorageError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let pre = std::fs::metadata(path).map_err(open_err)?;
+    let exclusive = options.exclusive && pre.file_type().is_block_device();
+    let open_with = |direct: bool| {
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        if exclusive {
+            flags |= libc::O_EXCL;
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!options.read_only)
+            .custom_flags(flags)
+            .open(path)
+    };
+
+    let (file, direct) = match options.direct_io {
+        DirectIo::Off => (open_with(false).map_err(open_err)?, false),
+        DirectIo::On => {
+            let file = open_with(true).map_err(|e| direct_refused(path, e))?;
+            probe_direct_read(&file).map_err(|e| direct_refused(path, e))?;
+            (file, true)
+        }
+        DirectIo::Auto => match open_with(true) {
+            Ok(file) => match probe_direct_read(&file) {
+                Ok(()) => (file, true),
+                Err(e) => {
+                    tracing::info!(path = %path.display(), error = %e,
+                        "O_DIRECT reads refused; falling back to buffered I/O");
+                    drop(file);
+                    (open_with(false).map_err(open_err)?, false)
+                }
+            },
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(path = %path.display(),
+                    "O_DIRECT open refused (EINVAL); falling back to buffered I/O");
+                (open_with(false).map_err(open_err)?, false)
+            }
+            Err(e) => return Err(open_err(e)),
+        },
+    };
+    Ok((file, direct))
+}
+
 impl RawStorage {
     /// Opens and probes `path`.
     pub fn open(path: &Path, options: OpenOptions) -> Result<Self, StorageError> {
-        let open_err = |source: io::Error| StorageError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
         let probe_err = |what: &'static str| {
             move |source: io::Error| StorageError::Probe {
                 path: path.to_path_buf(),
@@ -82,48 +130,7 @@ impl RawStorage {
             }
         };
 
-        let pre = std::fs::metadata(path).map_err(open_err)?;
-        let exclusive = options.exclusive && pre.file_type().is_block_device();
-        let open_with = |direct: bool| {
-            let mut flags = libc::O_CLOEXEC;
-            if direct {
-                flags |= libc::O_DIRECT;
-            }
-            if exclusive {
-                flags |= libc::O_EXCL;
-            }
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!options.read_only)
-                .custom_flags(flags)
-                .open(path)
-        };
-
-        let (file, direct) = match options.direct_io {
-            DirectIo::Off => (open_with(false).map_err(open_err)?, false),
-            DirectIo::On => {
-                let file = open_with(true).map_err(|e| direct_refused(path, e))?;
-                probe_direct_read(&file).map_err(|e| direct_refused(path, e))?;
-                (file, true)
-            }
-            DirectIo::Auto => match open_with(true) {
-                Ok(file) => match probe_direct_read(&file) {
-                    Ok(()) => (file, true),
-                    Err(e) => {
-                        tracing::info!(path = %path.display(), error = %e,
-                            "O_DIRECT reads refused; falling back to buffered I/O");
-                        drop(file);
-                        (open_with(false).map_err(open_err)?, false)
-                    }
-                },
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(path = %path.display(),
-                        "O_DIRECT open refused (EINVAL); falling back to buffered I/O");
-                    (open_with(false).map_err(open_err)?, false)
-                }
-                Err(e) => return Err(open_err(e)),
-            },
-        };
+        let (file, direct) = open_file(path, options)?;
 
         // The open file is the authority on what we are serving (the path may have changed
         // between the metadata lookup and the open).

@@ -161,6 +161,14 @@ pub struct FaultyStorage {
     injector: FaultInjector,
 }
 
+impl std::fmt::Debug for FaultyStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyStorage")
+            .field("info", &self.inner.info())
+            .finish_non_exhaustive()
+    }
+}
+
 impl FaultyStorage {
     pub fn new(inner: Arc<dyn Storage>, injector: FaultInjector) -> Self {
         FaultyStorage { inner, injector }
@@ -251,7 +259,8 @@ impl StorageQueue for FaultyQueue {
     }
 
     fn in_flight(&self) -> u32 {
-        self.inner.in_flight() + (self.queued.len() + self.ready.len()) as u32
+        let held = u32::try_from(self.queued.len() + self.ready.len()).unwrap_or(u32::MAX);
+        self.inner.in_flight().saturating_add(held)
     }
 
     fn depth(&self) -> u32 {

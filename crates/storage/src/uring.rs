@@ -132,8 +132,10 @@ impl Slot {
                 self.first += 1;
             } else {
                 // `n < len <= usize::MAX`, so the cast is lossless.
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n as usize).cast();
-                v.iov_len -= n as usize;
+                #[allow(clippy::cast_possible_truncation)]
+                let n_bytes = n as usize;
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n_bytes).cast();
+                v.iov_len -= n_bytes;
                 n = 0;
             }
         }
@@ -236,14 +238,14 @@ impl UringQueue {
                 let iov = slot.iovs[slot.first..].as_ptr().cast::<libc::iovec>();
                 let offset = slot.offset + slot.done;
                 // `count <= MAX_SEGMENTS` (checked at submit), so it fits in u32.
+                #[allow(clippy::cast_possible_truncation)]
+                let count = count as u32;
                 match slot.op {
-                    SlotOp::Write { fua } => opcode::Writev::new(fd, iov, count as u32)
+                    SlotOp::Write { fua } => opcode::Writev::new(fd, iov, count)
                         .offset(offset)
                         .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
                         .build(),
-                    _ => opcode::Readv::new(fd, iov, count as u32)
-                        .offset(offset)
-                        .build(),
+                    _ => opcode::Readv::new(fd, iov, count).offset(offset).build(),
                 }
             }
             SlotOp::Flush => opcode::Fsync::new(fd)
@@ -606,7 +608,7 @@ impl Drop for UringQueue {
         }
         loop {
             // SQEs the kernel never consumed will never complete and never touch memory.
-            let unsubmitted = self.ring.submission().len() as u32;
+            let unsubmitted = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
             if self.in_ring <= unsubmitted {
                 break;
             }
@@ -618,7 +620,7 @@ impl Drop for UringQueue {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
-            let seen = self.ring.completion().count() as u32;
+            let seen = u32::try_from(self.ring.completion().count()).unwrap_or(u32::MAX);
             self.in_ring = self.in_ring.saturating_sub(seen);
         }
         // Dropping `discard_tx` ends the helper thread after its current ioctl.

@@ -103,12 +103,8 @@ fn qemu_nbd_over_a_unix_socket_reads_writes_flushes_and_discards() {
     let expected: Vec<u8> = [a.as_slice(), b.as_slice(), c.as_slice()].concat();
     assert_eq!(read_back(&mut *q, MIB as u64, 12800), expected);
     // SAFETY: no buffers.
-    assert_eq!(
-        unsafe { run_one(&mut *q, StorageOp::Flush) }
-            .unwrap()
-            .unwrap(),
-        0
-    );
+    let flushed = unsafe { run_one(&mut *q, StorageOp::Flush) };
+    assert_eq!(flushed.unwrap().unwrap(), 0);
     assert_eq!(file_bytes(&img, MIB, 12800), expected);
 
     // Discard (trim, punched by qemu-nbd --discard=unmap) reads back as zeros.
@@ -118,10 +114,8 @@ fn qemu_nbd_over_a_unix_socket_reads_writes_flushes_and_discards() {
         secure: false,
     };
     // SAFETY: no buffers.
-    assert_eq!(
-        unsafe { run_one(&mut *q, discard) }.unwrap().unwrap(),
-        65536
-    );
+    let discarded = unsafe { run_one(&mut *q, discard) };
+    assert_eq!(discarded.unwrap().unwrap(), 65536);
     assert!(read_back(&mut *q, 2 * MIB as u64, 65536)
         .iter()
         .all(|&x| x == 0));

@@ -52,10 +52,8 @@ fn null_completes_through_the_fd_without_touching_memory() {
         unsafe { q.submit(*op, i as u64) }.unwrap();
     }
     // SAFETY: refused.
-    assert_eq!(
-        unsafe { q.submit(StorageOp::Flush, 9) },
-        Err(SubmitError::Full)
-    );
+    let refused = unsafe { q.submit(StorageOp::Flush, 9) };
+    assert_eq!(refused, Err(SubmitError::Full));
     // Nothing is ready before commit: completions are batched per commit like io_uring's.
     assert!(!readable(q.completion_fd(), Duration::ZERO));
     q.commit().unwrap();

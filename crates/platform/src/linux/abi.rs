@@ -12,8 +12,11 @@ use std::mem::size_of;
 
 /// `_IOC(_IOC_NONE, type, nr, size)` on the generic (x86, arm) ioctl encoding:
 /// dir << 30 | size << 16 | type << 8 | nr, with `_IOC_NONE` = 0.
+/// `size` is an argument struct's size, far below the 14 bits `_IOC_SIZEBITS` leaves it.
 pub const fn ioc_none(ty: u8, nr: u8, size: usize) -> u32 {
-    ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
+    #[allow(clippy::cast_possible_truncation)]
+    let size = size as u32;
+    (size << 16) | ((ty as u32) << 8) | nr as u32
 }
 
 /// `struct ioctl_gntdev_grant_ref`.
@@ -87,9 +90,16 @@ pub union gntdev_copy_ptr {
     pub foreign: gntdev_copy_foreign,
 }
 
+impl std::fmt::Debug for gntdev_copy_ptr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Which member is meant is in the segment's flags.
+        f.write_str("gntdev_copy_ptr { .. }")
+    }
+}
+
 /// `struct gntdev_grant_copy_segment`.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct gntdev_grant_copy_segment {
     pub source: gntdev_copy_ptr,
     pub dest: gntdev_copy_ptr,

@@ -175,6 +175,17 @@ impl LinuxPlatform {
 
 /// Maps an errno from gntdev's `mmap` (where the grant hypercall happens) to the closest
 /// `GNTST_*`: gntdev reports any failed entry as EINVAL/EFAULT without its status.
+/// A count of grant operations for the kernel: of refs (at most `MAX_MAP_BATCH`) or of
+/// copy segments (a slice of 2^32 of them would take over 100 GiB).
+fn op_count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A copy segment's length, at most a page once `fits_page` held.
+fn page_len(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
 fn status_for_errno(e: &io::Error) -> GrantStatus {
     match e.raw_os_error() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => GrantStatus::NO_SPACE,
@@ -207,7 +218,7 @@ impl GrantMapper for LinuxPlatform {
             u64::from_ne_bytes(b)
         };
         let mut buf = vec![0u64; 2 + count];
-        buf[0] = words(count as u32, 0);
+        buf[0] = words(op_count(count), 0);
         for (i, &r) in refs.iter().enumerate() {
             let pair = abi::ioctl_gntdev_grant_ref {
                 domid: domid.into(),
@@ -258,7 +269,7 @@ impl GrantMapper for LinuxPlatform {
             Some(p) if ptr != libc::MAP_FAILED => p,
             _ => {
                 let source = io::Error::last_os_error();
-                Self::unmap_grant_ref(&self.gntdev, index, count as u32);
+                Self::unmap_grant_ref(&self.gntdev, index, op_count(count));
                 return Err(MapError::Kernel {
                     domid,
                     count,
@@ -275,7 +286,7 @@ impl GrantMapper for LinuxPlatform {
             if unsafe { libc::munmap(p.as_ptr().cast::<c_void>(), len) } != 0 {
                 tracing::error!(error = %io::Error::last_os_error(), "munmap of a grant mapping failed");
             }
-            LinuxPlatform::unmap_grant_ref(&gntdev, index, count as u32);
+            LinuxPlatform::unmap_grant_ref(&gntdev, index, op_count(count));
             counters.mappings.fetch_sub(1, Ordering::AcqRel);
             counters.pages.fetch_sub(count, Ordering::AcqRel);
         });
@@ -323,7 +334,7 @@ impl GrantMapper for LinuxPlatform {
             segs.push(abi::gntdev_grant_copy_segment {
                 source,
                 dest,
-                len: op.len() as u16, // <= PAGE_SIZE after fits_page
+                len: page_len(op.len()),
                 flags,
                 status: GrantStatus::GENERAL_ERROR.0,
             });
@@ -333,7 +344,7 @@ impl GrantMapper for LinuxPlatform {
             return Ok(());
         }
         let mut req = abi::ioctl_gntdev_grant_copy {
-            count: segs.len() as u32,
+            count: op_count(segs.len()),
             segments: segs.as_mut_ptr(),
         };
         // SAFETY: `req` points at `count` initialised segments; every local address in
@@ -425,7 +436,7 @@ impl GrantMapper for LinuxPlatform {
             }
             if n > 0 {
                 let mut req = abi::ioctl_gntdev_grant_copy {
-                    count: n as u32,
+                    count: op_count(n),
                     segments: kernel.as_mut_ptr(),
                 };
                 // SAFETY: `req` points at `n` initialised segments; every local address in

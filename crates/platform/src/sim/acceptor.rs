@@ -439,7 +439,11 @@ mod tests {
         assert_eq!(stats.broken, 7, "{stats:?}");
         // 14 peers wait (the guest too, if it was accepted before it spoke): room for 8.
         assert!(stats.evicted >= 14 - 8, "{stats:?}");
-        assert_eq!(stats.evicted as usize + acceptor.pending(), 14, "{stats:?}");
+        assert_eq!(
+            usize::try_from(stats.evicted).unwrap() + acceptor.pending(),
+            14,
+            "{stats:?}"
+        );
         // Garbage and the oldest waiting peers are closed; the newest still wait.
         assert!(closed_by_acceptor(&hostile[0]));
         assert!(closed_by_acceptor(&hostile[2]));

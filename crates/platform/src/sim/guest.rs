@@ -35,7 +35,7 @@ impl Default for GuestConfig {
     fn default() -> Self {
         Self {
             pages: 256,
-            grant_entries: 4 * grant_table::ENTRIES_PER_FRAME as u32,
+            grant_entries: 4 * grant_table::ENTRIES_PER_FRAME_U32,
         }
     }
 }

@@ -55,7 +55,7 @@ pub use guest::{GuestConfig, GuestError, GuestEventChannel, SimGuest};
 /// Largest guest the backend accepts (pages): 16 GiB.
 pub const MAX_GUEST_FRAMES: u32 = 1 << 22;
 /// Largest grant table the backend accepts (entries): 128 frames of v1 entries.
-pub const MAX_GRANT_ENTRIES: u32 = 128 * grant_table::ENTRIES_PER_FRAME as u32;
+pub const MAX_GRANT_ENTRIES: u32 = 128 * grant_table::ENTRIES_PER_FRAME_U32;
 /// Most event channels one guest may announce; more are refused (the guest cannot make
 /// the backend hold unbounded descriptors).
 pub const MAX_PORTS_PER_DOMAIN: usize = 1024;

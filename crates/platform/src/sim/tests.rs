@@ -110,13 +110,13 @@ fn mapping_is_zero_copy_and_contiguous() {
         .map(|&f| guest.grant_access(0, f, false).unwrap())
         .collect();
     for &f in &frames {
-        guest.fill_page(f, f as u8).unwrap();
+        guest.fill_page(f, f.to_le_bytes()[0]).unwrap();
     }
     let m = platform.map(GUEST, &refs, Access::ReadWrite).unwrap();
     for (i, &f) in frames.iter().enumerate() {
         let mut b = [0u8; 2];
         m.read(i * PAGE_SIZE + 100, &mut b).unwrap();
-        assert_eq!(b, [f as u8; 2], "page {i} holds frame {f}");
+        assert_eq!(b, [f.to_le_bytes()[0]; 2], "page {i} holds frame {f}");
         assert_eq!(
             m.page_ptr(i).unwrap() as usize,
             m.as_ptr() as usize + i * PAGE_SIZE

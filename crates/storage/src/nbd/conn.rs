@@ -201,8 +201,10 @@ impl Slot {
                 self.first += 1;
             } else {
                 // `n < len <= usize::MAX`, so the cast is lossless.
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n as usize).cast();
-                v.iov_len -= n as usize;
+                #[allow(clippy::cast_possible_truncation)]
+                let n_bytes = n as usize;
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n_bytes).cast();
+                v.iov_len -= n_bytes;
                 n = 0;
             }
         }
@@ -480,6 +482,7 @@ impl NbdQueue {
             }
         };
         // `chunk` is bounded by `max_payload` (u32) or `max_discard` (<= 4 GiB - 64 KiB).
+        #[allow(clippy::cast_possible_truncation)]
         let chunk = chunk as u32;
         let offset = if command == proto::CMD_FLUSH {
             0
@@ -537,7 +540,7 @@ impl NbdQueue {
             return;
         }
         tracing::warn!(uri = %self.target.uri, reason = %why,
-            in_flight = self.depth - self.free.len() as u32,
+            in_flight = self.depth - u32::try_from(self.free.len()).unwrap_or(self.depth),
             "NBD connection lost; reconnecting");
         if let Some(s) = &self.socket {
             // SAFETY: shutdown takes only integers; the descriptor is open (owned by us).
@@ -759,7 +762,9 @@ impl NbdQueue {
                 let free = &mut self.rbuf[self.rend..];
                 self.recv_busy = Some(RecvKind::Buffer);
                 // `free` is at most RBUF_SIZE long, so the length fits in u32.
-                opcode::Recv::new(fd, free.as_mut_ptr(), free.len() as u32)
+                #[allow(clippy::cast_possible_truncation)]
+                let free_len = free.len() as u32;
+                opcode::Recv::new(fd, free.as_mut_ptr(), free_len)
                     .build()
                     .user_data(UD_RECV)
             }
@@ -865,8 +870,9 @@ impl NbdQueue {
                         return self.lose(&"structured reply, which was not negotiated");
                     };
                     self.rstart += proto::SIMPLE_REPLY_LEN;
-                    let idx = handle as u32;
-                    let seq = (handle >> 32) as u32;
+                    // A handle is `(sequence << 32) | slot`: the halves.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let (idx, seq) = (handle as u32, (handle >> 32) as u32);
                     let valid = self.slots.get(idx as usize).is_some_and(|s| {
                         s.op != Op::Free && s.awaiting && s.reply.is_none() && s.seq == seq
                     });
@@ -1083,7 +1089,8 @@ impl StorageQueue for NbdQueue {
     }
 
     fn in_flight(&self) -> u32 {
-        self.depth - self.free.len() as u32
+        // The free list holds at most `depth` slots.
+        self.depth - u32::try_from(self.free.len()).unwrap_or(self.depth)
     }
 
     fn depth(&self) -> u32 {
@@ -1116,7 +1123,7 @@ impl Drop for NbdQueue {
         // into a guest buffer, a send reading one.
         let _ = self.submit_pushed();
         while self.in_ring > 0 {
-            let unsubmitted = self.ring.submission().len() as u32;
+            let unsubmitted = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
             if self.in_ring <= unsubmitted {
                 break;
             }
@@ -1128,7 +1135,7 @@ impl Drop for NbdQueue {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            let seen = self.ring.completion().count() as u32;
+            let seen = u32::try_from(self.ring.completion().count()).unwrap_or(u32::MAX);
             self.in_ring = self.in_ring.saturating_sub(seen);
         }
     }

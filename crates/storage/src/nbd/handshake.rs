@@ -161,7 +161,8 @@ pub(crate) fn negotiate(
     };
     let mut data = Vec::with_capacity(export.len() + 8);
     proto::encode_go_data(export, &mut data);
-    let mut msg = proto::encode_option_header(option, data.len() as u32).to_vec();
+    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    let mut msg = proto::encode_option_header(option, len).to_vec();
     msg.extend_from_slice(&data);
     s.write_all(&msg)?;
 
@@ -215,7 +216,8 @@ fn export_name(
     export: &str,
     no_zeroes: bool,
 ) -> Result<Negotiated, HandshakeError> {
-    let mut msg = proto::encode_option_header(proto::OPT_EXPORT_NAME, export.len() as u32).to_vec();
+    let len = u32::try_from(export.len()).unwrap_or(u32::MAX);
+    let mut msg = proto::encode_option_header(proto::OPT_EXPORT_NAME, len).to_vec();
     msg.extend_from_slice(export.as_bytes());
     s.write_all(&msg)?;
     let (size, flags) = proto::parse_export_name_reply(&read_exact(s)?);
@@ -303,7 +305,7 @@ mod tests {
         let mut r = proto::OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
         r.extend_from_slice(&option.to_be_bytes());
         r.extend_from_slice(&ty.to_be_bytes());
-        r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        r.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
         r.extend_from_slice(payload);
         r
     }

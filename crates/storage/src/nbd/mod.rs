@@ -151,6 +151,8 @@ impl NbdStorage {
         }
         let pbs = preferred.clamp(lbs, 65536);
         let round = |v: u64| v - v % u64::from(lbs);
+        // At most DEFAULT_MAX_PAYLOAD, a u32.
+        #[allow(clippy::cast_possible_truncation)]
         let max_payload = round(u64::from(
             max.unwrap_or(DEFAULT_MAX_PAYLOAD).min(DEFAULT_MAX_PAYLOAD),
         )) as u32;

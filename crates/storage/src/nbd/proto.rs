@@ -165,7 +165,10 @@ pub fn encode_option_header(option: u32, len: u32) -> [u8; 16] {
 /// (we ask for the block size constraints; the export's size and flags always come).
 pub fn encode_go_data(export: &str, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    // Export names are at most MAX_EXPORT_NAME bytes (checked when the URI is parsed);
+    // a longer one is sent with a length the server refuses rather than truncated.
+    let len = u32::try_from(export.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(export.as_bytes());
     out.extend_from_slice(&1u16.to_be_bytes());
     out.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
@@ -403,6 +406,7 @@ pub fn errno_of(nbd_error: u32) -> i32 {
 }
 
 /// Names a command, for logs.
+#[derive(Debug, Clone, Copy)]
 pub struct CommandName(pub u16);
 
 impl fmt::Display for CommandName {

@@ -74,7 +74,10 @@ impl Shared {
                 driver.reap(&mut |tag, result| {
                     let id = (tag >> 32) as usize;
                     if let Some(Some(mailbox)) = boxes.get(id) {
-                        lock(&mailbox.done).push((tag as u32, result));
+                        // The low half is the ring's own tag (its shift is the id).
+                        #[allow(clippy::cast_possible_truncation)]
+                        let own = tag as u32;
+                        lock(&mailbox.done).push((own, result));
                         if !woken.contains(&id) {
                             woken.push(id);
                         }
@@ -128,7 +131,10 @@ impl SharedQueue {
             } else {
                 boxes[id] = Some(Arc::clone(&mailbox));
             }
-            id as u32
+            // One mailbox per open queue, each with an eventfd: far fewer than 2^32.
+            #[allow(clippy::cast_possible_truncation)]
+            let id = id as u32;
+            id
         };
         Ok(Some(SharedQueue {
             shared,
@@ -185,7 +191,8 @@ impl StorageQueue for SharedQueue {
     }
 
     fn in_flight(&self) -> u32 {
-        self.depth - self.free.len() as u32
+        // The free list holds at most `depth` slots.
+        self.depth - u32::try_from(self.free.len()).unwrap_or(self.depth)
     }
 
     fn depth(&self) -> u32 {

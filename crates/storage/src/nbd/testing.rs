@@ -33,6 +33,7 @@ impl Listen {
 }
 
 /// A running NBD server.
+#[derive(Debug)]
 pub struct NbdServer {
     child: Option<Child>,
     pub listen: Listen,

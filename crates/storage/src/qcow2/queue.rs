@@ -179,6 +179,49 @@ pub(crate) struct Qcow2Queue {
     results: Vec<(u32, io::Result<u64>)>,
 }
 
+/// Cuts a request's iovecs along its extents: extent `e` gets pieces `e.first..e.end`.
+/// The pieces of a zero extent are filled with zeros now (and the extent done), not
+/// queued.
+///
+/// # Safety
+/// For a read with zero extents, `iovs` must describe memory writable until the read
+/// completes (the `submit` contract), with no Rust reference to it.
+unsafe fn cut_along_extents(extents: &mut [Extent], iovs: &[IoVec], pieces: &mut Vec<IoVec>) {
+    let (mut iov_idx, mut iov_off) = (0usize, 0usize);
+    for e in extents.iter_mut() {
+        e.first = pieces.len();
+        let mut left = e.len;
+        while left > 0 {
+            let Some(v) = iovs.get(iov_idx) else {
+                break;
+            };
+            let avail = v.0.iov_len - iov_off;
+            let take = avail.min(usize::try_from(left).unwrap_or(usize::MAX));
+            let piece = libc::iovec {
+                iov_base: v.0.iov_base.cast::<u8>().wrapping_add(iov_off).cast(),
+                iov_len: take,
+            };
+            if e.fd == ZERO_FD {
+                // SAFETY: the piece lies inside an iovec the caller guarantees writable
+                // for this read until its completion, with no Rust reference to it.
+                unsafe { std::ptr::write_bytes(piece.iov_base.cast::<u8>(), 0, take) };
+            } else {
+                pieces.push(IoVec(piece));
+            }
+            left -= take as u64;
+            iov_off += take;
+            if iov_off == v.0.iov_len {
+                iov_idx += 1;
+                iov_off = 0;
+            }
+        }
+        e.end = pieces.len();
+        if e.fd == ZERO_FD {
+            e.done = e.len;
+        }
+    }
+}
+
 impl Qcow2Queue {
     pub(crate) fn new(
         image: Arc<Image>,
@@ -288,41 +331,9 @@ impl Qcow2Queue {
             return false;
         }
 
-        // Cut the caller's iovecs along the extents; zero pieces are filled now.
-        let (mut iov_idx, mut iov_off) = (0usize, 0usize);
-        for e in slot.extents.iter_mut() {
-            e.first = slot.pieces.len();
-            let mut left = e.len;
-            while left > 0 {
-                let Some(v) = slot.iovs.get(iov_idx) else {
-                    break;
-                };
-                let avail = v.0.iov_len - iov_off;
-                let take = avail.min(usize::try_from(left).unwrap_or(usize::MAX));
-                let piece = libc::iovec {
-                    iov_base: v.0.iov_base.cast::<u8>().wrapping_add(iov_off).cast(),
-                    iov_len: take,
-                };
-                if e.fd == ZERO_FD {
-                    // SAFETY: the piece lies inside an iovec the submitter guaranteed to be
-                    // writable for this read until its completion; no Rust reference to it
-                    // exists.
-                    unsafe { std::ptr::write_bytes(piece.iov_base.cast::<u8>(), 0, take) };
-                } else {
-                    slot.pieces.push(IoVec(piece));
-                }
-                left -= take as u64;
-                iov_off += take;
-                if iov_off == v.0.iov_len {
-                    iov_idx += 1;
-                    iov_off = 0;
-                }
-            }
-            e.end = slot.pieces.len();
-            if e.fd == ZERO_FD {
-                e.done = e.len;
-            }
-        }
+        // SAFETY: the iovecs are the submitter's, valid for this operation (the `submit`
+        // contract); zero extents exist only for reads.
+        unsafe { cut_along_extents(&mut slot.extents, &slot.iovs, &mut slot.pieces) };
 
         slot.pending = 0;
         slot.state = SlotState::Ring;
@@ -362,6 +373,7 @@ impl Qcow2Queue {
             let e = &slot.extents[j];
             let iov = slot.pieces[e.first..e.end].as_ptr().cast::<libc::iovec>();
             // At most MAX_SEGMENTS + MAX_EXTENTS pieces: fits u32.
+            #[allow(clippy::cast_possible_truncation)]
             let count = (e.end - e.first) as u32;
             let fd = types::Fd(e.fd);
             let at = e.host_offset + e.done;
@@ -499,8 +511,11 @@ impl Qcow2Queue {
                         n -= len;
                         e.first += 1;
                     } else {
-                        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n as usize).cast();
-                        v.iov_len -= n as usize;
+                        // `n < len <= usize::MAX`, so the cast is lossless.
+                        #[allow(clippy::cast_possible_truncation)]
+                        let n_bytes = n as usize;
+                        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n_bytes).cast();
+                        v.iov_len -= n_bytes;
                         n = 0;
                     }
                 }
@@ -635,7 +650,8 @@ impl StorageQueue for Qcow2Queue {
     }
 
     fn in_flight(&self) -> u32 {
-        self.depth - self.free.len() as u32
+        // The free list holds at most `depth` slots.
+        self.depth - u32::try_from(self.free.len()).unwrap_or(self.depth)
     }
 
     fn depth(&self) -> u32 {
@@ -657,7 +673,7 @@ impl Drop for Qcow2Queue {
             tracing::warn!(error = %e, "submitting queued operations at queue drop failed");
         }
         loop {
-            let unsubmitted = self.ring.submission().len() as u32;
+            let unsubmitted = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
             if self.in_ring <= unsubmitted {
                 break;
             }
@@ -669,7 +685,7 @@ impl Drop for Qcow2Queue {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
-            let seen = self.ring.completion().count() as u32;
+            let seen = u32::try_from(self.ring.completion().count()).unwrap_or(u32::MAX);
             self.in_ring = self.in_ring.saturating_sub(seen);
         }
         // Requests that were on the ring held the gate; give it back so a later discard on
@@ -736,6 +752,8 @@ fn run_job(image: &Image, job: &Job, bounce: &mut AlignedBuf) -> io::Result<u64>
             let _held = shared(image);
             let mut pos = 0u64;
             while pos < len {
+                // At most BOUNCE_BYTES, a usize.
+                #[allow(clippy::cast_possible_truncation)]
                 let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
                 let buf = &mut bounce.as_mut_slice()[..n];
                 access.read(&mut *buf, offset + pos)?;
@@ -750,6 +768,8 @@ fn run_job(image: &Image, job: &Job, bounce: &mut AlignedBuf) -> io::Result<u64>
             let _held = shared(image);
             let mut pos = 0u64;
             while pos < len {
+                // At most BOUNCE_BYTES, a usize.
+                #[allow(clippy::cast_possible_truncation)]
                 let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
                 let buf = &mut bounce.as_mut_slice()[..n];
                 // SAFETY: the iovecs describe memory readable for this write until its
@@ -805,12 +825,15 @@ unsafe fn copy_to_iovecs(iovs: &[IoVec], skip: u64, src: &[u8]) {
             skip -= len;
             continue;
         }
-        let n = ((len - skip) as usize).min(src.len());
+        // `skip < len`, the length of an iovec: both fit a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let (rest, skip_bytes) = ((len - skip) as usize, skip as usize);
+        let n = rest.min(src.len());
         // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 src.as_ptr(),
-                v.0.iov_base.cast::<u8>().add(skip as usize),
+                v.0.iov_base.cast::<u8>().add(skip_bytes),
                 n,
             )
         };
@@ -835,11 +858,14 @@ unsafe fn copy_from_iovecs(iovs: &[IoVec], skip: u64, dst: &mut [u8]) {
             skip -= len;
             continue;
         }
-        let n = ((len - skip) as usize).min(dst.len() - at);
+        // `skip < len`, the length of an iovec: both fit a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let (rest, skip_bytes) = ((len - skip) as usize, skip as usize);
+        let n = rest.min(dst.len() - at);
         // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                v.0.iov_base.cast::<u8>().add(skip as usize),
+                v.0.iov_base.cast::<u8>().add(skip_bytes),
                 dst[at..].as_mut_ptr(),
                 n,
             )
