@@ -110,8 +110,8 @@ fn reads_writes_flushes_and_discards() {
     let res = unsafe { run_one(&mut *q, StorageOp::Read { offset, iov: &iov }) };
     assert_eq!(res.unwrap().unwrap(), 12800);
     assert_eq!([r1.as_slice(), r2.as_slice()].concat(), expected);
-    // SAFETY: no buffers.
     assert_eq!(
+        // SAFETY: a flush or discard names no guest memory.
         unsafe { run_one(&mut *q, StorageOp::Flush) }
             .unwrap()
             .unwrap(),
@@ -130,8 +130,8 @@ fn reads_writes_flushes_and_discards() {
         len: MIB as u64,
         secure: false,
     };
-    // SAFETY: no buffers.
     assert_eq!(
+        // SAFETY: a flush or discard names no guest memory.
         unsafe { run_one(&mut *q, discard) }.unwrap().unwrap(),
         MIB as u64
     );
@@ -250,6 +250,7 @@ fn read_only_images_and_snapshots_refuse_writes() {
         // A flush on a read-only disk succeeds (nothing to write back).
         // SAFETY: no buffers.
         assert_eq!(
+            // SAFETY: a flush or discard names no guest memory.
             unsafe { run_one(&mut *q, StorageOp::Flush) }
                 .unwrap()
                 .unwrap(),
@@ -285,6 +286,7 @@ fn many_in_flight_and_full_beyond_depth() {
     assert_eq!(q.in_flight(), DEPTH);
     // SAFETY: refused at submission.
     assert_eq!(
+        // SAFETY: a flush or discard names no guest memory.
         unsafe { q.submit(StorageOp::Flush, 999) },
         Err(SubmitError::Full)
     );

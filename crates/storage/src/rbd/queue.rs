@@ -212,6 +212,8 @@ impl StorageQueue for RbdQueue {
         self.lock().outstanding += 1;
         let slot = &self.slots[idx as usize];
         let iov = slot.iovs.as_ptr().cast::<libc::iovec>();
+        // validate() bounded the count by MAX_SEGMENTS (1024), far inside c_int.
+        #[allow(clippy::cast_possible_truncation)]
         let count = slot.iovs.len() as c_int;
         // SAFETY: a live image and completion. The iovec array is the slot's own copy,
         // untouched until the slot is reaped (after the callback); the memory it
