@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::device::{Ctx, Device, DeviceKey, Outcome};
+use crate::device::{Ctx, Device, DeviceKey, Effect, SessionSinks};
 use crate::devmodel::{self, ClaimChange};
 use crate::error::{DeviceError, StoreError, VbdError};
 use crate::parse::parse_u32;
@@ -288,14 +288,16 @@ impl Manager {
                     event,
                 } => {
                     let ctx_parts = self.ctx_parts();
+                    let mut fx = Vec::new();
                     if let Some(dev) = self.devices.get_mut(&key) {
                         let Some(bt) = self.config.backend_type(&key.backend_type) else {
                             continue;
                         };
                         let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.vbd_event(&ctx, session, event) {
+                        if let Err(e) = dev.vbd_event(&ctx, session, event, &mut fx) {
                             warn!(device = %key, error = %e, "handling engine event");
                         }
+                        self.apply(&key, fx);
                         dirty.insert(key);
                     }
                 }
@@ -306,15 +308,17 @@ impl Manager {
                     result,
                 } => {
                     let ctx_parts = self.ctx_parts();
+                    let mut fx = Vec::new();
                     if let Some(dev) = self.devices.get_mut(&key) {
                         let Some(bt) = self.config.backend_type(&key.backend_type) else {
                             continue;
                         };
                         let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.opened(&ctx, open_id, *config, result) {
+                        if let Err(e) = dev.opened(&ctx, open_id, *config, result, &mut fx) {
                             warn!(device = %key, error = %e, "handling an opened storage");
                             self.retry.insert(key.clone());
                         }
+                        self.apply(&key, fx);
                         dirty.insert(key);
                     }
                 }
@@ -565,7 +569,6 @@ impl Manager {
         CtxParts {
             tx: self.tx.clone(),
             shutting_down: self.shutdown_deadline.is_some(),
-            drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
         }
     }
 
@@ -621,11 +624,25 @@ impl Manager {
         }
         dev.claimed = claimed;
         let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
-        match dev.reconcile(&ctx) {
-            Ok(Outcome::Idle) => {}
-            Ok(Outcome::WatchFrontend) => {
-                if let Some(fe) = dev.frontend_path.clone() {
-                    let state = join(&fe, "state");
+        let mut fx = Vec::new();
+        let result = dev.reconcile(&ctx, &mut fx);
+        self.apply(key, fx);
+        match result {
+            Ok(()) => {}
+            Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
+            Err(e) => self.reconcile_failed(key, &e),
+        }
+        Ok(())
+    }
+
+    /// Does what a device asked for in its last call.
+    fn apply(&mut self, key: &DeviceKey, effects: Vec<Effect>) {
+        for effect in effects {
+            let Some(dev) = self.devices.get_mut(key) else {
+                return;
+            };
+            match effect {
+                Effect::WatchFrontend(state) => {
                     if let Some(old) = dev.watched_frontend.take() {
                         let _ = self.store.unwatch(&old, &fe_token(key));
                     }
@@ -637,25 +654,29 @@ impl Manager {
                         }
                     }
                 }
-            }
-            Ok(Outcome::UnwatchFrontend) => {
-                if let Some(w) = dev.watched_frontend.take() {
-                    let _ = self.store.unwatch(&w, &fe_token(key));
-                }
-            }
-            Ok(Outcome::Forget) => {
-                if let Some(mut dev) = self.devices.remove(key) {
+                Effect::UnwatchFrontend => {
                     if let Some(w) = dev.watched_frontend.take() {
                         let _ = self.store.unwatch(&w, &fe_token(key));
                     }
-                    dev.report_suppressed(Instant::now(), true);
                 }
-                info!(device = %key, "device removed");
+                Effect::Open { open_id, config } => {
+                    spawn_open(&self.tx, key, open_id, self.factory.clone(), config);
+                }
+                Effect::Disconnect { session, vbd } => {
+                    let timeout = Duration::from_millis(self.config.drain_timeout_ms);
+                    spawn_disconnect(&self.tx, key, session, vbd, timeout);
+                }
+                Effect::Forget => {
+                    if let Some(mut dev) = self.devices.remove(key) {
+                        if let Some(w) = dev.watched_frontend.take() {
+                            let _ = self.store.unwatch(&w, &fe_token(key));
+                        }
+                        dev.report_suppressed(Instant::now(), true);
+                    }
+                    info!(device = %key, "device removed");
+                }
             }
-            Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
-            Err(e) => self.reconcile_failed(key, &e),
         }
-        Ok(())
     }
 
     /// Disconnects every device synchronously and writes Closed (shutdown deadline).
@@ -707,7 +728,6 @@ struct Found<'a> {
 struct CtxParts {
     tx: Sender<Event>,
     shutting_down: bool,
-    drain_timeout: Duration,
 }
 
 impl CtxParts {
@@ -724,27 +744,28 @@ impl CtxParts {
             config,
             backend_type,
             shutting_down: self.shutting_down,
-            events: &self.tx,
-            drain_timeout: self.drain_timeout,
+            session_sink: self,
         }
     }
 }
 
-/// The event sink of one session of one device.
-pub(crate) fn session_sink(tx: &Sender<Event>, key: &DeviceKey, session: u64) -> VbdEventSink {
-    let tx = tx.clone();
-    let key = key.clone();
-    VbdEventSink::new(move |event| {
-        let _ = tx.send(Event::Vbd {
-            key: key.clone(),
-            session,
-            event,
-        });
-    })
+impl SessionSinks for CtxParts {
+    /// The event sink of one session of one device.
+    fn sink(&self, key: &DeviceKey, session: u64) -> VbdEventSink {
+        let tx = self.tx.clone();
+        let key = key.clone();
+        VbdEventSink::new(move |event| {
+            let _ = tx.send(Event::Vbd {
+                key: key.clone(),
+                session,
+                event,
+            });
+        })
+    }
 }
 
 /// Opens a device's storage on a worker thread and reports it as an event.
-pub(crate) fn spawn_open(
+fn spawn_open(
     tx: &Sender<Event>,
     key: &DeviceKey,
     open_id: u64,
@@ -778,7 +799,7 @@ pub(crate) fn spawn_open(
 
 /// Disconnects a VBD on a worker thread and reports the result as an event, so a slow
 /// drain never stalls other devices.
-pub(crate) fn spawn_disconnect(
+fn spawn_disconnect(
     tx: &Sender<Event>,
     key: &DeviceKey,
     session: u64,
