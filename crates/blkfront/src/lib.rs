@@ -34,6 +34,9 @@
 //! Over xenstore, [`XenbusFrontend::connect`] follows the state machine from the frontend
 //! directory's `backend` node and keeps following the backend afterwards.
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
 pub mod config;
 pub mod error;
 pub mod features;

@@ -1,6 +1,9 @@
 //! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `qemu-dm`, `demo`, `bench`.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
 use clap::{Parser, Subcommand};
 
 mod attach;

@@ -11,6 +11,47 @@ use crate::error::VbdError;
 use crate::status::{DaemonStatus, DeviceStatus};
 use crate::vbd::{ConnectedVbd, DeviceConfig, DisconnectReport, Disk, VbdEvent, VbdFactory};
 
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Watch { path, token } => f
+                .debug_struct("Watch")
+                .field("path", path)
+                .field("token", token)
+                .finish(),
+            Event::Rescan => f.write_str("Rescan"),
+            Event::Vbd {
+                key,
+                session,
+                event,
+            } => f
+                .debug_struct("Vbd")
+                .field("key", key)
+                .field("session", session)
+                .field("event", event)
+                .finish(),
+            Event::Disconnected {
+                key,
+                session,
+                result,
+            } => f
+                .debug_struct("Disconnected")
+                .field("key", key)
+                .field("session", session)
+                .field("result", result)
+                .finish(),
+            Event::Opened { key, open_id, .. } => f
+                .debug_struct("Opened")
+                .field("key", key)
+                .field("open_id", open_id)
+                .finish_non_exhaustive(),
+            Event::Status(_) => f.write_str("Status"),
+            Event::RefreshSizes => f.write_str("RefreshSizes"),
+            Event::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
 /// Something for the control loop.
 pub enum Event {
     /// A xenstore watch fired.
@@ -60,7 +101,7 @@ pub enum Event {
 }
 
 /// A cloneable handle to send events to a [`Manager`] from any thread.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct EventSender(Sender<Event>);
 
 impl EventSender {

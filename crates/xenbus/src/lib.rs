@@ -24,6 +24,9 @@
 //! | [`ratelimit`] | per-device limits on the warnings a guest can cause at will |
 //! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
 pub mod config;
 pub mod device;
 pub mod devmodel;

@@ -66,6 +66,16 @@ pub struct Manager {
     suppressed_reported: Instant,
 }
 
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("home", &self.home)
+            .field("devices", &self.devices)
+            .field("shutting_down", &self.shutdown_deadline.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Produces the daemon-wide gauges of a status reply.
 pub type Metrics = Box<dyn Fn() -> BTreeMap<String, u64> + Send>;
 

@@ -265,6 +265,16 @@ pub struct ConnectRequest<'a> {
     pub events: VbdEventSink,
 }
 
+impl std::fmt::Debug for ConnectRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("config", self.config)
+            .field("frontend", self.frontend)
+            .field("features", self.features)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a disconnect achieved.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DisconnectReport {

@@ -12,6 +12,9 @@
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
 //! `sleep:MS`.
 
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
