@@ -14,7 +14,7 @@ use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting}
 use xenbus::parse::{DiskFormat, DiskTarget};
 use xenbus::vbd::{
     ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
-    Protocol, VbdEvent, VbdEventSink, VbdFactory,
+    VbdEvent, VbdEventSink, VbdFactory,
 };
 use xenbus::VbdError;
 
@@ -231,14 +231,6 @@ impl EngineGauges {
     }
 }
 
-fn protocol(p: Protocol) -> blkif::abi::Protocol {
-    match p {
-        Protocol::Native => blkif::abi::Protocol::Native,
-        Protocol::X86_32 => blkif::abi::Protocol::X86_32,
-        Protocol::X86_64 => blkif::abi::Protocol::X86_64,
-    }
-}
-
 fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
     match m {
         GrantModeSetting::Map => backend::GrantMode::Map,
@@ -297,7 +289,7 @@ impl VbdFactory for EngineFactory {
                     event_channel: q.event_channel,
                 })
                 .collect(),
-            protocol: protocol(req.frontend.protocol),
+            protocol: req.frontend.protocol,
             persistent: req.frontend.persistent,
             grant_mode: grant_mode(settings.grant_mode),
             features: advertised,

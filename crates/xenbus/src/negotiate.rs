@@ -346,27 +346,15 @@ fn read_ring(
     })
 }
 
-/// Parses the frontend's `protocol` node.
-///
-/// A missing (or empty) `protocol` means **native**. blkif.h, the normative reference, says
-/// so ("Default Value: XEN_IO_PROTO_ABI_NATIVE"), and QEMU's qdisk follows it. Linux
-/// blkback instead assumes x86_32 on x86 hosts, a relic of the first 32-bit PV guests on
-/// 64-bit dom0s; those guests predate Linux 2.6.26 and libxl writes `protocol` for every PV
-/// guest anyway (`xc_domain_get_native_protocol`), so the case only arises for frontends
-/// that never heard of the node — which are native ones.
+/// Parses the frontend's `protocol` node with blkif's parser ([`Protocol::from_node`]),
+/// which the frontend side uses too; also says whether the frontend wrote one.
 pub fn parse_protocol(value: Option<&[u8]>) -> Result<(Protocol, bool), NegotiationError> {
-    let Some(raw) = value else {
-        return Ok((Protocol::Native, false));
-    };
-    let v = raw.strip_suffix(&[0]).unwrap_or(raw);
-    match v {
-        b"" => Ok((Protocol::Native, false)),
-        b"x86_32-abi" => Ok((Protocol::X86_32, true)),
-        b"x86_64-abi" => Ok((Protocol::X86_64, true)),
-        b"arm-abi" if cfg!(any(target_arch = "arm", target_arch = "aarch64")) => {
-            Ok((Protocol::Native, true))
-        }
-        other => Err(NegotiationError::UnknownProtocol(sanitize(other))),
+    match Protocol::from_node(value) {
+        Ok(Some(p)) => Ok((p, true)),
+        Ok(None) => Ok((Protocol::Native, false)),
+        Err(_) => Err(NegotiationError::UnknownProtocol(sanitize(
+            value.unwrap_or_default(),
+        ))),
     }
 }
 

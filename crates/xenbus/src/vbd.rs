@@ -91,27 +91,9 @@ pub trait Disk: Send + Sync {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// The request/response layout the frontend uses (its `protocol` node).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum Protocol {
-    /// The backend's own ABI (on x86_64 hosts identical to [`Protocol::X86_64`]).
-    Native,
-    /// `x86_32-abi`: 32-bit x86 guests (4-byte aligned 64-bit fields).
-    X86_32,
-    /// `x86_64-abi`.
-    X86_64,
-}
-
-impl Protocol {
-    /// The `protocol` node value (`XEN_IO_PROTO_ABI_*`), `None` for native.
-    pub fn node_value(self) -> Option<&'static str> {
-        match self {
-            Protocol::Native => None,
-            Protocol::X86_32 => Some("x86_32-abi"),
-            Protocol::X86_64 => Some("x86_64-abi"),
-        }
-    }
-}
+/// The request/response layout the frontend uses (its `protocol` node), as blkif defines
+/// and parses it.
+pub use blkif::abi::Protocol;
 
 /// One ring (queue) as the frontend published it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -80,11 +80,9 @@ impl Frontend {
     /// Classifies the raw `state` node (`seen`: the node existed before).
     pub(crate) fn classify(raw: Option<&[u8]>, seen: bool, domain_gone: bool) -> Frontend {
         let parsed = raw.and_then(XenbusState::parse);
-        if let (Some(v), None) = (raw, parsed) {
-            if let Some(n) = crate::parse::parse_u32(v) {
-                // Fatal even for a frontend found gone, as before the phase split.
-                return Frontend::Invalid(n);
-            }
+        if let Some(n) = raw.and_then(XenbusState::undefined_number) {
+            // Fatal even for a frontend found gone, as before the phase split.
+            return Frontend::Invalid(n);
         }
         if domain_gone || (raw.is_none() && seen) {
             return Frontend::Gone;
