@@ -58,7 +58,7 @@ pub struct BackendNodes {
 /// An optional flag that held no number, read as its default. The caller reports it: the
 /// device's reads are woken by its guest, so a plain warning per read would let the guest
 /// fill the log ([`crate::ratelimit`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IgnoredValue {
     /// The node.
     pub path: String,

@@ -53,7 +53,7 @@ pub struct DeviceConfig {
 }
 
 /// What a storage offers; the backend's xenstore nodes are derived from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DiskInfo {
     /// Size in bytes (a multiple of `logical_block_size`).
     pub size_bytes: u64,
@@ -96,7 +96,7 @@ pub trait Disk: Send + Sync {
 pub use blkif::abi::Protocol;
 
 /// One ring (queue) as the frontend published it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RingParams {
     /// Grant references of the ring pages, in page order (1, 2, 4, 8 or 16 of them).
     pub ring_refs: Vec<u32>,
@@ -105,7 +105,7 @@ pub struct RingParams {
 }
 
 /// The frontend's transport parameters, validated.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FrontendParams {
     /// Ring layout.
     pub protocol: Protocol,
@@ -128,7 +128,7 @@ pub struct FrontendParams {
 
 /// What we publish in the backend directory at connect (and what the engine must honour:
 /// a request for a feature not advertised gets `BLKIF_RSP_EOPNOTSUPP`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BackendFeatures {
     /// `feature-flush-cache`.
     pub flush: bool,
@@ -258,7 +258,7 @@ impl std::fmt::Debug for ConnectRequest<'_> {
 }
 
 /// What a disconnect achieved.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DisconnectReport {
     /// In-flight I/O completed before the timeout.
     pub drained: bool,
