@@ -86,6 +86,7 @@ pub const MAX_QUEUE_DEPTH: u32 = 4096;
 
 /// What backs a storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum StorageKind {
     File,
     BlockDevice,
@@ -101,6 +102,7 @@ pub enum StorageKind {
 /// `feature-discard`, `discard-secure`, `discard-granularity`, `discard-alignment`, `mode`)
 /// from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StorageInfo {
     /// Usable size, rounded down to a multiple of `logical_block_size`.
     pub size_bytes: u64,

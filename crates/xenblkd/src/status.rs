@@ -108,8 +108,7 @@ fn render_device(out: &mut String, d: &DeviceStatus) {
         "\n{}/{}/{} ({}): backend {}, frontend {}\n",
         d.backend_type, d.domid, d.devid, d.vdev, d.state, d.frontend_state,
     ));
-    if let Some(t) = &d.target {
-        let disk = d.disk.unwrap_or_default();
+    if let (Some(t), Some(disk)) = (&d.target, &d.disk) {
         out.push_str(&format!(
             "  storage: {} ({}), {}, sector {} / physical {}{}\n",
             t,
@@ -206,7 +205,8 @@ mod tests {
             "frontend_state":"Connected","target":"/img/a.qcow2","format":"qcow2",
             "layers":["qcow2:/img/a.qcow2","qcow2:/img/b.qcow2","raw:/img/c.raw"],
             "disk":{"size_bytes":1073741824,"logical_block_size":512,"physical_block_size":4096,"read_only":false,
-            "flush":true,"discard":true,"secure_discard":false,"discard_granularity":4096,"discard_alignment":0},
+            "flush":true,"discard":true,"secure_discard":false,"discard_granularity":4096,"discard_alignment":0,
+            "buffer_alignment":512,"direct_io":true,"kind":"Qcow2"},
             "frontend":{"protocol":"X86_64","protocol_specified":true,
             "queues":[{"ring_refs":[8],"event_channel":3},{"ring_refs":[9],"event_channel":4}],"ring_page_order":1,
             "frontend_persistent":true,"persistent":true,"large_sector_size":false,"ignored_flags":[]},

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::device::DeviceKey;
 use crate::error::VbdError;
 use crate::status::{DaemonStatus, DeviceStatus};
-use crate::vbd::{ConnectedVbd, DeviceConfig, DisconnectReport, Disk, VbdEvent, VbdFactory};
+use crate::vbd::{ConnectedVbd, DeviceConfig, DisconnectReport, Storage, VbdEvent, VbdFactory};
 
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,7 +90,7 @@ pub enum Event {
         /// The configuration it opened.
         config: Box<DeviceConfig>,
         /// The storage, or why not.
-        result: Result<Arc<dyn Disk>, VbdError>,
+        result: Result<Arc<dyn Storage>, VbdError>,
     },
     /// A status query.
     Status(Sender<(DaemonStatus, Vec<DeviceStatus>)>),

@@ -18,7 +18,7 @@ use crate::parse::{
 use crate::state::XenbusState;
 use crate::store::{join, StoreExt, StoreOps};
 use crate::vbd::{
-    sectors_for, BackendFeatures, DeviceConfig, DiskInfo, FrontendParams, Protocol, RingParams,
+    sectors_for, BackendFeatures, DeviceConfig, FrontendParams, Protocol, RingParams, StorageInfo,
     VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
 };
 
@@ -470,7 +470,7 @@ pub fn read_frontend(
 /// settings and what the frontend said about sector units.
 pub fn backend_features(
     config: &DeviceConfig,
-    info: &DiskInfo,
+    info: &StorageInfo,
     large_sector_size: bool,
 ) -> BackendFeatures {
     let read_only = config.read_only || info.read_only;

@@ -366,8 +366,8 @@ fn config() -> DeviceConfig {
     }
 }
 
-fn info() -> DiskInfo {
-    DiskInfo {
+fn info() -> StorageInfo {
+    StorageInfo {
         size_bytes: 1 << 30,
         logical_block_size: 512,
         physical_block_size: 4096,
@@ -377,6 +377,9 @@ fn info() -> DiskInfo {
         secure_discard: false,
         discard_granularity: 4096,
         discard_alignment: 0,
+        buffer_alignment: 1,
+        direct_io: false,
+        kind: storage::StorageKind::File,
     }
 }
 
@@ -403,7 +406,7 @@ fn features_follow_storage_toolstack_and_operator() {
     let f = backend_features(&c, &info(), false);
     assert!(f.read_only && !f.discard);
     assert_eq!(f.info, VDISK_CDROM | VDISK_REMOVABLE | VDISK_READONLY);
-    let i = DiskInfo {
+    let i = StorageInfo {
         logical_block_size: 4096,
         discard_granularity: 0,
         ..info()

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::state::XenbusState;
-use crate::vbd::{BackendFeatures, DisconnectReport, DiskInfo, FrontendParams};
+use crate::vbd::{BackendFeatures, DisconnectReport, FrontendParams, StorageInfo};
 
 /// One device as the daemon sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,7 +41,7 @@ pub struct DeviceStatus {
     /// Image format.
     pub format: Option<String>,
     /// Storage properties, once opened.
-    pub disk: Option<DiskInfo>,
+    pub disk: Option<StorageInfo>,
     /// The image and its backing chain, top first, as `format:path` (empty for a disk
     /// that is one file or device).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -152,7 +152,7 @@ impl ControlReply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vbd::{BackendFeatures, DiskInfo, FrontendParams, Protocol, RingParams};
+    use crate::vbd::{BackendFeatures, FrontendParams, Protocol, RingParams, StorageInfo};
 
     fn device() -> DeviceStatus {
         DeviceStatus {
@@ -166,12 +166,19 @@ mod tests {
             frontend_state: XenbusState::Connected,
             target: Some("/img/a.qcow2".into()),
             format: Some("qcow2".into()),
-            disk: Some(DiskInfo {
+            disk: Some(StorageInfo {
                 size_bytes: 1 << 30,
                 logical_block_size: 512,
                 physical_block_size: 4096,
+                buffer_alignment: 512,
+                read_only: false,
                 flush: true,
-                ..DiskInfo::default()
+                discard: false,
+                secure_discard: false,
+                discard_granularity: 0,
+                discard_alignment: 0,
+                direct_io: true,
+                kind: storage::StorageKind::Qcow2,
             }),
             layers: vec!["qcow2:/img/a.qcow2".into(), "raw:/img/b.raw".into()],
             frontend: Some(FrontendParams {

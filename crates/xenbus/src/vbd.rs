@@ -52,44 +52,10 @@ pub struct DeviceConfig {
     pub settings: DeviceSettings,
 }
 
-/// What a storage offers; the backend's xenstore nodes are derived from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct DiskInfo {
-    /// Size in bytes (a multiple of `logical_block_size`).
-    pub size_bytes: u64,
-    /// Logical block size (`sector-size`).
-    pub logical_block_size: u32,
-    /// Physical block size (`physical-sector-size`).
-    pub physical_block_size: u32,
-    /// The storage can only be read.
-    pub read_only: bool,
-    /// There is a volatile cache to flush.
-    pub flush: bool,
-    /// Discard is supported.
-    pub discard: bool,
-    /// Secure discard is supported.
-    pub secure_discard: bool,
-    /// Discard granularity in bytes (0: the logical block size).
-    pub discard_granularity: u32,
-    /// Discard alignment in bytes.
-    pub discard_alignment: u32,
-}
-
-/// An opened storage, shared by the control thread and the engine.
-pub trait Disk: Send + Sync {
-    /// Current capabilities and size.
-    fn info(&self) -> DiskInfo;
-    /// Re-reads the size (online resize) and returns it in bytes.
-    fn refresh_size(&self) -> Result<u64, VbdError>;
-    /// What the disk is made of, top first, as `format:path` (an image and its backing
-    /// files); empty for a disk that is one thing.
-    fn layers(&self) -> Vec<String> {
-        Vec::new()
-    }
-    /// The concrete type, so a factory can get its own disk back in
-    /// [`VbdFactory::connect`].
-    fn as_any(&self) -> &dyn std::any::Any;
-}
+/// An opened storage, shared by the control thread and the engine: the `storage` crate's
+/// own trait object, passed through as it is (the backend's xenstore nodes are derived
+/// from its [`StorageInfo`]).
+pub use storage::{Storage, StorageInfo};
 
 /// The request/response layout the frontend uses (its `protocol` node), as blkif defines
 /// and parses it.
@@ -238,7 +204,7 @@ pub struct ConnectRequest<'a> {
     /// The device.
     pub config: &'a DeviceConfig,
     /// Its opened storage.
-    pub disk: &'a Arc<dyn Disk>,
+    pub storage: &'a Arc<dyn Storage>,
     /// The frontend's validated transport parameters.
     pub frontend: &'a FrontendParams,
     /// What we are about to publish.
@@ -283,7 +249,7 @@ pub trait ConnectedVbd: Send {
 pub trait VbdFactory: Send + Sync {
     /// Opens the device's storage (called once per device, after the hotplug script when the
     /// backend type waits for it).
-    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError>;
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError>;
 
     /// Maps the rings, binds the event channels and starts serving.
     fn connect(&self, request: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError>;

@@ -297,7 +297,7 @@ impl Device {
         self.session_id += 1;
         let vbd = ctx.factory.connect(ConnectRequest {
             config: &config,
-            disk: &disk,
+            storage: &disk,
             frontend: &params,
             features: &features,
             events: ctx.session_sink.sink(&self.key, self.session_id),

@@ -10,7 +10,7 @@ use crate::error::{DeviceError, VbdError};
 use crate::negotiate;
 use crate::ratelimit::Kind;
 use crate::status::DeviceStatus;
-use crate::vbd::{DeviceConfig, DisconnectReport, Disk, VbdEvent};
+use crate::vbd::{DeviceConfig, DisconnectReport, Storage as OpenedStorage, VbdEvent};
 use crate::vdev::vdev_name;
 
 impl Device {
@@ -20,7 +20,7 @@ impl Device {
         ctx: &Ctx<'_>,
         open_id: u64,
         config: DeviceConfig,
-        result: Result<Arc<dyn Disk>, VbdError>,
+        result: Result<Arc<dyn OpenedStorage>, VbdError>,
         fx: &mut Vec<Effect>,
     ) -> Result<(), DeviceError> {
         if !matches!(self.storage, Storage::Opening { open_id: awaited } if awaited == open_id) {
@@ -157,7 +157,10 @@ impl Device {
         let Storage::Open(open) = &mut self.storage else {
             return Ok(());
         };
-        let size = open.disk.refresh_size()?;
+        let size = open
+            .disk
+            .refresh_size()
+            .map_err(|e| VbdError::io("re-reading the storage size", &e))?;
         if let Phase::Connected(_) = self.phase {
             self.resized(ctx, size)
         } else {

@@ -65,8 +65,8 @@ use crate::ratelimit::{self, Kind, Warnings};
 use crate::state::XenbusState;
 use crate::store::{join, Store, StoreExt};
 use crate::vbd::{
-    BackendFeatures, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
-    FrontendParams, VbdEventSink, VbdFactory,
+    BackendFeatures, ConnectedVbd, DeviceConfig, DisconnectReport, Feature, FrontendParams,
+    StorageInfo, VbdEventSink, VbdFactory,
 };
 
 /// Identifies a device: `backend/<backend_type>/<domid>/<devid>`.
@@ -204,9 +204,9 @@ impl fmt::Debug for Storage {
 /// An opened storage and what is known about it.
 pub(crate) struct OpenStorage {
     config: DeviceConfig,
-    disk: Arc<dyn Disk>,
+    disk: Arc<dyn crate::vbd::Storage>,
     /// The storage's properties, kept current on resize.
-    info: DiskInfo,
+    info: StorageInfo,
     /// Features the storage refused after we advertised them: withdrawn for as long as
     /// this storage is open, so a reconnecting frontend is not offered them again.
     withdrawn: Withdrawn,
