@@ -192,107 +192,13 @@ impl Manager {
             rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
         }
         for ev in batch {
-            match ev {
-                Event::Watch { path, token } => {
-                    let mut released = BTreeSet::new();
-                    let mut found = Found {
-                        dirty: &mut dirty,
-                        rescan: &mut rescan,
-                        released: &mut released,
-                        claims: &mut claims,
-                    };
-                    self.route_watch(&path, &token, &mut found);
-                    for dev in self
-                        .devices
-                        .values_mut()
-                        .filter(|d| released.contains(&d.key.domid))
-                    {
-                        dev.domain_gone = true;
-                    }
-                }
-                Event::Rescan => {
-                    rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
-                    dirty.extend(self.devices.keys().cloned());
-                }
-                Event::Vbd {
-                    key,
-                    session,
-                    event,
-                } => {
-                    let ctx_parts = self.ctx_parts();
-                    let mut fx = Vec::new();
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.vbd_event(&ctx, session, event, &mut fx) {
-                            warn!(device = %key, error = %e, "handling engine event");
-                        }
-                        self.apply(&key, fx);
-                        dirty.insert(key);
-                    }
-                }
-                Event::Opened {
-                    key,
-                    open_id,
-                    config,
-                    result,
-                } => {
-                    let ctx_parts = self.ctx_parts();
-                    let mut fx = Vec::new();
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.opened(&ctx, open_id, *config, result, &mut fx) {
-                            warn!(device = %key, error = %e, "handling an opened storage");
-                            self.retry.insert(key.clone());
-                        }
-                        self.apply(&key, fx);
-                        dirty.insert(key);
-                    }
-                }
-                Event::Disconnected {
-                    key,
-                    session,
-                    result,
-                } => {
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        dev.disconnected(session, result);
-                        dirty.insert(key);
-                    }
-                }
-                Event::Status(reply) => {
-                    let _ = reply.send((self.daemon_status(), self.status()));
-                }
-                Event::RefreshSizes => {
-                    let ctx_parts = self.ctx_parts();
-                    for (key, dev) in self.devices.iter_mut() {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.refresh_size(&ctx) {
-                            warn!(device = %key, error = %e, "size refresh");
-                        }
-                    }
-                }
-                Event::Shutdown => {
-                    if self.shutdown_deadline.is_none() {
-                        info!(
-                            devices = self.devices.len(),
-                            "shutting down: closing every device"
-                        );
-                        self.shutdown_deadline = Some(
-                            Instant::now()
-                                + Duration::from_millis(self.config.drain_timeout_ms.max(1)),
-                        );
-                        dirty.extend(self.devices.keys().cloned());
-                    }
-                }
-            }
+            let mut found = Found {
+                dirty: &mut dirty,
+                rescan: &mut rescan,
+                released: &mut BTreeSet::new(),
+                claims: &mut claims,
+            };
+            self.handle(ev, &mut found);
         }
         for domid in claims {
             // A claim came or went: every device of that domain under a claimed type, known
@@ -326,6 +232,107 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// Handles one event: applies what it reports, and notes in `found` what it asks the
+    /// batch to look at.
+    fn handle(&mut self, ev: Event, found: &mut Found<'_>) {
+        match ev {
+            Event::Watch { path, token } => {
+                self.route_watch(&path, &token, found);
+                let released = &*found.released;
+                for dev in self
+                    .devices
+                    .values_mut()
+                    .filter(|d| released.contains(&d.key.domid))
+                {
+                    dev.domain_gone = true;
+                }
+            }
+            Event::Rescan => {
+                found
+                    .rescan
+                    .extend(self.config.backend_types.iter().map(|t| t.name.clone()));
+                found.dirty.extend(self.devices.keys().cloned());
+            }
+            Event::Vbd {
+                key,
+                session,
+                event,
+            } => {
+                let ctx_parts = self.ctx_parts();
+                let mut fx = Vec::new();
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.vbd_event(&ctx, session, event, &mut fx) {
+                        warn!(device = %key, error = %e, "handling engine event");
+                    }
+                    self.apply(&key, fx);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Opened {
+                key,
+                open_id,
+                config,
+                result,
+            } => {
+                let ctx_parts = self.ctx_parts();
+                let mut fx = Vec::new();
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.opened(&ctx, open_id, *config, result, &mut fx) {
+                        warn!(device = %key, error = %e, "handling an opened storage");
+                        self.retry.insert(key.clone());
+                    }
+                    self.apply(&key, fx);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Disconnected {
+                key,
+                session,
+                result,
+            } => {
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    dev.disconnected(session, result);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Status(reply) => {
+                let _ = reply.send((self.daemon_status(), self.status()));
+            }
+            Event::RefreshSizes => {
+                let ctx_parts = self.ctx_parts();
+                for (key, dev) in self.devices.iter_mut() {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.refresh_size(&ctx) {
+                        warn!(device = %key, error = %e, "size refresh");
+                    }
+                }
+            }
+            Event::Shutdown => {
+                if self.shutdown_deadline.is_none() {
+                    info!(
+                        devices = self.devices.len(),
+                        "shutting down: closing every device"
+                    );
+                    self.shutdown_deadline = Some(
+                        Instant::now() + Duration::from_millis(self.config.drain_timeout_ms.max(1)),
+                    );
+                    found.dirty.extend(self.devices.keys().cloned());
+                }
+            }
+        }
     }
 
     /// A device's reconcile failed on a store error: retried on the next tick, reported
