@@ -21,7 +21,6 @@
 //! - `sys`: epoll/timerfd/eventfd wrappers;
 //! - [`testing`]: fd-leak checks for tests of this crate and the layers around it.
 
-#![warn(missing_debug_implementations)]
 #![warn(clippy::cast_possible_truncation)]
 
 pub mod bounce;

@@ -781,6 +781,14 @@ pub struct Batch<'a> {
     committed: bool,
 }
 
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Batch<'_> {
     /// Ring slots free for more requests.
     pub fn free_slots(&self) -> usize {

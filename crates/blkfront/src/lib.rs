@@ -34,6 +34,8 @@
 //! Over xenstore, [`XenbusFrontend::connect`] follows the state machine from the frontend
 //! directory's `backend` node and keeps following the backend afterwards.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod error;
 pub mod features;

@@ -17,12 +17,14 @@ pub enum ShadowError {
     NotInFlight(u64),
 }
 
+#[derive(Debug)]
 enum Slot<T> {
     Free { next: Option<usize> },
     InFlight(T),
 }
 
 /// A fixed-size table of in-flight requests with an O(1) free list.
+#[derive(Debug)]
 pub struct ShadowTable<T> {
     slots: Vec<Slot<T>>,
     free_head: Option<usize>,

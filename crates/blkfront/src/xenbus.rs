@@ -35,52 +35,7 @@ use crate::frontend::{build_queue, release_resources, Frontend};
 use crate::guest::Guest;
 use crate::queue::QueueResources;
 
-/// `enum xenbus_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum XenbusState {
-    /// 0, or a missing/garbage node.
-    Unknown,
-    Initialising,
-    InitWait,
-    Initialised,
-    Connected,
-    Closing,
-    Closed,
-    Reconfiguring,
-    Reconfigured,
-}
-
-impl XenbusState {
-    /// Parses a `state` node.
-    pub fn parse(v: Option<&str>) -> Self {
-        match parse_unsigned(v) {
-            Some(1) => Self::Initialising,
-            Some(2) => Self::InitWait,
-            Some(3) => Self::Initialised,
-            Some(4) => Self::Connected,
-            Some(5) => Self::Closing,
-            Some(6) => Self::Closed,
-            Some(7) => Self::Reconfiguring,
-            Some(8) => Self::Reconfigured,
-            _ => Self::Unknown,
-        }
-    }
-
-    /// The number written to a `state` node.
-    pub fn as_u32(self) -> u32 {
-        match self {
-            Self::Unknown => 0,
-            Self::Initialising => 1,
-            Self::InitWait => 2,
-            Self::Initialised => 3,
-            Self::Connected => 4,
-            Self::Closing => 5,
-            Self::Closed => 6,
-            Self::Reconfiguring => 7,
-            Self::Reconfigured => 8,
-        }
-    }
-}
+pub use xenstore::XenbusState;
 
 const WATCH_TOKEN: &str = "blkfront-backend-state";
 
@@ -466,7 +421,11 @@ impl XenbusFrontend {
         let events = self.xs.watch_events();
         let state_path = format!("{}/state", self.backend_path);
         loop {
-            let s = XenbusState::parse(read_str(&self.xs, &state_path)?.as_deref());
+            let s = XenbusState::read(
+                read_str(&self.xs, &state_path)?
+                    .as_deref()
+                    .map(str::as_bytes),
+            );
             if pred(s) {
                 return Ok(s);
             }
@@ -492,8 +451,10 @@ impl XenbusFrontend {
             if now >= deadline || self.watcher.is_none() {
                 drop(st);
                 // No watcher (or it missed it): read directly.
-                let s = XenbusState::parse(
-                    read_str(&self.xs, &format!("{}/state", self.backend_path))?.as_deref(),
+                let s = XenbusState::read(
+                    read_str(&self.xs, &format!("{}/state", self.backend_path))?
+                        .as_deref()
+                        .map(str::as_bytes),
                 );
                 return if s >= want {
                     Ok(())
@@ -567,7 +528,7 @@ impl WatchCtx {
             let Ok(v) = read_str(&self.xs, &state_path) else {
                 continue;
             };
-            let s = XenbusState::parse(v.as_deref());
+            let s = XenbusState::read(v.as_deref().map(str::as_bytes));
             let prev = {
                 let mut st = lock(&self.lifecycle.state);
                 let prev = st.backend.replace(s);

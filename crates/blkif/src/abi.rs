@@ -288,6 +288,7 @@ compile_error!("Xen defines ring protocols only for x86 and ARM hosts");
 
 /// The struct layout a frontend chose with its `protocol` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Protocol {
     /// The host's own layout (the frontend wrote no `protocol` key, or the host's name).
     Native,
@@ -322,6 +323,29 @@ impl Protocol {
             Ok(Protocol::X86_64)
         } else {
             Err(UnknownProtocol(name.to_owned()))
+        }
+    }
+
+    /// Parses the frontend's `protocol` node as read from xenstore: the one parser both
+    /// sides use. `Ok(None)` when there is no node or it is empty, which means native:
+    /// blkif.h says so ("Default Value: XEN_IO_PROTO_ABI_NATIVE") and QEMU's qdisk
+    /// follows it. (Linux blkback instead assumes x86_32 on x86 hosts, a relic of the
+    /// first 32-bit PV guests on 64-bit dom0s; libxl writes `protocol` for every PV guest
+    /// anyway, so only frontends that never heard of the node omit it — native ones.) A
+    /// value is what [`Protocol::from_xenstore`] makes of it, the host's own name first,
+    /// as blkback's `connect_ring`; one trailing NUL is tolerated (some writers include
+    /// the terminator).
+    pub fn from_node(value: Option<&[u8]>) -> Result<Option<Self>, UnknownProtocol> {
+        let Some(raw) = value else {
+            return Ok(None);
+        };
+        let v = raw.strip_suffix(&[0]).unwrap_or(raw);
+        if v.is_empty() {
+            return Ok(None);
+        }
+        match std::str::from_utf8(v) {
+            Ok(name) => Protocol::from_xenstore(name).map(Some),
+            Err(_) => Err(UnknownProtocol(String::from_utf8_lossy(v).into_owned())),
         }
     }
 
@@ -449,6 +473,26 @@ mod tests {
             Ok(Protocol::Native)
         );
         assert!(Protocol::from_xenstore("sparc-abi").is_err());
+        // The host's own name is native (Linux blkback checks XEN_IO_PROTO_ABI_NATIVE
+        // first); arm-abi exists only where it is the host's name.
+        assert_eq!(
+            Protocol::from_xenstore(XEN_IO_PROTO_ABI_ARM).is_ok(),
+            XEN_IO_PROTO_ABI_NATIVE == XEN_IO_PROTO_ABI_ARM
+        );
+        assert_eq!(Protocol::from_node(None), Ok(None));
+        assert_eq!(Protocol::from_node(Some(b"")), Ok(None));
+        assert_eq!(Protocol::from_node(Some(b"\0")), Ok(None));
+        assert_eq!(
+            Protocol::from_node(Some(b"x86_32-abi\0")),
+            Ok(Some(Protocol::X86_32))
+        );
+        assert_eq!(
+            Protocol::from_node(Some(XEN_IO_PROTO_ABI_NATIVE.as_bytes())),
+            Ok(Some(Protocol::Native))
+        );
+        assert!(Protocol::from_node(Some(b"X86_64-ABI")).is_err());
+        assert!(Protocol::from_node(Some(b"x86_64-abi\0\0")).is_err());
+        assert!(Protocol::from_node(Some(&[0xff, 0xfe])).is_err());
         assert!(Protocol::from_xenstore("").is_err());
         for p in [Protocol::Native, Protocol::X86_32, Protocol::X86_64] {
             let back = Protocol::from_xenstore(p.xenstore_name()).unwrap();

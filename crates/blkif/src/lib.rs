@@ -58,7 +58,6 @@
 //! ```
 
 #![forbid(unsafe_code)]
-#![warn(missing_debug_implementations)]
 #![warn(clippy::cast_possible_truncation)]
 
 pub mod abi;

@@ -23,7 +23,6 @@
 //! Error statuses are Xen's own `GNTST_*` codes ([`GrantStatus`]) so that a test on the
 //! simulator asserts exactly what a real hypervisor would answer.
 
-#![warn(missing_debug_implementations)]
 #![warn(clippy::cast_possible_truncation)]
 
 use std::fmt;

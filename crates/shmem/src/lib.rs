@@ -10,7 +10,6 @@
 //! volatile read followed by an acquire fence (`virt_rmb`), a release store is a release
 //! fence followed by a volatile write (`virt_wmb`), and [`full_barrier`] is `virt_mb`.
 
-#![warn(missing_debug_implementations)]
 #![warn(clippy::cast_possible_truncation)]
 
 use std::fmt;

@@ -55,7 +55,6 @@
 //! [`StorageQueue`] and through a bare io_uring loop, so the cost of the abstraction is
 //! measured side by side.
 
-#![warn(missing_debug_implementations)]
 #![warn(clippy::cast_possible_truncation)]
 
 use std::io;
@@ -92,6 +91,7 @@ pub const MAX_QUEUE_DEPTH: u32 = 4096;
 
 /// What backs a storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum StorageKind {
     File,
     BlockDevice,
@@ -109,6 +109,7 @@ pub enum StorageKind {
 /// `feature-discard`, `discard-secure`, `discard-granularity`, `discard-alignment`, `mode`)
 /// from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StorageInfo {
     /// Usable size, rounded down to a multiple of `logical_block_size`.
     pub size_bytes: u64,

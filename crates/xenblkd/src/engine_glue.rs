@@ -2,7 +2,6 @@
 //! with `storage::open` and `backend::Engine::attach`, translating between the two crates'
 //! vocabularies (and nothing more: decisions stay in the layers).
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,56 +12,13 @@ use storage::{DirectIo, OpenOptions, Storage};
 use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
 use xenbus::parse::{DiskFormat, DiskTarget};
 use xenbus::vbd::{
-    ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo, Feature,
-    Protocol, VbdEvent, VbdEventSink, VbdFactory,
+    ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Feature, VbdEvent, VbdEventSink,
+    VbdFactory,
 };
 use xenbus::VbdError;
 
 const EINVAL: i32 = 22;
 const EOPNOTSUPP: i32 = 95;
-
-/// An opened storage as the xenbus layer sees it.
-pub struct StorageDisk {
-    storage: Arc<dyn Storage>,
-}
-
-impl StorageDisk {
-    /// Wraps an opened storage.
-    pub fn new(storage: Arc<dyn Storage>) -> StorageDisk {
-        StorageDisk { storage }
-    }
-}
-
-impl Disk for StorageDisk {
-    fn info(&self) -> DiskInfo {
-        let i = self.storage.info();
-        DiskInfo {
-            size_bytes: i.size_bytes,
-            logical_block_size: i.logical_block_size,
-            physical_block_size: i.physical_block_size,
-            read_only: i.read_only,
-            flush: i.flush,
-            discard: i.discard,
-            secure_discard: i.secure_discard,
-            discard_granularity: i.discard_granularity,
-            discard_alignment: i.discard_alignment,
-        }
-    }
-
-    fn refresh_size(&self) -> Result<u64, VbdError> {
-        self.storage
-            .refresh_size()
-            .map_err(|e| VbdError::io("re-reading the storage size", &e))
-    }
-
-    fn layers(&self) -> Vec<String> {
-        self.storage.layers()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
 
 /// The storage open options for a device.
 ///
@@ -250,14 +206,6 @@ impl EngineGauges {
     }
 }
 
-fn protocol(p: Protocol) -> blkif::abi::Protocol {
-    match p {
-        Protocol::Native => blkif::abi::Protocol::Native,
-        Protocol::X86_32 => blkif::abi::Protocol::X86_32,
-        Protocol::X86_64 => blkif::abi::Protocol::X86_64,
-    }
-}
-
 fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
     match m {
         GrantModeSetting::Map => backend::GrantMode::Map,
@@ -267,24 +215,16 @@ fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
 }
 
 impl VbdFactory for EngineFactory {
-    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
-        let storage = open_target(
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError> {
+        open_target(
             &config.target,
             open_options(config),
             config.physical_device,
             nbd_config(config),
-        )?;
-        Ok(Arc::new(StorageDisk::new(storage)))
+        )
     }
 
     fn connect(&self, req: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError> {
-        let disk = req
-            .disk
-            .as_any()
-            .downcast_ref::<StorageDisk>()
-            .ok_or_else(|| {
-                VbdError::new("connecting", "disk was not opened by this factory", EINVAL)
-            })?;
         let domid = u16::try_from(req.config.frontend_id)
             .ok()
             .filter(|&d| d < platform::DOMID_FIRST_RESERVED)
@@ -305,7 +245,7 @@ impl VbdFactory for EngineFactory {
         let events = event_forwarder(advertised, req.events.clone());
         let spec = VbdSpec {
             domid,
-            storage: disk.storage.clone(),
+            storage: req.storage.clone(),
             read_only: req.features.read_only,
             rings: req
                 .frontend
@@ -316,7 +256,7 @@ impl VbdFactory for EngineFactory {
                     event_channel: q.event_channel,
                 })
                 .collect(),
-            protocol: protocol(req.frontend.protocol),
+            protocol: req.frontend.protocol,
             persistent: req.frontend.persistent,
             grant_mode: grant_mode(settings.grant_mode),
             features: advertised,

@@ -1,6 +1,8 @@
 //! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `qemu-dm`, `demo`, `bench`.
 //! Each subcommand lives in its own module; this file only dispatches.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 
 mod attach;

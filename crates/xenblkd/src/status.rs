@@ -6,8 +6,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use serde_json::Value;
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use xenbus::status::{ControlReply, DeviceStatus, StatusReport};
+use xenbus::vbd::BackendFeatures;
 
 /// Default control socket of `xenblkd serve`.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/xenblkd/control";
@@ -22,8 +25,8 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Sends one request and returns the parsed reply.
-pub fn query(socket: &Path, request: &str) -> anyhow::Result<Value> {
+/// Sends one request and returns the reply line as the daemon wrote it.
+pub fn query_line(socket: &Path, request: &str) -> anyhow::Result<String> {
     let stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to {} (is `xenblkd serve` running?)",
@@ -34,25 +37,25 @@ pub fn query(socket: &Path, request: &str) -> anyhow::Result<Value> {
     (&stream).write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let reply: Value = serde_json::from_str(&line).context("parsing the daemon's reply")?;
-    if reply.get("ok") != Some(&Value::Bool(true)) {
-        bail!(
-            "daemon error: {}",
-            reply
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("(no message)")
-        );
-    }
-    Ok(reply)
+    Ok(line)
+}
+
+/// Asks for the status and reads it back as the types the daemon wrote it from.
+pub fn query(socket: &Path) -> anyhow::Result<(String, StatusReport)> {
+    let line = query_line(socket, r#"{"cmd":"status"}"#)?;
+    let report = ControlReply::parse(&line)
+        .context("parsing the daemon's reply")?
+        .into_report()
+        .map_err(|e| anyhow::anyhow!("daemon error: {e}"))?;
+    Ok((line, report))
 }
 
 pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
-    let reply = query(&args.control_socket, r#"{"cmd":"status"}"#)?;
+    let (line, report) = query(&args.control_socket)?;
     if args.json {
-        println!("{reply}");
+        print!("{line}");
     } else {
-        print!("{}", render(&reply));
+        print!("{}", render(&report));
     }
     Ok(())
 }
@@ -72,163 +75,121 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
-}
-
-fn u64_of(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn flag(v: &Value, key: &str) -> bool {
-    v.get(key).and_then(Value::as_bool).unwrap_or(false)
+fn counters(m: &BTreeMap<String, u64>) -> String {
+    let line: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    line.join(", ")
 }
 
 /// The human-readable report.
-pub fn render(reply: &Value) -> String {
-    let mut out = String::new();
-    let daemon = &reply["daemon"];
-    let types: Vec<&str> = daemon["backend_types"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let devices = reply["devices"].as_array().cloned().unwrap_or_default();
-    out.push_str(&format!(
+pub fn render(report: &StatusReport) -> String {
+    let daemon = &report.daemon;
+    let mut out = format!(
         "xenblkd: serving {} under {}, {} device(s){}\n",
-        types.join(", "),
-        str_of(daemon, "home"),
-        devices.len(),
-        if flag(daemon, "shutting_down") {
+        daemon.backend_types.join(", "),
+        daemon.home,
+        report.devices.len(),
+        if daemon.shutting_down {
             ", shutting down"
         } else {
             ""
         }
-    ));
-    if let Some(m) = daemon
-        .get("metrics")
-        .and_then(Value::as_object)
-        .filter(|m| !m.is_empty())
-    {
-        let line: Vec<String> = m
-            .iter()
-            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
-            .collect();
-        out.push_str(&format!("  daemon: {}\n", line.join(", ")));
+    );
+    if !daemon.metrics.is_empty() {
+        out.push_str(&format!("  daemon: {}\n", counters(&daemon.metrics)));
     }
-    for d in &devices {
-        out.push_str(&format!(
-            "\n{}/{}/{} ({}): backend {}, frontend {}\n",
-            str_of(d, "backend_type"),
-            u64_of(d, "domid"),
-            u64_of(d, "devid"),
-            str_of(d, "vdev"),
-            str_of(d, "state"),
-            str_of(d, "frontend_state"),
-        ));
-        if let Some(t) = d.get("target").and_then(Value::as_str) {
-            let disk = &d["disk"];
-            out.push_str(&format!(
-                "  storage: {} ({}), {}, sector {} / physical {}{}\n",
-                t,
-                str_of(d, "format"),
-                human_size(u64_of(disk, "size_bytes")),
-                u64_of(disk, "logical_block_size"),
-                u64_of(disk, "physical_block_size"),
-                if flag(disk, "read_only") {
-                    ", read-only"
-                } else {
-                    ""
-                }
-            ));
-        }
-        if let Some(layers) = d.get("layers").and_then(Value::as_array) {
-            let chain: Vec<&str> = layers.iter().filter_map(Value::as_str).collect();
-            if chain.len() > 1 {
-                out.push_str(&format!("  backing chain: {}\n", chain.join(" -> ")));
-            }
-        }
-        if let Some(fe) = d.get("frontend").filter(|v| !v.is_null()) {
-            let queues = fe["queues"].as_array().map_or(0, Vec::len);
-            let proto = match str_of(fe, "protocol") {
-                p if flag(fe, "protocol_specified") => p.to_string(),
-                p => format!("{p} (not specified)"),
-            };
-            out.push_str(&format!(
-                "  negotiated: protocol {proto}, {queues} queue(s), ring-page-order {}, persistent grants {}{}\n",
-                u64_of(fe, "ring_page_order"),
-                if flag(fe, "persistent") { "yes" } else { "no" },
-                if flag(fe, "large_sector_size") { ", large sectors" } else { "" }
-            ));
-        }
-        if let Some(f) = d.get("features").filter(|v| !v.is_null()) {
-            let mut feats = Vec::new();
-            for (k, name) in [
-                ("flush", "flush-cache"),
-                ("barrier", "barrier"),
-                ("persistent", "persistent"),
-            ] {
-                if flag(f, k) {
-                    feats.push(name.to_string());
-                }
-            }
-            if flag(f, "discard") {
-                feats.push(format!(
-                    "discard(granularity {}, alignment {}{})",
-                    u64_of(f, "discard_granularity"),
-                    u64_of(f, "discard_alignment"),
-                    if flag(f, "secure_discard") {
-                        ", secure"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            let indirect = u64_of(f, "max_indirect_segments");
-            if indirect > 0 {
-                feats.push(format!("indirect {indirect}"));
-            }
-            out.push_str(&format!(
-                "  advertised: {}; sectors {}, info {}\n",
-                if feats.is_empty() {
-                    "-".to_string()
-                } else {
-                    feats.join(" ")
-                },
-                u64_of(f, "sectors"),
-                u64_of(f, "info")
-            ));
-        }
-        if let Some(stats) = d
-            .get("stats")
-            .and_then(Value::as_object)
-            .filter(|m| !m.is_empty())
-        {
-            let line: Vec<String> = stats
-                .iter()
-                .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
-                .collect();
-            out.push_str(&format!("  stats: {}\n", line.join(", ")));
-        }
-        out.push_str(&format!("  sessions: {}", u64_of(d, "sessions")));
-        if flag(d, "disconnecting") {
-            out.push_str(", disconnecting");
-        }
-        if let Some(r) = d.get("last_disconnect").filter(|v| !v.is_null()) {
-            out.push_str(&format!(
-                ", last disconnect {}",
-                if flag(r, "drained") {
-                    "drained"
-                } else {
-                    "NOT drained"
-                }
-            ));
-        }
-        out.push('\n');
-        if let Some(e) = d.get("error").and_then(Value::as_str) {
-            out.push_str(&format!("  error: {e}\n"));
-        }
+    for d in &report.devices {
+        render_device(&mut out, d);
     }
     out
+}
+
+fn render_device(out: &mut String, d: &DeviceStatus) {
+    out.push_str(&format!(
+        "\n{}/{}/{} ({}): backend {}, frontend {}\n",
+        d.backend_type, d.domid, d.devid, d.vdev, d.state, d.frontend_state,
+    ));
+    if let (Some(t), Some(disk)) = (&d.target, &d.disk) {
+        out.push_str(&format!(
+            "  storage: {} ({}), {}, sector {} / physical {}{}\n",
+            t,
+            d.format.as_deref().unwrap_or("-"),
+            human_size(disk.size_bytes),
+            disk.logical_block_size,
+            disk.physical_block_size,
+            if disk.read_only { ", read-only" } else { "" }
+        ));
+    }
+    if d.layers.len() > 1 {
+        out.push_str(&format!("  backing chain: {}\n", d.layers.join(" -> ")));
+    }
+    if let Some(fe) = &d.frontend {
+        let proto = if fe.protocol_specified {
+            format!("{:?}", fe.protocol)
+        } else {
+            format!("{:?} (not specified)", fe.protocol)
+        };
+        out.push_str(&format!(
+            "  negotiated: protocol {proto}, {} queue(s), ring-page-order {}, persistent grants {}{}\n",
+            fe.queues.len(),
+            fe.ring_page_order,
+            if fe.persistent { "yes" } else { "no" },
+            if fe.large_sector_size { ", large sectors" } else { "" }
+        ));
+    }
+    if let Some(f) = &d.features {
+        out.push_str(&format!(
+            "  advertised: {}; sectors {}, info {}\n",
+            advertised(f),
+            f.sectors,
+            f.info
+        ));
+    }
+    if !d.stats.is_empty() {
+        out.push_str(&format!("  stats: {}\n", counters(&d.stats)));
+    }
+    out.push_str(&format!("  sessions: {}", d.sessions));
+    if d.disconnecting {
+        out.push_str(", disconnecting");
+    }
+    if let Some(r) = &d.last_disconnect {
+        out.push_str(&format!(
+            ", last disconnect {}",
+            if r.drained { "drained" } else { "NOT drained" }
+        ));
+    }
+    out.push('\n');
+    if let Some(e) = &d.error {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+}
+
+fn advertised(f: &BackendFeatures) -> String {
+    let mut feats = Vec::new();
+    for (on, name) in [
+        (f.flush, "flush-cache"),
+        (f.barrier, "barrier"),
+        (f.persistent, "persistent"),
+    ] {
+        if on {
+            feats.push(name.to_string());
+        }
+    }
+    if f.discard {
+        feats.push(format!(
+            "discard(granularity {}, alignment {}{})",
+            f.discard_granularity,
+            f.discard_alignment,
+            if f.secure_discard { ", secure" } else { "" }
+        ));
+    }
+    if f.max_indirect_segments > 0 {
+        feats.push(format!("indirect {}", f.max_indirect_segments));
+    }
+    if feats.is_empty() {
+        "-".to_string()
+    } else {
+        feats.join(" ")
+    }
 }
 
 #[cfg(test)]
@@ -237,17 +198,25 @@ mod tests {
 
     #[test]
     fn renders_a_connected_device() {
-        let reply: Value = serde_json::from_str(
-            r#"{"ok":true,"daemon":{"backend_types":["vbd","xenblkd"],"home":"/local/domain/0","shutting_down":false},
-            "devices":[{"backend_type":"xenblkd","domid":5,"devid":51728,"vdev":"xvdb","state":"Connected",
+        let reply = ControlReply::parse(
+            r#"{"ok":true,"daemon":{"backend_types":["vbd","xenblkd"],"home":"/local/domain/0","shutting_down":false,"metrics":{}},
+            "devices":[{"backend_type":"xenblkd","domid":5,"devid":51728,"vdev":"xvdb",
+            "backend_path":"/local/domain/0/backend/xenblkd/5/51728","state":"Connected",
             "frontend_state":"Connected","target":"/img/a.qcow2","format":"qcow2",
             "layers":["qcow2:/img/a.qcow2","qcow2:/img/b.qcow2","raw:/img/c.raw"],
-            "disk":{"size_bytes":1073741824,"logical_block_size":512,"physical_block_size":4096,"read_only":false},
-            "frontend":{"protocol":"X86_64","protocol_specified":true,"queues":[{},{}],"ring_page_order":1,"persistent":true},
+            "disk":{"size_bytes":1073741824,"logical_block_size":512,"physical_block_size":4096,"read_only":false,
+            "flush":true,"discard":true,"secure_discard":false,"discard_granularity":4096,"discard_alignment":0,
+            "buffer_alignment":512,"direct_io":true,"kind":"Qcow2"},
+            "frontend":{"protocol":"X86_64","protocol_specified":true,
+            "queues":[{"ring_refs":[8],"event_channel":3},{"ring_refs":[9],"event_channel":4}],"ring_page_order":1,
+            "frontend_persistent":true,"persistent":true,"large_sector_size":false,"ignored_flags":[]},
             "features":{"flush":true,"barrier":true,"discard":true,"discard_granularity":4096,"discard_alignment":0,
-            "secure_discard":false,"persistent":true,"max_indirect_segments":256,"sectors":2097152,"info":0},
+            "secure_discard":false,"persistent":true,"max_indirect_segments":256,"sector_size":512,
+            "physical_sector_size":4096,"sectors":2097152,"info":0,"read_only":false},
             "stats":{"rd_req":3,"wr_req":4},"sessions":1,"error":null,"last_disconnect":null,"disconnecting":false}]}"#,
         )
+        .unwrap()
+        .into_report()
         .unwrap();
         let text = render(&reply);
         assert!(

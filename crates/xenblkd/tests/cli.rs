@@ -124,7 +124,7 @@ fn attach_and_detach_commands() {
         "{}",
         text(&out)
     );
-    assert!(host.status()["devices"].as_array().unwrap().is_empty());
+    assert!(host.status().devices.is_empty());
 }
 
 /// Without RUST_LOG the daemon logs at info: an operator sees devices reach InitWait and

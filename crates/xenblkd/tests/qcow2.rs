@@ -27,13 +27,13 @@ fn a_qcow2_disk_with_a_backing_chain_end_to_end() {
     let be = spec.backend_path();
 
     let dev = host.device_status("xenblkd", 5, 51712).unwrap();
-    assert_eq!(dev["format"], "qcow2");
+    assert_eq!(dev.format.as_deref(), Some("qcow2"));
     assert_eq!(
-        dev["layers"],
-        serde_json::json!([
+        dev.layers,
+        [
             format!("qcow2:{}", top.display()),
             format!("raw:{}", base.display())
-        ])
+        ]
     );
     let text = host.status_text();
     assert!(
@@ -201,8 +201,8 @@ fn a_full_host_file_system_fails_only_that_disks_writes() {
     // Only that disk's failed writes were errors; it stays connected, and the other disk
     // and the daemon are unaffected.
     let dev = host.device_status("xenblkd", 7, 51712).unwrap();
-    assert_eq!(dev["state"], "Connected", "{dev}");
-    assert!(dev["stats"]["errors"].as_u64().unwrap() >= 1, "{dev}");
+    assert_eq!(dev.state, XenbusState::Connected, "{dev:?}");
+    assert!(dev.stats["errors"] >= 1, "{dev:?}");
     host.guest(8, 51712, &[], "connect,io:16,flush,close")
         .finish();
     std::fs::write(&go_on, b"").unwrap();

@@ -302,7 +302,7 @@ fn qdisk_with_format_qcow2() {
     let be = spec.backend_path();
     host.wait_state(&be, XenbusState::InitWait);
     let dev = host.device_status("qdisk", 10, 51712).unwrap();
-    assert_eq!(dev["format"], "qcow2");
+    assert_eq!(dev.format.as_deref(), Some("qcow2"));
     host.guest(
         10,
         51712,

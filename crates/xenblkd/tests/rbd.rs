@@ -58,7 +58,7 @@ fn guest_io_on_an_rbd_disk_beside_a_file_disk() {
     let dev = host
         .device_status("xenblkd", 6, 51712)
         .expect("device status");
-    assert_eq!(dev["format"], "rbd", "{dev}");
+    assert_eq!(dev.format.as_deref(), Some("rbd"), "{dev:?}");
     assert!(host.status_text().contains("rbd"), "{}", host.status_text());
     guest.expect("ok discard");
     guest.expect("ok io:8");

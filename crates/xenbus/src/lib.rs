@@ -10,7 +10,8 @@
 //! | module | owns |
 //! |---|---|
 //! | [`manager`] | the control loop: watches, the device table, events, shutdown, status |
-//! | [`device`] | one device's state machine (level-triggered `reconcile`) |
+//! | [`device`] | one device's state machine: a phase enum matched with the frontend's state |
+//! | [`event`] | what reaches the control loop, and the worker threads that report there |
 //! | [`negotiate`] | reading toolstack/frontend nodes, publishing ours (pure functions) |
 //! | [`vbd`] | the engine seam: [`vbd::VbdFactory`], [`vbd::ConnectedVbd`], the types they exchange |
 //! | [`toolstack`] | writing/removing device nodes the way libxl does (for `xenblkd attach`, tests) |
@@ -23,10 +24,13 @@
 //! | [`ratelimit`] | per-device limits on the warnings a guest can cause at will |
 //! | [`parse`], [`state`], [`vdev`] | strict value parsers, XenbusState, device names |
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod device;
 pub mod devmodel;
 pub mod error;
+pub mod event;
 pub mod manager;
 pub mod memstore;
 pub mod negotiate;

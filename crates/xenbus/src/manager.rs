@@ -14,16 +14,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+pub use crate::event::{Event, EventSender};
+
 use crate::config::Config;
-use crate::device::{Ctx, Device, DeviceKey, Outcome};
+use crate::device::{Ctx, Device, DeviceKey, Effect, SessionSinks};
 use crate::devmodel::{self, ClaimChange};
-use crate::error::{DeviceError, StoreError, VbdError};
+use crate::error::{DeviceError, StoreError};
+use crate::event::{spawn_disconnect, spawn_open};
 use crate::parse::parse_u32;
 use crate::status::{DaemonStatus, DeviceStatus};
 use crate::store::{join, Store, StoreExt};
-use crate::vbd::{
-    ConnectedVbd, DeviceConfig, DisconnectReport, Disk, VbdEvent, VbdEventSink, VbdFactory,
-};
+use crate::vbd::{VbdEventSink, VbdFactory};
 
 const TOKEN_PREFIX: &str = "xenblkd:";
 const RELEASE_DOMAIN: &str = "@releaseDomain";
@@ -44,85 +45,6 @@ const RELEVANT_BACKEND_NODES: &[&str] = &[
     "frontend-id",
 ];
 
-/// Something for the control loop.
-pub enum Event {
-    /// A xenstore watch fired.
-    Watch {
-        /// The path that changed.
-        path: String,
-        /// The watch's token.
-        token: String,
-    },
-    /// Watch events were lost (queue overflow, reconnect): rescan everything.
-    Rescan,
-    /// An engine report about a device's session.
-    Vbd {
-        /// The device.
-        key: DeviceKey,
-        /// The session it is about.
-        session: u64,
-        /// What happened.
-        event: VbdEvent,
-    },
-    /// A disconnect worker finished.
-    Disconnected {
-        /// The device.
-        key: DeviceKey,
-        /// The session that was disconnected.
-        session: u64,
-        /// How it went.
-        result: Result<DisconnectReport, VbdError>,
-    },
-    /// A storage open finished on its worker thread.
-    Opened {
-        /// The device.
-        key: DeviceKey,
-        /// Which open it was.
-        open_id: u64,
-        /// The configuration it opened.
-        config: Box<DeviceConfig>,
-        /// The storage, or why not.
-        result: Result<Arc<dyn Disk>, VbdError>,
-    },
-    /// A status query.
-    Status(Sender<(DaemonStatus, Vec<DeviceStatus>)>),
-    /// Re-read every device's storage size (operator-triggered resize check).
-    RefreshSizes,
-    /// Close every device and stop.
-    Shutdown,
-}
-
-/// A cloneable handle to send events to a [`Manager`] from any thread.
-#[derive(Clone)]
-pub struct EventSender(Sender<Event>);
-
-impl EventSender {
-    /// Forwards a watch event.
-    pub fn watch_fired(&self, path: &str, token: &str) {
-        let _ = self.0.send(Event::Watch {
-            path: path.to_string(),
-            token: token.to_string(),
-        });
-    }
-
-    /// Sends any event; false if the manager is gone.
-    pub fn send(&self, event: Event) -> bool {
-        self.0.send(event).is_ok()
-    }
-
-    /// Asks the manager to close every device and return from [`Manager::run`].
-    pub fn shutdown(&self) {
-        let _ = self.0.send(Event::Shutdown);
-    }
-
-    /// Queries the status (`None` if the manager does not answer within `timeout`).
-    pub fn status(&self, timeout: Duration) -> Option<(DaemonStatus, Vec<DeviceStatus>)> {
-        let (tx, rx) = mpsc::channel();
-        self.0.send(Event::Status(tx)).ok()?;
-        rx.recv_timeout(timeout).ok()
-    }
-}
-
 /// The device manager.
 pub struct Manager {
     store: Arc<dyn Store>,
@@ -142,6 +64,16 @@ pub struct Manager {
     rescan_pending: bool,
     /// When devices last reported their suppressed warnings.
     suppressed_reported: Instant,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("home", &self.home)
+            .field("devices", &self.devices)
+            .field("shutting_down", &self.shutdown_deadline.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Produces the daemon-wide gauges of a status reply.
@@ -175,7 +107,7 @@ impl Manager {
 
     /// A handle to send events (watch events, shutdown, status queries).
     pub fn sender(&self) -> EventSender {
-        EventSender(self.tx.clone())
+        EventSender::new(self.tx.clone())
     }
 
     /// The backend directory of a type: `/local/domain/<id>/backend/<type>`.
@@ -260,103 +192,13 @@ impl Manager {
             rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
         }
         for ev in batch {
-            match ev {
-                Event::Watch { path, token } => {
-                    let mut released = BTreeSet::new();
-                    let mut found = Found {
-                        dirty: &mut dirty,
-                        rescan: &mut rescan,
-                        released: &mut released,
-                        claims: &mut claims,
-                    };
-                    self.route_watch(&path, &token, &mut found);
-                    for dev in self
-                        .devices
-                        .values_mut()
-                        .filter(|d| released.contains(&d.key.domid))
-                    {
-                        dev.domain_gone = true;
-                    }
-                }
-                Event::Rescan => {
-                    rescan.extend(self.config.backend_types.iter().map(|t| t.name.clone()));
-                    dirty.extend(self.devices.keys().cloned());
-                }
-                Event::Vbd {
-                    key,
-                    session,
-                    event,
-                } => {
-                    let ctx_parts = self.ctx_parts();
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.vbd_event(&ctx, session, event) {
-                            warn!(device = %key, error = %e, "handling engine event");
-                        }
-                        dirty.insert(key);
-                    }
-                }
-                Event::Opened {
-                    key,
-                    open_id,
-                    config,
-                    result,
-                } => {
-                    let ctx_parts = self.ctx_parts();
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.opened(&ctx, open_id, *config, result) {
-                            warn!(device = %key, error = %e, "handling an opened storage");
-                            self.retry.insert(key.clone());
-                        }
-                        dirty.insert(key);
-                    }
-                }
-                Event::Disconnected {
-                    key,
-                    session,
-                    result,
-                } => {
-                    if let Some(dev) = self.devices.get_mut(&key) {
-                        dev.disconnected(session, result);
-                        dirty.insert(key);
-                    }
-                }
-                Event::Status(reply) => {
-                    let _ = reply.send((self.daemon_status(), self.status()));
-                }
-                Event::RefreshSizes => {
-                    let ctx_parts = self.ctx_parts();
-                    for (key, dev) in self.devices.iter_mut() {
-                        let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                            continue;
-                        };
-                        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                        if let Err(e) = dev.refresh_size(&ctx) {
-                            warn!(device = %key, error = %e, "size refresh");
-                        }
-                    }
-                }
-                Event::Shutdown => {
-                    if self.shutdown_deadline.is_none() {
-                        info!(
-                            devices = self.devices.len(),
-                            "shutting down: closing every device"
-                        );
-                        self.shutdown_deadline = Some(
-                            Instant::now()
-                                + Duration::from_millis(self.config.drain_timeout_ms.max(1)),
-                        );
-                        dirty.extend(self.devices.keys().cloned());
-                    }
-                }
-            }
+            let mut found = Found {
+                dirty: &mut dirty,
+                rescan: &mut rescan,
+                released: &mut BTreeSet::new(),
+                claims: &mut claims,
+            };
+            self.handle(ev, &mut found);
         }
         for domid in claims {
             // A claim came or went: every device of that domain under a claimed type, known
@@ -390,6 +232,107 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// Handles one event: applies what it reports, and notes in `found` what it asks the
+    /// batch to look at.
+    fn handle(&mut self, ev: Event, found: &mut Found<'_>) {
+        match ev {
+            Event::Watch { path, token } => {
+                self.route_watch(&path, &token, found);
+                let released = &*found.released;
+                for dev in self
+                    .devices
+                    .values_mut()
+                    .filter(|d| released.contains(&d.key.domid))
+                {
+                    dev.domain_gone = true;
+                }
+            }
+            Event::Rescan => {
+                found
+                    .rescan
+                    .extend(self.config.backend_types.iter().map(|t| t.name.clone()));
+                found.dirty.extend(self.devices.keys().cloned());
+            }
+            Event::Vbd {
+                key,
+                session,
+                event,
+            } => {
+                let ctx_parts = self.ctx_parts();
+                let mut fx = Vec::new();
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.vbd_event(&ctx, session, event, &mut fx) {
+                        warn!(device = %key, error = %e, "handling engine event");
+                    }
+                    self.apply(&key, fx);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Opened {
+                key,
+                open_id,
+                config,
+                result,
+            } => {
+                let ctx_parts = self.ctx_parts();
+                let mut fx = Vec::new();
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.opened(&ctx, open_id, *config, result, &mut fx) {
+                        warn!(device = %key, error = %e, "handling an opened storage");
+                        self.retry.insert(key.clone());
+                    }
+                    self.apply(&key, fx);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Disconnected {
+                key,
+                session,
+                result,
+            } => {
+                if let Some(dev) = self.devices.get_mut(&key) {
+                    dev.disconnected(session, result);
+                    found.dirty.insert(key);
+                }
+            }
+            Event::Status(reply) => {
+                let _ = reply.send((self.daemon_status(), self.status()));
+            }
+            Event::RefreshSizes => {
+                let ctx_parts = self.ctx_parts();
+                for (key, dev) in self.devices.iter_mut() {
+                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
+                        return;
+                    };
+                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+                    if let Err(e) = dev.refresh_size(&ctx) {
+                        warn!(device = %key, error = %e, "size refresh");
+                    }
+                }
+            }
+            Event::Shutdown => {
+                if self.shutdown_deadline.is_none() {
+                    info!(
+                        devices = self.devices.len(),
+                        "shutting down: closing every device"
+                    );
+                    self.shutdown_deadline = Some(
+                        Instant::now() + Duration::from_millis(self.config.drain_timeout_ms.max(1)),
+                    );
+                    found.dirty.extend(self.devices.keys().cloned());
+                }
+            }
+        }
     }
 
     /// A device's reconcile failed on a store error: retried on the next tick, reported
@@ -565,7 +508,6 @@ impl Manager {
         CtxParts {
             tx: self.tx.clone(),
             shutting_down: self.shutdown_deadline.is_some(),
-            drain_timeout: Duration::from_millis(self.config.drain_timeout_ms),
         }
     }
 
@@ -621,11 +563,25 @@ impl Manager {
         }
         dev.claimed = claimed;
         let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
-        match dev.reconcile(&ctx) {
-            Ok(Outcome::Idle) => {}
-            Ok(Outcome::WatchFrontend) => {
-                if let Some(fe) = dev.frontend_path.clone() {
-                    let state = join(&fe, "state");
+        let mut fx = Vec::new();
+        let result = dev.reconcile(&ctx, &mut fx);
+        self.apply(key, fx);
+        match result {
+            Ok(()) => {}
+            Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
+            Err(e) => self.reconcile_failed(key, &e),
+        }
+        Ok(())
+    }
+
+    /// Does what a device asked for in its last call.
+    fn apply(&mut self, key: &DeviceKey, effects: Vec<Effect>) {
+        for effect in effects {
+            let Some(dev) = self.devices.get_mut(key) else {
+                return;
+            };
+            match effect {
+                Effect::WatchFrontend(state) => {
                     if let Some(old) = dev.watched_frontend.take() {
                         let _ = self.store.unwatch(&old, &fe_token(key));
                     }
@@ -637,25 +593,29 @@ impl Manager {
                         }
                     }
                 }
-            }
-            Ok(Outcome::UnwatchFrontend) => {
-                if let Some(w) = dev.watched_frontend.take() {
-                    let _ = self.store.unwatch(&w, &fe_token(key));
-                }
-            }
-            Ok(Outcome::Forget) => {
-                if let Some(mut dev) = self.devices.remove(key) {
+                Effect::UnwatchFrontend => {
                     if let Some(w) = dev.watched_frontend.take() {
                         let _ = self.store.unwatch(&w, &fe_token(key));
                     }
-                    dev.report_suppressed(Instant::now(), true);
                 }
-                info!(device = %key, "device removed");
+                Effect::Open { open_id, config } => {
+                    spawn_open(&self.tx, key, open_id, self.factory.clone(), config);
+                }
+                Effect::Disconnect { session, vbd } => {
+                    let timeout = Duration::from_millis(self.config.drain_timeout_ms);
+                    spawn_disconnect(&self.tx, key, session, vbd, timeout);
+                }
+                Effect::Forget => {
+                    if let Some(mut dev) = self.devices.remove(key) {
+                        if let Some(w) = dev.watched_frontend.take() {
+                            let _ = self.store.unwatch(&w, &fe_token(key));
+                        }
+                        dev.report_suppressed(Instant::now(), true);
+                    }
+                    info!(device = %key, "device removed");
+                }
             }
-            Err(DeviceError::Store(e)) if e.is_disconnected() => return Err(e),
-            Err(e) => self.reconcile_failed(key, &e),
         }
-        Ok(())
     }
 
     /// Disconnects every device synchronously and writes Closed (shutdown deadline).
@@ -707,7 +667,6 @@ struct Found<'a> {
 struct CtxParts {
     tx: Sender<Event>,
     shutting_down: bool,
-    drain_timeout: Duration,
 }
 
 impl CtxParts {
@@ -724,88 +683,23 @@ impl CtxParts {
             config,
             backend_type,
             shutting_down: self.shutting_down,
-            events: &self.tx,
-            drain_timeout: self.drain_timeout,
+            session_sink: self,
         }
     }
 }
 
-/// The event sink of one session of one device.
-pub(crate) fn session_sink(tx: &Sender<Event>, key: &DeviceKey, session: u64) -> VbdEventSink {
-    let tx = tx.clone();
-    let key = key.clone();
-    VbdEventSink::new(move |event| {
-        let _ = tx.send(Event::Vbd {
-            key: key.clone(),
-            session,
-            event,
-        });
-    })
-}
-
-/// Opens a device's storage on a worker thread and reports it as an event.
-pub(crate) fn spawn_open(
-    tx: &Sender<Event>,
-    key: &DeviceKey,
-    open_id: u64,
-    factory: Arc<dyn VbdFactory>,
-    config: DeviceConfig,
-) {
-    let name = format!("open-{}-{}", key.domid, key.devid);
-    let failed = Event::Opened {
-        key: key.clone(),
-        open_id,
-        config: Box::new(config.clone()),
-        result: Err(VbdError::new("spawning the open thread", "no thread", 11)),
-    };
-    let spawned = std::thread::Builder::new().name(name).spawn({
+impl SessionSinks for CtxParts {
+    /// The event sink of one session of one device.
+    fn sink(&self, key: &DeviceKey, session: u64) -> VbdEventSink {
+        let tx = self.tx.clone();
         let key = key.clone();
-        let tx = tx.clone();
-        move || {
-            let result = factory.open(&config);
-            let _ = tx.send(Event::Opened {
-                key,
-                open_id,
-                config: Box::new(config),
-                result,
-            });
-        }
-    });
-    if spawned.is_err() {
-        let _ = tx.send(failed);
-    }
-}
-
-/// Disconnects a VBD on a worker thread and reports the result as an event, so a slow
-/// drain never stalls other devices.
-pub(crate) fn spawn_disconnect(
-    tx: &Sender<Event>,
-    key: &DeviceKey,
-    session: u64,
-    vbd: Box<dyn ConnectedVbd>,
-    timeout: Duration,
-) {
-    let name = format!("disconnect-{}-{}", key.domid, key.devid);
-    let spawned = std::thread::Builder::new().name(name).spawn({
-        let key = key.clone();
-        let tx = tx.clone();
-        move || {
-            let result = vbd.disconnect(timeout);
-            let _ = tx.send(Event::Disconnected {
-                key,
+        VbdEventSink::new(move |event| {
+            let _ = tx.send(Event::Vbd {
+                key: key.clone(),
                 session,
-                result,
+                event,
             });
-        }
-    });
-    if let Err(e) = spawned {
-        // No thread: the VBD was moved into the closure and dropped with it, which the
-        // engine must treat as a disconnect; report the failure.
-        let _ = tx.send(Event::Disconnected {
-            key: key.clone(),
-            session,
-            result: Err(VbdError::new("spawning disconnect thread", e, 11)),
-        });
+        })
     }
 }
 

@@ -34,6 +34,12 @@ pub struct MemStore {
     sink: Arc<Mutex<Option<WatchSink>>>,
 }
 
+impl std::fmt::Debug for MemStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemStore").finish_non_exhaustive()
+    }
+}
+
 fn parent(path: &str) -> Option<&str> {
     let idx = path.rfind('/')?;
     if idx == 0 {

@@ -5,16 +5,20 @@
 //! `{"cmd":"status"}` is answered by `{"ok":true,"devices":[...]}`; errors are
 //! `{"ok":false,"error":"..."}`. Status is read-only; nothing on the socket can change a
 //! device (the socket is root-only anyway, but a read-only surface is easy to audit).
+//!
+//! The types serialise and deserialise: the daemon writes them, and `xenblkd status` and
+//! the tests read them back as the same types ([`ControlReply::into_report`]), so the
+//! format has one definition.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::state::XenbusState;
-use crate::vbd::{BackendFeatures, DisconnectReport, DiskInfo, FrontendParams};
+use crate::vbd::{BackendFeatures, DisconnectReport, FrontendParams, StorageInfo};
 
 /// One device as the daemon sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     /// Backend type (`vbd`, `xenblkd`).
     pub backend_type: String,
@@ -37,10 +41,10 @@ pub struct DeviceStatus {
     /// Image format.
     pub format: Option<String>,
     /// Storage properties, once opened.
-    pub disk: Option<DiskInfo>,
+    pub disk: Option<StorageInfo>,
     /// The image and its backing chain, top first, as `format:path` (empty for a disk
     /// that is one file or device).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<String>,
     /// The frontend's negotiated transport parameters, while connected.
     pub frontend: Option<FrontendParams>,
@@ -67,7 +71,7 @@ pub enum ControlRequest {
 }
 
 /// A control-socket reply.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ControlReply {
     /// Answer to [`ControlRequest::Status`].
@@ -89,7 +93,7 @@ pub enum ControlReply {
 }
 
 /// Daemon-wide facts in a status reply.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     /// Backend types served.
     pub backend_types: Vec<String>,
@@ -102,12 +106,145 @@ pub struct DaemonStatus {
     pub metrics: BTreeMap<String, u64>,
 }
 
+/// A status reply as its readers use it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Daemon-wide facts.
+    pub daemon: DaemonStatus,
+    /// Every device.
+    pub devices: Vec<DeviceStatus>,
+}
+
+impl StatusReport {
+    /// The device `backend/<backend_type>/<domid>/<devid>`, if the daemon has it.
+    pub fn device(&self, backend_type: &str, domid: u32, devid: u32) -> Option<&DeviceStatus> {
+        self.devices
+            .iter()
+            .find(|d| d.backend_type == backend_type && d.domid == domid && d.devid == devid)
+    }
+}
+
 impl ControlReply {
+    /// Parses one reply line.
+    pub fn parse(line: &str) -> Result<ControlReply, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+
+    /// The status report, or the daemon's error message.
+    pub fn into_report(self) -> Result<StatusReport, String> {
+        match self {
+            ControlReply::Status {
+                daemon, devices, ..
+            } => Ok(StatusReport { daemon, devices }),
+            ControlReply::Error { error, .. } => Err(error),
+        }
+    }
+
     /// An error reply.
     pub fn error(message: impl Into<String>) -> ControlReply {
         ControlReply::Error {
             ok: false,
             error: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vbd::{BackendFeatures, FrontendParams, Protocol, RingParams, StorageInfo};
+
+    fn device() -> DeviceStatus {
+        DeviceStatus {
+            backend_type: "xenblkd".into(),
+            domid: 5,
+            devid: 51728,
+            vdev: "xvdb".into(),
+            backend_path: "/local/domain/0/backend/xenblkd/5/51728".into(),
+            frontend_path: Some("/local/domain/5/device/vbd/51728".into()),
+            state: XenbusState::Connected,
+            frontend_state: XenbusState::Connected,
+            target: Some("/img/a.qcow2".into()),
+            format: Some("qcow2".into()),
+            disk: Some(StorageInfo {
+                size_bytes: 1 << 30,
+                logical_block_size: 512,
+                physical_block_size: 4096,
+                buffer_alignment: 512,
+                read_only: false,
+                flush: true,
+                discard: false,
+                secure_discard: false,
+                discard_granularity: 0,
+                discard_alignment: 0,
+                direct_io: true,
+                kind: storage::StorageKind::Qcow2,
+            }),
+            layers: vec!["qcow2:/img/a.qcow2".into(), "raw:/img/b.raw".into()],
+            frontend: Some(FrontendParams {
+                protocol: Protocol::X86_32,
+                protocol_specified: true,
+                queues: vec![RingParams {
+                    ring_refs: vec![8, 9],
+                    event_channel: 3,
+                }],
+                ring_page_order: 1,
+                frontend_persistent: true,
+                persistent: true,
+                large_sector_size: false,
+                ignored_flags: vec![],
+            }),
+            features: Some(BackendFeatures {
+                flush: true,
+                barrier: true,
+                discard: true,
+                secure_discard: false,
+                discard_granularity: 4096,
+                discard_alignment: 0,
+                persistent: true,
+                max_indirect_segments: 256,
+                sector_size: 512,
+                physical_sector_size: 4096,
+                sectors: 2 << 20,
+                info: 0,
+                read_only: false,
+            }),
+            stats: BTreeMap::from([("rd_req".to_string(), 3)]),
+            error: None,
+            sessions: 1,
+            last_disconnect: Some(DisconnectReport {
+                drained: true,
+                abandoned_requests: 0,
+                detail: String::new(),
+            }),
+            disconnecting: false,
+        }
+    }
+
+    #[test]
+    fn replies_round_trip_through_json() {
+        let reply = ControlReply::Status {
+            ok: true,
+            daemon: DaemonStatus {
+                backend_types: vec!["vbd".into(), "xenblkd".into()],
+                home: "/local/domain/0".into(),
+                shutting_down: false,
+                metrics: BTreeMap::from([("threads".to_string(), 7)]),
+            },
+            devices: vec![device()],
+        };
+        let line = serde_json::to_string(&reply).unwrap();
+        let back = ControlReply::parse(&line).unwrap();
+        assert_eq!(back, reply);
+        let report = back.into_report().unwrap();
+        assert_eq!(report.device("xenblkd", 5, 51728), Some(&device()));
+        assert_eq!(report.device("xenblkd", 5, 51729), None);
+
+        let err = ControlReply::error("no such command");
+        let line = serde_json::to_string(&err).unwrap();
+        assert_eq!(
+            ControlReply::parse(&line).unwrap().into_report(),
+            Err("no such command".to_string())
+        );
     }
 }

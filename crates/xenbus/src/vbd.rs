@@ -52,69 +52,17 @@ pub struct DeviceConfig {
     pub settings: DeviceSettings,
 }
 
-/// What a storage offers; the backend's xenstore nodes are derived from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct DiskInfo {
-    /// Size in bytes (a multiple of `logical_block_size`).
-    pub size_bytes: u64,
-    /// Logical block size (`sector-size`).
-    pub logical_block_size: u32,
-    /// Physical block size (`physical-sector-size`).
-    pub physical_block_size: u32,
-    /// The storage can only be read.
-    pub read_only: bool,
-    /// There is a volatile cache to flush.
-    pub flush: bool,
-    /// Discard is supported.
-    pub discard: bool,
-    /// Secure discard is supported.
-    pub secure_discard: bool,
-    /// Discard granularity in bytes (0: the logical block size).
-    pub discard_granularity: u32,
-    /// Discard alignment in bytes.
-    pub discard_alignment: u32,
-}
+/// An opened storage, shared by the control thread and the engine: the `storage` crate's
+/// own trait object, passed through as it is (the backend's xenstore nodes are derived
+/// from its [`StorageInfo`]).
+pub use storage::{Storage, StorageInfo};
 
-/// An opened storage, shared by the control thread and the engine.
-pub trait Disk: Send + Sync {
-    /// Current capabilities and size.
-    fn info(&self) -> DiskInfo;
-    /// Re-reads the size (online resize) and returns it in bytes.
-    fn refresh_size(&self) -> Result<u64, VbdError>;
-    /// What the disk is made of, top first, as `format:path` (an image and its backing
-    /// files); empty for a disk that is one thing.
-    fn layers(&self) -> Vec<String> {
-        Vec::new()
-    }
-    /// The concrete type, so a factory can get its own disk back in
-    /// [`VbdFactory::connect`].
-    fn as_any(&self) -> &dyn std::any::Any;
-}
-
-/// The request/response layout the frontend uses (its `protocol` node).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum Protocol {
-    /// The backend's own ABI (on x86_64 hosts identical to [`Protocol::X86_64`]).
-    Native,
-    /// `x86_32-abi`: 32-bit x86 guests (4-byte aligned 64-bit fields).
-    X86_32,
-    /// `x86_64-abi`.
-    X86_64,
-}
-
-impl Protocol {
-    /// The `protocol` node value (`XEN_IO_PROTO_ABI_*`), `None` for native.
-    pub fn node_value(self) -> Option<&'static str> {
-        match self {
-            Protocol::Native => None,
-            Protocol::X86_32 => Some("x86_32-abi"),
-            Protocol::X86_64 => Some("x86_64-abi"),
-        }
-    }
-}
+/// The request/response layout the frontend uses (its `protocol` node), as blkif defines
+/// and parses it.
+pub use blkif::abi::Protocol;
 
 /// One ring (queue) as the frontend published it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RingParams {
     /// Grant references of the ring pages, in page order (1, 2, 4, 8 or 16 of them).
     pub ring_refs: Vec<u32>,
@@ -123,7 +71,7 @@ pub struct RingParams {
 }
 
 /// The frontend's transport parameters, validated.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FrontendParams {
     /// Ring layout.
     pub protocol: Protocol,
@@ -146,7 +94,7 @@ pub struct FrontendParams {
 
 /// What we publish in the backend directory at connect (and what the engine must honour:
 /// a request for a feature not advertised gets `BLKIF_RSP_EOPNOTSUPP`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BackendFeatures {
     /// `feature-flush-cache`.
     pub flush: bool,
@@ -256,7 +204,7 @@ pub struct ConnectRequest<'a> {
     /// The device.
     pub config: &'a DeviceConfig,
     /// Its opened storage.
-    pub disk: &'a Arc<dyn Disk>,
+    pub storage: &'a Arc<dyn Storage>,
     /// The frontend's validated transport parameters.
     pub frontend: &'a FrontendParams,
     /// What we are about to publish.
@@ -265,8 +213,18 @@ pub struct ConnectRequest<'a> {
     pub events: VbdEventSink,
 }
 
+impl std::fmt::Debug for ConnectRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("config", self.config)
+            .field("frontend", self.frontend)
+            .field("features", self.features)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a disconnect achieved.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DisconnectReport {
     /// In-flight I/O completed before the timeout.
     pub drained: bool,
@@ -291,7 +249,7 @@ pub trait ConnectedVbd: Send {
 pub trait VbdFactory: Send + Sync {
     /// Opens the device's storage (called once per device, after the hotplug script when the
     /// backend type waits for it).
-    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError>;
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError>;
 
     /// Maps the rings, binds the event channels and starts serving.
     fn connect(&self, request: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError>;

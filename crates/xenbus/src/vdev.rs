@@ -88,6 +88,7 @@ pub fn vdev_name(devid: u32) -> String {
 }
 
 /// A device id shown as name and number.
+#[derive(Debug, Clone, Copy)]
 pub struct VdevDisplay(pub u32);
 
 impl fmt::Display for VdevDisplay {

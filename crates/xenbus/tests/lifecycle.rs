@@ -17,8 +17,8 @@ use xenbus::memstore::MemStore;
 use xenbus::store::{join, Store, StoreExt};
 use xenbus::toolstack::{self, DiskSpec, Removal};
 use xenbus::vbd::{
-    BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Disk, DiskInfo,
-    Feature, FrontendParams, VbdEvent, VbdEventSink, VbdFactory,
+    BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Feature,
+    FrontendParams, Storage, StorageInfo, VbdEvent, VbdEventSink, VbdFactory,
 };
 use xenbus::xs::{spawn_watch_forwarder, XsStore};
 use xenbus::{EventSender, Manager, StoreError, VbdError, XenbusState};
@@ -47,9 +47,9 @@ struct FakeDisk {
     path: PathBuf,
 }
 
-impl Disk for FakeDisk {
-    fn info(&self) -> DiskInfo {
-        DiskInfo {
+impl Storage for FakeDisk {
+    fn info(&self) -> StorageInfo {
+        StorageInfo {
             size_bytes: self.size(),
             logical_block_size: 512,
             physical_block_size: 4096,
@@ -59,15 +59,24 @@ impl Disk for FakeDisk {
             secure_discard: self.shared.secure_discard.load(Ordering::SeqCst),
             discard_granularity: 4096,
             discard_alignment: 0,
+            buffer_alignment: 1,
+            direct_io: false,
+            kind: storage::StorageKind::Null,
         }
     }
 
-    fn refresh_size(&self) -> Result<u64, VbdError> {
+    fn refresh_size(&self) -> std::io::Result<u64> {
         Ok(self.size())
     }
 
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+    fn open_queue(
+        &self,
+        _depth: u32,
+    ) -> Result<Box<dyn storage::StorageQueue>, storage::StorageError> {
+        // The fake engine serves no I/O: xenbus never opens queues itself.
+        Err(storage::StorageError::InvalidConfig(
+            "the lifecycle tests' fake storage has no queues".into(),
+        ))
     }
 }
 
@@ -107,7 +116,7 @@ impl ConnectedVbd for FakeVbd {
 struct FakeFactory(Arc<Shared>);
 
 impl VbdFactory for FakeFactory {
-    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Disk>, VbdError> {
+    fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError> {
         let path = config.target.path.clone();
         let delay = self.0.open_delay.lock().unwrap().get(&path).copied();
         if let Some(d) = delay {

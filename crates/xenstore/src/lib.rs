@@ -10,6 +10,7 @@
 //! | [`error`] | [`Errno`] (the daemon's error strings) and the client [`Error`] |
 //! | [`perms`] | Xen's permission model ([`Perm`], [`Access`]) |
 //! | [`client`] | [`XsClient`], [`Transaction`], [`XsOps`], [`WatchEvents`], transports |
+//! | [`xenbus_state`] | [`XenbusState`], the `state` node of split drivers (xenbus.h) |
 //! | [`server`] | [`XenstoreServer`]: node tree, permissions, watches, transactions, quotas |
 //!
 //! This crate knows nothing about block devices.
@@ -56,6 +57,7 @@ pub mod error;
 pub mod perms;
 pub mod server;
 pub mod wire;
+pub mod xenbus_state;
 
 pub use client::{
     ClientConfig, Transaction, Transport, WatchEvent, WatchEvents, XsClient, XsOps,
@@ -64,3 +66,4 @@ pub use client::{
 pub use error::{Errno, Error, ProtocolError, Result};
 pub use perms::{Access, Perm};
 pub use server::{ConnectionStats, ServerConfig, XenstoreServer};
+pub use xenbus_state::XenbusState;

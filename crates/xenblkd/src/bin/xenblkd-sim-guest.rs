@@ -12,6 +12,8 @@
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
 //! `sleep:MS`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

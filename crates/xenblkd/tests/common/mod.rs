@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use xenbus::status::{ControlReply, DeviceStatus, StatusReport};
 use xenbus::store::{join, StoreExt, StoreOps};
 use xenbus::toolstack::{self, DiskSpec, Removal};
 use xenbus::xs::XsStore;
@@ -258,19 +258,23 @@ impl Host {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
-    pub fn try_status(&self) -> Option<Value> {
+    /// The daemon's status, read back as the types it is written from.
+    pub fn try_status(&self) -> Option<StatusReport> {
         let out = Command::new(XENBLKD)
             .args(["status", "--json", "--control-socket"])
             .arg(&self.control)
             .output()
             .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        if !out.status.success() {
+            return None;
+        }
+        ControlReply::parse(std::str::from_utf8(&out.stdout).ok()?)
+            .ok()?
+            .into_report()
+            .ok()
     }
 
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> StatusReport {
         self.try_status()
             .unwrap_or_else(|| panic!("status failed\n{}", self.log()))
     }
@@ -290,18 +294,17 @@ impl Host {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    pub fn device_status(&self, backend_type: &str, domid: u32, devid: u32) -> Option<Value> {
-        self.status()["devices"]
-            .as_array()?
-            .iter()
-            .find(|d| {
-                d["backend_type"] == backend_type && d["domid"] == domid && d["devid"] == devid
-            })
-            .cloned()
+    pub fn device_status(
+        &self,
+        backend_type: &str,
+        domid: u32,
+        devid: u32,
+    ) -> Option<DeviceStatus> {
+        self.status().device(backend_type, domid, devid).cloned()
     }
 
     pub fn metric(&self, name: &str) -> u64 {
-        self.status()["daemon"]["metrics"][name].as_u64().unwrap()
+        self.status().daemon.metrics[name]
     }
 
     /// A sparse image of `mib` MiB in the host's directory.
