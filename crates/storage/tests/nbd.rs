@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{pattern_byte, pattern_file, run_one, wait_for};
+use common::{filled, pattern_byte, pattern_file, read_back, run_one, wait_for};
 use storage::nbd::proto;
 use storage::nbd::testing::{Listen, NbdServer};
 use storage::{AlignedBuf, NbdConfig, NbdStorage, Storage, StorageKind, StorageOp, StorageQueue};
@@ -22,24 +22,6 @@ fn open(uri: &str) -> NbdStorage {
 
 fn sock(dir: &Path, name: &str) -> Listen {
     Listen::Unix(dir.join(name))
-}
-
-fn filled(len: usize, seed: u8) -> AlignedBuf {
-    let mut b = AlignedBuf::page_aligned(len);
-    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-        *x = seed.wrapping_add((i / 7) as u8);
-    }
-    b
-}
-
-/// Reads `len` bytes at `offset` through the queue.
-fn read_back(q: &mut dyn StorageQueue, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = AlignedBuf::page_aligned(len);
-    let iov = [buf.full_iovec()];
-    // SAFETY: `buf` outlives the operation (run_one waits for it).
-    let res = unsafe { run_one(q, StorageOp::Read { offset, iov: &iov }) }.unwrap();
-    assert_eq!(res.unwrap(), len as u64);
-    buf.as_slice().to_vec()
 }
 
 fn write_at(q: &mut dyn StorageQueue, offset: u64, data: &mut AlignedBuf, fua: bool) {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{run_one, wait_for};
+use common::{filled, read_back, run_one, wait_for};
 use storage::rbd::testing::{fault_guard, io_guard, Cluster};
 use storage::rbd::RbdOpenError;
 use storage::{
@@ -16,23 +16,6 @@ const MIB: usize = 1 << 20;
 
 fn open(target: &str) -> RbdStorage {
     RbdStorage::open(target, RbdConfig::default()).unwrap_or_else(|e| panic!("{target}: {e}"))
-}
-
-fn filled(len: usize, seed: u8) -> AlignedBuf {
-    let mut b = AlignedBuf::page_aligned(len);
-    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-        *x = seed.wrapping_add((i / 7) as u8) | 1;
-    }
-    b
-}
-
-fn read_back(q: &mut dyn StorageQueue, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = AlignedBuf::page_aligned(len);
-    let iov = [buf.full_iovec()];
-    // SAFETY: `buf` outlives the operation (run_one waits for it).
-    let res = unsafe { run_one(q, StorageOp::Read { offset, iov: &iov }) }.unwrap();
-    assert_eq!(res.unwrap(), len as u64);
-    buf.as_slice().to_vec()
 }
 
 fn write_at(q: &mut dyn StorageQueue, offset: u64, data: &mut AlignedBuf) {

@@ -260,18 +260,11 @@ impl Manager {
                 session,
                 event,
             } => {
-                let ctx_parts = self.ctx_parts();
-                let mut fx = Vec::new();
-                if let Some(dev) = self.devices.get_mut(&key) {
-                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                        return;
-                    };
-                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                    if let Err(e) = dev.vbd_event(&ctx, session, event, &mut fx) {
-                        warn!(device = %key, error = %e, "handling engine event");
-                    }
-                    self.apply(&key, fx);
-                    found.dirty.insert(key);
+                let r = self.with_device(&key, found, |dev, ctx, fx| {
+                    dev.vbd_event(ctx, session, event, fx)
+                });
+                if let Some(Err(e)) = r {
+                    warn!(device = %key, error = %e, "handling engine event");
                 }
             }
             Event::Opened {
@@ -280,19 +273,12 @@ impl Manager {
                 config,
                 result,
             } => {
-                let ctx_parts = self.ctx_parts();
-                let mut fx = Vec::new();
-                if let Some(dev) = self.devices.get_mut(&key) {
-                    let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                        return;
-                    };
-                    let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
-                    if let Err(e) = dev.opened(&ctx, open_id, *config, result, &mut fx) {
-                        warn!(device = %key, error = %e, "handling an opened storage");
-                        self.retry.insert(key.clone());
-                    }
-                    self.apply(&key, fx);
-                    found.dirty.insert(key);
+                let r = self.with_device(&key, found, |dev, ctx, fx| {
+                    dev.opened(ctx, open_id, *config, result, fx)
+                });
+                if let Some(Err(e)) = r {
+                    warn!(device = %key, error = %e, "handling an opened storage");
+                    self.retry.insert(key);
                 }
             }
             Event::Disconnected {
@@ -312,7 +298,7 @@ impl Manager {
                 let ctx_parts = self.ctx_parts();
                 for (key, dev) in self.devices.iter_mut() {
                     let Some(bt) = self.config.backend_type(&key.backend_type) else {
-                        return;
+                        continue;
                     };
                     let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
                     if let Err(e) = dev.refresh_size(&ctx) {
@@ -502,6 +488,25 @@ impl Manager {
                 .cloned(),
         );
         Ok(())
+    }
+
+    /// Runs `f` on the device `key` with its context, applies the effects it pushed and
+    /// marks the device for reconciling; `None` when the device or its type is gone.
+    fn with_device<R>(
+        &mut self,
+        key: &DeviceKey,
+        found: &mut Found<'_>,
+        f: impl FnOnce(&mut Device, &Ctx<'_>, &mut Vec<Effect>) -> R,
+    ) -> Option<R> {
+        let ctx_parts = self.ctx_parts();
+        let mut fx = Vec::new();
+        let dev = self.devices.get_mut(key)?;
+        let bt = self.config.backend_type(&key.backend_type)?;
+        let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
+        let r = f(dev, &ctx, &mut fx);
+        self.apply(key, fx);
+        found.dirty.insert(key.clone());
+        Some(r)
     }
 
     fn ctx_parts(&self) -> CtxParts {

@@ -103,3 +103,25 @@ pub fn pattern_file(dir: &Path, name: &str, len: usize) -> (PathBuf, Vec<u8>) {
 pub fn pattern_byte(pos: u64) -> u8 {
     ((pos / 512) as u8).wrapping_mul(31) ^ (pos as u8) | 1
 }
+
+/// A page-aligned buffer of `len` bytes of a pattern that depends on `seed` and never
+/// holds a zero byte, so a range that reads back as zeros was discarded, not written.
+pub fn filled(len: usize, seed: u8) -> AlignedBuf {
+    let mut b = AlignedBuf::page_aligned(len);
+    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+        #[allow(clippy::cast_possible_truncation)] // the pattern wraps on purpose
+        let step = (i / 7) as u8;
+        *x = seed.wrapping_add(step) | 1;
+    }
+    b
+}
+
+/// Reads `len` bytes at `offset` through the queue.
+pub fn read_back(q: &mut dyn StorageQueue, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = AlignedBuf::page_aligned(len);
+    let iov = [buf.full_iovec()];
+    // SAFETY: `buf` outlives the operation (run_one waits for it).
+    let res = unsafe { run_one(q, StorageOp::Read { offset, iov: &iov }) }.unwrap();
+    assert_eq!(res.unwrap(), len as u64);
+    buf.as_slice().to_vec()
+}
