@@ -17,6 +17,8 @@ missing=()
 command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
     missing+=(qemu-utils)
 command -v nbdkit >/dev/null || missing+=(nbdkit)
+# An independent validator for `xenblkd status --json` against docs/status-schema.json.
+python3 -c 'import jsonschema' 2>/dev/null || missing+=(python3-jsonschema)
 if ! echo 'int main(void){return 0;}' | gcc -m32 -x c - -o /dev/null 2>/dev/null; then
     missing+=(gcc-multilib)
 fi
@@ -45,3 +47,10 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# A real `serve` whose ring panics (issue 14): only with the test-only fault hook, which
+# no daemon build has.
+cargo clippy -p xenblkd --features fault-injection --all-targets -- -D warnings
+cargo test -p xenblkd --features fault-injection --test fault
+# The Debian package (from the debug build the tests made): contents, conffile, maintainer
+# scripts; installs cargo-deb from crates.io the first time.
+scripts/build-deb --profile dev

@@ -13,11 +13,11 @@
 //! back when dropped.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use blkif::{BackRing, RingError};
+use blkif::{BackRing, JournalStart, RingError};
 use platform::{Access, MapError, Platform, PlatformError};
 use storage::StorageError;
 
@@ -77,6 +77,13 @@ pub enum AttachError {
         #[source]
         source: PlatformError,
     },
+    #[error("ring {ring}: journal {}: {source}", path.display())]
+    Journal {
+        ring: usize,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("ring {ring}: opening a storage queue: {source}")]
     StorageQueue {
         ring: usize,
@@ -117,6 +124,8 @@ struct Inner {
     /// Rings reserve their own mappings from the budget (it was sized from the process
     /// limit, which they count against too).
     reserve_ring_maps: bool,
+    /// See [`Engine::hand_over`].
+    handing_over: Arc<AtomicBool>,
 }
 
 impl Inner {
@@ -192,6 +201,7 @@ impl Engine {
                 next_vbd: AtomicU64::new(1),
                 budget,
                 reserve_ring_maps,
+                handing_over: Arc::new(AtomicBool::new(false)),
             }),
         })
     }
@@ -216,6 +226,24 @@ impl Engine {
             .collect()
     }
 
+    /// What each reactor's event loop did since the engine started (sleeps, wake-ups,
+    /// adaptive polls), in reactor order.
+    pub fn reactor_stats(&self) -> Vec<crate::ReactorStats> {
+        self.reactor_stats_reader().read()
+    }
+
+    /// A handle that reads [`reactor_stats`](Self::reactor_stats) without the engine
+    /// (for a status thread).
+    pub fn reactor_stats_reader(&self) -> crate::stats::ReactorStatsReader {
+        crate::stats::ReactorStatsReader(
+            self.inner
+                .reactors
+                .iter()
+                .map(ReactorHandle::counters)
+                .collect(),
+        )
+    }
+
     /// Maps the VBD's rings, binds their event channels, opens a storage queue per ring
     /// and starts serving it.
     pub fn attach(
@@ -235,7 +263,7 @@ impl Engine {
             ));
         }
         let id = VbdId(self.inner.next_vbd.fetch_add(1, Ordering::Relaxed));
-        let shared = Arc::new(VbdShared::new(id, &spec));
+        let shared = Arc::new(VbdShared::new(id, &spec, self.inner.handing_over.clone()));
         let mode = spec.grant_mode.resolve(spec.persistent);
         // The guest's share, held by its rings: the guest counts in everyone's share
         // until its last ring is dropped.
@@ -315,10 +343,63 @@ impl Engine {
         let mem = mapping
             .into_shared()
             .map_err(|_| AttachError::RingNotWritable { ring: index })?;
-        let ring = BackRing::new(mem, spec.protocol).map_err(|source| AttachError::Ring {
+        let journal_path = spec.journal.as_ref().map(|j| j.path(index));
+        let ring_error = |source| AttachError::Ring {
             ring: index,
             source,
-        })?;
+        };
+        let ring = match (&spec.journal, &journal_path) {
+            (Some(j), Some(path)) => {
+                let size = blkif::abi::ring_size_for_len(spec.protocol, mem.len());
+                let len = blkif::journal::journal_len(size);
+                let journal_error = |source| AttachError::Journal {
+                    ring: index,
+                    path: path.clone(),
+                    source,
+                };
+                let start = if j.recover {
+                    JournalStart::Recover(
+                        crate::journal_file::map_existing(path, len).map_err(journal_error)?,
+                    )
+                } else {
+                    JournalStart::Fresh(
+                        crate::journal_file::map_fresh(path, len).map_err(journal_error)?,
+                    )
+                };
+                let mut ring =
+                    BackRing::with_journal(mem, spec.protocol, start).map_err(ring_error)?;
+                if let Some(ignored) = ring.ignored_journal() {
+                    // Another build's format, or a corrupt file, that owes nothing: the
+                    // ring alone is exact (ARCHITECTURE.md, "Across versions").
+                    tracing::warn!(
+                        ring = index,
+                        path = %path.display(),
+                        reason = %ignored,
+                        "ignoring a ring journal this build cannot read (it owes no request): \
+                         resuming from the shared ring, with a fresh journal"
+                    );
+                    let fresh = crate::journal_file::map_fresh(path, len).map_err(journal_error)?;
+                    ring.start_journal(fresh).map_err(ring_error)?;
+                }
+                ring
+            }
+            _ => BackRing::new(mem, spec.protocol).map_err(ring_error)?,
+        };
+        if ring.replayed_at_attach() > 0 {
+            tracing::info!(
+                ring = index,
+                requests = ring.replayed_at_attach(),
+                "journal: re-executing requests a previous process consumed and did not answer"
+            );
+        }
+        // If the rest of the setup fails, a journal that owes nothing says no more than no
+        // journal at all: it goes, so a device that never gets its rings leaves no file.
+        // One that owes requests stays for the next attempt.
+        let mut unused_journal = JournalCleanup(
+            journal_path
+                .clone()
+                .filter(|_| ring.replayed_at_attach() == 0),
+        );
         let evtchn = platform
             .bind_interdomain(spec.domid, rs.event_channel)
             .map_err(|source| AttachError::EventChannel {
@@ -355,6 +436,7 @@ impl Engine {
                 ring,
                 evtchn,
                 queue,
+                journal_path,
             },
             RingConfig {
                 vbd: shared.clone(),
@@ -374,6 +456,15 @@ impl Engine {
             ring: index,
             source,
         })
+        .inspect(|_| unused_journal.0 = None)
+    }
+
+    /// The devices are being handed over to the next daemon: from now on a ring dropped
+    /// with requests in flight (a drain that timed out) keeps its journal, which the next
+    /// process reads to re-execute them. Before, a ring of a VBD detached or dropped
+    /// removes its journal whatever it had in flight: its device ends with it.
+    pub fn hand_over(&self) {
+        self.inner.handing_over.store(true, Ordering::SeqCst);
     }
 
     /// Drains and drops every ring, then stops the reactor threads.
@@ -389,6 +480,17 @@ impl Drop for Engine {
             r.shutdown();
         }
         tracing::info!("engine stopped");
+    }
+}
+
+/// Removes a ring's journal file when dropped still holding its path (a failed attach).
+struct JournalCleanup(Option<std::path::PathBuf>);
+
+impl Drop for JournalCleanup {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -464,6 +566,7 @@ impl VbdHandle {
     }
 
     fn remove(&self, timeout: Option<Duration>) -> Result<VbdStats, DetachError> {
+        self.shared.removed.store(true, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel::<RingClosed>();
         let mut expected = 0;
         for (&reactor, &rings) in &self.placement {

@@ -4,7 +4,8 @@
 //!
 //! Modules and what each owns:
 //! - [`engine`]: the public API ([`Engine`], [`VbdHandle`]) and attach/detach;
-//! - `reactor`: the threads, their epoll loop, timer and control channel;
+//! - `reactor`: the threads, their io_uring event loop, adaptive polling, housekeeping
+//!   and control channel;
 //! - `ring`: one ring's request pipeline, split along a request's life: the pass loop
 //!   (consume, publish, notify, halting) in `ring`, then `ring::indirect` (descriptor
 //!   pages), `ring::acquire` (map, copy, bounce within the grant budget), `ring::pages`
@@ -16,16 +17,20 @@
 //!   `vm.max_map_count` of them; mapped pages: dom0's map-tracking table) and every
 //!   guest's share of it;
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
+//! - `journal_file`: the file behind each ring's crash-recovery journal (`blkif::journal`);
 //! - `slots`: the per-ring request slot pool;
 //! - [`stats`]: run-time counters;
-//! - `sys`: epoll/timerfd/eventfd wrappers;
+//! - `sys`: the io_uring event loop a reactor waits in (multishot polls, timed wait);
 //! - [`testing`]: fd-leak checks for tests of this crate and the layers around it.
 
 #![warn(clippy::cast_possible_truncation)]
 
 pub mod bounce;
 pub mod engine;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod grant_budget;
+mod journal_file;
 pub mod persistent_grants;
 mod reactor;
 mod ring;
@@ -38,8 +43,9 @@ pub mod vbd;
 pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};
 pub use grant_budget::{BudgetSize, BudgetUsage, GuestBudget, MapBudget, MapCost, MapLimits};
 pub use reactor::VbdId;
-pub use stats::{Stats, VbdStats};
+pub use stats::{ReactorStats, ReactorStatsReader, Stats, VbdStats};
 pub use sys::open_fd_count;
 pub use vbd::{
-    EventCallback, Features, GrantMode, ResolvedGrantMode, RingSpec, VbdEvent, VbdLimits, VbdSpec,
+    EventCallback, Features, GrantMode, JournalSpec, ResolvedGrantMode, RingSpec, VbdEvent,
+    VbdLimits, VbdSpec,
 };

@@ -3,10 +3,16 @@
 //!
 //! When both ends negotiate `feature-persistent`, the frontend reuses a fixed pool of
 //! granted pages and the backend keeps each one mapped after first use, so the
-//! steady state maps nothing per request. The cache is bounded (`max_persistent_grants`,
-//! default 1056); a grant that does not fit is used non-persistently and the VBD's
-//! overflow flag is raised. Every 100 ms the owning reactor calls [`purge`], which
-//! reproduces blkback's `purge_persistent_gnt` arithmetic:
+//! steady state maps nothing per request. The cache is bounded (`max_persistent_grants`);
+//! a grant that does not fit is used non-persistently and the VBD's overflow flag is
+//! raised. By default the bound is not blkback's fixed 1056 but what the frontend can have
+//! in flight on the ring ([`PersistentGrantLimits::for_ring`]: every slot holding a
+//! maximal request, as Linux blkfront sizes its own persistent pool), so a frontend whose
+//! requests are large and deep (1 MiB at depth 8 is 2 056 grants) keeps every page mapped
+//! instead of cycling them through a cache that is too small; the guest's share of the
+//! daemon-wide budget (below) is what bounds it against a hostile frontend. Every 100 ms
+//! the owning reactor calls [`purge`], which reproduces blkback's `purge_persistent_gnt`
+//! arithmetic:
 //!
 //! * nothing is forced out while `count < max`, or `count == max` without an overflow;
 //! * otherwise at least `count - max + (max / 100) * 5` entries go (5 % of the limit, in
@@ -50,15 +56,20 @@ use crate::grant_budget::{GuestBudget, MapShare};
 pub const LRU_PERCENT_CLEAN: usize = 5;
 /// blkback's `LRU_INTERVAL`: how often the owning reactor calls [`PersistentGrantCache::purge`].
 pub const LRU_INTERVAL: Duration = Duration::from_millis(100);
-/// blkback's default `max_persistent_grants`.
-pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
+/// Linux blkback's default `max_persistent_grants`; a ring sized to what it can have in
+/// flight never keeps fewer.
+pub const BLKBACK_MAX_PERSISTENT_GRANTS: usize = 1056;
+/// [`PersistentGrantLimits::max_grants`] that means "what the ring can have in flight"
+/// (the default; see [`PersistentGrantLimits::for_ring`]).
+pub const SIZED_TO_RING: usize = 0;
 /// blkback's default `persistent_grant_unused_seconds`.
 pub const DEFAULT_UNUSED_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Limits of one ring's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PersistentGrantLimits {
-    /// Most grants kept mapped per ring.
+    /// Most grants kept mapped per ring; [`SIZED_TO_RING`] (the default): what the ring
+    /// can have in flight, resolved by [`for_ring`](Self::for_ring) when the ring is made.
     pub max_grants: usize,
     /// An inactive grant unused this long is dropped at the next purge; zero keeps
     /// grants forever (blkback's `persistent_grant_unused_seconds = 0`).
@@ -68,10 +79,51 @@ pub struct PersistentGrantLimits {
 impl Default for PersistentGrantLimits {
     fn default() -> Self {
         Self {
-            max_grants: DEFAULT_MAX_PERSISTENT_GRANTS,
+            max_grants: SIZED_TO_RING,
             unused_timeout: DEFAULT_UNUSED_TIMEOUT,
         }
     }
+}
+
+impl PersistentGrantLimits {
+    /// The limits of the cache of one ring of `ring_size` slots on a VBD that advertised
+    /// `max_indirect_segments`: a fixed `max_grants` as it is (blkback's
+    /// `max_persistent_grants`), [`SIZED_TO_RING`] as [`in_flight_grants`], and never
+    /// fewer than blkback's 1056.
+    ///
+    /// Both inputs are the backend's own (the ring's size is checked against the
+    /// `max-ring-page-order` we advertised before the ring is mapped; the segments are
+    /// what we advertised, at most 4096), so the largest a frontend can make this is
+    /// 512 slots x 4 104 grants per ring. What it can actually keep mapped is bounded
+    /// by its guest's share of the daemon-wide budget ([`GuestBudget`]), which every
+    /// grant is taken from before it is mapped, whatever this limit says.
+    pub fn for_ring(self, ring_size: u32, max_indirect_segments: u32) -> Self {
+        if self.max_grants != SIZED_TO_RING {
+            return self;
+        }
+        Self {
+            max_grants: in_flight_grants(ring_size, max_indirect_segments)
+                .max(BLKBACK_MAX_PERSISTENT_GRANTS),
+            ..self
+        }
+    }
+}
+
+/// The grants a frontend can have in flight on a ring of `ring_size` slots when the VBD
+/// advertised `max_indirect_segments` (0: no indirect requests): every slot holding a
+/// request of the most segments, plus its indirect pages, which blkfront also takes from
+/// its persistent pool. Linux blkfront sizes its pool of persistent grants the same way
+/// (`(segs + INDIRECT_GREFS(segs)) * BLK_RING_SIZE`, `blkfront_setup_indirect`), so a
+/// cache of this size holds the whole pool of an honest frontend.
+pub fn in_flight_grants(ring_size: u32, max_indirect_segments: u32) -> usize {
+    let direct = blkif::abi::BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    let segments = max_indirect_segments as usize;
+    let per_request = if segments > direct {
+        segments + blkif::abi::indirect_pages(segments)
+    } else {
+        direct
+    };
+    (ring_size as usize).saturating_mul(per_request)
 }
 
 /// Why a grant could not be added to the cache; the caller keeps the mapping and its
@@ -883,5 +935,67 @@ mod tests {
         assert_eq!(second.available(), MapCost::grants(100));
         // Within its share again: nothing more goes.
         assert!(c.purge(t0).is_empty());
+    }
+
+    #[test]
+    fn a_ring_keeps_what_its_frontend_can_have_in_flight() {
+        let sized = PersistentGrantLimits::default();
+        assert_eq!(sized.max_grants, SIZED_TO_RING);
+        // 32 slots of 256-segment requests and their indirect page: Linux blkfront's pool.
+        assert_eq!(sized.for_ring(32, 256).max_grants, 32 * 257);
+        assert_eq!(sized.for_ring(32, 512).max_grants, 32 * 513);
+        assert_eq!(sized.for_ring(32, 513).max_grants, 32 * (513 + 2));
+        // Small rings and direct requests only: never fewer than blkback keeps.
+        assert_eq!(
+            sized.for_ring(32, 0).max_grants,
+            BLKBACK_MAX_PERSISTENT_GRANTS
+        );
+        assert_eq!(
+            sized.for_ring(32, 11).max_grants,
+            BLKBACK_MAX_PERSISTENT_GRANTS
+        );
+        assert_eq!(sized.for_ring(256, 0).max_grants, 256 * 11);
+        // A fixed limit (blkback's module parameter) is kept as it is.
+        let fixed = PersistentGrantLimits {
+            max_grants: 4,
+            ..sized
+        };
+        assert_eq!(fixed.for_ring(512, 4096), fixed);
+        // The largest the inputs can be, and beyond: no overflow.
+        assert_eq!(sized.for_ring(512, 4096).max_grants, 512 * (4096 + 8));
+        assert_eq!(
+            sized.for_ring(u32::MAX, u32::MAX).max_grants,
+            (u32::MAX as usize).saturating_mul(u32::MAX as usize + 8_388_608)
+        );
+    }
+
+    #[test]
+    fn a_hostile_frontend_on_the_largest_ring_keeps_no_more_than_its_share() {
+        let t0 = Instant::now();
+        let budget = MapBudget::new(MapCost::grants(1000));
+        let (good, hostile) = (budget.guest(1), budget.guest(2));
+        let big = PersistentGrantLimits::default().for_ring(512, 4096);
+        let flag = Arc::new(AtomicBool::new(false));
+        // Sixteen rings of the largest size, each with room for two million grants by its
+        // own limit, cycling through fresh grant references.
+        let mut rings: Vec<PersistentGrantCache<u32>> = (0..16)
+            .map(|_| PersistentGrantCache::new(big, flag.clone(), hostile.clone()))
+            .collect();
+        let mut kept = 0;
+        for (r, ring) in (0u32..).zip(rings.iter_mut()) {
+            for g in 0..200 {
+                kept += usize::from(keep(ring, r * 200 + g, t0).is_some());
+            }
+        }
+        assert_eq!(kept, 500, "half of the budget: two guests");
+        assert_eq!(rings.iter().map(|c| c.len()).sum::<usize>(), 500);
+        assert_eq!(hostile.usage().held, MapCost::grants(500));
+        // The other guest still gets its whole share.
+        let (mut honest, _) = budget_cache(big.max_grants, &good);
+        for g in 0..500 {
+            assert!(keep(&mut honest, g, t0).is_some());
+        }
+        assert!(keep(&mut honest, 500, t0).is_none());
+        assert_eq!(budget.usage().grants, 1000);
     }
 }

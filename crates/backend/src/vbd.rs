@@ -64,8 +64,9 @@ pub enum ResolvedGrantMode {
     /// whose grants would overflow the persistent-grant cache is grant-copied through
     /// bounce buffers rather than mapped and unmapped around its I/O. A frontend whose
     /// working set exceeds the cache (large requests at depth: 32 x 1 MiB is 8 224
-    /// grants against blkback's 1 056) then costs a copy per request instead of a map,
-    /// an unmap (and its TLB shootdown on Xen) per page.
+    /// grants against blkback's 1 056; the default cache is sized to hold that, but a
+    /// fixed `max_persistent_grants` or a full grant budget may not) then costs a copy
+    /// per request instead of a map, an unmap (and its TLB shootdown on Xen) per page.
     MapOrCopy,
 }
 
@@ -91,10 +92,12 @@ pub struct VbdLimits {
     /// How often ring 0 of the VBD re-reads the storage size (online resize). `None`
     /// only on request ([`crate::VbdHandle::refresh_size`]).
     pub resize_poll: Option<Duration>,
-    /// After a ring answered a batch, its reactor polls the ring (no system call) for
-    /// up to this long for the frontend's next requests before it sleeps. Catching them
-    /// saves a sleep and a wake-up per batch, at the cost of up to this much CPU per
-    /// batch. Zero (the default): never poll.
+    /// After a ring answered a batch, its reactor polls the ring and its completion
+    /// queue (no system call) for the frontend's next requests before it sleeps, for
+    /// about twice the frontend's measured turnaround and at most this long (not at all
+    /// when the frontend is usually slower). Catching them saves a sleep and a wake-up
+    /// per batch, at the cost of up to this much CPU per batch answered; an idle ring
+    /// never polls. Zero: never poll. Default [`DEFAULT_POLL`].
     pub poll: Duration,
 }
 
@@ -105,10 +108,15 @@ impl Default for VbdLimits {
             persistent: PersistentGrantLimits::default(),
             max_buffer_pages: crate::bounce::DEFAULT_MAX_BUFFER_PAGES,
             resize_poll: Some(Duration::from_secs(1)),
-            poll: Duration::ZERO,
+            poll: DEFAULT_POLL,
         }
     }
 }
+
+/// The default cap of a ring's adaptive polling ([`VbdLimits::poll`]): about what a
+/// sleep and a wake-up of an idle CPU cost, so polling for a batch that then does not
+/// come costs at most what the wake-up it tried to save would have.
+pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
 
 /// Features the backend advertises that a storage can turn out not to support.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -163,6 +171,28 @@ pub struct VbdSpec {
     pub limits: VbdLimits,
     /// Where resizes, lost features and halted rings are reported.
     pub events: Option<EventCallback>,
+    /// Where the rings keep their crash-recovery journals; `None`: no journal (a daemon
+    /// killed mid-I/O then leaves these rings unrecoverable at queue depth > 1).
+    pub journal: Option<JournalSpec>,
+}
+
+/// The journals of a VBD's rings: `<dir>/<name>-q<ring>.journal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSpec {
+    /// The daemon's run directory (a tmpfs: `/run/xenblkd`).
+    pub dir: std::path::PathBuf,
+    /// Unique per device among the daemon's devices (backend type, domain, devid).
+    pub name: String,
+    /// The rings are adopted from a previous process: recover from the journals it left
+    /// (none: it left nothing consumed and unanswered). Otherwise they start afresh.
+    pub recover: bool,
+}
+
+impl JournalSpec {
+    /// The journal file of ring `index`.
+    pub fn path(&self, index: usize) -> std::path::PathBuf {
+        self.dir.join(format!("{}-q{index}.journal", self.name))
+    }
 }
 
 impl std::fmt::Debug for VbdSpec {
@@ -176,6 +206,7 @@ impl std::fmt::Debug for VbdSpec {
             .field("grant_mode", &self.grant_mode)
             .field("features", &self.features)
             .field("limits", &self.limits)
+            .field("journal", &self.journal)
             .finish_non_exhaustive()
     }
 }
@@ -203,10 +234,16 @@ pub(crate) struct VbdShared {
     events: Option<EventCallback>,
     /// Serialises resize checks (ring 0's tick and on-request refreshes).
     resize_lock: Mutex<()>,
+    /// Set when the VBD is detached or dropped: its device ends here, so no next process
+    /// will adopt its rings and their journals have no reader (unless `handing_over`).
+    pub(crate) removed: AtomicBool,
+    /// The engine's handover flag ([`crate::Engine::hand_over`]): the devices go to the
+    /// next daemon, which re-executes what the journals of rings dropped mid-I/O owe.
+    pub(crate) handing_over: Arc<AtomicBool>,
 }
 
 impl VbdShared {
-    pub(crate) fn new(id: VbdId, spec: &VbdSpec) -> Self {
+    pub(crate) fn new(id: VbdId, spec: &VbdSpec, handing_over: Arc<AtomicBool>) -> Self {
         let info = spec.storage.info();
         let read_only = spec.read_only || info.read_only;
         // A feature is advertised only if asked for and the storage can do it; a read-only
@@ -234,6 +271,8 @@ impl VbdShared {
             map_fallbacks: RateLimitedCount::new(std::time::Instant::now()),
             events: spec.events.clone(),
             resize_lock: Mutex::new(()),
+            removed: AtomicBool::new(false),
+            handing_over,
         }
     }
 

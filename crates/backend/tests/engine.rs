@@ -481,6 +481,71 @@ fn persistent_grants_overflow_and_purge() {
 }
 
 #[test]
+fn a_deep_stream_of_1mib_requests_keeps_every_page_mapped() {
+    let _g = serial();
+    // Eight 1 MiB requests at once: 2 056 grants (256 data pages and an indirect page
+    // each), twice blkback's 1 056. The default cache is sized to what the ring can have
+    // in flight (32 x 257), so after the first round every page is a cache hit: nothing
+    // mapped again, nothing copied.
+    let mut h = Harness::new(Opts {
+        persistent: true,
+        mode: GrantMode::Auto,
+        disk_bytes: 8 << 20,
+        ..Opts::default()
+    });
+    assert_eq!(h.vbd().grant_mode(), ResolvedGrantMode::MapOrCopy);
+    let mut rng = Rng::new(0x1f);
+    const DEPTH: u64 = 8;
+    const MIB_SECTORS: u64 = (1 << 20) / SECTOR as u64;
+    let mut round = |h: &mut Harness, op: u8| {
+        let batch: Vec<_> = (0..DEPTH)
+            .map(|i| {
+                let data = if op == BLKIF_OP_WRITE {
+                    rng.bytes(1 << 20)
+                } else {
+                    vec![0; 1 << 20]
+                };
+                h.build(op, i * MIB_SECTORS, &data, 8, 0, false)
+            })
+            .collect();
+        h.push(0, &batch.iter().collect::<Vec<_>>());
+        for b in batch {
+            let (sector, len) = (b.sector as usize, b.len);
+            let (rsp, data) = h.complete(0, b);
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+            if op == BLKIF_OP_READ {
+                let at = sector * SECTOR;
+                assert!(data.as_deref() == Some(&h.model[at..at + len]));
+            }
+        }
+    };
+    round(&mut h, BLKIF_OP_WRITE);
+    let warm = h.vbd().stats().total;
+    assert_eq!(warm.persistent_grants_mapped, DEPTH * 257);
+    for op in [BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_READ] {
+        round(&mut h, op);
+    }
+    let s = h.vbd().stats().total;
+    assert_eq!(s.persistent_grants_mapped, DEPTH * 257);
+    assert_eq!(
+        s.persistent_misses, warm.persistent_misses,
+        "a warm cache maps nothing"
+    );
+    assert_eq!(
+        s.persistent_hits - warm.persistent_hits,
+        3 * DEPTH * 257,
+        "every page of the later rounds (data and indirect) was a hit"
+    );
+    assert_eq!(
+        h.live_mappings(),
+        1 + DEPTH as usize * 257,
+        "ring + cached grants"
+    );
+    h.verify_disk(0);
+    h.teardown();
+}
+
+#[test]
 fn map_or_copy_maps_what_the_cache_holds_and_copies_the_rest() {
     let _g = serial();
     let mut h = Harness::new(Opts {
@@ -1116,6 +1181,7 @@ fn failed_attach_leaves_nothing_behind() {
             features: backend::Features::default(),
             limits: backend::VbdLimits::default(),
             events: None,
+            journal: None,
         };
         let platform: Arc<dyn Platform> = Arc::new(sim.clone());
         // Ring 0 is fine, ring 1 names a grant that does not exist.
@@ -1427,6 +1493,123 @@ fn read_only_indirect_pages_are_read_for_their_request_only() {
         assert_eq!(s.errors, 0);
         assert_eq!(s.persistent_grants_in_use, 0);
         h.guest.end_access(ind).unwrap();
+        h.verify_disk(0);
+        h.teardown();
+    }
+}
+
+/// Issue 14, item 4: a panic inside one ring (injected: the `fault-injection` feature,
+/// which no daemon build has) halts that ring only. Its owner hears of it as a halted ring
+/// (which fails the device), the reactor goes on, and another guest's VBD on the same
+/// reactor keeps doing verified I/O; the panicked ring is still released on detach.
+#[test]
+fn a_panic_in_one_ring_halts_only_that_ring() {
+    let _g = serial();
+    let mut good = Harness::new(Opts {
+        reactors: 1,
+        rings: 2,
+        ..Opts::default()
+    });
+    let mut bad = good.another_guest(
+        9,
+        Opts {
+            reactors: 1,
+            ..Opts::default()
+        },
+    );
+    assert_eq!(bad.write(0, 0, &[1; 4096]).status, BLKIF_RSP_OKAY);
+    random_io(&mut good, 0, 1, 20);
+
+    backend::fault::panic_next_pass(bad.vbd().id(), 0);
+    // Wake the ring: a request it will never take.
+    let b = bad.build(BLKIF_OP_WRITE, 8, &[2; 4096], 8, 0, false);
+    bad.push(0, &[&b]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while bad.vbd().stats().rings[0].halted_rings == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "panicked ring not halted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let reason = bad
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|e| match e {
+            VbdEvent::RingHalted { ring: 0, reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("the owner hears of the panic");
+    assert!(
+        reason.contains("panic") && reason.contains("injected"),
+        "{reason}"
+    );
+
+    // The reactor and the other guest's rings carry on.
+    random_io(&mut good, 0, 2, 40);
+    random_io(&mut good, 1, 3, 40);
+    good.verify_disk(0);
+    assert_eq!(good.vbd().stats().total.halted_rings, 0);
+
+    // The panicked ring is dropped on detach like any other: mappings released.
+    let vbd = bad.vbd.take().unwrap();
+    vbd.detach(Duration::from_secs(10)).unwrap();
+    drop(bad);
+    good.teardown();
+}
+
+/// Issue 14: a daemon hands over (or is killed before it answered anything it took), the
+/// guest keeps submitting meanwhile, and a new engine attached to the same rings (what an
+/// adoption does) executes every request the frontend has not seen answered: those the
+/// dead process had consumed and those it never saw. Each gets exactly one response, and
+/// the data is right.
+#[test]
+fn a_new_engine_resumes_rings_left_mid_io() {
+    let _g = serial();
+    for persistent in [true, false] {
+        let mut h = Harness::new(Opts {
+            persistent,
+            ..Opts::default()
+        });
+        random_io(&mut h, 0, 11, 10);
+        h.stop_engine();
+
+        // The guest goes on: writes to sectors 0..32 pages, reads of the rest (requests in
+        // flight together never overlap, as the block layer guarantees).
+        let mut rng = Rng::new(12);
+        let mut built = Vec::new();
+        for i in 0..12u64 {
+            let b = if i % 2 == 0 {
+                let data = rng.bytes(4096);
+                h.build(BLKIF_OP_WRITE, i * 8, &data, 8, 0, false)
+            } else {
+                h.build(BLKIF_OP_READ, 256 + i * 8, &[0; 4096], 8, 0, false)
+            };
+            built.push(b);
+        }
+        let refs: Vec<&_> = built.iter().collect();
+        h.push(0, &refs);
+        // A process killed after taking the first five off the ring, before answering.
+        h.consume_as_dead_backend(0, 5);
+
+        h.start_engine();
+        for b in built {
+            let at = b.sector as usize * SECTOR;
+            let (rsp, data) = h.complete(0, b);
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+            if let Some(d) = data {
+                assert!(
+                    d == h.model[at..at + 4096],
+                    "read at {at} differs from the model"
+                );
+            }
+        }
+        assert!(
+            h.responses(0, Duration::from_millis(200)).is_empty(),
+            "a request was answered twice"
+        );
         h.verify_disk(0);
         h.teardown();
     }

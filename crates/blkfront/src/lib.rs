@@ -16,6 +16,7 @@
 //! | [`xenbus`] | [`XenbusFrontend`]: the xenstore handshake, resize, close, reconnect |
 //! | [`guest`] | the [`Guest`] seam: memory, grants, event channels of the guest kernel |
 //! | [`sim`] | [`Guest`] over the simulator's [`platform::sim::SimGuest`] |
+//! | [`workload`] | a verified random read/write workload with several requests in flight, reporting slow requests (for restart tests and the restart benchmark) |
 //!
 //! Direct connection, for engine tests (the test starts the engine with the returned
 //! [`ConnectInfo`]: ring grant references and event channel per queue, protocol,
@@ -45,6 +46,7 @@ pub mod layout;
 pub mod queue;
 pub mod shadow;
 pub mod sim;
+pub mod workload;
 pub mod xenbus;
 
 pub use config::{BufferPlacement, FlushPreference, FrontendConfig, Protocol, QueuePolicy};

@@ -18,18 +18,22 @@ use std::time::Duration;
 
 use blkif::abi::{
     BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
-    BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+    BLKIF_OP_WRITE_BARRIER,
 };
-use blkif::{FrontRing, RawRequest, Response, RingError, Segment};
-use tracing::{debug, error, warn};
+use blkif::{FrontRing, RawRequest, RingError, Segment};
 
-use crate::error::{Error, IoError, TeardownReport};
+use crate::error::{Error, IoError};
 use crate::features::CacheControl;
-use crate::guest::{EndAccessError, Frame, GrantRef, Guest, GuestEventChannel};
+use crate::guest::{Frame, GrantRef, Guest, GuestEventChannel};
 use crate::layout::{
     indirect_pages_for, Chunk, MAX_DIRECT_SEGMENTS, PAGE_SIZE, SEGMENTS_PER_INDIRECT_PAGE,
 };
 use crate::shadow::ShadowTable;
+
+mod complete;
+mod grants;
+
+use grants::Granted;
 
 /// The kind of a block-layer I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -155,25 +159,6 @@ impl Shared {
         };
         self.cache.store(v, Ordering::Relaxed);
     }
-}
-
-/// Where a granted page came from, hence where it goes back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PageKind {
-    /// A persistent grant of the pool: stays granted, back to the pool.
-    Pool,
-    /// A data page granted for this request only: revoked and freed.
-    Data,
-    /// An indirect-descriptor page granted for this request only: revoked and kept for
-    /// reuse (Linux's `indirect_pages` list).
-    Indirect,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Granted {
-    frame: Frame,
-    gref: GrantRef,
-    kind: PageKind,
 }
 
 /// One ring request in flight (Linux's `struct blk_shadow`).
@@ -423,148 +408,6 @@ impl Queue {
         self.evtchn.clone()
     }
 
-    // ----- grants ---------------------------------------------------------------
-
-    /// A page for one data segment: a persistent grant from the pool, or a fresh page
-    /// granted for this request (read-only when the backend only reads it, as Linux
-    /// grants `rq_data_dir(req)`).
-    fn data_page(&mut self, sh: &Shared, backend_reads_only: bool) -> Result<Granted, Error> {
-        if sh.persistent {
-            return self.pool_page(sh);
-        }
-        let frame = sh.guest.alloc_frames(1)?[0];
-        match sh
-            .guest
-            .grant_access(sh.backend_domid, frame, backend_reads_only)
-        {
-            Ok(gref) => Ok(Granted {
-                frame,
-                gref,
-                kind: PageKind::Data,
-            }),
-            Err(e) => {
-                sh.guest.free_frames(&[frame]);
-                Err(e.into())
-            }
-        }
-    }
-
-    /// An indirect-descriptor page. With persistent grants it comes from the pool
-    /// (writable, as Linux's `get_indirect_grant` does, so a backend that keeps it mapped
-    /// persistently can also reuse it for data); without, a page kept for the purpose,
-    /// granted read-only for this request since the backend only reads descriptors.
-    fn indirect_page(&mut self, sh: &Shared) -> Result<Granted, Error> {
-        if sh.persistent {
-            return self.pool_page(sh);
-        }
-        let frame = match self.indirect_frames.pop() {
-            Some(f) => f,
-            None => sh.guest.alloc_frames(1)?[0],
-        };
-        match sh.guest.grant_access(sh.backend_domid, frame, true) {
-            Ok(gref) => Ok(Granted {
-                frame,
-                gref,
-                kind: PageKind::Indirect,
-            }),
-            Err(e) => {
-                self.indirect_frames.push(frame);
-                Err(e.into())
-            }
-        }
-    }
-
-    fn pool_page(&mut self, sh: &Shared) -> Result<Granted, Error> {
-        if let Some((frame, gref)) = self.pool.pop() {
-            return Ok(Granted {
-                frame,
-                gref,
-                kind: PageKind::Pool,
-            });
-        }
-        let frame = sh.guest.alloc_frames(1)?[0];
-        match sh.guest.grant_access(sh.backend_domid, frame, false) {
-            Ok(gref) => {
-                self.pool_granted += 1;
-                sh.stats.persistent_grants.fetch_add(1, Ordering::Relaxed);
-                Ok(Granted {
-                    frame,
-                    gref,
-                    kind: PageKind::Pool,
-                })
-            }
-            Err(e) => {
-                sh.guest.free_frames(&[frame]);
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Gives a page back after its request completed: pool pages to the pool, others
-    /// revoked (or deferred if the backend still maps them).
-    fn release(&mut self, sh: &Shared, g: Granted) {
-        if g.kind == PageKind::Pool {
-            self.pool.push((g.frame, g.gref));
-            return;
-        }
-        match sh.guest.end_access(g.gref) {
-            Ok(()) => self.recycle(sh, g),
-            Err(EndAccessError::StillMapped(_)) => {
-                bump(&sh.stats.end_access_failures);
-                warn!(
-                    queue = self.index,
-                    gref = g.gref,
-                    "backend has not unmapped grant; page held back"
-                );
-                self.deferred.push(g);
-            }
-            Err(e @ EndAccessError::Invalid(_)) => {
-                error!(queue = self.index, %e, "ending access of a grant we never made");
-                self.recycle(sh, g);
-            }
-        }
-    }
-
-    /// Releases a completed request's pages and keeps its emptied lists for reuse.
-    fn release_pages(&mut self, sh: &Shared, mut data: Vec<Granted>, mut indirect: Vec<Granted>) {
-        for g in data.drain(..).chain(indirect.drain(..)) {
-            self.release(sh, g);
-        }
-        // Bounded: two lists per ring slot at most.
-        if self.spare_pages.len() < 2 * self.shadow.capacity() {
-            self.spare_pages.push(data);
-            self.spare_pages.push(indirect);
-        }
-    }
-
-    fn recycle(&mut self, sh: &Shared, g: Granted) {
-        match g.kind {
-            PageKind::Indirect => self.indirect_frames.push(g.frame),
-            _ => sh.guest.free_frames(&[g.frame]),
-        }
-    }
-
-    fn retry_deferred(&mut self, sh: &Shared) {
-        if self.deferred.is_empty() {
-            return;
-        }
-        let pending = std::mem::take(&mut self.deferred);
-        for g in pending {
-            match sh.guest.end_access(g.gref) {
-                Ok(()) => {
-                    debug!(
-                        queue = self.index,
-                        gref = g.gref,
-                        "deferred grant finally ended"
-                    );
-                    self.recycle(sh, g);
-                }
-                Err(EndAccessError::StillMapped(_)) => self.deferred.push(g),
-                Err(EndAccessError::Invalid(_)) => self.recycle(sh, g),
-            }
-        }
-    }
-
     // ----- submission ----------------------------------------------------------
 
     /// Pushes one READ/WRITE ring request for `chunk` (direct, or indirect when it has
@@ -743,226 +586,5 @@ impl Queue {
         }
         bump(&sh.stats.requests);
         Ok(())
-    }
-}
-
-impl Queue {
-    // ----- completion ----------------------------------------------------------
-
-    /// Consumes every response the backend has published (Linux's `blkif_interrupt`),
-    /// re-arming `rsp_event` so the backend notifies for the next one. Returns how many
-    /// responses were consumed. A ring the backend corrupted is halted and reported.
-    pub fn reap(&mut self, sh: &Shared) -> Result<usize, Error> {
-        self.check_usable()?;
-        self.retry_deferred(sh);
-        let mut n = 0;
-        loop {
-            let step = match self.ring().pop_response() {
-                Ok(Some(rsp)) => {
-                    bump(&sh.stats.responses);
-                    self.complete(sh, rsp);
-                    n += 1;
-                    continue;
-                }
-                Ok(None) => self.ring().final_check_for_responses(),
-                Err(e) => Err(e),
-            };
-            match step {
-                Ok(true) => continue,
-                Ok(false) => return Ok(n),
-                Err(e) => {
-                    bump(&sh.stats.rings_halted);
-                    error!(queue = self.index, %e, "backend broke the ring protocol; ring halted");
-                    self.halted = Some(e);
-                    return Err(Error::RingHalted {
-                        queue: self.index,
-                        source: e,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Handles one response (`blkif_completion` plus the checks around it).
-    fn complete(&mut self, sh: &Shared, rsp: Response) {
-        // The id must name a request in flight: the backend may invent ids, repeat a
-        // completion, or echo garbage. Nothing about such a response can be trusted, so
-        // it is counted and dropped, and the request it might have meant stays in flight.
-        let expect_op = match self.shadow.get(rsp.id) {
-            Ok(p) => p.expect_op,
-            Err(e) => {
-                match e {
-                    crate::shadow::ShadowError::UnknownId(_) => bump(&sh.stats.bad_id),
-                    crate::shadow::ShadowError::NotInFlight(_) => bump(&sh.stats.not_in_flight),
-                }
-                warn!(queue = self.index, id = rsp.id, op = rsp.operation, %e, "bogus response from backend");
-                return;
-            }
-        };
-        let p = self
-            .shadow
-            .remove(rsp.id)
-            .expect("checked in flight just above");
-        let result = if rsp.operation != expect_op {
-            // The id is ours but the answer is for something else: fail the request
-            // rather than believe either half.
-            bump(&sh.stats.wrong_operation);
-            warn!(
-                queue = self.index,
-                id = rsp.id,
-                expected = expect_op,
-                got = rsp.operation,
-                "response has wrong operation"
-            );
-            Err(IoError::WrongOperation {
-                expected: expect_op,
-                got: rsp.operation,
-            })
-        } else {
-            match rsp.status {
-                BLKIF_RSP_OKAY => Ok(()),
-                BLKIF_RSP_ERROR => Err(IoError::Failed),
-                BLKIF_RSP_EOPNOTSUPP => Err(IoError::NotSupported),
-                s => Err(IoError::UnknownStatus(s)),
-            }
-        };
-        if result == Err(IoError::NotSupported) {
-            // As Linux: a backend that refuses flush/barrier or discard once will refuse
-            // it again, so stop sending it.
-            match expect_op {
-                BLKIF_OP_FLUSH_DISKCACHE | BLKIF_OP_WRITE_BARRIER => {
-                    warn!(
-                        queue = self.index,
-                        "backend refused cache flush; disabling it"
-                    );
-                    sh.set_cache(CacheControl::None);
-                }
-                BLKIF_OP_DISCARD => {
-                    warn!(queue = self.index, "backend refused discard; disabling it");
-                    sh.discard.store(false, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-        }
-
-        // Copy read data out before the pages go back: with persistent grants the page
-        // is reused by the next request at once.
-        let copy_out = result.is_ok() && expect_op == BLKIF_OP_READ;
-        if copy_out {
-            if let Some(j) = self.joins.get_mut(p.join).ok().filter(|j| j.copy_out) {
-                for (span, g) in p.chunk.segments().zip(&p.data) {
-                    let at = p.chunk.buf_offset + span.buf_offset;
-                    if let Err(e) = sh.guest.read_frame(
-                        g.frame,
-                        span.page_offset(),
-                        &mut j.data[at..at + span.len],
-                    ) {
-                        error!(queue = self.index, %e, "reading a completed page failed");
-                    }
-                }
-            }
-        }
-        self.release_pages(sh, p.data, p.indirect);
-        self.finish_part(p.join, result);
-    }
-
-    fn finish_part(&mut self, join: u64, result: Result<(), IoError>) {
-        let Ok(j) = self.joins.get_mut(join) else {
-            error!(queue = self.index, join, "completion for a vanished join");
-            return;
-        };
-        j.parts_done += 1;
-        if j.result.is_ok() {
-            j.result = result;
-        }
-        if j.parts_done < j.parts_total {
-            return;
-        }
-        let j = self.joins.remove(join).expect("checked above");
-        if j.abandoned {
-            return;
-        }
-        let data = if j.result.is_ok() { j.data } else { Vec::new() };
-        let c = Completion {
-            token: j.token,
-            op: j.op,
-            result: j.result,
-            data,
-        };
-        if j.sync {
-            self.sync_done.push((join, c));
-        } else {
-            self.ready.push_back(c);
-        }
-    }
-
-    // ----- teardown -------------------------------------------------------------
-
-    /// Revokes every grant of the queue and frees its pages (`blkif_free_ring`). Grants
-    /// the backend still maps are reported and their pages leaked, never reused.
-    pub fn teardown(&mut self, sh: &Shared) -> TeardownReport {
-        let mut report = TeardownReport::default();
-        let end = |gref: GrantRef, report: &mut TeardownReport| match sh.guest.end_access(gref) {
-            Ok(()) => {
-                report.grants_ended += 1;
-                true
-            }
-            Err(EndAccessError::StillMapped(_)) => {
-                bump(&sh.stats.end_access_failures);
-                report.still_mapped.push(gref);
-                false
-            }
-            Err(EndAccessError::Invalid(_)) => true,
-        };
-        for (_, p) in self.shadow.drain() {
-            report.aborted_requests += 1;
-            for g in p.data.into_iter().chain(p.indirect) {
-                if end(g.gref, &mut report) {
-                    if g.kind == PageKind::Pool {
-                        self.pool_granted -= 1;
-                        sh.stats.persistent_grants.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    sh.guest.free_frames(&[g.frame]);
-                }
-            }
-        }
-        for (_, j) in self.joins.drain() {
-            if !j.sync && !j.abandoned {
-                self.ready.push_back(Completion {
-                    token: j.token,
-                    op: j.op,
-                    result: Err(IoError::Aborted),
-                    data: Vec::new(),
-                });
-            }
-        }
-        for (frame, gref) in std::mem::take(&mut self.pool) {
-            self.pool_granted -= 1;
-            sh.stats.persistent_grants.fetch_sub(1, Ordering::Relaxed);
-            if end(gref, &mut report) {
-                sh.guest.free_frames(&[frame]);
-            }
-        }
-        for g in std::mem::take(&mut self.deferred) {
-            if end(g.gref, &mut report) {
-                sh.guest.free_frames(&[g.frame]);
-            }
-        }
-        let frames = std::mem::take(&mut self.indirect_frames);
-        sh.guest.free_frames(&frames);
-        // The ring last: the backend unmaps it when it disconnects.
-        let mut ring_free = true;
-        for gref in std::mem::take(&mut self.ring_grefs) {
-            ring_free &= end(gref, &mut report);
-        }
-        self.ring = None;
-        let frames = std::mem::take(&mut self.ring_frames);
-        if ring_free {
-            sh.guest.free_frames(&frames);
-        }
-        if !report.is_clean() {
-            warn!(queue = self.index, still_mapped = ?report.still_mapped, "backend still maps grants at teardown");
-        }
-        report
     }
 }

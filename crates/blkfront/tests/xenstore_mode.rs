@@ -179,6 +179,7 @@ impl ToyBackend {
                 ..VbdLimits::default()
             },
             events: None,
+            journal: None,
         };
         let p: Arc<dyn Platform> = Arc::new(self.platform.clone());
         *self.vbd.lock().unwrap() = Some(self.engine.attach(spec, p).unwrap());

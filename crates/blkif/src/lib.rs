@@ -61,14 +61,16 @@
 #![warn(clippy::cast_possible_truncation)]
 
 pub mod abi;
+pub mod journal;
 pub mod request;
 pub mod response;
 pub mod ring;
 
 pub use abi::{ring_size, Protocol, UnknownProtocol};
+pub use journal::JournalError;
 pub use request::{
     write_indirect_page, DescriptorPage, DeviceLimits, DirectSegments, IndirectRequest, Operation,
     RawRequest, Request, RequestError, Segment, Segments, Validated,
 };
 pub use response::Response;
-pub use ring::{needs_notify, BackRing, FrontRing, RingError};
+pub use ring::{needs_notify, BackRing, FrontRing, JournalStart, Popped, RingError, Ticket};

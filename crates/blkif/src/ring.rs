@@ -18,6 +18,7 @@
 //! error. Slots are copied once into private buffers (XSA-155) and responses are
 //! written from fully initialised buffers (XSA-216).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use shmem::{full_barrier, SharedMemory};
@@ -26,6 +27,7 @@ use crate::abi::{
     ring_size_for_len, sring, Protocol, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, MAX_RING_PAGE_ORDER,
     PAGE_SIZE,
 };
+use crate::journal::{Journal, JournalError};
 use crate::request::RawRequest;
 use crate::response::Response;
 
@@ -68,6 +70,85 @@ pub enum RingError {
     /// `push_raw_request` with a slot image of the wrong length (frontend side).
     #[error("a request slot of this protocol is {expected} bytes, got {got}")]
     BadSlotLength { expected: usize, got: usize },
+    /// The ring's journal cannot be used (crash recovery): the ring is refused.
+    #[error("ring journal: {0}")]
+    Journal(#[from] JournalError),
+    /// A response for a ticket this ring did not hand out, or already answered.
+    #[error("ticket {0} names no request in flight")]
+    BadTicket(u32),
+}
+
+/// What a journaled ring needs to know at attach.
+#[derive(Debug)]
+pub enum JournalStart {
+    /// A ring connected afresh: the journal (a [`crate::journal::journal_len`]-byte
+    /// mapping) is initialised; whatever it held is discarded.
+    Fresh(SharedMemory),
+    /// A ring adopted from a previous process: the journal it left says what it had
+    /// consumed and not answered; those requests are popped again first. A blank journal
+    /// (never written) means nothing was consumed beyond `rsp_prod`. A journal this build
+    /// cannot use that provably owes nothing ([`JournalError::owes_nothing`]: another
+    /// format version, or a corrupt one while the frontend has nothing unanswered) is
+    /// ignored: the ring resumes at `rsp_prod` without a journal
+    /// ([`BackRing::ignored_journal`]) until [`BackRing::start_journal`] gives it one.
+    Recover(SharedMemory),
+}
+
+/// Which request a response answers: handed out by [`BackRing::pop`], given back to
+/// [`BackRing::answer`]. On a ring with a journal it names the request's journal entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u32);
+
+impl Ticket {
+    /// The ticket of a ring without a journal (every request's).
+    pub const UNJOURNALED: Ticket = Ticket(u32::MAX);
+}
+
+/// A request taken off the ring (or out of the journal, after a crash).
+#[derive(Debug)]
+pub struct Popped {
+    pub ticket: Ticket,
+    pub request: RawRequest,
+}
+
+/// A journaled ring's private view of its journal's entries.
+#[derive(Debug)]
+struct Journaled {
+    journal: Journal,
+    /// Entries that may be taken (LIFO).
+    free: Vec<u32>,
+    /// Entries holding a request not yet answered.
+    in_flight: Vec<bool>,
+    /// Entries answered and not yet published, with their response positions, oldest
+    /// first: they go back to `free` only once `rsp_prod` passed them.
+    answered: VecDeque<(u32, u32)>,
+    /// Requests a previous process consumed and did not answer: popped first.
+    replay: VecDeque<(u32, RawRequest)>,
+}
+
+impl Journaled {
+    fn new(journal: Journal, size: u32) -> Self {
+        Journaled {
+            journal,
+            free: (0..size).rev().collect(),
+            in_flight: vec![false; size as usize],
+            answered: VecDeque::with_capacity(size as usize),
+            replay: VecDeque::new(),
+        }
+    }
+
+    /// Returns the entries whose responses are now published (`pos < rsp_prod`).
+    fn published(&mut self, rsp_prod: u32, rsp_prod_before: u32) {
+        while let Some(&(entry, pos)) = self.answered.front() {
+            // `pos` lies in [rsp_prod_before, rsp_prod_pvt): published iff below rsp_prod.
+            if pos.wrapping_sub(rsp_prod_before) >= rsp_prod.wrapping_sub(rsp_prod_before) {
+                break;
+            }
+            self.answered.pop_front();
+            self.journal.record_free(entry);
+            self.free.push(entry);
+        }
+    }
 }
 
 /// The private copy of one request slot.
@@ -183,6 +264,14 @@ pub struct BackRing {
     req_prod_seen: u32,
     /// Set once the frontend was caught misbehaving.
     halted: Option<RingError>,
+    /// See [`BackRing::unanswered_at_attach`].
+    unanswered_at_attach: u32,
+    /// `rsp_prod` as last stored (by a publication, or by `pop` making room in the
+    /// journal): entries answered below it may be reused.
+    rsp_prod_stored: u32,
+    journal: Option<Journaled>,
+    /// Why the journal offered at attach was ignored (it owed nothing).
+    ignored_journal: Option<JournalError>,
 }
 
 impl BackRing {
@@ -192,6 +281,12 @@ impl BackRing {
     /// Like Linux's `xen_blkif_map`, the private indices start at the shared
     /// `rsp_prod` (0 on a fresh ring; anything after a reconnect), and a ring whose
     /// `req_prod` is already more than a ring's worth ahead is refused.
+    ///
+    /// The same start serves a ring another process served before (adoption after a
+    /// handover or a crash, see ARCHITECTURE.md "Restart, handover and crash recovery"):
+    /// `rsp_prod` is the last response the frontend can have seen, so every request
+    /// from there to `req_prod` is popped (again) and answered exactly once by this
+    /// ring. [`BackRing::unanswered_at_attach`] says how many were waiting.
     pub fn new(mem: SharedMemory, protocol: Protocol) -> Result<Self, RingError> {
         let shared = Shared::new(mem, protocol)?;
         let rsp_prod = shared.load(sring::RSP_PROD, Ordering::Relaxed);
@@ -210,7 +305,95 @@ impl BackRing {
             rsp_prod_published: rsp_prod,
             req_prod_seen: rsp_prod,
             halted: None,
+            unanswered_at_attach: req_prod.wrapping_sub(rsp_prod),
+            rsp_prod_stored: rsp_prod,
+            journal: None,
+            ignored_journal: None,
         })
+    }
+
+    /// Attaches like [`BackRing::new`], with a journal kept in `start`'s mapping (crash
+    /// recovery; see [`crate::journal`]).
+    ///
+    /// `Recover` with a journal that is not blank: `req_cons` is the journal's,
+    /// `rsp_prod_pvt` the shared `rsp_prod`, and the requests the journal still owes
+    /// (in flight, or answered at a position the frontend has not seen) are popped
+    /// first, from the journal's copies, oldest first. Their number must be
+    /// `req_cons - rsp_prod`, otherwise the ring is refused ([`RingError::Journal`]).
+    pub fn with_journal(
+        mem: SharedMemory,
+        protocol: Protocol,
+        start: JournalStart,
+    ) -> Result<Self, RingError> {
+        let mut ring = Self::new(mem, protocol)?;
+        let size = ring.shared.size;
+        let rsp_prod = ring.rsp_prod_pvt;
+        let fresh = |mem| Journal::create(mem, protocol, size, rsp_prod);
+        let journaled = match start {
+            JournalStart::Fresh(mem) => Journaled::new(fresh(mem)?, size),
+            JournalStart::Recover(mem) => {
+                let req_prod = ring.shared.load(sring::REQ_PROD, Ordering::Acquire);
+                let recovered = match Journal::recover(mem, protocol, size, rsp_prod, req_prod) {
+                    Err(e) if e.owes_nothing(rsp_prod, req_prod) => {
+                        ring.ignored_journal = Some(e);
+                        return Ok(ring);
+                    }
+                    other => other?,
+                };
+                match recovered {
+                    (journal, None) => Journaled::new(fresh(journal.into_memory())?, size),
+                    (journal, Some(recovered)) => {
+                        let mut j = Journaled::new(journal, size);
+                        for owed in recovered.owed {
+                            j.in_flight[owed.entry as usize] = true;
+                            j.free.retain(|&e| e != owed.entry);
+                            j.replay
+                                .push_back((owed.entry, RawRequest::decode(protocol, &owed.slot)));
+                        }
+                        ring.req_cons = recovered.req_cons;
+                        ring.req_prod_seen = recovered.req_cons;
+                        j
+                    }
+                }
+            }
+        };
+        ring.journal = Some(journaled);
+        Ok(ring)
+    }
+
+    /// The journal offered at attach that was ignored because it could not be read and
+    /// provably owed nothing (see [`JournalStart::Recover`]); the ring has no journal.
+    pub fn ignored_journal(&self) -> Option<&JournalError> {
+        self.ignored_journal.as_ref()
+    }
+
+    /// Gives a ring attached without a journal (one whose journal was ignored) a fresh
+    /// one in `mem`, before anything is popped: it records from `req_cons` on.
+    pub fn start_journal(&mut self, mem: SharedMemory) -> Result<(), RingError> {
+        assert!(
+            self.journal.is_none() && self.req_cons == self.rsp_prod_pvt,
+            "a journal starts before the ring consumes anything"
+        );
+        let journal = Journal::create(mem, self.shared.protocol, self.shared.size, self.req_cons)?;
+        self.journal = Some(Journaled::new(journal, self.shared.size));
+        Ok(())
+    }
+
+    /// Requests the journal said a previous process owed at attach (re-executed first).
+    pub fn replayed_at_attach(&self) -> usize {
+        self.journal.as_ref().map_or(0, |j| j.replay.len())
+    }
+
+    /// The journal's mapping, if this ring keeps one (tests).
+    pub fn journal_memory(&self) -> Option<&SharedMemory> {
+        self.journal.as_ref().map(|j| j.journal.memory())
+    }
+
+    /// Requests published but not answered when the ring was attached (`req_prod -
+    /// rsp_prod`, at most the ring size): 0 on a fresh ring; on an adopted one, those
+    /// the previous process left (consumed and unanswered, or never consumed).
+    pub fn unanswered_at_attach(&self) -> u32 {
+        self.unanswered_at_attach
     }
 
     /// The ABI this ring decodes with.
@@ -283,6 +466,21 @@ impl BackRing {
     /// is halted and every later call returns the same error; responses to requests
     /// already consumed can still be pushed.
     pub fn pop_request(&mut self) -> Result<Option<RawRequest>, RingError> {
+        Ok(self.pop()?.map(|p| p.request))
+    }
+
+    /// [`BackRing::pop_request`] with the ticket its response must be given back with
+    /// ([`BackRing::answer`]); on a journaled ring, the request is recorded in the journal
+    /// before it is returned, and requests a previous process owed come first.
+    pub fn pop(&mut self) -> Result<Option<Popped>, RingError> {
+        if let Some(j) = &mut self.journal {
+            if let Some((entry, request)) = j.replay.pop_front() {
+                return Ok(Some(Popped {
+                    ticket: Ticket(entry),
+                    request,
+                }));
+            }
+        }
         if let Some(e) = self.halted {
             return Err(e);
         }
@@ -297,9 +495,38 @@ impl BackRing {
         if self.awaiting_response() >= self.shared.size {
             return Ok(None);
         }
-        let slot = self.shared.read_request(self.req_cons);
-        self.req_cons = self.req_cons.wrapping_add(1);
-        Ok(Some(RawRequest::decode(self.shared.protocol, &slot.0)))
+        let ticket = match self.take_entry() {
+            Some(t) => t,
+            None => return Ok(None),
+        };
+        let index = self.req_cons;
+        let slot = self.shared.read_request(index);
+        if let Some(j) = &mut self.journal {
+            j.journal.record_pop(ticket.0, index, &slot.0);
+            j.in_flight[ticket.0 as usize] = true;
+        }
+        self.req_cons = index.wrapping_add(1);
+        Ok(Some(Popped {
+            ticket,
+            request: RawRequest::decode(self.shared.protocol, &slot.0),
+        }))
+    }
+
+    /// A free journal entry. An entry answered at a position the frontend has not been
+    /// shown yet must not be reused (a crash would lose the request it owes), so when
+    /// none is free the responses written so far are published first; the notify check
+    /// still covers them at the next [`BackRing::push_responses_and_check_notify`].
+    fn take_entry(&mut self) -> Option<Ticket> {
+        let Some(j) = &mut self.journal else {
+            return Some(Ticket::UNJOURNALED);
+        };
+        if j.free.is_empty() && !j.answered.is_empty() {
+            self.shared
+                .store(sring::RSP_PROD, self.rsp_prod_pvt, Ordering::Release);
+            j.published(self.rsp_prod_pvt, self.rsp_prod_stored);
+            self.rsp_prod_stored = self.rsp_prod_pvt;
+        }
+        j.free.pop().map(Ticket)
     }
 
     /// `RING_HAS_UNCONSUMED_REQUESTS`: requests published and not yet consumed, capped
@@ -338,15 +565,29 @@ impl BackRing {
     /// Refuses ([`RingError::NoRequestToAnswer`]) when every consumed request has been
     /// answered: the slot would still belong to an unconsumed request.
     pub fn push_response(&mut self, response: &Response) -> Result<(), RingError> {
+        self.answer(Ticket::UNJOURNALED, response)
+    }
+
+    /// [`BackRing::push_response`] for the request `ticket` came with. On a journaled
+    /// ring the journal records the answer (and its position) before the response is
+    /// written into the ring, whose slot may still hold a request the journal owes.
+    pub fn answer(&mut self, ticket: Ticket, response: &Response) -> Result<(), RingError> {
         if self.awaiting_response() == 0 {
             return Err(RingError::NoRequestToAnswer);
         }
+        let pos = self.rsp_prod_pvt;
+        if let Some(j) = &mut self.journal {
+            match j.in_flight.get_mut(ticket.0 as usize) {
+                Some(busy) if *busy => *busy = false,
+                _ => return Err(RingError::BadTicket(ticket.0)),
+            }
+            j.journal.record_answer(ticket.0, pos);
+            j.answered.push_back((ticket.0, pos));
+        }
         let bytes = response.encode(self.shared.protocol);
-        self.shared.write_slot(
-            self.rsp_prod_pvt,
-            &bytes[..self.shared.protocol.response_size()],
-        );
-        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+        self.shared
+            .write_slot(pos, &bytes[..self.shared.protocol.response_size()]);
+        self.rsp_prod_pvt = pos.wrapping_add(1);
         Ok(())
     }
 
@@ -358,6 +599,10 @@ impl BackRing {
         let new = self.rsp_prod_pvt;
         self.shared.store(sring::RSP_PROD, new, Ordering::Release);
         self.rsp_prod_published = new;
+        if let Some(j) = &mut self.journal {
+            j.published(new, self.rsp_prod_stored);
+        }
+        self.rsp_prod_stored = new;
         full_barrier();
         let event = self.shared.load(sring::RSP_EVENT, Ordering::Relaxed);
         needs_notify(old, new, event)

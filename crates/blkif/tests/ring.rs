@@ -98,6 +98,77 @@ fn back_attaches_at_the_shared_rsp_prod() {
     assert_eq!(back.pop_request().unwrap(), Some(req(0)));
 }
 
+/// A ring a previous backend served and left (a handover: everything it consumed was
+/// answered; or a crash before it answered anything): a new `BackRing` on the same pages
+/// pops again exactly the requests the frontend has not seen answered, then new ones,
+/// and its responses continue where the old ones stopped.
+#[test]
+fn a_ring_left_by_another_backend_is_resumed_at_the_shared_rsp_prod() {
+    for p in ALL_PROTOCOLS {
+        let (f, b, b2) = common::shared_triple(PAGE_SIZE);
+        let mut front = FrontRing::new_at(f, p, u32::MAX - 1).unwrap();
+        for id in 0..5 {
+            front.push_request(&req(id)).unwrap();
+        }
+        front.push_requests_and_check_notify();
+        let mut old = BackRing::new(b, p).unwrap();
+        assert_eq!(old.unanswered_at_attach(), 5);
+        for id in 0..4 {
+            assert_eq!(old.pop_request().unwrap(), Some(req(id)));
+        }
+        // Two answered and published; two consumed and never answered; one never seen.
+        old.push_response(&Response::okay(0, 200)).unwrap();
+        old.push_response(&Response::okay(1, 200)).unwrap();
+        old.push_responses_and_check_notify();
+        drop(old);
+
+        let mut new = BackRing::new(b2, p).unwrap();
+        assert_eq!(new.unanswered_at_attach(), 3);
+        assert_eq!(new.req_cons(), (u32::MAX - 1).wrapping_add(2));
+        assert_eq!(new.rsp_prod_pvt(), new.req_cons());
+        front.push_request(&req(5)).unwrap();
+        front.push_requests_and_check_notify();
+        for id in 2..6 {
+            assert_eq!(new.pop_request().unwrap(), Some(req(id)));
+        }
+        assert_eq!(new.pop_request().unwrap(), None);
+        for id in 2..6 {
+            new.push_response(&Response::okay(id, 200)).unwrap();
+        }
+        new.push_responses_and_check_notify();
+        // The frontend sees each of its six requests answered once, in order.
+        for id in 0..6 {
+            assert_eq!(front.pop_response().unwrap(), Some(Response::okay(id, 200)));
+        }
+        assert_eq!(front.pop_response().unwrap(), None);
+    }
+}
+
+/// A ring whose indices were left corrupt (more unanswered requests than slots) is not
+/// resumed: attaching fails, which fails the device as blkback fails a bad connect.
+#[test]
+fn a_left_ring_with_corrupt_indices_is_refused() {
+    let (f, b) = common::shared_pair(PAGE_SIZE << 1);
+    let front = FrontRing::new_at(f, Protocol::X86_64, 7).unwrap();
+    let size = front.size();
+    front
+        .memory()
+        .store_u32(sring::RSP_PROD, 7u32.wrapping_sub(size), Ordering::Release)
+        .unwrap();
+    front
+        .memory()
+        .store_u32(sring::REQ_PROD, 8, Ordering::Release)
+        .unwrap();
+    assert_eq!(
+        BackRing::new(b, Protocol::X86_64).unwrap_err(),
+        RingError::RequestOverflow {
+            req_prod: 8,
+            rsp_prod_pvt: 7u32.wrapping_sub(size),
+            size
+        }
+    );
+}
+
 // ---- a hostile frontend ------------------------------------------------------------------------
 
 #[test]

@@ -289,6 +289,26 @@ fn clear_flags(table: &SharedMemory, gref: GrantRef, bits: u16) {
     }
 }
 
+/// What Xen does to a guest's grant table when the process that mapped from it dies
+/// (its gntdev mappings are torn down with it): clears `GTF_reading`/`GTF_writing` on
+/// every entry among the first `nr_entries` granted to `mapper`, so the guest can end
+/// access again. Returns how many entries were pinned.
+///
+/// Only for a mapper that holds nothing any more: a live one's pins would be lost.
+pub fn release_pins(table: &SharedMemory, nr_entries: u32, mapper: DomId) -> usize {
+    let mut released = 0;
+    for gref in 0..nr_entries {
+        let Ok(entry) = read_entry(table, gref) else {
+            break;
+        };
+        if entry.domid == mapper && entry.flags & (GTF_READING | GTF_WRITING) != 0 {
+            clear_flags(table, gref, GTF_READING | GTF_WRITING);
+            released += 1;
+        }
+    }
+    released
+}
+
 /// Why a guest could not revoke a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EndAccessError {

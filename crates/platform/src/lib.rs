@@ -272,6 +272,13 @@ pub enum PlatformError {
         port: Port,
         reason: &'static str,
     },
+    /// The simulator only: a guest that attached moments ago ([`sim::PORT_OFFER_GRACE`])
+    /// has not offered this port yet. A guest reattaching to a new backend process
+    /// re-offers its ports right after the welcome, so a daemon adopting devices at start
+    /// can ask before they arrive; it waits, as for an unknown domain. After the grace the
+    /// same bind is a [`PlatformError::BadPort`].
+    #[error("d{domid} port {port}: not offered yet (the guest attached moments ago)")]
+    PortNotYetOffered { domid: DomId, port: Port },
     /// A simulated domain broke the attach protocol (bad sizes, unsealed memory, ...).
     #[error("simulated domain protocol: {0}")]
     Protocol(String),

@@ -5,10 +5,11 @@
 //! that queue: no lock is taken on the data path.
 //!
 //! # The queue model
-//! The engine runs reactors that wait with epoll on event-channel fds and on each queue's
-//! [`StorageQueue::completion_fd`]. Per wake-up it
+//! The engine runs reactors that wait, each in its own io_uring (a multishot poll per fd),
+//! on event-channel fds and on each queue's [`StorageQueue::completion_fd`]. Per wake-up it
 //! 1. calls [`StorageQueue::reap`] to drain every ready completion (this also clears the
-//!    completion fd, so a level-triggered epoll does not spin),
+//!    completion fd; the reactor's polls are edge-like, one report per signal, so an
+//!    undrained fd costs a spurious pass, never a hang),
 //! 2. [`StorageQueue::submit`]s the new requests of its rings, each under an opaque `tag`,
 //! 3. calls [`StorageQueue::commit`] once, which hands the whole batch to the kernel in one
 //!    syscall.
@@ -51,6 +52,9 @@
 //! - [`null`]: no I/O at all, to measure the protocol cost.
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
+//! [`lock`] takes QEMU's image locks (OFD locks on the image and its backing files), so
+//! xenblkd and QEMU see each other's use of an image.
+//!
 //! [`baseline`] holds the benchmark runners: the same workload driven through a
 //! [`StorageQueue`] and through a bare io_uring loop, so the cost of the abstraction is
 //! measured side by side.
@@ -65,6 +69,7 @@ use std::sync::Arc;
 pub mod baseline;
 mod buffer;
 mod error;
+pub mod lock;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;

@@ -10,11 +10,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use crate::sys::EventFd;
 use crate::{
     validate, Completion, Storage, StorageError, StorageInfo, StorageKind, StorageOp, StorageQueue,
     SubmitError, MAX_QUEUE_DEPTH,
 };
+use eventfd::EventFd;
 
 /// Geometry of a null disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,81 +1,10 @@
-//! Thin wrappers over the Linux interfaces the backends need: eventfd, block-device ioctls,
+//! Thin wrappers over the Linux interfaces the backends need: block-device ioctls,
 //! statx, fallocate and sysfs. Every `unsafe` FFI call of the crate outside the io_uring
 //! submission paths lives here.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
-
-/// A non-blocking, close-on-exec eventfd used as a queue's completion fd.
-#[derive(Debug)]
-pub(crate) struct EventFd(File);
-
-impl EventFd {
-    pub(crate) fn new() -> io::Result<Self> {
-        // SAFETY: eventfd takes no pointers; a negative return is an error, anything else a
-        // fresh descriptor that nothing else owns, so OwnedFd may take it over.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: see above: `fd` is a valid descriptor owned by no one else.
-        Ok(EventFd(File::from(unsafe { OwnedFd::from_raw_fd(fd) })))
-    }
-
-    /// Makes the fd readable (adds 1 to the counter).
-    pub(crate) fn signal(&self) -> io::Result<()> {
-        signal_raw(&self.0)
-    }
-
-    /// Resets the counter so the fd is no longer readable. Returns the old count.
-    pub(crate) fn drain(&self) -> u64 {
-        let mut buf = [0u8; 8];
-        match (&self.0).read(&mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
-            // EAGAIN: nothing to drain. Anything else cannot happen on an eventfd we own.
-            _ => 0,
-        }
-    }
-}
-
-impl AsFd for EventFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-fn signal_raw(mut f: &File) -> io::Result<()> {
-    match f.write(&1u64.to_ne_bytes()) {
-        Ok(_) => Ok(()),
-        // The counter is saturated: the fd is readable already, which is all we want.
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Signals an eventfd known only by a borrowed descriptor (a wrapped queue's completion
-/// fd).
-#[cfg(any(test, feature = "testing"))]
-pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let value = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local buffer to a descriptor the borrow keeps
-    // open for the duration of the call.
-    let n = unsafe { libc::write(fd.as_raw_fd(), value.as_ptr().cast(), value.len()) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
 
 // Block-device ioctl numbers (<linux/fs.h>), in the asm-generic encoding used by x86 and
 // arm. `_IO(0x12, nr)` and `_IOR(0x12, nr, size_t)`.

@@ -26,8 +26,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use crate::{
-    sys, Completion, OpKind, Storage, StorageError, StorageInfo, StorageOp, StorageQueue,
-    SubmitError,
+    Completion, OpKind, Storage, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
 
 /// What happens to a matching operation.
@@ -233,7 +232,7 @@ impl StorageQueue for FaultyQueue {
             self.ready.append(&mut self.queued);
             // The inner completion fd is an eventfd (trait contract); signal it so the
             // reactor reaps the injected completions.
-            sys::eventfd_signal(self.inner.completion_fd())?;
+            eventfd::signal(self.inner.completion_fd())?;
         }
         self.inner.commit()
     }

@@ -39,11 +39,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::error::completion_error;
-use crate::sys::{self, EventFd};
+use crate::sys;
 use crate::{
     validate, Completion, OpKind, StorageError, StorageInfo, StorageKind, StorageOp, StorageQueue,
     SubmitError,
 };
+use eventfd::EventFd;
 
 /// How often an operation that failed with EAGAIN/EINTR is resubmitted before the error is
 /// reported.

@@ -142,7 +142,11 @@ pub fn check_target(params: &str, writable: bool, direct_io_safe: bool) -> anyho
         read_only: !writable,
         ..storage::NbdConfig::default()
     };
-    crate::engine_glue::open_target(&target, options, None, nbd)?;
+    let rbd = storage::RbdConfig {
+        read_only: !writable,
+        ..storage::RbdConfig::default()
+    };
+    crate::engine_glue::open_target(&target, options, None, nbd, rbd, "check-target")?;
     Ok(())
 }
 

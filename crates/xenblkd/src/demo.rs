@@ -314,71 +314,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     // Write, read back, verify.
     let region = args.data.min(disk.size_bytes()) / MIB * MIB;
-    let chunk = (fe.max_request_bytes() as u64).clamp(BLOCK, MIB) / BLOCK * BLOCK;
-    let mut buf = vec![0u8; chunk as usize];
-    let bar = progress(region, "sequential write");
-    let mut off = 0;
-    while off < region {
-        let len = chunk.min(region - off);
-        for (i, b) in buf[..len as usize].chunks_mut(BLOCK as usize).enumerate() {
-            fill_block(off / BLOCK + i as u64, 0, b);
-        }
-        fe.write(off, &buf[..len as usize])
-            .with_context(|| format!("writing at {off}"))?;
-        off += len;
-        bar.set_position(off);
-    }
-    bar.finish();
-
-    let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
-    let mut rand = move || {
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        rng_state
-    };
-    let overwrites = 2000u64.min(region / BLOCK);
-    let mut generation: HashMap<u64, u64> = HashMap::new();
-    let bar = progress(overwrites * BLOCK, "random 4 KiB overwrites");
-    let mut block_buf = vec![0u8; BLOCK as usize];
-    for i in 0..overwrites {
-        let block = rand() % (region / BLOCK);
-        let gen = i + 1;
-        fill_block(block, gen, &mut block_buf);
-        fe.write(block * BLOCK, &block_buf)
-            .with_context(|| format!("writing block {block}"))?;
-        generation.insert(block, gen);
-        bar.inc(BLOCK);
-    }
-    bar.finish();
-    fe.flush().context("flush")?;
-
-    let bar = progress(region, "read back + verify");
-    let mut expect = vec![0u8; BLOCK as usize];
-    let mut off = 0;
-    while off < region {
-        let len = chunk.min(region - off);
-        fe.read(off, &mut buf[..len as usize])
-            .with_context(|| format!("reading at {off}"))?;
-        for (i, got) in buf[..len as usize].chunks(BLOCK as usize).enumerate() {
-            let block = off / BLOCK + i as u64;
-            fill_block(
-                block,
-                generation.get(&block).copied().unwrap_or(0),
-                &mut expect,
-            );
-            if got != expect.as_slice() {
-                bar.abandon();
-                bail!(
-                    "verification failed: block {block} (byte offset {}) differs",
-                    block * BLOCK
-                );
-            }
-        }
-        off += len;
-        bar.set_position(off);
-    }
-    bar.finish();
+    let overwrites = write_and_verify(&fe, region)?;
     println!(
         "  verified {} MiB ({} random overwrites) byte for byte",
         region / MIB,
@@ -386,25 +322,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
 
     if let Some(d) = n.discard {
-        let gran = u64::from(d.granularity.max(512));
-        let at = (region / 2) / gran * gran;
-        let len = (MIB / gran).max(1) * gran;
-        fe.discard(at, len, false).context("discard")?;
-        let mut back = vec![0xffu8; len as usize];
-        fe.read(at, &mut back)
-            .context("reading the discarded range")?;
-        // A file punches a hole (zeros); other storage may keep the data, which blkif allows.
-        let zeros = back.iter().all(|&b| b == 0);
-        println!(
-            "  discarded {} KiB at {} MiB: reads back {}",
-            len / 1024,
-            at / MIB,
-            if zeros {
-                "as zeros"
-            } else {
-                "unchanged (storage kept the data)"
-            }
-        );
+        discard_and_read_back(&fe, d, region)?;
     }
 
     // A short benchmark on the same connection.
@@ -491,6 +409,106 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "  detached cleanly: 0 grants mapped, {} guest pages free; done in {:.1} s",
         services.free_frames_count(),
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes the first `region` bytes sequentially, overwrites random 4 KiB blocks, flushes,
+/// and reads everything back, checking each block against what was last written to it.
+/// Returns how many random overwrites were done.
+fn write_and_verify(fe: &blkfront::Frontend, region: u64) -> anyhow::Result<u64> {
+    let chunk = (fe.max_request_bytes() as u64).clamp(BLOCK, MIB) / BLOCK * BLOCK;
+    let mut buf = vec![0u8; chunk as usize];
+    let bar = progress(region, "sequential write");
+    let mut off = 0;
+    while off < region {
+        let len = chunk.min(region - off);
+        for (i, b) in buf[..len as usize].chunks_mut(BLOCK as usize).enumerate() {
+            fill_block(off / BLOCK + i as u64, 0, b);
+        }
+        fe.write(off, &buf[..len as usize])
+            .with_context(|| format!("writing at {off}"))?;
+        off += len;
+        bar.set_position(off);
+    }
+    bar.finish();
+
+    let mut rng_state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let overwrites = 2000u64.min(region / BLOCK);
+    let mut generation: HashMap<u64, u64> = HashMap::new();
+    let bar = progress(overwrites * BLOCK, "random 4 KiB overwrites");
+    let mut block_buf = vec![0u8; BLOCK as usize];
+    for i in 0..overwrites {
+        let block = rand() % (region / BLOCK);
+        let gen = i + 1;
+        fill_block(block, gen, &mut block_buf);
+        fe.write(block * BLOCK, &block_buf)
+            .with_context(|| format!("writing block {block}"))?;
+        generation.insert(block, gen);
+        bar.inc(BLOCK);
+    }
+    bar.finish();
+    fe.flush().context("flush")?;
+
+    let bar = progress(region, "read back + verify");
+    let mut expect = vec![0u8; BLOCK as usize];
+    let mut off = 0;
+    while off < region {
+        let len = chunk.min(region - off);
+        fe.read(off, &mut buf[..len as usize])
+            .with_context(|| format!("reading at {off}"))?;
+        for (i, got) in buf[..len as usize].chunks(BLOCK as usize).enumerate() {
+            let block = off / BLOCK + i as u64;
+            fill_block(
+                block,
+                generation.get(&block).copied().unwrap_or(0),
+                &mut expect,
+            );
+            if got != expect.as_slice() {
+                bar.abandon();
+                bail!(
+                    "verification failed: block {block} (byte offset {}) differs",
+                    block * BLOCK
+                );
+            }
+        }
+        off += len;
+        bar.set_position(off);
+    }
+    bar.finish();
+    Ok(overwrites)
+}
+
+/// Discards 1 MiB in the middle of the verified region and reports how it reads back.
+fn discard_and_read_back(
+    fe: &blkfront::Frontend,
+    d: blkfront::DiscardParams,
+    region: u64,
+) -> anyhow::Result<()> {
+    let gran = u64::from(d.granularity.max(512));
+    let at = (region / 2) / gran * gran;
+    let len = (MIB / gran).max(1) * gran;
+    fe.discard(at, len, false).context("discard")?;
+    let mut back = vec![0xffu8; len as usize];
+    fe.read(at, &mut back)
+        .context("reading the discarded range")?;
+    // A file punches a hole (zeros); other storage may keep the data, which blkif allows.
+    let zeros = back.iter().all(|&b| b == 0);
+    println!(
+        "  discarded {} KiB at {} MiB: reads back {}",
+        len / 1024,
+        at / MIB,
+        if zeros {
+            "as zeros"
+        } else {
+            "unchanged (storage kept the data)"
+        }
     );
     Ok(())
 }

@@ -60,17 +60,30 @@ pub fn storage_options(
 /// script) opens storage, so that each refuses a target for the same reason, naming the
 /// file and the OS error. `physical_device` is what the hotplug script published
 /// (`MAJOR:MINOR`), checked against a block device's real number.
+///
+/// A file or device (and a qcow2 image's backing files) is then locked as QEMU locks
+/// images (`storage::lock`), for `owner` (the device, in this process's messages): an
+/// image another program or device writes, or reads refusing writers, is refused, naming
+/// the image and what its lock bytes say about the holder.
 pub fn open_target(
     target: &DiskTarget,
     options: OpenOptions,
     physical_device: Option<(u32, u32)>,
     nbd: storage::NbdConfig,
+    rbd: storage::RbdConfig,
+    owner: &str,
 ) -> Result<Arc<dyn Storage>, VbdError> {
     let path = &target.path;
     let context = || format!("opening {}", path.display());
     match target.format {
         DiskFormat::Nbd => return open_nbd(target, nbd),
-        DiskFormat::Rbd => return open_rbd(target, options.read_only),
+        DiskFormat::Rbd => {
+            let rbd = storage::RbdConfig {
+                read_only: options.read_only,
+                ..rbd
+            };
+            return open_rbd(target, rbd);
+        }
         DiskFormat::Raw | DiskFormat::Qcow2 => {}
     }
     if let Some(expected) = physical_device {
@@ -82,7 +95,7 @@ pub fn open_target(
             storage::Qcow2Storage::open(path, options).map(|s| Arc::new(s) as Arc<dyn Storage>)
         }
     };
-    opened.map_err(|e| {
+    let opened = opened.map_err(|e| {
         let errno = match &e {
             storage::StorageError::Open { source, .. }
             | storage::StorageError::Probe { source, .. } => source.raw_os_error().unwrap_or(5),
@@ -91,7 +104,44 @@ pub fn open_target(
             _ => 5,
         };
         VbdError::new(context(), e, errno)
-    })
+    })?;
+    lock_images(opened, path, owner).map_err(|e| VbdError::new(context(), &e, e.errno()))
+}
+
+/// How long a lock held by a xenblkd is waited for before the conflict is reported.
+/// Across a handover the previous daemon releases its images as it exits, and a thread
+/// of it may still be closing one when this daemon (which waited for its daemon lock)
+/// opens it; within one daemon, a device the toolstack just removed releases its storage
+/// when the daemon sees the removal, which can come after the toolstack added a device
+/// for the same image (a detach and re-attach).
+const XENBLKD_LOCK_GRACE: Duration = Duration::from_secs(2);
+
+/// Takes QEMU's image locks for `storage`, waiting [`XENBLKD_LOCK_GRACE`] for a xenblkd
+/// (this one or another) to let go.
+fn lock_images(
+    storage: Arc<dyn Storage>,
+    path: &std::path::Path,
+    owner: &str,
+) -> Result<Arc<dyn Storage>, storage::lock::LockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match storage::lock::lock_storage(storage.clone(), path, owner) {
+            // A xenblkd holds it, or the holder let go between our attempt and our look
+            // at the bytes (nothing is held any more): try again.
+            Err(e)
+                if e.holder().is_some_and(|h| {
+                    matches!(
+                        h.kind,
+                        storage::lock::HolderKind::OtherXenblkd
+                            | storage::lock::HolderKind::ThisDaemon(_)
+                    ) || (h.perm == 0 && h.unshared == 0)
+                }) && start.elapsed() < XENBLKD_LOCK_GRACE =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How an NBD export is opened for a device: the toolstack's read-only, the operator's
@@ -101,6 +151,16 @@ pub fn nbd_config(config: &DeviceConfig) -> storage::NbdConfig {
         read_only: config.read_only,
         reconnect_timeout: Duration::from_secs(config.settings.nbd_reconnect_secs),
         ..storage::NbdConfig::default()
+    }
+}
+
+/// How an RBD image is opened for a device: the toolstack's read-only, the operator's
+/// request bound.
+pub fn rbd_config(config: &DeviceConfig) -> storage::RbdConfig {
+    storage::RbdConfig {
+        read_only: config.read_only,
+        op_timeout: Duration::from_secs(config.settings.rbd_op_timeout_secs),
+        ..storage::RbdConfig::default()
     }
 }
 
@@ -122,17 +182,13 @@ fn open_nbd(target: &DiskTarget, nbd: storage::NbdConfig) -> Result<Arc<dyn Stor
 }
 
 /// Opens the Ceph RBD image a target names. The timeouts are librbd's, bounded by
-/// xenblkd's defaults unless ceph.conf or the target's options set them.
-fn open_rbd(target: &DiskTarget, read_only: bool) -> Result<Arc<dyn Storage>, VbdError> {
+/// `config`'s unless ceph.conf or the target's options set them.
+fn open_rbd(target: &DiskTarget, config: storage::RbdConfig) -> Result<Arc<dyn Storage>, VbdError> {
     let text = target.path.to_string_lossy();
     // Named without its options, which may carry monitors, users or keys.
     let shown = storage::rbd::RbdTarget::parse(&text)
         .map(|t| t.to_string())
         .unwrap_or_else(|_| "an rbd: target".to_string());
-    let config = storage::RbdConfig {
-        read_only,
-        ..storage::RbdConfig::default()
-    };
     let storage = storage::RbdStorage::open(&text, config)
         .map_err(|e| VbdError::new(format!("opening {shown}"), e.to_string(), e.errno()))?;
     Ok(Arc::new(storage))
@@ -142,12 +198,26 @@ fn open_rbd(target: &DiskTarget, read_only: bool) -> Result<Arc<dyn Storage>, Vb
 pub struct EngineFactory {
     engine: Engine,
     platform: Arc<dyn Platform>,
+    /// Where rings keep their crash-recovery journals (the daemon's run directory).
+    journal_dir: Option<std::path::PathBuf>,
 }
 
 impl EngineFactory {
     /// A factory attaching VBDs to `engine`, mapping grants through `platform`.
     pub fn new(engine: Engine, platform: Arc<dyn Platform>) -> EngineFactory {
-        EngineFactory { engine, platform }
+        EngineFactory {
+            engine,
+            platform,
+            journal_dir: None,
+        }
+    }
+
+    /// Rings keep their crash-recovery journals in `dir` (the daemon's run directory, a
+    /// tmpfs), so a daemon killed mid-I/O can be replaced without answering a request
+    /// twice or losing one.
+    pub fn with_journal_dir(mut self, dir: std::path::PathBuf) -> EngineFactory {
+        self.journal_dir = Some(dir);
+        self
     }
 
     /// The engine's daemon-wide gauges, readable from any thread after the factory has
@@ -155,6 +225,7 @@ impl EngineFactory {
     pub fn gauges(&self) -> EngineGauges {
         EngineGauges {
             budget: self.engine.map_budget().clone(),
+            reactors: self.engine.reactor_stats_reader(),
         }
     }
 }
@@ -164,6 +235,7 @@ impl EngineFactory {
 #[derive(Clone)]
 pub struct EngineGauges {
     budget: MapBudget,
+    reactors: backend::ReactorStatsReader,
 }
 
 impl EngineGauges {
@@ -175,11 +247,21 @@ impl EngineGauges {
     /// and what `vm.max_map_count` leaves them with the rings' own reserves),
     /// `grant_map_pages` / `grant_map_page_capacity` (grant pages mapped, and the limit),
     /// `grant_map_guests` (domains sharing the budget) and `grant_map_guest_share_vmas` /
-    /// `_pages` (most one of them may hold now).
+    /// `_pages` (most one of them may hold now); and, summed over the reactors since
+    /// start, `reactor_sleeps`, `reactor_wakeups`, `reactor_timeouts`,
+    /// `reactor_poll_hits`, `reactor_poll_misses` and `reactor_poll_us` (see
+    /// `backend::ReactorStats`).
     pub fn read(&self) -> BTreeMap<String, u64> {
         let u = self.budget.usage();
         let share = u.share();
+        let r = self.reactors.total();
         BTreeMap::from([
+            ("reactor_sleeps".to_string(), r.sleeps),
+            ("reactor_wakeups".to_string(), r.wakeups),
+            ("reactor_timeouts".to_string(), r.timeouts),
+            ("reactor_poll_hits".to_string(), r.poll_hits),
+            ("reactor_poll_misses".to_string(), r.poll_misses),
+            ("reactor_poll_us".to_string(), r.poll_ns / 1000),
             ("persistent_grant_budget_used".to_string(), u.grants as u64),
             (
                 "persistent_grant_budget_limit".to_string(),
@@ -214,13 +296,42 @@ fn grant_mode(m: GrantModeSetting) -> backend::GrantMode {
     }
 }
 
+/// The stem of a device's ring journal files (`<stem>-q<ring>.journal` in the run
+/// directory): unique per device among the daemon's devices.
+pub fn journal_name(backend_type: &str, domid: u32, devid: u32) -> String {
+    format!("{backend_type}-{domid}-{devid}")
+}
+
+/// The device a ring journal file belongs to: `(backend type, domid, devid)` from
+/// `<type>-<domid>-<devid>-q<ring>.journal`; `None` for any other name.
+pub fn journal_device(file_name: &str) -> Option<(&str, u32, u32)> {
+    let stem = file_name.strip_suffix(".journal")?;
+    let (device, ring) = stem.rsplit_once("-q")?;
+    ring.parse::<u32>().ok()?;
+    let (rest, devid) = device.rsplit_once('-')?;
+    let (backend_type, domid) = rest.rsplit_once('-')?;
+    if backend_type.is_empty() {
+        return None;
+    }
+    Some((backend_type, domid.parse().ok()?, devid.parse().ok()?))
+}
+
 impl VbdFactory for EngineFactory {
+    fn handing_over(&self) {
+        self.engine.hand_over();
+    }
+
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError> {
         open_target(
             &config.target,
             open_options(config),
             config.physical_device,
             nbd_config(config),
+            rbd_config(config),
+            &format!(
+                "{}/{}/{}",
+                config.backend_type, config.frontend_id, config.devid
+            ),
         )
     }
 
@@ -261,7 +372,9 @@ impl VbdFactory for EngineFactory {
             grant_mode: grant_mode(settings.grant_mode),
             features: advertised,
             limits: VbdLimits {
-                max_indirect_segments: settings.max_indirect_segments,
+                // What was advertised (an adopted device keeps what the previous
+                // daemon advertised, whatever this one's settings say).
+                max_indirect_segments: req.features.max_indirect_segments,
                 persistent: backend::persistent_grants::PersistentGrantLimits {
                     max_grants: settings.max_persistent_grants as usize,
                     unused_timeout: Duration::from_secs(settings.persistent_grant_unused_secs),
@@ -269,12 +382,74 @@ impl VbdFactory for EngineFactory {
                 ..VbdLimits::default()
             },
             events: Some(events),
+            journal: self.journal_dir.as_ref().map(|dir| backend::JournalSpec {
+                dir: dir.clone(),
+                name: journal_name(
+                    &req.config.backend_type,
+                    req.config.frontend_id,
+                    req.config.devid,
+                ),
+                recover: req.adopting,
+            }),
         };
         let handle = self
             .engine
             .attach(spec, self.platform.clone())
-            .map_err(|e| VbdError::new("connecting the rings", &e, attach_errno(&e)))?;
+            .map_err(|e| {
+                let err = VbdError::new("connecting the rings", &e, attach_errno(&e));
+                if domain_unknown(&e) {
+                    err.with_domain_unreachable()
+                } else {
+                    err
+                }
+            })?;
+        #[cfg(feature = "fault-injection")]
+        fault::arm(req.config, handle.id());
         Ok(Box::new(EngineVbd { handle }))
+    }
+}
+
+/// Test-only (the `fault-injection` feature, never in a daemon build): makes a chosen
+/// ring of a running `serve` panic, to test end to end that a bug in one ring fails only
+/// its device (issue 14, item 4). `XENBLKD_FAULT_PANIC=<type>/<domid>/<devid>/<ring>@<ms>`
+/// in the daemon's environment: that ring panics at its first pass `ms` milliseconds
+/// after its device connected. Nothing a guest sends reaches it.
+#[cfg(feature = "fault-injection")]
+mod fault {
+    use std::time::Duration;
+
+    use xenbus::vbd::DeviceConfig;
+
+    pub(super) fn arm(config: &DeviceConfig, vbd: backend::VbdId) {
+        let Ok(spec) = std::env::var("XENBLKD_FAULT_PANIC") else {
+            return;
+        };
+        let Some((target, after)) = spec.split_once('@') else {
+            return;
+        };
+        let Some((device, ring)) = target.rsplit_once('/') else {
+            return;
+        };
+        let this = format!(
+            "{}/{}/{}",
+            config.backend_type, config.frontend_id, config.devid
+        );
+        let (Ok(ring), Ok(after)) = (ring.parse::<usize>(), after.parse::<u64>()) else {
+            return;
+        };
+        if device != this {
+            return;
+        }
+        tracing::warn!(
+            device,
+            ring,
+            after_ms = after,
+            "fault injection: this ring will panic"
+        );
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(after));
+            backend::fault::panic_next_pass(vbd, ring);
+        });
     }
 }
 
@@ -343,6 +518,24 @@ fn check_device_number(path: &std::path::Path, expected: (u32, u32)) -> Result<(
     Ok(())
 }
 
+/// Whether the platform refused the attach because it does not know the frontend's domain
+/// (yet): an adoption waits for it (in the simulator, a guest that has not reattached, or
+/// has reattached and not yet offered its ports again).
+fn domain_unknown(e: &backend::AttachError) -> bool {
+    use backend::AttachError as A;
+    match e {
+        A::MapRing { source, .. } => source.status() == platform::GrantStatus::BAD_DOMAIN,
+        A::EventChannel { source, .. } => {
+            matches!(
+                source,
+                platform::PlatformError::UnknownDomain(_)
+                    | platform::PlatformError::PortNotYetOffered { .. }
+            )
+        }
+        _ => false,
+    }
+}
+
 /// The errno blkback would report for an attach failure.
 fn attach_errno(e: &backend::AttachError) -> i32 {
     use backend::AttachError as A;
@@ -353,6 +546,7 @@ fn attach_errno(e: &backend::AttachError) -> i32 {
         A::EventChannel { .. } => EINVAL,
         A::NoRings | A::TooManyIndirectSegments(_) => EINVAL,
         A::StorageQueue { .. } | A::Io { .. } => 12,
+        A::Journal { .. } => 5,
         A::EngineStopped => 108,
     }
 }
@@ -433,6 +627,26 @@ impl ConnectedVbd for EngineVbd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_names_name_their_device() {
+        let name = format!("{}-q3.journal", journal_name("vbd", 7, 51712));
+        assert_eq!(journal_device(&name), Some(("vbd", 7, 51712)));
+        assert_eq!(
+            journal_device("xenblkd-12-768-q0.journal"),
+            Some(("xenblkd", 12, 768))
+        );
+        for other in [
+            "control.lock",
+            "vbd-7-51712-q3.journal.tmp",
+            "vbd-7-51712.journal",
+            "vbd-x-51712-q0.journal",
+            "-7-51712-q0.journal",
+            "vbd-7-51712-qx.journal",
+        ] {
+            assert_eq!(journal_device(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn device_numbers() {
@@ -526,6 +740,9 @@ mod tests {
         assert_eq!(m["grant_map_vma_capacity"], 5);
         assert_eq!(m["grant_map_page_capacity"], 64);
         assert_eq!(m["grant_map_guests"], 0);
+        // An engine with no rings: its reactor only sleeps (and may have timed out).
+        assert_eq!(m["reactor_wakeups"], 0);
+        assert_eq!(m["reactor_poll_hits"] + m["reactor_poll_misses"], 0);
         // Two guests with mappings: each may hold half.
         let (a, b) = (budget.guest(1), budget.guest(2));
         let held = a.try_take(backend::MapCost::new(2, 30)).unwrap();

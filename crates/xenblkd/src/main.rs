@@ -1,4 +1,5 @@
-//! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `qemu-dm`, `demo`, `bench`.
+//! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `handover`, `pause`,
+//! `resume`, `reopen`, `qemu-dm`, `demo`, `bench`.
 //! Each subcommand lives in its own module; this file only dispatches.
 
 #![forbid(unsafe_code)]
@@ -8,9 +9,13 @@ use clap::{Parser, Subcommand};
 mod attach;
 mod bench;
 mod demo;
+mod device_ctl;
 mod engine_glue;
+mod gen_docs;
+mod logging;
 mod qemu_dm;
 mod qmp;
+mod sd_notify;
 mod serve;
 mod signals;
 mod simstack;
@@ -21,6 +26,14 @@ mod xenstored;
 #[derive(Parser)]
 #[command(name = "xenblkd", version, about = "Userspace Xen PV block backend")]
 struct Cli {
+    /// Log level or filter, in RUST_LOG's syntax (`info`, `xenbus=debug,info`); wins over
+    /// RUST_LOG and the configuration's `log_level`.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Where logs go: `journal` is systemd's native protocol (priorities and structured
+    /// fields); `auto` uses it when systemd connected stderr to the journal.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_target: logging::LogTarget,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +52,14 @@ enum Command {
     Detach(attach::DetachArgs),
     /// List the daemon's devices, what they negotiated and their statistics.
     Status(status::StatusArgs),
+    /// Ask the daemon to hand every device over to the next one and exit (in-place upgrade).
+    Handover(status::HandoverArgs),
+    /// Stop taking a device's requests: answer those in flight and hold (snapshot tools).
+    Pause(device_ctl::DeviceCtlArgs),
+    /// Serve a paused device again.
+    Resume(device_ctl::DeviceCtlArgs),
+    /// While paused: reopen a device's storage from its backend nodes (after a snapshot).
+    Reopen(device_ctl::DeviceCtlArgs),
     /// Device model libxl runs instead of QEMU for backendtype=qdisk disks (QEMU's argv).
     QemuDm(qemu_dm::QemuDmArgs),
     /// Open a target as `serve` would and say why it cannot be served (for hotplug scripts).
@@ -47,11 +68,15 @@ enum Command {
     Xenstored(xenstored::XenstoredArgs),
     /// Read, write, remove or list xenstore nodes (the simulator has no xenstore-utils).
     Xenstore(xenstore_cli::XenstoreArgs),
+    /// Write the man pages and shell completions generated from this CLI (packaging).
+    #[command(hide = true)]
+    GenerateDocs(gen_docs::GenerateDocsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // RUST_LOG overrides; without it the daemon's side (serve, the device model, the
+    // --log-level, then RUST_LOG, then (serve) the configuration's log_level; without them
+    // the daemon's side (serve, the device model, the
     // toolstack commands) says what it does at info: an operator must see devices reach
     // InitWait and Connected, and warnings such as the vm.max_map_count budget. The
     // commands that print a report of their own (demo, bench, status) show warnings only,
@@ -60,23 +85,20 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(_)
         | Command::Bench(_)
         | Command::Status(_)
+        | Command::Handover(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
+        | Command::Reopen(_)
         | Command::Xenstore(_)
-        | Command::CheckTarget(_) => "warn",
+        | Command::CheckTarget(_)
+        | Command::GenerateDocs(_) => "warn",
         Command::Serve(_)
         | Command::Attach(_)
         | Command::Detach(_)
         | Command::QemuDm(_)
         | Command::Xenstored(_) => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour codes only for a person at a terminal: logs usually go to files (the
-        // lab's, libxl's qemu-dm-<guest>.log), where they break grep.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(cli.log_level.as_deref(), cli.log_target, default_level)?;
     match cli.command {
         Command::Demo(args) => demo::run(&args)?,
         Command::Bench(args) => {
@@ -94,9 +116,14 @@ fn main() -> anyhow::Result<()> {
             attach::check_target(&args.params, !args.read_only, args.direct_io_safe)?
         }
         Command::Status(args) => status::run(&args)?,
+        Command::Handover(args) => status::run_handover(&args)?,
+        Command::Pause(args) => device_ctl::run(device_ctl::Op::Pause, &args)?,
+        Command::Resume(args) => device_ctl::run(device_ctl::Op::Resume, &args)?,
+        Command::Reopen(args) => device_ctl::run(device_ctl::Op::Reopen, &args)?,
         Command::QemuDm(args) => qemu_dm::run(&args)?,
         Command::Xenstored(args) => xenstored::run(&args)?,
         Command::Xenstore(args) => xenstore_cli::run(&args)?,
+        Command::GenerateDocs(args) => gen_docs::run(&args)?,
     }
     Ok(())
 }

@@ -1,5 +1,12 @@
 //! `xenblkd serve`: the daemon. Wires the layers together and runs the xenbus manager on
-//! the main thread until SIGTERM/SIGINT, then closes every device and exits.
+//! the main thread until SIGTERM/SIGINT, then closes every device and exits; or until a
+//! handover (SIGUSR2, `xenblkd handover`, or another `serve` starting on the same control
+//! socket), then leaves every device as it is for the next daemon and exits.
+//!
+//! One daemon per control socket: `serve` holds an exclusive `flock` on
+//! `<control socket>.lock` from before it touches any device until after it released the
+//! last one (the kernel drops it when the process dies, `kill -9` included). A `serve` that
+//! finds the lock held asks the holder to hand over and waits for the lock.
 //!
 //! Threads: the manager (main), the xenstore client's reader and the watch forwarder, the
 //! engine's reactors, the control socket, the signal waiter and, in simulator mode, the
@@ -16,21 +23,26 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use backend::{Engine, EngineConfig};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use platform::sim::{DomainHandle, SimAcceptor, SimPlatform};
 use platform::{Platform, XenstoreEndpoint};
 use tracing::{error, info, warn};
 use xenbus::config::{BackendType, Config, DirectIo, GrantMode, VBD_BACKEND_TYPE};
+use xenbus::manager::DeviceOp;
 use xenbus::status::{ControlReply, ControlRequest};
 use xenbus::xs::{spawn_watch_forwarder, XsStore};
 use xenbus::{EventSender, Manager};
 use xenstore::XsClient;
 
 use crate::engine_glue::EngineFactory;
+use crate::sd_notify::Notifier;
 use crate::signals::TerminationSignals;
+use nix::sys::signal::Signal;
 
 /// Where a kernel blkback shows itself; serving `vbd` beside it would race it for every
 /// device.
@@ -41,6 +53,10 @@ const BLKBACK_MARKERS: &[&str] = &[
 
 /// Longest control request line accepted.
 const MAX_REQUEST: u64 = 4096;
+
+/// How long a starting `serve` waits for the daemon it replaces beyond that daemon's
+/// drain timeout (its exit: storage closed, process gone).
+const HANDOVER_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum GrantModeArg {
@@ -56,9 +72,13 @@ pub enum DirectIoArg {
     Off,
 }
 
-#[derive(Debug, clap::Args)]
+/// The configuration `serve` reads when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG: &str = "/etc/xenblkd/xenblkd.toml";
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (flags override it).
+    /// TOML configuration file (flags override it) [default: /etc/xenblkd/xenblkd.toml,
+    /// if it exists]. Re-read on SIGHUP (`systemctl reload`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// xenstored's unix socket (default: where libxenstore looks, else /dev/xen/xenbus).
@@ -90,7 +110,7 @@ pub struct ServeArgs {
     /// Advertise feature-persistent.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub persistent_grants: Option<bool>,
-    /// Persistent grants kept mapped per ring.
+    /// Persistent grants kept mapped per ring (0: what the ring can have in flight).
     #[arg(long)]
     pub max_persistent_grants: Option<u32>,
     /// Unmap a persistent grant unused this long (0: never).
@@ -113,12 +133,23 @@ pub struct ServeArgs {
     pub force: bool,
 }
 
+/// The configuration file to read: `--config`, else the default one if it exists.
+fn config_path(args: &ServeArgs) -> Option<PathBuf> {
+    args.config.clone().or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.exists().then_some(default)
+    })
+}
+
 /// Builds the configuration from the file and the flags.
 fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, bool)> {
-    let mut config = match &args.config {
-        Some(p) => Config::from_file(p)?,
+    let mut config = match config_path(args) {
+        Some(p) => Config::from_file(&p)?,
         None => Config::default(),
     };
+    if let Some(level) = &config.log_level {
+        crate::logging::parse_filter(level).context("log_level")?;
+    }
     let mut types_explicit = config.backend_types != BackendType::defaults();
     if !args.types.is_empty() {
         types_explicit = true;
@@ -230,15 +261,32 @@ fn avoid_blkback_marker(
     Ok(())
 }
 
-/// Waits for SIGTERM/SIGINT and asks the manager to shut down (a second signal is
-/// logged; the manager's shutdown deadline bounds how long the first one takes).
-fn spawn_signal_thread(signals: TerminationSignals, sender: EventSender) -> anyhow::Result<()> {
+/// Waits for SIGTERM/SIGINT and asks the manager to shut down, for SIGUSR2 and asks it
+/// to hand over (a second signal is logged; the manager's shutdown deadline bounds how
+/// long the first one takes), or for SIGHUP and reloads the configuration.
+fn spawn_signal_thread(
+    signals: TerminationSignals,
+    sender: EventSender,
+    args: ServeArgs,
+    notifier: Arc<Notifier>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             match signals.wait() {
+                Ok(Signal::SIGUSR2) => {
+                    info!("SIGUSR2: handing every device over to the next daemon");
+                    notifier.stopping("handing every device over to the next daemon");
+                    sender.handover();
+                }
+                Ok(Signal::SIGHUP) => {
+                    notifier.reloading();
+                    let status = reload(&args, &sender);
+                    notifier.ready(&status);
+                }
                 Ok(sig) => {
                     info!(signal = %sig, "termination signal: closing every device");
+                    notifier.stopping("closing every device");
                     sender.shutdown();
                 }
                 Err(e) => {
@@ -249,6 +297,117 @@ fn spawn_signal_thread(signals: TerminationSignals, sender: EventSender) -> anyh
         })
         .context("spawning the signal thread")?;
     Ok(())
+}
+
+/// `systemctl reload` (SIGHUP): reads the configuration again (same file, same flags on
+/// top) and applies what can change at run time: the log level, device settings and
+/// overrides (from each device's next setup), the drain timeout. What needs a restart is
+/// named in a warning and left as it is; a file that does not parse changes nothing.
+/// Returns the status line for systemd.
+fn reload(args: &ServeArgs, sender: &EventSender) -> String {
+    let file =
+        config_path(args).map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+    let config = match build_config(args) {
+        Ok((config, _)) => config,
+        Err(e) => {
+            error!(config = %file, error = %format!("{e:#}"), "reload refused: the configuration is unchanged");
+            return format!("serving; reload of {file} refused: {e:#}");
+        }
+    };
+    let level = config.log_level.clone();
+    let Some(report) = sender.reload(config, Duration::from_secs(5)) else {
+        error!("reload: the device manager did not answer");
+        return "serving; reload not answered".into();
+    };
+    let log_level = match crate::logging::control().map(|c| c.apply_config(level.as_deref())) {
+        Some(Ok(crate::logging::ConfigLevel::Applied(l))) => l,
+        Some(Ok(crate::logging::ConfigLevel::Overridden(by))) => format!("kept (set by {by})"),
+        Some(Err(e)) => format!("unchanged ({e:#})"),
+        None => "unchanged".into(),
+    };
+    info!(
+        config = %file,
+        applied = ?report.applied,
+        log_level = %log_level,
+        "configuration reloaded"
+    );
+    if !report.ignored.is_empty() {
+        warn!(
+            config = %file,
+            ignored = ?report.ignored,
+            "reload: these settings change only at a restart (`systemctl restart` hands the devices over)"
+        );
+    }
+    format!("serving; reloaded {file}")
+}
+
+/// The lock file of the daemon serving `control`.
+pub fn lock_path(control: &Path) -> PathBuf {
+    let mut p = control.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// The daemon lock, held while this process serves devices.
+pub type DaemonLock = Flock<std::fs::File>;
+
+/// Tries the exclusive `flock` once: `Err(file)` back when another process holds it.
+fn try_lock(file: std::fs::File) -> anyhow::Result<Result<DaemonLock, std::fs::File>> {
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Ok(lock)),
+        Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+/// Takes the daemon lock of `control`. If a running daemon holds it, asks that daemon to
+/// hand its devices over (its control socket) and waits for it to exit, at most `wait`.
+/// The returned file holds the lock until it is dropped (or the process dies).
+fn take_daemon_lock(control: &Path, wait: Duration) -> anyhow::Result<DaemonLock> {
+    let path = lock_path(control);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut file = match try_lock(file).with_context(|| format!("locking {}", path.display()))? {
+        Ok(lock) => return Ok(lock),
+        Err(file) => file,
+    };
+    info!(lock = %path.display(), "another xenblkd serves these devices: asking it to hand over");
+    let start = Instant::now();
+    let mut asked = false;
+    loop {
+        if !asked {
+            // The holder may still be starting (no socket yet) or already leaving.
+            match crate::status::query_line(control, r#"{"cmd":"handover"}"#) {
+                Ok(reply) => {
+                    asked = true;
+                    info!(reply = %reply.trim(), "handover requested");
+                }
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "handover request"),
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+        file = match try_lock(file).with_context(|| format!("locking {}", path.display()))? {
+            Ok(lock) => {
+                info!(waited = ?start.elapsed(), "the previous daemon has handed over");
+                return Ok(lock);
+            }
+            Err(file) => file,
+        };
+        if start.elapsed() >= wait {
+            bail!(
+                "another xenblkd holds {} and did not hand over within {wait:?}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Binds the control socket: root-only, refusing to steal the socket of a live daemon.
@@ -269,19 +428,46 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answers one control connection: one request line, one reply line.
-fn serve_control_connection(stream: UnixStream, sender: &EventSender) -> std::io::Result<()> {
+/// The reply to a device request.
+fn device_reply(result: Result<String, String>) -> ControlReply {
+    match result {
+        Ok(accepted) => ControlReply::Accepted { ok: true, accepted },
+        Err(e) => ControlReply::error(e),
+    }
+}
+
+/// Answers one control connection: one request line, one reply line. A device request
+/// waits at most `op_timeout` (a pause drains, a reopen opens storage).
+fn serve_control_connection(
+    stream: UnixStream,
+    sender: &EventSender,
+    op_timeout: Duration,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<ControlRequest>(line.trim()) {
-        Ok(ControlRequest::Status) => match sender.status(Duration::from_secs(5)) {
-            Some((daemon, devices)) => ControlReply::Status {
+        Ok(ControlRequest::Handover) => {
+            info!("handover requested on the control socket");
+            sender.handover();
+            ControlReply::Accepted {
                 ok: true,
-                daemon,
-                devices,
-            },
+                accepted: "handing every device over; the daemon exits when they are released"
+                    .into(),
+            }
+        }
+        Ok(ControlRequest::Pause { device }) => {
+            device_reply(sender.device_op(&device, DeviceOp::Pause, op_timeout))
+        }
+        Ok(ControlRequest::Resume { device }) => {
+            device_reply(sender.device_op(&device, DeviceOp::Resume, op_timeout))
+        }
+        Ok(ControlRequest::Reopen { device }) => {
+            device_reply(sender.device_op(&device, DeviceOp::Reopen, op_timeout))
+        }
+        Ok(ControlRequest::Status) => match sender.status(Duration::from_secs(5)) {
+            Some((daemon, devices)) => ControlReply::status(daemon, devices),
             None => ControlReply::error("the device manager did not answer"),
         },
         Err(e) => ControlReply::error(format!("bad request: {e}")),
@@ -291,14 +477,18 @@ fn serve_control_connection(stream: UnixStream, sender: &EventSender) -> std::io
     (&stream).write_all(&out)
 }
 
-fn spawn_control_server(listener: UnixListener, sender: EventSender) -> anyhow::Result<()> {
+fn spawn_control_server(
+    listener: UnixListener,
+    sender: EventSender,
+    op_timeout: Duration,
+) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = serve_control_connection(s, &sender) {
+                        if let Err(e) = serve_control_connection(s, &sender, op_timeout) {
                             warn!(error = %e, "control connection");
                         }
                     }
@@ -381,8 +571,18 @@ fn connect_xenstore(args: &ServeArgs, platform: &dyn Platform) -> anyhow::Result
 }
 
 /// Threads of this process (`/proc/self/task`).
+/// The daemon's own threads. io_uring's `iou-wrk-*` workers are left out: the kernel starts
+/// them for a submitting thread's blocking operations (an fsync, a punch) and ends them
+/// after 5 s idle, so their number says nothing about a leak of ours.
 fn thread_count() -> u64 {
-    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count() as u64)
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| {
+        d.flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .map_or(true, |c| !c.starts_with("iou-wrk"))
+            })
+            .count() as u64
+    })
 }
 
 /// The gauges `xenblkd status` shows for the daemon: what a leak would make grow.
@@ -400,9 +600,19 @@ fn process_metrics(platform: &dyn Platform) -> std::collections::BTreeMap<String
 
 /// Runs the daemon until a termination signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let signals = TerminationSignals::block()?;
+    let signals = TerminationSignals::block_for_serve()?;
+    let notifier = Arc::new(Notifier::from_env()?);
     let (mut config, types_explicit) = build_config(args)?;
+    if let Some(log) = crate::logging::control() {
+        log.apply_config(config.log_level.as_deref())?;
+    }
+    info!(
+        config = %config_path(args).map_or_else(|| "none (defaults)".to_string(), |p| p.display().to_string()),
+        log_target = ?crate::logging::control().map(|c| c.target()),
+        "starting"
+    );
 
+    let mut sim_platform = None;
     let platform: Arc<dyn Platform> = match &args.sim_socket {
         Some(sim) => {
             if args.xenstore_socket.is_none() {
@@ -416,14 +626,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             if let Some(xs) = &args.xenstore_socket {
                 platform.set_xenstore_socket(xs);
             }
-            if sim.exists() {
-                std::fs::remove_file(sim)
-                    .with_context(|| format!("removing stale {}", sim.display()))?;
-            }
-            let listener =
-                UnixListener::bind(sim).with_context(|| format!("binding {}", sim.display()))?;
-            spawn_sim_acceptor(platform.clone(), listener)?;
-            info!(socket = %sim.display(), "simulator mode: accepting simulated guests");
+            sim_platform = Some((platform.clone(), sim.clone()));
             Arc::new(platform)
         }
         None => {
@@ -440,32 +643,107 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         reactors: config.reactor_threads as usize,
     })
     .context("starting the engine")?;
-    let factory = Arc::new(EngineFactory::new(engine, platform.clone()));
+    // The rings' crash-recovery journals live beside the daemon lock (the run directory,
+    // a tmpfs: `/run/xenblkd`), which `take_daemon_lock` creates.
+    let run_dir = lock_path(&config.control_socket)
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let factory =
+        Arc::new(EngineFactory::new(engine, platform.clone()).with_journal_dir(run_dir.clone()));
     let engine_gauges = factory.gauges();
     let control_path = config.control_socket.clone();
+    // Everything above touches no device; from here on this process serves them.
+    let handover_wait = Duration::from_millis(config.drain_timeout_ms) + HANDOVER_GRACE;
+    let lock = take_daemon_lock(&control_path, handover_wait)?;
     let control = bind_control_socket(&control_path)?;
+    if let Some((platform, sim)) = sim_platform {
+        // The previous daemon's guests come back here once its end of their socket closed.
+        if sim.exists() {
+            std::fs::remove_file(&sim)
+                .with_context(|| format!("removing stale {}", sim.display()))?;
+        }
+        let listener =
+            UnixListener::bind(&sim).with_context(|| format!("binding {}", sim.display()))?;
+        spawn_sim_acceptor(platform, listener)?;
+        info!(socket = %sim.display(), "simulator mode: accepting simulated guests");
+    }
 
-    let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
+    let drain_timeout_ms = config.drain_timeout_ms;
+    let store = Arc::new(XsStore::new(client.clone()));
+    let mut manager = Manager::new(store.clone(), factory, config);
+    // Under the lock, before any device is adopted: journals of devices removed while no
+    // daemon ran have no reader any more.
+    remove_orphan_journals(&run_dir, store.as_ref(), &manager);
     manager.set_metrics(Box::new(move || {
         let mut gauges = process_metrics(platform.as_ref());
         gauges.extend(engine_gauges.read());
         gauges
     }));
     spawn_watch_forwarder(&client, manager.sender()).context("spawning the watch forwarder")?;
-    spawn_signal_thread(signals, manager.sender())?;
-    spawn_control_server(control, manager.sender())?;
+    spawn_signal_thread(signals, manager.sender(), args.clone(), notifier.clone())?;
+    // A pause waits for the drain (bounded by the drain timeout), a reopen for a storage
+    // open (an NBD or RBD connect is bounded by its own timeouts, below this).
+    let op_timeout = Duration::from_millis(drain_timeout_ms) + Duration::from_secs(60);
+    spawn_control_server(control, manager.sender(), op_timeout)?;
     manager.start().context("registering xenstore watches")?;
     info!(control = %control_path.display(), "xenblkd ready");
+    // The control socket is bound and its thread accepts (a status query waits in the
+    // manager's queue until `run` takes it, a few instructions from here), and every
+    // watch is registered: what `Type=notify` waits for.
+    notifier.ready(&format!(
+        "serving; control socket {}",
+        control_path.display()
+    ));
 
     let result = manager.run();
+    // Also reached by a handover asked on the control socket or by a starting daemon.
+    notifier.stopping("releasing the devices");
+    // Devices (and their storage) are released here; the lock only after the control
+    // socket is gone, so the next daemon never finds this one's socket.
     drop(manager);
     let _ = std::fs::remove_file(&control_path);
+    drop(lock);
     match result {
         Ok(()) => {
             info!("xenblkd stopped");
             Ok(())
         }
         Err(e) => Err(e).context("xenstore connection lost"),
+    }
+}
+
+/// Removes the ring journals in the run directory `dir` whose device is no longer in
+/// xenstore (removed while no daemon ran, or after the last one crashed): no process
+/// will adopt its rings. A device still there keeps its files, whatever its state: a
+/// Connected one is adopted from them, any other is connected afresh, which empties them.
+fn remove_orphan_journals(dir: &Path, store: &dyn xenbus::store::Store, manager: &Manager) {
+    use xenbus::store::StoreExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some((backend_type, domid, devid)) =
+            name.to_str().and_then(crate::engine_glue::journal_device)
+        else {
+            continue;
+        };
+        let device = format!("{}/{domid}/{devid}", manager.backend_dir(backend_type));
+        match store.exists(&device) {
+            Ok(false) => match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(
+                    journal = %entry.path().display(),
+                    device, "removed the ring journal of a device that is gone"
+                ),
+                Err(e) => {
+                    warn!(journal = %entry.path().display(), error = %e, "cannot remove a stale ring journal")
+                }
+            },
+            Ok(true) => {}
+            Err(e) => {
+                warn!(device, error = %e, "cannot tell whether a ring journal's device exists; keeping it")
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Termination signals for the long-running subcommands (`serve`, `xenstored`, `qemu-dm`).
+//! Termination (and, for `serve`, handover and reload) signals for the long-running
+//! subcommands (`serve`, `xenstored`, `qemu-dm`).
 //!
 //! SIGTERM and SIGINT (and, for `qemu-dm`, SIGHUP: what libxl kills a device model with)
 //! are blocked in the main thread before any other thread exists, so
@@ -22,6 +23,18 @@ impl TerminationSignals {
     /// (`libxl__kill_xs_path`), whose default action would skip our cleanup.
     pub fn block_with_hangup() -> anyhow::Result<TerminationSignals> {
         TerminationSignals::block_set(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+    }
+
+    /// Blocks what `serve` handles: SIGTERM and SIGINT (close every device), SIGUSR2 (hand
+    /// over to the next daemon, see ARCHITECTURE.md "Restart, handover and crash
+    /// recovery") and SIGHUP (reload the configuration: `systemctl reload`).
+    pub fn block_for_serve() -> anyhow::Result<TerminationSignals> {
+        TerminationSignals::block_set(&[
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGUSR2,
+            Signal::SIGHUP,
+        ])
     }
 
     fn block_set(signals: &[Signal]) -> anyhow::Result<TerminationSignals> {

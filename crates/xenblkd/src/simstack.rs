@@ -33,6 +33,9 @@ pub struct StackOptions {
     pub guest_pages: u32,
     /// `VbdLimits::poll`.
     pub poll: Duration,
+    /// Persistent grants kept per ring (`PersistentGrantLimits::max_grants`; 0: sized to
+    /// the ring).
+    pub max_persistent_grants: usize,
 }
 
 /// Engine + simulated guest + frontend, connected.
@@ -47,6 +50,15 @@ pub struct SimStack {
 }
 
 impl SimStack {
+    /// The engine's reactors' event-loop counts, summed.
+    pub fn reactor_stats(&self) -> backend::ReactorStats {
+        let mut total = backend::ReactorStats::default();
+        for s in self.engine.iter().flat_map(|e| e.reactor_stats()) {
+            total += s;
+        }
+        total
+    }
+
     pub fn connect(storage: Arc<dyn Storage>, opts: &StackOptions) -> anyhow::Result<SimStack> {
         let info = storage.info();
         let platform = SimPlatform::new();
@@ -118,9 +130,14 @@ impl SimStack {
                 max_indirect_segments: opts.backend_indirect,
                 resize_poll: None,
                 poll: opts.poll,
+                persistent: backend::persistent_grants::PersistentGrantLimits {
+                    max_grants: opts.max_persistent_grants,
+                    ..Default::default()
+                },
                 ..VbdLimits::default()
             },
             events: None,
+            journal: None,
         };
         let p: Arc<dyn Platform> = Arc::new(platform.clone());
         let vbd = engine.attach(spec, p).context("attaching the VBD")?;

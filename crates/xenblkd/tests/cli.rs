@@ -44,9 +44,28 @@ fn attach_and_detach_commands() {
         "{}",
         text(&out)
     );
+    // The same image again, even read-only, is refused: the daemon writes it (QEMU's
+    // image locking, issue 16).
     let out = xenblkd(
         &host,
         &["attach", "6", img, "--read-only", "--no-wait-connect"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("is in use by another xenblkd process, which writes it"),
+        "{}",
+        text(&out)
+    );
+    let ro_img = host.image("cli-ro.img", 16);
+    let out = xenblkd(
+        &host,
+        &[
+            "attach",
+            "6",
+            ro_img.to_str().unwrap(),
+            "--read-only",
+            "--no-wait-connect",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("as xvdb"), "{}", text(&out));

@@ -6,6 +6,7 @@
 //! control_socket = "/run/xenblkd/control"
 //! reactor_threads = 0            # 0: one per core
 //! drain_timeout_ms = 5000
+//! log_level = "info"             # RUST_LOG's syntax; --log-level and RUST_LOG win
 //!
 //! [[backend_type]]               # default: vbd (waits for the hotplug script) and xenblkd
 //! name = "vbd"
@@ -19,12 +20,13 @@
 //! max_ring_page_order = 4
 //! max_indirect_segments = 256
 //! persistent_grants = true
-//! max_persistent_grants = 1056
+//! max_persistent_grants = 0     # 0: what a ring can have in flight; 1056: Linux blkback's
 //! persistent_grant_unused_secs = 60
 //! grant_mode = "auto"            # map | copy | auto
 //! discard = true
 //! direct_io = "auto"             # auto | on | off
 //! nbd_reconnect_secs = 30        # NBD targets: how long requests wait for a lost server
+//! rbd_op_timeout_secs = 30       # RBD targets: how long a request waits for the cluster
 //!
 //! [[device]]                     # overrides, matched on any of type/domid/vdev
 //! domid = 5
@@ -57,6 +59,13 @@ pub const DEFAULT_NBD_RECONNECT_SECS: u64 = 30;
 /// Ceiling of [`DeviceSettings::nbd_reconnect_secs`] (a day): a guest's requests must
 /// not be held for ever.
 pub const MAX_NBD_RECONNECT_SECS: u64 = 86_400;
+
+/// Default of [`DeviceSettings::rbd_op_timeout_secs`] (librbd's request bound as xenblkd
+/// sets it).
+pub const DEFAULT_RBD_OP_TIMEOUT_SECS: u64 = 30;
+/// Ceiling of [`DeviceSettings::rbd_op_timeout_secs`] (a day). Its floor is 1: librados
+/// reads 0 as "no timeout", which would let a stopped OSD hold a guest's requests for ever.
+pub const MAX_RBD_OP_TIMEOUT_SECS: u64 = 86_400;
 
 /// The backend type our own `xenblkd attach` writes under, which no stock driver binds.
 pub const XENBLKD_BACKEND_TYPE: &str = "xenblkd";
@@ -104,7 +113,10 @@ pub struct DeviceSettings {
     pub max_indirect_segments: u32,
     /// Advertise `feature-persistent`.
     pub persistent_grants: bool,
-    /// Persistent grants kept mapped per ring before LRU purging.
+    /// Persistent grants kept mapped per ring before LRU purging; 0 (the default): what
+    /// the ring can have in flight (its slots x the advertised indirect segments and
+    /// their indirect pages, at least Linux blkback's 1056), bounded by the guest's share
+    /// of the daemon's grant-mapping budget.
     pub max_persistent_grants: u32,
     /// A persistent grant unused this long is unmapped at the next purge (0: never).
     pub persistent_grant_unused_secs: u64,
@@ -118,6 +130,10 @@ pub struct DeviceSettings {
     /// NBD targets: how long a request waits for a lost connection to come back (the
     /// daemon reconnects and resends meanwhile) before it fails with an error.
     pub nbd_reconnect_secs: u64,
+    /// RBD targets: librbd's `rados_osd_op_timeout` and `rados_mon_op_timeout`, after
+    /// which a request the cluster has not answered fails with an error (a ceph.conf or
+    /// the target's own options still override it).
+    pub rbd_op_timeout_secs: u64,
 }
 
 impl Default for DeviceSettings {
@@ -130,14 +146,16 @@ impl Default for DeviceSettings {
             // blkback's MAX_INDIRECT_SEGMENTS.
             max_indirect_segments: 256,
             persistent_grants: true,
-            // blkback's default max_persistent_grants.
-            max_persistent_grants: 1056,
+            // Sized to the ring (`backend::persistent_grants::SIZED_TO_RING`), not
+            // blkback's 1056: a deep stream of 1 MiB requests outgrows that.
+            max_persistent_grants: 0,
             // blkback's persistent_grant_unused_seconds.
             persistent_grant_unused_secs: 60,
             grant_mode: GrantMode::Auto,
             discard: true,
             direct_io: DirectIo::Auto,
             nbd_reconnect_secs: DEFAULT_NBD_RECONNECT_SECS,
+            rbd_op_timeout_secs: DEFAULT_RBD_OP_TIMEOUT_SECS,
         }
     }
 }
@@ -175,6 +193,12 @@ impl DeviceSettings {
                 format!("must be 0..={MAX_NBD_RECONNECT_SECS}"),
             ));
         }
+        if !(1..=MAX_RBD_OP_TIMEOUT_SECS).contains(&self.rbd_op_timeout_secs) {
+            return Err(bad(
+                "rbd_op_timeout_secs",
+                format!("must be 1..={MAX_RBD_OP_TIMEOUT_SECS}"),
+            ));
+        }
         Ok(())
     }
 }
@@ -210,6 +234,8 @@ pub struct DeviceOverride {
     pub direct_io: Option<DirectIo>,
     /// See [`DeviceSettings::nbd_reconnect_secs`].
     pub nbd_reconnect_secs: Option<u64>,
+    /// See [`DeviceSettings::rbd_op_timeout_secs`].
+    pub rbd_op_timeout_secs: Option<u64>,
 }
 
 impl DeviceOverride {
@@ -254,6 +280,9 @@ impl DeviceOverride {
         }
         if let Some(v) = self.nbd_reconnect_secs {
             s.nbd_reconnect_secs = v;
+        }
+        if let Some(v) = self.rbd_op_timeout_secs {
+            s.rbd_op_timeout_secs = v;
         }
     }
 }
@@ -309,6 +338,15 @@ impl BackendType {
     }
 }
 
+/// What [`Config::reload_from`] took and left, by configuration key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changed, and in force from now on.
+    pub applied: Vec<&'static str>,
+    /// Changed in the file, but kept as they were until a restart.
+    pub ignored: Vec<&'static str>,
+}
+
 /// The daemon's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -330,6 +368,9 @@ pub struct Config {
     /// ...unless overridden here (later entries win).
     #[serde(rename = "device")]
     pub overrides: Vec<DeviceOverride>,
+    /// The log level or filter (`info`, `xenbus=debug,info`: `RUST_LOG`'s syntax, which
+    /// the binary checks); `--log-level` and `RUST_LOG` take precedence. None: `info`.
+    pub log_level: Option<String>,
 }
 
 impl Default for Config {
@@ -342,6 +383,7 @@ impl Default for Config {
             drain_timeout_ms: 5000,
             defaults: DeviceSettings::default(),
             overrides: Vec::new(),
+            log_level: None,
         }
     }
 }
@@ -423,6 +465,58 @@ impl Config {
         s
     }
 
+    /// Takes what a running daemon can change from `new` (a configuration re-read on
+    /// `systemctl reload`) and says what it took and what it left. Device settings and
+    /// overrides apply to every device from its next setup (a connected device keeps what
+    /// it negotiated: the guest was told); the drain timeout to the next disconnect. The
+    /// types served, the domain, the control socket and the reactor count shape the
+    /// running process and need a restart (with `KillSignal=SIGUSR2`, a handover that
+    /// keeps the guests running). `log_level` is the binary's, copied without comment.
+    pub fn reload_from(&mut self, new: Config) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let mut take = |changed: bool, key: &'static str, runtime: bool| {
+            if changed {
+                if runtime {
+                    report.applied.push(key);
+                } else {
+                    report.ignored.push(key);
+                }
+            }
+        };
+        take(self.defaults != new.defaults, "defaults", true);
+        take(self.overrides != new.overrides, "device", true);
+        take(
+            self.drain_timeout_ms != new.drain_timeout_ms,
+            "drain_timeout_ms",
+            true,
+        );
+        take(
+            self.backend_types != new.backend_types,
+            "backend_type",
+            false,
+        );
+        take(
+            self.backend_domid != new.backend_domid,
+            "backend_domid",
+            false,
+        );
+        take(
+            self.control_socket != new.control_socket,
+            "control_socket",
+            false,
+        );
+        take(
+            self.reactor_threads != new.reactor_threads,
+            "reactor_threads",
+            false,
+        );
+        self.defaults = new.defaults;
+        self.overrides = new.overrides;
+        self.drain_timeout_ms = new.drain_timeout_ms;
+        self.log_level = new.log_level;
+        report
+    }
+
     /// The served type called `name`.
     pub fn backend_type(&self, name: &str) -> Option<&BackendType> {
         self.backend_types.iter().find(|t| t.name == name)
@@ -470,6 +564,7 @@ mod tests {
             backend_type = "xenblkd"
             direct_io = "off"
             nbd_reconnect_secs = 5
+            rbd_op_timeout_secs = 120
             "#,
             "test",
         )
@@ -481,10 +576,52 @@ mod tests {
         assert_eq!(c.settings_for("vbd", 6, 51728).grant_mode, GrantMode::Copy);
         assert_eq!(c.settings_for("xenblkd", 6, 1).direct_io, DirectIo::Off);
         assert_eq!(c.settings_for("xenblkd", 6, 1).nbd_reconnect_secs, 5);
+        assert_eq!(c.settings_for("xenblkd", 6, 1).rbd_op_timeout_secs, 120);
+        assert_eq!(
+            c.settings_for("vbd", 6, 1).rbd_op_timeout_secs,
+            DEFAULT_RBD_OP_TIMEOUT_SECS
+        );
         assert_eq!(
             c.settings_for("vbd", 6, 1).nbd_reconnect_secs,
             DEFAULT_NBD_RECONNECT_SECS
         );
+    }
+
+    #[test]
+    fn reload_takes_what_can_change_at_run_time() {
+        let mut running = Config::default();
+        let new = Config::from_toml(
+            r#"
+            reactor_threads = 3
+            drain_timeout_ms = 100
+            log_level = "debug"
+            [defaults]
+            max_queues = 1
+            [[device]]
+            domid = 5
+            persistent_grants = false
+            [[backend_type]]
+            name = "xenblkd"
+            "#,
+            "t",
+        )
+        .unwrap();
+        let report = running.reload_from(new);
+        assert_eq!(
+            report.applied,
+            vec!["defaults", "device", "drain_timeout_ms"]
+        );
+        assert_eq!(report.ignored, vec!["backend_type", "reactor_threads"]);
+        assert_eq!(running.defaults.max_queues, 1);
+        assert!(!running.settings_for("vbd", 5, 1).persistent_grants);
+        assert_eq!(running.drain_timeout_ms, 100);
+        assert_eq!(running.log_level.as_deref(), Some("debug"));
+        // What needs a restart stays as it was.
+        assert_eq!(running.reactor_threads, 0);
+        assert_eq!(running.backend_types, BackendType::defaults());
+        // The same file again: nothing changed.
+        let again = running.clone();
+        assert_eq!(running.reload_from(again), ReloadReport::default());
     }
 
     #[test]
@@ -504,6 +641,14 @@ mod tests {
             (
                 "[[device]]\nnbd_reconnect_secs = 86401",
                 "device[0].nbd_reconnect_secs",
+            ),
+            (
+                "[defaults]\nrbd_op_timeout_secs = 0",
+                "defaults.rbd_op_timeout_secs",
+            ),
+            (
+                "[[device]]\nrbd_op_timeout_secs = 86401",
+                "device[0].rbd_op_timeout_secs",
             ),
             ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
             (

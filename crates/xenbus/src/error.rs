@@ -124,6 +124,9 @@ pub struct VbdError {
     pub message: String,
     /// Linux errno for the `error` node.
     pub errno: i32,
+    /// The platform does not know the frontend's domain (yet): see
+    /// [`VbdError::domain_unreachable`].
+    pub unreachable: bool,
 }
 
 impl VbdError {
@@ -133,7 +136,21 @@ impl VbdError {
             context: context.into(),
             message: message.to_string(),
             errno,
+            unreachable: false,
         }
+    }
+
+    /// Marks the error as the platform not knowing the frontend's domain (yet).
+    pub fn with_domain_unreachable(mut self) -> VbdError {
+        self.unreachable = true;
+        self
+    }
+
+    /// The frontend's domain is not reachable: it does not exist (yet) for the platform
+    /// (in the simulator, a guest not yet attached to this daemon). An adoption waits for
+    /// it instead of failing the device; an ordinary connect fails as before.
+    pub fn domain_unreachable(&self) -> bool {
+        self.unreachable
     }
 
     /// A VBD error from an I/O error (errno taken from it, EIO otherwise).

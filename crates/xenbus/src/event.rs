@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::{Config, ReloadReport};
 use crate::device::DeviceKey;
 use crate::error::VbdError;
 use crate::status::{DaemonStatus, DeviceStatus};
@@ -46,8 +47,15 @@ impl std::fmt::Debug for Event {
                 .field("open_id", open_id)
                 .finish_non_exhaustive(),
             Event::Status(_) => f.write_str("Status"),
+            Event::Device { device, op, .. } => f
+                .debug_struct("Device")
+                .field("device", device)
+                .field("op", op)
+                .finish_non_exhaustive(),
             Event::RefreshSizes => f.write_str("RefreshSizes"),
+            Event::Reload(..) => f.write_str("Reload"),
             Event::Shutdown => f.write_str("Shutdown"),
+            Event::Handover => f.write_str("Handover"),
         }
     }
 }
@@ -94,11 +102,39 @@ pub enum Event {
     },
     /// A status query.
     Status(Sender<(DaemonStatus, Vec<DeviceStatus>)>),
+    /// An operator's request about one device (`xenblkd pause|resume|reopen`).
+    Device {
+        /// The device as the operator named it: `[<type>/]<domid>/<devid or vdev>`.
+        device: String,
+        /// What to do.
+        op: DeviceOp,
+        /// Where the answer goes (a pause answers once drained).
+        reply: DeviceReply,
+    },
     /// Re-read every device's storage size (operator-triggered resize check).
     RefreshSizes,
+    /// A re-read configuration (`systemctl reload`): takes what can change at run time
+    /// ([`Config::reload_from`]) and answers what it took and left.
+    Reload(Box<Config>, Sender<ReloadReport>),
     /// Close every device and stop.
     Shutdown,
+    /// Hand every device over to the next daemon and stop: rings drained and released,
+    /// nothing written to xenstore.
+    Handover,
 }
+
+/// What an operator asks of one device (see `device::pause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// Stop taking requests, answer those in flight, release the rings; hold.
+    Pause,
+    /// Serve the rings again.
+    Resume,
+    /// While paused: close the storage and open what the backend's nodes name now.
+    Reopen,
+}
+
+pub use crate::device::DeviceReply;
 
 /// A cloneable handle to send events to a [`Manager`] from any thread.
 #[derive(Clone, Debug)]
@@ -125,6 +161,38 @@ impl EventSender {
     /// Asks the manager to close every device and return from [`Manager::run`].
     pub fn shutdown(&self) {
         let _ = self.0.send(Event::Shutdown);
+    }
+
+    /// Asks the manager to hand every device over to the next daemon and stop.
+    pub fn handover(&self) {
+        let _ = self.0.send(Event::Handover);
+    }
+
+    /// Hands the manager a re-read configuration; `None` if it does not answer within
+    /// `timeout`.
+    pub fn reload(&self, config: Config, timeout: Duration) -> Option<ReloadReport> {
+        let (tx, rx) = mpsc::channel();
+        self.0.send(Event::Reload(Box::new(config), tx)).ok()?;
+        rx.recv_timeout(timeout).ok()
+    }
+
+    /// Asks for `op` on `device` and waits at most `timeout` for the answer.
+    pub fn device_op(
+        &self,
+        device: &str,
+        op: DeviceOp,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let (tx, rx) = mpsc::channel();
+        self.0
+            .send(Event::Device {
+                device: device.to_string(),
+                op,
+                reply: tx,
+            })
+            .map_err(|_| "the device manager is gone".to_string())?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| format!("no answer within {timeout:?}"))?
     }
 
     /// Queries the status (`None` if the manager does not answer within `timeout`).

@@ -14,22 +14,32 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-pub use crate::event::{Event, EventSender};
+pub use crate::event::{DeviceOp, Event, EventSender};
 
 use crate::config::Config;
 use crate::device::{Ctx, Device, DeviceKey, Effect, SessionSinks};
-use crate::devmodel::{self, ClaimChange};
+use crate::devmodel;
 use crate::error::{DeviceError, StoreError};
 use crate::event::{spawn_disconnect, spawn_open};
-use crate::parse::parse_u32;
 use crate::status::{DaemonStatus, DeviceStatus};
-use crate::store::{join, Store, StoreExt};
+use crate::store::{Store, StoreExt};
 use crate::vbd::{VbdEventSink, VbdFactory};
+
+mod watch;
+
+use watch::{fe_token, Found};
 
 const TOKEN_PREFIX: &str = "xenblkd:";
 const RELEASE_DOMAIN: &str = "@releaseDomain";
 /// How often the loop wakes without events (shutdown deadline, retries).
 const TICK: Duration = Duration::from_millis(100);
+/// How often an adoption waiting for its frontend's domain is retried, for its first
+/// [`ADOPTION_FAST_RETRY_FOR`]: a handover's pause includes the wait, so it is retried
+/// sooner than every tick (in the simulator the guest attaches to the new daemon, and
+/// offers its ports, a few milliseconds after it started; one tick lost there was part of
+/// a 353 ms handover pause). Later, every tick.
+const ADOPTION_RETRY: Duration = Duration::from_millis(5);
+const ADOPTION_FAST_RETRY_FOR: Duration = Duration::from_secs(2);
 /// How often devices are asked for the counts of warnings they suppressed.
 const SUPPRESSED_REPORT_PERIOD: Duration = Duration::from_secs(1);
 /// Backend nodes whose change can move a device; writes to any other node (most of them
@@ -56,8 +66,14 @@ pub struct Manager {
     rx: Receiver<Event>,
     /// Set when shutdown was requested: the deadline after which devices are forced.
     shutdown_deadline: Option<Instant>,
+    /// Set when a handover was asked for: no device is reconciled any more (nothing is
+    /// written), connected rings are drained and released, then `run` returns.
+    handing_over: bool,
     /// Devices whose reconcile hit a transient store error, retried on the next tick.
     retry: BTreeSet<DeviceKey>,
+    /// Adoptions waiting for their frontend's domain, since when: retried every
+    /// [`ADOPTION_RETRY`] at first.
+    adoption_waits: BTreeMap<DeviceKey, Instant>,
     /// Daemon-wide gauges for status replies.
     metrics: Option<Metrics>,
     /// A scan failed transiently; scan every type again on the next tick.
@@ -93,7 +109,9 @@ impl Manager {
             tx,
             rx,
             shutdown_deadline: None,
+            handing_over: false,
             retry: BTreeSet::new(),
+            adoption_waits: BTreeMap::new(),
             metrics: None,
             rescan_pending: false,
             suppressed_reported: Instant::now(),
@@ -153,6 +171,10 @@ impl Manager {
     /// xenstore connection is lost.
     pub fn run(&mut self) -> Result<(), StoreError> {
         loop {
+            if self.handing_over && !self.devices.values().any(Device::busy) {
+                info!("every device is handed over");
+                return Ok(());
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if !self.devices.values().any(Device::busy) {
                     info!("every device is closed");
@@ -164,7 +186,16 @@ impl Manager {
                     return Ok(());
                 }
             }
-            let first = match self.rx.recv_timeout(TICK) {
+            let wait = if self
+                .adoption_waits
+                .values()
+                .any(|since| since.elapsed() < ADOPTION_FAST_RETRY_FOR)
+            {
+                ADOPTION_RETRY
+            } else {
+                TICK
+            };
+            let first = match self.rx.recv_timeout(wait) {
                 Ok(ev) => Some(ev),
                 Err(RecvTimeoutError::Timeout) => None,
                 // Impossible while we hold `tx`; treat as shutdown.
@@ -200,6 +231,12 @@ impl Manager {
             };
             self.handle(ev, &mut found);
         }
+        if self.handing_over {
+            // Nothing is read or written for any device any more: the next daemon takes
+            // them as xenstore and the rings show them.
+            self.adoption_waits.clear();
+            return Ok(());
+        }
         for domid in claims {
             // A claim came or went: every device of that domain under a claimed type, known
             // or not (unclaimed ones were never taken into the table).
@@ -231,12 +268,24 @@ impl Manager {
                 self.reconcile_failed(&key, &e);
             }
         }
+        // An adoption that went through (or became something else) waits no more.
+        let retry = &self.retry;
+        self.adoption_waits.retain(|key, _| retry.contains(key));
         Ok(())
     }
 
     /// Handles one event: applies what it reports, and notes in `found` what it asks the
     /// batch to look at.
     fn handle(&mut self, ev: Event, found: &mut Found<'_>) {
+        if self.handing_over
+            && matches!(
+                ev,
+                Event::Vbd { .. } | Event::Opened { .. } | Event::RefreshSizes
+            )
+        {
+            // Each of these may write to xenstore; the next daemon sees for itself.
+            return;
+        }
         match ev {
             Event::Watch { path, token } => {
                 self.route_watch(&path, &token, found);
@@ -264,7 +313,7 @@ impl Manager {
                     dev.vbd_event(ctx, session, event, fx)
                 });
                 if let Some(Err(e)) = r {
-                    warn!(device = %key, error = %e, "handling engine event");
+                    warn!(device = %key, domid = key.domid, error = %e, "handling engine event");
                 }
             }
             Event::Opened {
@@ -277,7 +326,7 @@ impl Manager {
                     dev.opened(ctx, open_id, *config, result, fx)
                 });
                 if let Some(Err(e)) = r {
-                    warn!(device = %key, error = %e, "handling an opened storage");
+                    warn!(device = %key, domid = key.domid, error = %e, "handling an opened storage");
                     self.retry.insert(key);
                 }
             }
@@ -294,6 +343,7 @@ impl Manager {
             Event::Status(reply) => {
                 let _ = reply.send((self.daemon_status(), self.status()));
             }
+            Event::Device { device, op, reply } => self.device_op(&device, op, reply, found),
             Event::RefreshSizes => {
                 let ctx_parts = self.ctx_parts();
                 for (key, dev) in self.devices.iter_mut() {
@@ -302,9 +352,17 @@ impl Manager {
                     };
                     let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
                     if let Err(e) = dev.refresh_size(&ctx) {
-                        warn!(device = %key, error = %e, "size refresh");
+                        warn!(device = %key, domid = key.domid, error = %e, "size refresh");
                     }
                 }
+            }
+            Event::Handover => self.hand_over(),
+            Event::Reload(config, reply) => {
+                let report = self.config.reload_from(*config);
+                let _ = reply.send(report);
+            }
+            Event::Shutdown if self.handing_over => {
+                info!("shutdown asked during a handover: the handover goes on");
             }
             Event::Shutdown => {
                 if self.shutdown_deadline.is_none() {
@@ -321,6 +379,68 @@ impl Manager {
         }
     }
 
+    /// An operator's request about one device.
+    fn device_op(
+        &mut self,
+        device: &str,
+        op: DeviceOp,
+        reply: crate::event::DeviceReply,
+        found: &mut Found<'_>,
+    ) {
+        if self.handing_over || self.shutdown_deadline.is_some() {
+            let _ = reply.send(Err("the daemon is handing over or shutting down".into()));
+            return;
+        }
+        let key = match self.find_device(device) {
+            Ok(key) => key,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        info!(device = %key, ?op, "operator request");
+        let done = self.with_device(&key, found, |dev, ctx, fx| match op {
+            DeviceOp::Pause => dev.pause(reply, fx),
+            DeviceOp::Resume => dev.resume(ctx, reply, fx),
+            DeviceOp::Reopen => dev.reopen(ctx, reply, fx),
+        });
+        if done.is_none() {
+            warn!(device = %key, "the device or its type went away during the request");
+        }
+    }
+
+    /// The device an operator names: `<type>/<domid>/<devid>`, or `<domid>/<devid>` when
+    /// one type has it; `devid` may be a virtual device name (`xvdb`).
+    fn find_device(&self, spec: &str) -> Result<DeviceKey, String> {
+        let parts: Vec<&str> = spec.split('/').collect();
+        let (backend_type, domid, dev) = match parts.as_slice() {
+            [t, d, v] => (Some(*t), *d, *v),
+            [d, v] => (None, *d, *v),
+            _ => {
+                return Err(format!(
+                    "{spec:?}: expected [<type>/]<domid>/<devid or vdev>"
+                ))
+            }
+        };
+        let domid: u32 = domid
+            .parse()
+            .map_err(|_| format!("{spec:?}: bad domain id {domid:?}"))?;
+        let devid = match dev.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => crate::vdev::parse_vdev(dev).map_err(|e| format!("{spec:?}: {e}"))?,
+        };
+        let mut matching = self.devices.keys().filter(|k| {
+            k.domid == domid && k.devid == devid && backend_type.is_none_or(|t| k.backend_type == t)
+        });
+        match (matching.next(), matching.next()) {
+            (Some(key), None) => Ok(key.clone()),
+            (None, _) => Err(format!("no device {spec}")),
+            (Some(_), Some(_)) => Err(format!(
+                "{spec}: several backend types have this device; name the type"
+            )),
+        }
+    }
+
     /// A device's reconcile failed on a store error: retried on the next tick, reported
     /// rate-limited (a guest can make its own nodes unreadable to a driver domain, and
     /// the retry comes every tick).
@@ -332,162 +452,13 @@ impl Manager {
                     .warnings
                     .admit(crate::ratelimit::Kind::ReconcileFailed, Instant::now())
                 {
-                    warn!(device = %key, error = %e, suppressed, "reconcile failed; will retry");
+                    warn!(device = %key, domid = key.domid, error = %e, suppressed, "reconcile failed; will retry");
                 }
             }
-            None => warn!(device = %key, error = %e, "reconcile failed; will retry"),
-        }
-    }
-
-    /// Maps a watch event to the devices (or backend types, domains) it concerns.
-    fn route_watch(&self, path: &str, token: &str, found: &mut Found<'_>) {
-        let Found {
-            dirty,
-            rescan,
-            released,
-            claims,
-        } = found;
-        let Some(what) = token.strip_prefix(TOKEN_PREFIX) else {
-            debug!(%path, %token, "foreign watch token ignored");
-            return;
-        };
-        if let Some(t) = what.strip_prefix("be:") {
-            let dir = self.backend_dir(t);
-            let Some(rest) = path.strip_prefix(&dir) else {
-                return;
-            };
-            let mut parts = rest
-                .trim_start_matches('/')
-                .split('/')
-                .filter(|s| !s.is_empty());
-            let (Some(domid), Some(devid)) = (parts.next(), parts.next()) else {
-                // The type or a domain directory itself changed: rescan it.
-                rescan.insert(t.to_string());
-                return;
-            };
-            let (Some(domid), Some(devid)) =
-                (parse_u32(domid.as_bytes()), parse_u32(devid.as_bytes()))
-            else {
-                debug!(%path, "ignoring non-numeric backend entry");
-                return;
-            };
-            if let Some(node) = parts.next() {
-                if !RELEVANT_BACKEND_NODES.contains(&node) {
-                    return;
-                }
-            }
-            dirty.insert(DeviceKey {
-                backend_type: t.to_string(),
-                domid,
-                devid,
-            });
-        } else if let Some(k) = what.strip_prefix("fe:") {
-            if let Some(key) = parse_fe_token(k) {
-                dirty.insert(key);
-            }
-        } else if what == "dm" {
-            let root = devmodel::device_model_root(self.config.backend_domid);
-            match devmodel::claim_change(&root, path) {
-                Some(ClaimChange::All) => rescan.extend(self.claimed_type_names()),
-                Some(ClaimChange::Domain(domid)) => {
-                    claims.insert(domid);
-                }
-                None => {}
-            }
-        } else if what == "release" {
-            // Which domain died is not said; check every domain we serve.
-            let domids: BTreeSet<u32> = self.devices.keys().map(|k| k.domid).collect();
-            for domid in domids {
-                match self.domain_alive(domid) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        info!(domid, "domain is gone");
-                        released.insert(domid);
-                        dirty.extend(self.devices.keys().filter(|k| k.domid == domid).cloned());
-                    }
-                    Err(e) => warn!(domid, error = %e, "checking domain"),
-                }
+            None => {
+                warn!(device = %key, domid = key.domid, error = %e, "reconcile failed; will retry")
             }
         }
-    }
-
-    /// Whether a domain still exists: xenstored still has it introduced (when the store
-    /// can tell) and its home directory is still there.
-    fn domain_alive(&self, domid: u32) -> Result<bool, StoreError> {
-        if self.store.domain_introduced(domid)? == Some(false) {
-            return Ok(false);
-        }
-        self.domain_exists(domid)
-    }
-
-    fn domain_exists(&self, domid: u32) -> Result<bool, StoreError> {
-        match self.store.exists(&format!("/local/domain/{domid}")) {
-            // A driver domain may not read other domains' homes: it cannot tell, so the
-            // domain counts as alive (its frontend directory vanishing still tears down).
-            Err(StoreError::Daemon { errno, .. }) if errno == "EACCES" => Ok(true),
-            other => other,
-        }
-    }
-
-    /// Lists `backend/<type>/*/*` and marks every device found (new or known) and every
-    /// known device not found (removed) dirty.
-    fn scan_type(&mut self, t: &str, dirty: &mut BTreeSet<DeviceKey>) -> Result<(), StoreError> {
-        let dir = self.backend_dir(t);
-        let mut found = BTreeSet::new();
-        for domid in self.store.directory(&dir)?.unwrap_or_default() {
-            let Some(domid_n) = parse_u32(domid.as_bytes()) else {
-                continue;
-            };
-            for devid in self
-                .store
-                .directory(&join(&dir, &domid))?
-                .unwrap_or_default()
-            {
-                let Some(devid_n) = parse_u32(devid.as_bytes()) else {
-                    continue;
-                };
-                found.insert(DeviceKey {
-                    backend_type: t.to_string(),
-                    domid: domid_n,
-                    devid: devid_n,
-                });
-            }
-        }
-        dirty.extend(
-            self.devices
-                .keys()
-                .filter(|k| k.backend_type == t && !found.contains(k))
-                .cloned(),
-        );
-        dirty.extend(found);
-        Ok(())
-    }
-
-    /// Lists `backend/<type>/<domid>/*` and marks every device found and every known device
-    /// of that domain and type dirty.
-    fn scan_domain(
-        &self,
-        t: &str,
-        domid: u32,
-        dirty: &mut BTreeSet<DeviceKey>,
-    ) -> Result<(), StoreError> {
-        let dir = join(&self.backend_dir(t), &domid.to_string());
-        for devid in self.store.directory(&dir)?.unwrap_or_default() {
-            if let Some(devid) = parse_u32(devid.as_bytes()) {
-                dirty.insert(DeviceKey {
-                    backend_type: t.to_string(),
-                    domid,
-                    devid,
-                });
-            }
-        }
-        dirty.extend(
-            self.devices
-                .keys()
-                .filter(|k| k.backend_type == t && k.domid == domid)
-                .cloned(),
-        );
-        Ok(())
     }
 
     /// Runs `f` on the device `key` with its context, applies the effects it pushed and
@@ -547,7 +518,7 @@ impl Manager {
             // A device left behind by a domain that died while we were not running (or
             // before we saw it): never open its storage; tear down what is ours.
             if !self.domain_alive(key.domid)? {
-                info!(device = %key, "device of a domain that no longer exists");
+                info!(device = %key, domid = key.domid, "device of a domain that no longer exists");
                 dev.domain_gone = true;
             }
             self.devices.insert(key.clone(), dev);
@@ -564,7 +535,7 @@ impl Manager {
         };
         dev.domain_gone = still_gone;
         if dev.claimed && !claimed {
-            info!(device = %key, "the device-model claim is gone: letting the device go");
+            info!(device = %key, domid = key.domid, "the device-model claim is gone: letting the device go");
         }
         dev.claimed = claimed;
         let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
@@ -593,7 +564,7 @@ impl Manager {
                     match self.store.watch(&state, &fe_token(key)) {
                         Ok(()) => dev.watched_frontend = Some(state),
                         Err(e) => {
-                            warn!(device = %key, error = %e, "watching frontend state");
+                            warn!(device = %key, domid = key.domid, error = %e, "watching frontend state");
                             self.retry.insert(key.clone());
                         }
                     }
@@ -610,6 +581,12 @@ impl Manager {
                     let timeout = Duration::from_millis(self.config.drain_timeout_ms);
                     spawn_disconnect(&self.tx, key, session, vbd, timeout);
                 }
+                Effect::RetryLater => {
+                    self.retry.insert(key.clone());
+                    self.adoption_waits
+                        .entry(key.clone())
+                        .or_insert_with(Instant::now);
+                }
                 Effect::Forget => {
                     if let Some(mut dev) = self.devices.remove(key) {
                         if let Some(w) = dev.watched_frontend.take() {
@@ -617,10 +594,39 @@ impl Manager {
                         }
                         dev.report_suppressed(Instant::now(), true);
                     }
-                    info!(device = %key, "device removed");
+                    info!(device = %key, domid = key.domid, "device removed");
                 }
             }
         }
+    }
+
+    /// Starts the handover: every connected device's rings are drained and released
+    /// (their in-flight requests answered, the rest left on the ring for the next daemon),
+    /// and nothing is written to xenstore from now on.
+    fn hand_over(&mut self) {
+        if self.handing_over {
+            return;
+        }
+        if self.shutdown_deadline.is_some() {
+            warn!("handover asked during a shutdown: devices are being closed already");
+            return;
+        }
+        self.handing_over = true;
+        self.factory.handing_over();
+        let mut draining = 0;
+        for key in self.devices.keys().cloned().collect::<Vec<_>>() {
+            let mut fx = Vec::new();
+            if let Some(dev) = self.devices.get_mut(&key) {
+                draining += usize::from(dev.hand_over(&mut fx));
+            }
+            // Only disconnects: no watch changes, opens or retries any more.
+            fx.retain(|e| matches!(e, Effect::Disconnect { .. }));
+            self.apply(&key, fx);
+        }
+        info!(
+            devices = self.devices.len(),
+            draining, "handing over: answering in-flight requests, leaving xenstore as it is"
+        );
     }
 
     /// Disconnects every device synchronously and writes Closed (shutdown deadline).
@@ -651,21 +657,10 @@ impl Manager {
                 .collect(),
             home: self.home.clone(),
             shutting_down: self.shutdown_deadline.is_some(),
+            handing_over: self.handing_over,
             metrics: self.metrics.as_ref().map(|m| m()).unwrap_or_default(),
         }
     }
-}
-
-/// What a batch of watch events asks the manager to look at.
-struct Found<'a> {
-    /// Devices to reconcile.
-    dirty: &'a mut BTreeSet<DeviceKey>,
-    /// Backend types to list again.
-    rescan: &'a mut BTreeSet<String>,
-    /// Domains found dead.
-    released: &'a mut BTreeSet<u32>,
-    /// Domains whose device-model claim may have changed.
-    claims: &'a mut BTreeSet<u32>,
 }
 
 /// The pieces of a [`Ctx`] that do not borrow the manager's device table.
@@ -705,44 +700,5 @@ impl SessionSinks for CtxParts {
                 event,
             });
         })
-    }
-}
-
-fn fe_token(key: &DeviceKey) -> String {
-    format!(
-        "{TOKEN_PREFIX}fe:{}/{}/{}",
-        key.backend_type, key.domid, key.devid
-    )
-}
-
-fn parse_fe_token(s: &str) -> Option<DeviceKey> {
-    let mut it = s.rsplitn(3, '/');
-    let devid = parse_u32(it.next()?.as_bytes())?;
-    let domid = parse_u32(it.next()?.as_bytes())?;
-    let backend_type = it.next()?.to_string();
-    Some(DeviceKey {
-        backend_type,
-        domid,
-        devid,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fe_tokens_round_trip() {
-        let k = DeviceKey {
-            backend_type: "vbd".into(),
-            domid: 7,
-            devid: 51712,
-        };
-        let t = fe_token(&k);
-        assert_eq!(
-            parse_fe_token(t.strip_prefix("xenblkd:fe:").unwrap()),
-            Some(k)
-        );
-        assert_eq!(parse_fe_token("x/y"), None);
     }
 }

@@ -25,6 +25,8 @@ struct Inner {
     /// Commits to fail with EAGAIN before succeeding (for retry tests).
     forced_conflicts: u32,
     commits: u64,
+    /// Writes and removals so far, per path (what "nothing was written" is checked on).
+    changes: BTreeMap<String, u64>,
 }
 
 /// The in-memory store. Cheap to clone (shared state).
@@ -99,6 +101,22 @@ impl MemStore {
         self.lock().commits
     }
 
+    /// Forgets every watch, as xenstored does for a connection that closed (a daemon
+    /// that exited): the next daemon registers its own.
+    pub fn drop_watches(&self) {
+        self.lock().watches.clear();
+    }
+
+    /// Writes and removals so far of `dir` and every node below it (`@` paths included).
+    pub fn changes_below(&self, dir: &str) -> u64 {
+        self.lock()
+            .changes
+            .iter()
+            .filter(|(p, _)| is_same_or_below(p, dir))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// The permissions last set on `path`.
     pub fn perms(&self, path: &str) -> Option<Vec<Perm>> {
         self.lock().perms.get(path).cloned()
@@ -116,6 +134,11 @@ impl MemStore {
 
     /// Fires `@releaseDomain` (what xenstored does when a domain dies).
     pub fn release_domain(&self) {
+        *self
+            .lock()
+            .changes
+            .entry("@releaseDomain".to_string())
+            .or_default() += 1;
         self.fire("@releaseDomain", false);
     }
 
@@ -148,8 +171,19 @@ impl MemStore {
     }
 
     /// Applies one operation to the locked tree and returns the changes to fire.
+    /// Changes are counted here, under the same lock as the change itself: a reader who
+    /// sees a committed node also sees it counted (counting while firing, after the lock
+    /// was dropped, let a test read a half-counted transaction).
     fn apply(inner: &mut Inner, op: &Op) -> Vec<(String, bool)> {
         inner.generation += 1;
+        let fired = Self::apply_uncounted(inner, op);
+        for (path, _) in &fired {
+            *inner.changes.entry(path.clone()).or_default() += 1;
+        }
+        fired
+    }
+
+    fn apply_uncounted(inner: &mut Inner, op: &Op) -> Vec<(String, bool)> {
         match op {
             Op::Write(path, value) => {
                 let mut fired = Vec::new();
@@ -169,7 +203,7 @@ impl MemStore {
                 if inner.nodes.contains_key(path.as_str()) {
                     return Vec::new();
                 }
-                Self::apply(inner, &Op::Write(path.clone(), Vec::new()))
+                Self::apply_uncounted(inner, &Op::Write(path.clone(), Vec::new()))
             }
             Op::Rm(path) => {
                 let doomed: Vec<String> = inner

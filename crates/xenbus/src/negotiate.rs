@@ -23,6 +23,9 @@ use crate::vbd::{
     VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
 };
 
+mod adopt;
+pub use adopt::{read_adopted, Adopted};
+
 /// What the toolstack wrote in a backend directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendNodes {

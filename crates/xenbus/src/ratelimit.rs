@@ -46,6 +46,8 @@ pub enum Kind {
     /// The state machine's informational lines (state switches, connects, disconnects),
     /// which the frontend drives.
     Lifecycle,
+    /// An adoption waits for its frontend's domain (retried every tick).
+    Adoption,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             Kind::ReconcileFailed => "reconcile-failed",
             Kind::WatchEventsLost => "watch-events-lost",
             Kind::Lifecycle => "lifecycle",
+            Kind::Adoption => "adoption",
         }
     }
 

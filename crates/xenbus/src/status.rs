@@ -3,8 +3,9 @@
 //!
 //! The protocol is one JSON object per line in each direction: a request
 //! `{"cmd":"status"}` is answered by `{"ok":true,"devices":[...]}`; errors are
-//! `{"ok":false,"error":"..."}`. Status is read-only; nothing on the socket can change a
-//! device (the socket is root-only anyway, but a read-only surface is easy to audit).
+//! `{"ok":false,"error":"..."}`. Besides status, the socket (root-only) takes `handover`
+//! and, per device, `{"cmd":"pause"|"resume"|"reopen","device":"xenblkd/5/51712"}`,
+//! answered `{"ok":true,"accepted":"..."}` once done (a pause once drained).
 //!
 //! The types serialise and deserialise: the daemon writes them, and `xenblkd status` and
 //! the tests read them back as the same types ([`ControlReply::into_report`]), so the
@@ -60,6 +61,9 @@ pub struct DeviceStatus {
     pub last_disconnect: Option<DisconnectReport>,
     /// A disconnect is in progress.
     pub disconnecting: bool,
+    /// Paused by the operator (`xenblkd pause`): no request is taken until `resume`.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A control-socket request.
@@ -68,7 +72,32 @@ pub struct DeviceStatus {
 pub enum ControlRequest {
     /// List every device.
     Status,
+    /// Hand every device over to the next daemon and exit (ARCHITECTURE.md, "Restart,
+    /// handover and crash recovery"): stop consuming, answer what is in flight, leave
+    /// xenstore as it is.
+    Handover,
+    /// Stop taking the device's requests, answer those in flight, hold (answered once
+    /// drained).
+    Pause {
+        /// `[<type>/]<domid>/<devid or vdev>`.
+        device: String,
+    },
+    /// Serve a paused device again.
+    Resume {
+        /// As for [`ControlRequest::Pause`].
+        device: String,
+    },
+    /// While paused: close the device's storage and open what its backend nodes name now.
+    Reopen {
+        /// As for [`ControlRequest::Pause`].
+        device: String,
+    },
 }
+
+/// The version of the status reply's schema (docs/status-schema.json, docs/status.md).
+/// Within a version fields are only added; anything else (a field removed, renamed or
+/// retyped, a meaning changed) bumps it.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
 
 /// A control-socket reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +107,10 @@ pub enum ControlReply {
     Status {
         /// Always true.
         ok: bool,
+        /// [`STATUS_SCHEMA_VERSION`] of the daemon that wrote it (0: a daemon from before
+        /// the schema was versioned).
+        #[serde(default)]
+        version: u32,
         /// Daemon-wide facts (types served, device count, pid).
         daemon: DaemonStatus,
         /// Every device.
@@ -90,6 +123,13 @@ pub enum ControlReply {
         /// What went wrong.
         error: String,
     },
+    /// A command was accepted ([`ControlRequest::Handover`]).
+    Accepted {
+        /// Always true.
+        ok: bool,
+        /// What the daemon does now.
+        accepted: String,
+    },
 }
 
 /// Daemon-wide facts in a status reply.
@@ -101,6 +141,9 @@ pub struct DaemonStatus {
     pub home: String,
     /// True once SIGTERM (or a shutdown request) was received.
     pub shutting_down: bool,
+    /// True once a handover was asked for: devices are being handed to the next daemon.
+    #[serde(default)]
+    pub handing_over: bool,
     /// Process-wide gauges the daemon adds (grant mappings alive, open fds, threads), so
     /// leaks are measurable from outside.
     pub metrics: BTreeMap<String, u64>,
@@ -137,6 +180,19 @@ impl ControlReply {
                 daemon, devices, ..
             } => Ok(StatusReport { daemon, devices }),
             ControlReply::Error { error, .. } => Err(error),
+            ControlReply::Accepted { accepted, .. } => {
+                Err(format!("not a status reply: {accepted}"))
+            }
+        }
+    }
+
+    /// A status reply, with the current schema version.
+    pub fn status(daemon: DaemonStatus, devices: Vec<DeviceStatus>) -> ControlReply {
+        ControlReply::Status {
+            ok: true,
+            version: STATUS_SCHEMA_VERSION,
+            daemon,
+            devices,
         }
     }
 
@@ -218,6 +274,7 @@ mod tests {
                 detail: String::new(),
             }),
             disconnecting: false,
+            paused: false,
         }
     }
 
@@ -225,10 +282,12 @@ mod tests {
     fn replies_round_trip_through_json() {
         let reply = ControlReply::Status {
             ok: true,
+            version: STATUS_SCHEMA_VERSION,
             daemon: DaemonStatus {
                 backend_types: vec!["vbd".into(), "xenblkd".into()],
                 home: "/local/domain/0".into(),
                 shutting_down: false,
+                handing_over: false,
                 metrics: BTreeMap::from([("threads".to_string(), 7)]),
             },
             devices: vec![device()],

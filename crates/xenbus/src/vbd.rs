@@ -211,6 +211,9 @@ pub struct ConnectRequest<'a> {
     pub features: &'a BackendFeatures,
     /// Where to report resizes, lost features and fatal errors.
     pub events: VbdEventSink,
+    /// The rings were left Connected by a previous process (adoption): what it consumed
+    /// and did not answer is recovered (its ring journals), instead of starting afresh.
+    pub adopting: bool,
 }
 
 impl std::fmt::Debug for ConnectRequest<'_> {
@@ -219,6 +222,7 @@ impl std::fmt::Debug for ConnectRequest<'_> {
             .field("config", self.config)
             .field("frontend", self.frontend)
             .field("features", self.features)
+            .field("adopting", &self.adopting)
             .finish_non_exhaustive()
     }
 }
@@ -253,6 +257,10 @@ pub trait VbdFactory: Send + Sync {
 
     /// Maps the rings, binds the event channels and starts serving.
     fn connect(&self, request: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError>;
+
+    /// A handover started: the devices disconnected from now on go to the next daemon
+    /// (which re-executes what their rings' journals owe), not to their end.
+    fn handing_over(&self) {}
 }
 
 #[cfg(test)]

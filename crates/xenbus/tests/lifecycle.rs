@@ -40,6 +40,8 @@ struct Shared {
     sinks: Mutex<Vec<VbdEventSink>>,
     disconnect_delay: Mutex<Duration>,
     open_delay: Mutex<BTreeMap<PathBuf, Duration>>,
+    /// Connects to fail as a platform fails for a domain it does not know (yet).
+    unreachable_connects: AtomicUsize,
 }
 
 struct FakeDisk {
@@ -137,6 +139,15 @@ impl VbdFactory for FakeFactory {
     }
 
     fn connect(&self, req: ConnectRequest<'_>) -> Result<Box<dyn ConnectedVbd>, VbdError> {
+        if self
+            .0
+            .unreachable_connects
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(VbdError::new("connecting the rings", "unknown domain", 22)
+                .with_domain_unreachable());
+        }
         if let Some(bad) = req
             .frontend
             .queues
@@ -234,6 +245,60 @@ impl Harness {
             sender,
             thread: Some(thread),
         }
+    }
+
+    /// A new manager on the same store, as a daemon started after this one stopped
+    /// (handed over, or killed: xenstore looks the same), sharing the fake engine's
+    /// records. `prepare` runs between the two (the test plays what happened meanwhile).
+    fn successor(&mut self, config: Config, prepare: impl FnOnce(&Harness)) {
+        assert!(
+            self.thread.as_ref().is_none_or(|t| t.is_finished()),
+            "the previous manager still runs"
+        );
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap().unwrap();
+        }
+        prepare(self);
+        let factory = Arc::new(FakeFactory(self.shared.clone()));
+        let manager = match (&self.mem, &self.server) {
+            (Some(mem), _) => {
+                mem.drop_watches();
+                let manager = Manager::new(Arc::new(mem.clone()), factory, config);
+                let sender = manager.sender();
+                mem.set_watch_sink(Box::new(move |p, t| sender.watch_fired(p, t)));
+                manager
+            }
+            (_, Some(server)) => {
+                let daemon = client(server, 0);
+                let manager = Manager::new(Arc::new(XsStore::new(daemon.clone())), factory, config);
+                spawn_watch_forwarder(&daemon, manager.sender()).unwrap();
+                manager
+            }
+            _ => unreachable!(),
+        };
+        let mut manager = manager;
+        self.sender = manager.sender();
+        self.thread = Some(thread::spawn(move || {
+            manager.start()?;
+            manager.run()
+        }));
+    }
+
+    /// Asks the manager to hand its devices over and waits for it to return.
+    fn hand_over(&mut self) {
+        self.sender.handover();
+        let t = self.thread.take().unwrap();
+        let deadline = Instant::now() + WAIT;
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "handover did not finish");
+            thread::sleep(Duration::from_millis(5));
+        }
+        t.join().unwrap().unwrap();
+    }
+
+    /// Writes and removals of `dir` and below so far (MemStore only).
+    fn changes_below(&self, dir: &str) -> Option<u64> {
+        self.mem.as_ref().map(|m| m.changes_below(dir))
     }
 
     /// The frontend's connection: as the guest domain on the real server.
@@ -1282,6 +1347,178 @@ fn shutdown_forces_unresponsive_frontends_after_the_deadline(kind: Kind) {
     );
 }
 
+fn adoption_config() -> Config {
+    Config {
+        defaults: DeviceSettings {
+            max_queues: 4,
+            max_ring_page_order: 2,
+            ..DeviceSettings::default()
+        },
+        drain_timeout_ms: 1000,
+        ..Config::default()
+    }
+}
+
+/// A multi-queue frontend with persistent grants, connected by the first manager.
+fn connected_multiqueue_disk(h: &Harness, domid: u32, devid: u32) -> (String, String) {
+    let spec = DiskSpec::new("xenblkd", domid, devid, "raw:/images/adopt.img");
+    h.attach(&spec);
+    let (be, fe) = (spec.backend_path(), spec.frontend_path());
+    h.frontend_connect(
+        &fe,
+        &[
+            ("protocol", "x86_32-abi"),
+            ("feature-persistent", "1"),
+            ("multi-queue-num-queues", "2"),
+            ("ring-page-order", "1"),
+            ("queue-0/ring-ref0", "10"),
+            ("queue-0/ring-ref1", "11"),
+            ("queue-0/event-channel", "7"),
+            ("queue-1/ring-ref0", "12"),
+            ("queue-1/ring-ref1", "13"),
+            ("queue-1/event-channel", "8"),
+        ],
+    );
+    h.wait_state(&be, XenbusState::Connected);
+    h.set_frontend_state(&fe, XenbusState::Connected);
+    (be, fe)
+}
+
+/// Handover, then a new manager with *different* settings: the device is adopted with
+/// the rings and features the frontend negotiated with the first one, the storage is
+/// reopened from the backend's nodes, and neither end's directory is written.
+fn handover_then_adoption_writes_nothing(kind: Kind) {
+    let mut h = Harness::start(kind, adoption_config());
+    let (be, fe) = connected_multiqueue_disk(&h, 5, 51712);
+    h.wait_until("connected", || h.live() == 1);
+    let first = h.shared.connects.lock().unwrap()[0].clone();
+    let first_features = h.shared.features.lock().unwrap()[0];
+    let before = (h.dump(&be), h.dump(&fe));
+    let changes = (h.changes_below(&be), h.changes_below(&fe));
+
+    h.hand_over();
+    assert_eq!(h.live(), 0, "the rings were released");
+    assert_eq!(
+        (h.dump(&be), h.dump(&fe)),
+        before,
+        "handover wrote to xenstore"
+    );
+
+    // The new daemon advertises less than the old one did: what the frontend uses wins.
+    let mut config = adoption_config();
+    config.defaults.max_queues = 1;
+    config.defaults.max_ring_page_order = 0;
+    config.defaults.persistent_grants = false;
+    config.defaults.max_indirect_segments = 32;
+    h.successor(config, |_| {});
+    h.wait_until("adopted", || h.live() == 1);
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].state, XenbusState::Connected);
+    assert_eq!(devices[0].sessions, 1);
+    let connects = h.shared.connects.lock().unwrap().clone();
+    assert_eq!(connects.len(), 2);
+    assert_eq!(
+        connects[1].1, first.1,
+        "the same rings, protocol and persistence"
+    );
+    assert_eq!(connects[1].0.target, first.0.target);
+    assert_eq!(
+        h.shared.opened.lock().unwrap().as_slice(),
+        &[
+            PathBuf::from("/images/adopt.img"),
+            PathBuf::from("/images/adopt.img")
+        ]
+    );
+    let features = h.shared.features.lock().unwrap()[1];
+    assert_eq!(
+        features, first_features,
+        "the features the frontend was told"
+    );
+    assert_eq!(
+        (h.dump(&be), h.dump(&fe)),
+        before,
+        "adoption wrote to xenstore"
+    );
+    assert_eq!(
+        (h.changes_below(&be), h.changes_below(&fe)),
+        changes,
+        "adoption rewrote a node"
+    );
+
+    // Adopted, the device lives on as any other: the frontend closes, we follow.
+    h.set_frontend_state(&fe, XenbusState::Closing);
+    h.wait_state(&be, XenbusState::Closing);
+    h.set_frontend_state(&fe, XenbusState::Closed);
+    h.wait_state(&be, XenbusState::Closed);
+    h.wait_until("disconnected", || h.live() == 0);
+    h.stop();
+}
+
+/// The frontend's domain is not reachable when the new daemon starts (a simulated guest
+/// has not yet come back to its socket): the device stays Adopting, nothing is written,
+/// and it is adopted on a later tick.
+fn adoption_waits_for_the_frontend_domain(kind: Kind) {
+    let mut h = Harness::start(kind, adoption_config());
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    h.hand_over();
+    let before = (h.dump(&be), h.dump(&fe));
+    h.successor(adoption_config(), |h| {
+        h.shared.unreachable_connects.store(3, Ordering::SeqCst);
+    });
+    h.wait_until("adopted after retries", || h.live() == 1);
+    assert_eq!(h.shared.unreachable_connects.load(Ordering::SeqCst), 0);
+    assert_eq!((h.dump(&be), h.dump(&fe)), before);
+    assert_eq!(h.state(&be), XenbusState::Connected);
+    h.stop();
+}
+
+/// Inconsistent nodes (the frontend uses a ring order above what the backend directory
+/// says was offered) fail the device as a bad connect does: `error` node and Closing.
+fn inconsistent_nodes_fail_the_adoption(kind: Kind) {
+    let mut h = Harness::start(kind, adoption_config());
+    let (be, fe) = connected_multiqueue_disk(&h, 5, 51712);
+    // And a second device that is fine: only the bad one fails.
+    let (be2, _) = connected_disk(&h, 5, 51728, "/images/b.img");
+    h.hand_over();
+    h.successor(adoption_config(), |h| {
+        h.store
+            .write(&join(&be, "max-ring-page-order"), b"0")
+            .unwrap();
+    });
+    h.wait_state(&be, XenbusState::Closing);
+    let error = h.get(&join(&be, "error")).unwrap();
+    assert!(error.contains("ring page order"), "{error}");
+    assert_eq!(h.state(&be2), XenbusState::Connected);
+    h.wait_until("the good one adopted", || h.live() == 1);
+    let _ = fe;
+    h.stop();
+}
+
+/// A device found with the backend InitWait (the old daemon never connected it) is set
+/// up as before, and one whose frontend restarted while no daemon ran is set up again.
+fn devices_not_connected_on_both_ends_are_not_adopted(kind: Kind) {
+    let mut h = Harness::start(kind, adoption_config());
+    let (be, fe) = connected_disk(&h, 5, 51712, "/images/a.img");
+    let spec = DiskSpec::new("xenblkd", 5, 51728, "/images/b.img");
+    h.attach(&spec);
+    let (be2, fe2) = (spec.backend_path(), spec.frontend_path());
+    h.hand_over();
+    h.successor(adoption_config(), |h| {
+        h.set_frontend_state(&fe, XenbusState::Initialising);
+    });
+    // The restarted frontend gets InitWait and connects afresh.
+    h.wait_state(&be, XenbusState::InitWait);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    // The device never connected is connected normally once its frontend is ready.
+    assert_eq!(h.state(&be2), XenbusState::InitWait);
+    h.frontend_connect(&fe2, &[]);
+    h.wait_state(&be2, XenbusState::Connected);
+    h.wait_until("both connected", || h.live() == 2);
+    h.stop();
+}
+
 /// Runs each scenario over both stores.
 macro_rules! over_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -1292,6 +1529,79 @@ macro_rules! over_both_stores {
             $(#[test] fn $name() { super::$name(super::Kind::Server) })*
         }
     };
+}
+
+/// Pause, resume and reopen at the edges the simulator tests do not reach: a frontend that
+/// closes and reconnects while paused, a reopen of a new (larger) target, and the
+/// operator's mistakes answered as errors.
+fn pause_resume_reopen_follow_the_frontend(kind: Kind) {
+    use xenbus::manager::DeviceOp::{Pause, Reopen, Resume};
+    let h = Harness::default(kind);
+    let (be, fe) = connected_disk(&h, 5, 51712, "raw:/images/a.img");
+    let op = |device: &str, op| h.sender.device_op(device, op, WAIT);
+    assert!(op("xenblkd/5/51712", Reopen)
+        .unwrap_err()
+        .contains("only while paused"));
+    assert!(op("5/51799", Pause).unwrap_err().contains("no device"));
+    assert!(op("5/xvda/x/y", Pause).is_err());
+
+    // A pause releases the rings (a disconnect of the engine's VBD), the device stays
+    // Connected, and the status says paused.
+    assert!(op("5/xvda", Pause).unwrap().starts_with("paused"));
+    assert_eq!(h.live(), 0);
+    assert_eq!(h.state(&be), XenbusState::Connected);
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    assert!(devices[0].paused && devices[0].stats.is_empty());
+
+    // Reopen reads `params` again; the new size is published as a resize.
+    h.shared
+        .sizes
+        .lock()
+        .unwrap()
+        .insert(PathBuf::from("/images/b.img"), 128 << 20);
+    h.store
+        .write_str(&join(&be, "params"), "raw:/images/b.img")
+        .unwrap();
+    let answer = op("5/xvda", Reopen).unwrap();
+    assert!(
+        answer.contains("134217728 bytes (was 67108864)"),
+        "{answer}"
+    );
+    assert_eq!(h.get(&join(&be, "sectors")).as_deref(), Some("262144"));
+    assert_eq!(h.live(), 0, "a reopen serves nothing while paused");
+
+    // Resume connects the same frontend's rings again, on the new storage.
+    assert_eq!(op("5/xvda", Resume).unwrap(), "resumed");
+    assert_eq!(h.live(), 1);
+    {
+        let connects = h.shared.connects.lock().unwrap();
+        assert_eq!(connects.len(), 2);
+        assert_eq!(connects[1].0.target.path, PathBuf::from("/images/b.img"));
+    }
+
+    // Paused, the frontend closes: Closed with nothing to disconnect; it comes back and
+    // gets Connected, but no rings until resumed.
+    op("5/xvda", Pause).unwrap();
+    h.set_frontend_state(&fe, XenbusState::Closing);
+    h.wait_state(&be, XenbusState::Closing);
+    h.set_frontend_state(&fe, XenbusState::Closed);
+    h.wait_state(&be, XenbusState::Closed);
+    h.set_frontend_state(&fe, XenbusState::Initialising);
+    h.wait_state(&be, XenbusState::InitWait);
+    h.frontend_connect(&fe, &[]);
+    h.wait_state(&be, XenbusState::Connected);
+    assert_eq!(h.live(), 0);
+    assert_eq!(h.shared.connects.lock().unwrap().len(), 2);
+    op("5/xvda", Resume).unwrap();
+    assert_eq!(h.live(), 1);
+    assert_eq!(h.shared.connects.lock().unwrap().len(), 3);
+    let (_, devices) = h.sender.status(WAIT).unwrap();
+    assert!(!devices[0].paused);
+    assert_eq!(
+        devices[0].sessions, 2,
+        "a resume is not a new frontend session"
+    );
+    h.stop();
 }
 
 over_both_stores!(
@@ -1316,4 +1626,9 @@ over_both_stores!(
     frontend_writing_unknown_is_disconnected_and_left_closed,
     refused_features_stay_withdrawn_across_reconnects,
     a_guest_repeating_warnings_gets_one_line_per_interval,
+    handover_then_adoption_writes_nothing,
+    adoption_waits_for_the_frontend_domain,
+    inconsistent_nodes_fail_the_adoption,
+    devices_not_connected_on_both_ends_are_not_adopted,
+    pause_resume_reopen_follow_the_frontend,
 );

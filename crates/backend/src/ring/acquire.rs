@@ -235,6 +235,7 @@ impl PageSource {
     }
 
     /// The request is over: delivers read data (bounce pages), then lets go of its pages.
+    #[inline]
     pub(super) fn release(&mut self, slot: &mut Slot, now: Instant) {
         let ok = slot.status == blkif::abi::BLKIF_RSP_OKAY;
         if ok && slot.fills_guest() && slot.pages().bounce().is_some() {

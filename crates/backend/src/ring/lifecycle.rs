@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR};
-use blkif::{Operation, RawRequest, Request, Response, Segments, Validated};
+use blkif::{Operation, Popped, RawRequest, Request, Response, Segments, Ticket, Validated};
 use storage::SubmitError;
 
 use super::acquire::Acquired;
@@ -16,8 +16,8 @@ use crate::vbd::LostFeature;
 
 impl RingRunner {
     /// Validates a request and starts it.
-    pub(super) fn dispatch(&mut self, raw: RawRequest, now: Instant) {
-        let Some((slot, req)) = self.accept(&raw, now) else {
+    pub(super) fn dispatch(&mut self, popped: Popped, now: Instant) {
+        let Some((slot, req)) = self.accept(&popped.request, popped.ticket, now) else {
             return;
         };
         self.count_accepted(&req);
@@ -33,18 +33,18 @@ impl RingRunner {
 
     /// Validates a request (reading its indirect descriptors) into a free slot; answers
     /// it and returns `None` when it is refused.
-    fn accept(&mut self, raw: &RawRequest, now: Instant) -> Option<(u32, Request)> {
+    fn accept(&mut self, raw: &RawRequest, ticket: Ticket, now: Instant) -> Option<(u32, Request)> {
         let validated = match raw.validate(&self.limits) {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(vbd = self.vbd.id.0, ring = self.index, error = %e, "request refused");
-                self.respond_now(raw.response(e.status()));
+                self.respond_now(ticket, raw.response(e.status()));
                 return None;
             }
         };
         let Some(slot) = self.io.slots_mut().alloc() else {
             // consume() checked for a free slot.
-            self.respond_now(raw.response(BLKIF_RSP_ERROR));
+            self.respond_now(ticket, raw.response(BLKIF_RSP_ERROR));
             return None;
         };
         let s = self.io.slots_mut().get_mut(slot);
@@ -71,13 +71,15 @@ impl RingRunner {
                             "indirect request refused"
                         );
                         self.io.slots_mut().free(slot);
-                        self.respond_now(response);
+                        self.respond_now(ticket, response);
                         return None;
                     }
                 }
             }
         };
-        self.io.slots_mut().get_mut(slot).reset(&req);
+        let s = self.io.slots_mut().get_mut(slot);
+        s.reset(&req);
+        s.ticket = ticket;
         Some((slot, req))
     }
 
@@ -101,6 +103,7 @@ impl RingRunner {
 
     /// The request's pages were acquired (or could not be): run it, park a barrier until
     /// the ring drained, or answer it.
+    #[inline]
     pub(super) fn acquired(&mut self, slot: u32, acquired: Acquired, now: Instant) {
         match acquired {
             Acquired::Ready => {}
@@ -126,6 +129,7 @@ impl RingRunner {
     }
 
     /// Starts the first phase of an accepted request.
+    #[inline]
     pub(super) fn begin(&mut self, slot: u32, now: Instant) {
         if self.io.slots_mut().get_mut(slot).advance() {
             self.submit_phase(slot, now);
@@ -135,6 +139,7 @@ impl RingRunner {
     }
 
     /// Submits what remains of the slot's current phase.
+    #[inline]
     pub(super) fn submit_phase(&mut self, slot: u32, now: Instant) {
         match self.io.submit_phase(slot) {
             Ok(()) => {}
@@ -164,7 +169,7 @@ impl RingRunner {
         let s = self.io.slots_mut().get_mut(slot);
         self.pages.release(s, now);
         let mut status = s.status;
-        let (op, id) = (s.op, s.id);
+        let (op, id, ticket) = (s.op, s.id, s.ticket);
         if s.unsupported {
             status = BLKIF_RSP_EOPNOTSUPP;
             self.withdraw_feature(op);
@@ -175,11 +180,14 @@ impl RingRunner {
         if self.barrier == Some(slot) {
             self.barrier = None;
         }
-        self.respond_now(Response {
-            id,
-            operation: op.blkif_op(),
-            status,
-        });
+        self.respond_now(
+            ticket,
+            Response {
+                id,
+                operation: op.blkif_op(),
+                status,
+            },
+        );
     }
 
     /// The storage refused `op` as unsupported: the frontend is told it is gone.

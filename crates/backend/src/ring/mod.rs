@@ -33,6 +33,11 @@
 //! hypervisor refuses, or whose storage operation fails gets `BLKIF_RSP_ERROR` (or
 //! `BLKIF_RSP_EOPNOTSUPP`) and nothing else changes. A frontend that overflows the ring
 //! halts this ring only; requests already in flight still complete and are answered.
+//!
+//! The small per-request steps the submodules call in each other carry `#[inline]`:
+//! once `ring.rs` was split into these modules they landed in different codegen units,
+//! LLVM stopped inlining them, and a 4 KiB request cost 10 % more instructions than with
+//! the single file (callgrind, issue 13; BENCHMARKS.md).
 
 mod acquire;
 mod indirect;
@@ -43,6 +48,7 @@ mod request;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +94,8 @@ pub(crate) struct RingParts {
     pub(crate) ring: BackRing,
     pub(crate) evtchn: Box<dyn EventChannel>,
     pub(crate) queue: Box<dyn StorageQueue>,
+    /// The ring's journal file, removed once the ring closed with nothing in flight.
+    pub(crate) journal_path: Option<std::path::PathBuf>,
 }
 
 /// One ring and all it owns. Nothing here depends on the order its fields are dropped
@@ -125,6 +133,7 @@ pub(crate) struct RingRunner {
     /// What this ring maps besides its guest's grant mappings (`None` when the budget
     /// was sized by hand); given back when the ring is dropped.
     _map_reserve: Option<MapReservation>,
+    journal_path: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RingRunner {
@@ -166,7 +175,8 @@ impl RingRunner {
         };
         let pages = PageSource::new(PageSourceParts {
             cache: PersistentGrantCache::new(
-                cfg.persistent_limits,
+                cfg.persistent_limits
+                    .for_ring(ring_size, cfg.vbd.max_indirect_segments),
                 cfg.vbd.persistent_overflow.clone(),
                 cfg.budget.clone(),
             ),
@@ -204,6 +214,7 @@ impl RingRunner {
             resize_poll: cfg.resize_poll,
             next_resize,
             _map_reserve: cfg.map_reserve,
+            journal_path: parts.journal_path,
             vbd: cfg.vbd,
         })
     }
@@ -236,6 +247,10 @@ impl RingRunner {
     }
 
     fn process(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault::take_panic(self.vbd.id, self.index) {
+            panic!("injected fault (fault-injection feature)");
+        }
         if std::mem::take(&mut self.evtchn_fired) {
             if let Err(e) = self.evtchn.ack() {
                 tracing::warn!(vbd = self.vbd.id.0, ring = self.index, error = %e, "event channel ack failed");
@@ -358,7 +373,7 @@ impl RingRunner {
                 }
                 break;
             }
-            let raw = match self.ring.pop_request() {
+            let popped = match self.ring.pop() {
                 Ok(Some(raw)) => raw,
                 Ok(None) => match self.ring.final_check_for_requests() {
                     Ok(true) => continue,
@@ -374,7 +389,7 @@ impl RingRunner {
                 }
             };
             progress = true;
-            self.dispatch(raw, now);
+            self.dispatch(popped, now);
             if self.io.uncommitted_bytes() >= COMMIT_BYTES {
                 // Large requests cost time to set up (copies, maps): start the storage
                 // on what is ready instead of holding it until the whole batch is.
@@ -407,13 +422,13 @@ impl RingRunner {
     }
 
     /// Answers a request that never got a slot's worth of work.
-    fn respond_now(&mut self, response: Response) {
+    fn respond_now(&mut self, ticket: blkif::Ticket, response: Response) {
         if response.status == BLKIF_RSP_EOPNOTSUPP {
             self.stats.unsupported.inc();
         } else if response.status != BLKIF_RSP_OKAY {
             self.stats.errors.inc();
         }
-        match self.ring.push_response(&response) {
+        match self.ring.answer(ticket, &response) {
             Ok(()) => self.responses_unpublished = true,
             Err(e) => {
                 tracing::error!(vbd = self.vbd.id.0, ring = self.index, error = %e, "cannot push response")
@@ -497,6 +512,17 @@ impl RingTask for RingRunner {
     fn stats(&self) -> Stats {
         self.stats.snapshot()
     }
+
+    fn panicked(&mut self, message: &str) {
+        self.state = State::Halted;
+        self.stats
+            .halted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.vbd.emit(VbdEvent::RingHalted {
+            ring: self.index,
+            reason: format!("internal error (panic: {message}); this ring is stopped"),
+        });
+    }
 }
 
 impl Drop for RingRunner {
@@ -513,5 +539,21 @@ impl Drop for RingRunner {
         self.stats.in_flight.set(0);
         self.stats.persistent_in_use.set(0);
         self.stats.persistent_mapped.set(0);
+        // Closed and drained (a detach, a handover): every request consumed was answered
+        // and published, so the journal records nothing a next process needs. A ring of a
+        // VBD that was removed (its device closed, failed or gone) has no next process
+        // either, whatever it had in flight (a drain that timed out, a ring halted by a
+        // panic). Only a ring dropped mid-I/O during a handover keeps it, for the next
+        // daemon (and a killed process drops nothing).
+        if let Some(path) = &self.journal_path {
+            let drained = self.state == State::Closing && in_flight == 0;
+            let device_ends = self.vbd.removed.load(Ordering::SeqCst)
+                && !self.vbd.handing_over.load(Ordering::SeqCst);
+            if drained || device_ends {
+                if let Err(e) = std::fs::remove_file(path) {
+                    tracing::warn!(vbd = self.vbd.id.0, ring = self.index, path = %path.display(), error = %e, "cannot remove the ring's journal");
+                }
+            }
+        }
     }
 }

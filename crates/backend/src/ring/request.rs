@@ -43,6 +43,8 @@ pub(super) enum Phase {
 #[derive(Debug)]
 pub(super) struct Slot {
     pub(super) id: u64,
+    /// The ring's ticket for the request (its journal entry), given back with the answer.
+    pub(super) ticket: blkif::Ticket,
     pub(super) op: Operation,
     pub(super) sector: u64,
     pub(super) nr_sectors: u64,
@@ -64,6 +66,7 @@ impl Slot {
     fn new() -> Self {
         Self {
             id: 0,
+            ticket: blkif::Ticket::UNJOURNALED,
             op: Operation::Read,
             sector: 0,
             nr_sectors: 0,
@@ -78,6 +81,7 @@ impl Slot {
     }
 
     /// Takes on a new request (its segments are already in `segs`).
+    #[inline]
     pub(super) fn reset(&mut self, req: &Request) {
         debug_assert!(self.pending == 0 && self.pages.is_empty());
         self.id = req.id;
@@ -100,16 +104,19 @@ impl Slot {
     }
 
     /// Whether the guest's pages are written by this request (READ fills them).
+    #[inline]
     pub(super) fn fills_guest(&self) -> bool {
         self.op == Operation::Read
     }
 
+    #[inline]
     pub(super) fn pages(&self) -> &DataPages {
         &self.pages
     }
 
     /// The segments and their pages, to acquire or release; `None` while a storage
     /// operation of the request may still use the pages.
+    #[inline]
     pub(super) fn pages_mut(&mut self) -> Option<(&[Segment], &mut DataPages)> {
         (self.pending == 0).then_some((&self.segs, &mut self.pages))
     }
@@ -130,6 +137,7 @@ impl Slot {
     }
 
     /// Moves to the next phase; `false` when the request is complete.
+    #[inline]
     pub(super) fn advance(&mut self) -> bool {
         match self.next_phase() {
             Some(phase) => {
@@ -243,6 +251,7 @@ impl InFlight {
     }
 
     /// Submits what remains of the slot's current phase.
+    #[inline]
     pub(super) fn submit_phase(&mut self, slot: u32) -> Result<(), SubmitError> {
         let s = self.slots.get(slot);
         let op = match s.phase {
@@ -262,6 +271,7 @@ impl InFlight {
     }
 
     /// Submits the remaining data chunks of a slot.
+    #[inline]
     fn submit_data(&mut self, slot: u32) -> Result<(), SubmitError> {
         let chunks = self.slots.get(slot).chunks();
         while self.slots.get(slot).next_chunk < chunks {
@@ -303,6 +313,7 @@ impl InFlight {
 
     /// One storage operation completed: records its outcome in its request. `None` for
     /// a tag that names no operation in flight.
+    #[inline]
     pub(super) fn complete(&mut self, tag: u64, result: io::Result<u64>) -> Option<(u32, Step)> {
         let (slot, chunk) = untag(tag);
         let who = self.who;

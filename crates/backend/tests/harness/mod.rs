@@ -242,6 +242,8 @@ pub struct Front {
     pub ring: FrontRing,
     pub evtchn: GuestEventChannel,
     ring_grefs: Vec<GrantRef>,
+    /// The ring's first guest frame and its page count (for a second backend view).
+    ring_frames: (u32, u32),
     /// Responses popped but not yet claimed.
     pending: HashMap<u64, Response>,
     /// Order in which responses arrived.
@@ -274,6 +276,8 @@ pub struct Harness {
     persistent_pool: Vec<Page>,
     next_id: u64,
     pub fds_before: FdTable,
+    /// What the VBD was attached with, to attach it again (a restarted daemon).
+    spec: Option<(VbdSpec, Arc<dyn Platform>)>,
 }
 
 impl Harness {
@@ -381,6 +385,7 @@ impl Harness {
             persistent_pool: Vec::new(),
             next_id: 1,
             fds_before,
+            spec: None,
         };
 
         let mut specs = Vec::new();
@@ -402,6 +407,7 @@ impl Harness {
                 ring,
                 evtchn,
                 ring_grefs,
+                ring_frames: (first, n as u32),
                 pending: HashMap::new(),
                 arrival: Vec::new(),
             });
@@ -426,13 +432,50 @@ impl Harness {
             events: Some(Arc::new(move |_id: VbdId, e: VbdEvent| {
                 events.lock().unwrap().push(e)
             })),
+            journal: None,
         };
         let platform: Arc<dyn Platform> = Arc::new(CountingPlatform {
             inner: h.platform.clone(),
             calls: h.grant_calls.clone(),
         });
-        h.vbd = Some(engine.attach(spec, platform).unwrap());
+        h.vbd = Some(engine.attach(spec.clone(), platform.clone()).unwrap());
+        h.spec = Some((spec, platform));
         h
+    }
+
+    /// The daemon hands over: the VBD is detached (in-flight requests answered, the rest
+    /// left on the rings) and the engine stopped.
+    pub fn stop_engine(&mut self) {
+        let vbd = self.vbd.take().expect("a VBD attached");
+        vbd.detach(Duration::from_secs(10)).unwrap();
+        self.engine
+            .take()
+            .expect("the harness owning the engine")
+            .shutdown();
+    }
+
+    /// What a backend process killed mid-I/O leaves: it consumed the next `n` requests of
+    /// ring `r` (copied them out, advanced its private `req_cons`) and answered none.
+    pub fn consume_as_dead_backend(&mut self, r: usize, n: usize) {
+        let (first, pages) = self.fronts[r].ring_frames;
+        let mem = self.guest.map_frames(first, pages).unwrap();
+        let mut dead = blkif::BackRing::new(mem, self.opts.protocol).unwrap();
+        for _ in 0..n {
+            dead.pop_request().unwrap().expect("a request to consume");
+        }
+    }
+
+    /// A new daemon: a new engine, and the VBD attached to the same rings, as an adoption
+    /// does.
+    pub fn start_engine(&mut self) {
+        assert!(self.vbd.is_none() && self.engine.is_none());
+        let engine = Engine::start(EngineConfig {
+            reactors: self.opts.reactors,
+        })
+        .unwrap();
+        let (spec, platform) = self.spec.clone().expect("attached once");
+        self.vbd = Some(engine.attach(spec, platform).unwrap());
+        self.engine = Some(engine);
     }
 
     pub fn vbd(&self) -> &VbdHandle {

@@ -165,6 +165,7 @@ impl Rig {
                 ..VbdLimits::default()
             },
             events: None,
+            journal: None,
         };
         let p: Arc<dyn Platform> = Arc::new(platform.clone());
         let vbd = engine.attach(spec, p).unwrap();

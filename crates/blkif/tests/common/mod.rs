@@ -16,6 +16,14 @@ use shmem::SharedMemory;
 /// Two handles to one fresh zeroed anonymous mapping of `len` bytes: the first for the
 /// frontend, the second for the backend. The mapping lives until both are dropped.
 pub fn shared_pair(len: usize) -> (SharedMemory, SharedMemory) {
+    let (a, b, _) = shared_triple(len);
+    (a, b)
+}
+
+/// Three views of the same fresh pages: a frontend and two backends in turn (a ring one
+/// backend process left and the next one resumes).
+#[allow(dead_code)]
+pub fn shared_triple(len: usize) -> (SharedMemory, SharedMemory, SharedMemory) {
     let owner = Arc::new(SharedMemory::anonymous(len).expect("anonymous mapping"));
     let view = |owner: Arc<SharedMemory>| {
         let ptr = NonNull::new(owner.as_ptr()).expect("mmap never returns null");
@@ -24,7 +32,24 @@ pub fn shared_pair(len: usize) -> (SharedMemory, SharedMemory) {
         // the mapping outlives this view. Access is volatile through SharedMemory only.
         unsafe { SharedMemory::from_raw_parts(ptr, len, Some(Box::new(move |_, _| drop(owner)))) }
     };
-    (view(owner.clone()), view(owner))
+    (view(owner.clone()), view(owner.clone()), view(owner))
+}
+
+/// `n` views of the same fresh pages (a frontend, or an inspector, and backends that
+/// replace each other).
+pub fn shared_views(len: usize, n: usize) -> Vec<SharedMemory> {
+    let owner = Arc::new(SharedMemory::anonymous(len).expect("anonymous mapping"));
+    (0..n)
+        .map(|_| {
+            let owner = owner.clone();
+            let ptr = NonNull::new(owner.as_ptr()).expect("mmap never returns null");
+            // SAFETY: as in `shared_triple`: the view's release closure keeps the mapping
+            // alive; access is volatile through SharedMemory only.
+            unsafe {
+                SharedMemory::from_raw_parts(ptr, len, Some(Box::new(move |_, _| drop(owner))))
+            }
+        })
+        .collect()
 }
 
 /// Maps `len` bytes of `file` at `offset` (page aligned) shared, as the C frontend

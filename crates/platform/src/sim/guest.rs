@@ -5,6 +5,7 @@
 //! ([`SimGuest::grant_access`], [`SimGuest::end_access`]) it can write any raw grant
 //! entry ([`SimGuest::write_raw_entry`]).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -12,12 +13,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rustix::event::EventfdFlags;
+use eventfd::EventFd;
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::pipe::PipeFlags;
 use shmem::{OutOfBounds, SharedMemory, PAGE_SIZE};
 
-use super::{drain_eventfd, signal_eventfd, vm, wire, HANDSHAKE_TIMEOUT, MAX_PORTS_PER_DOMAIN};
+use super::{vm, wire, HANDSHAKE_TIMEOUT, MAX_PORTS_PER_DOMAIN};
 use crate::grant_table::{self, EndAccessError, GrantEntryV1};
 use crate::{DomId, GrantRef, Port};
 
@@ -87,7 +88,37 @@ struct GrefAlloc {
     in_use: Vec<bool>,
 }
 
-type SharedControl = Arc<Mutex<Option<UnixStream>>>;
+/// The guest's side of its attachment to one backend process, shared with its event
+/// channels (which announce and withdraw ports on it) and with whoever watches for the
+/// backend's death ([`SimGuest::wait_backend_death`]).
+#[derive(Debug, Default)]
+struct Link {
+    /// The attach socket to the current backend; `None` while no backend process holds
+    /// us. An `Arc` so the death watch polls it without holding the lock.
+    stream: Option<Arc<UnixStream>>,
+    /// Every live port with its own copies of its eventfds: what the guest offers again
+    /// to the next backend process (on Xen the port stays the guest's when the backend's
+    /// end closes, and a new backend binds an interdomain channel to it).
+    ports: HashMap<Port, OfferedPort>,
+}
+
+#[derive(Debug)]
+struct OfferedPort {
+    remote_domid: DomId,
+    to_backend: EventFd,
+    to_guest: EventFd,
+}
+
+type SharedControl = Arc<Mutex<Link>>;
+
+/// What the simulated hypervisor released when the guest's backend process died.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendDeath {
+    /// Grant entries the dead process had pinned (`GTF_reading`/`GTF_writing` cleared).
+    pub pins_released: usize,
+    /// Ports whose backend end closed; each is the guest's still, unbound.
+    pub ports_unbound: usize,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -163,7 +194,7 @@ impl SimGuest {
                 in_use: vec![false; config.grant_entries as usize],
             }),
             end_access_failures: AtomicU64::new(0),
-            control: Arc::new(Mutex::new(None)),
+            control: Arc::default(),
             backend_domid: Mutex::new(None),
             next_port: AtomicU32::new(1),
         })
@@ -192,7 +223,7 @@ impl SimGuest {
     }
 
     pub(crate) fn send_hello(&self, stream: &UnixStream) -> Result<(), GuestError> {
-        if lock(&self.control).is_some() {
+        if lock(&self.control).stream.is_some() {
             return Err(GuestError::Protocol("already connected".into()));
         }
         let hello = wire::Msg::Hello {
@@ -232,7 +263,28 @@ impl SimGuest {
                 _,
             ) => {
                 *lock(&self.backend_domid) = Some(backend_domid);
-                *lock(&self.control) = Some(stream);
+                let mut link = lock(&self.control);
+                // A backend process that replaces a dead one learns the ports it may
+                // bind again, with their eventfds: read lazily, like any announcement.
+                for (&port, p) in &link.ports {
+                    // Kicks the dead process never read, and those sent since, went to
+                    // a port nobody bound: lost, as on Xen. The new backend must look
+                    // at the ring by itself.
+                    p.to_backend.drain();
+                    wire::send(
+                        &stream,
+                        wire::Msg::PortAlloc {
+                            port,
+                            remote_domid: p.remote_domid,
+                        },
+                        &[p.to_backend.as_fd(), p.to_guest.as_fd()],
+                    )
+                    .map_err(|e| GuestError::Io {
+                        op: "offer event channel again",
+                        source: e,
+                    })?;
+                }
+                link.stream = Some(Arc::new(stream));
                 Ok(())
             }
             wire::Recv::Msg(wire::Msg::Welcome { status, .. }, _) => {
@@ -399,6 +451,75 @@ impl SimGuest {
             .write(gref as usize * grant_table::ENTRY_SIZE, &entry.to_bytes())
     }
 
+    /// Whether a backend process holds the guest (attached, and not seen to die since).
+    pub fn is_attached(&self) -> bool {
+        lock(&self.control).stream.is_some()
+    }
+
+    /// Waits up to `timeout` for the backend process to let go of the guest, and if it
+    /// did, releases what it held as Xen does ([`BackendDeath`]); `None` if it is still
+    /// there (or the guest is not attached).
+    ///
+    /// The backend's end of the attach socket is the signal: the kernel closes it when
+    /// the process dies, however it dies (`kill -9` included), and a live process keeps
+    /// it as long as it holds anything of the guest's (the platform's record of the
+    /// domain owns the socket, and every grant mapping, copy in progress and bound event
+    /// channel owns that record). So when it closes, no pin in the grant table can belong
+    /// to a live mapping of that process.
+    ///
+    /// What Xen does for a dead process, the guest does here for the simulated
+    /// hypervisor: every pin the process held is released (`GTF_reading`/`GTF_writing`
+    /// cleared, so `end_access` succeeds again), and its event-channel ends are gone, so
+    /// the guest's ports are unbound: a notify goes nowhere (not an error), a kick sent
+    /// before the next backend binds is lost, and the port numbers stay the guest's for
+    /// the next backend to bind. Memory, grant entries, rings and xenstore are untouched.
+    ///
+    /// The pins released are those on entries granted to the backend's domain. They are
+    /// exactly the dead process's: the guest is attached to one backend process at a time
+    /// and attaches to the next only after this release ([`SimGuest::reattach`]), so no
+    /// other process can have pinned anything yet.
+    pub fn wait_backend_death(&self, timeout: Duration) -> Option<BackendDeath> {
+        let stream = lock(&self.control).stream.clone()?;
+        if !wire::wait_readable(stream.as_fd(), timeout) || !wire::peer_closed(&stream) {
+            return None;
+        }
+        Some(self.release_backend(&stream))
+    }
+
+    fn release_backend(&self, dead: &Arc<UnixStream>) -> BackendDeath {
+        let mut link = lock(&self.control);
+        if !link.stream.as_ref().is_some_and(|s| Arc::ptr_eq(s, dead)) {
+            return BackendDeath::default();
+        }
+        link.stream = None;
+        let pins_released = match *lock(&self.backend_domid) {
+            Some(backend) => grant_table::release_pins(&self.table, self.nr_entries, backend),
+            None => 0,
+        };
+        tracing::info!(
+            domid = self.domid,
+            pins_released,
+            ports = link.ports.len(),
+            "backend process gone; its pins are released and the ports unbound"
+        );
+        BackendDeath {
+            pins_released,
+            ports_unbound: link.ports.len(),
+        }
+    }
+
+    /// Attaches again, to whichever backend process now listens on `socket`, after the
+    /// previous one died ([`SimGuest::wait_backend_death`]): the same handshake, the same
+    /// memory and grant table, and every live port offered again with its eventfds, for
+    /// the new process to bind to the port number the frontend published.
+    pub fn reattach(&self, socket: impl AsRef<Path>) -> Result<(), GuestError> {
+        let stream = UnixStream::connect(socket.as_ref()).map_err(|e| GuestError::Io {
+            op: "connect",
+            source: e,
+        })?;
+        self.connect_stream(stream)
+    }
+
     /// Allocates an unbound event-channel port for `remote_domid` to bind
     /// (`EVTCHNOP_alloc_unbound`). Needs an attached guest: the port's eventfds travel to
     /// the backend over the attach socket.
@@ -406,17 +527,22 @@ impl SimGuest {
         &self,
         remote_domid: DomId,
     ) -> Result<GuestEventChannel, GuestError> {
-        let ctl = lock(&self.control);
-        let stream = ctl.as_ref().ok_or(GuestError::NotConnected)?;
+        let mut ctl = lock(&self.control);
+        let stream = ctl.stream.clone().ok_or(GuestError::NotConnected)?;
         let port = self.next_port.fetch_add(1, Ordering::Relaxed);
         if port as usize > MAX_PORTS_PER_DOMAIN {
             return Err(GuestError::TooManyPorts);
         }
-        let flags = EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC;
-        let to_backend = rustix::event::eventfd(0, flags).map_err(io("eventfd"))?;
-        let to_guest = rustix::event::eventfd(0, flags).map_err(io("eventfd"))?;
+        let eventfd = || {
+            EventFd::new().map_err(|source| GuestError::Io {
+                op: "eventfd",
+                source,
+            })
+        };
+        let to_backend = eventfd()?;
+        let to_guest = eventfd()?;
         wire::send(
-            stream,
+            &stream,
             wire::Msg::PortAlloc { port, remote_domid },
             &[to_backend.as_fd(), to_guest.as_fd()],
         )
@@ -424,6 +550,20 @@ impl SimGuest {
             op: "announce event channel",
             source: e,
         })?;
+        let dup = |fd: &EventFd| {
+            fd.try_clone().map_err(|e| GuestError::Io {
+                op: "dup eventfd",
+                source: e,
+            })
+        };
+        ctl.ports.insert(
+            port,
+            OfferedPort {
+                remote_domid,
+                to_backend: dup(&to_backend)?,
+                to_guest: dup(&to_guest)?,
+            },
+        );
         drop(ctl);
         Ok(GuestEventChannel {
             port,
@@ -455,8 +595,8 @@ fn sealed_memfd(name: &str, len: usize) -> Result<OwnedFd, GuestError> {
 pub struct GuestEventChannel {
     port: Port,
     remote_domid: DomId,
-    to_backend: OwnedFd,
-    to_guest: OwnedFd,
+    to_backend: EventFd,
+    to_guest: EventFd,
     control: SharedControl,
 }
 
@@ -472,7 +612,7 @@ impl GuestEventChannel {
 
     /// Kicks the backend.
     pub fn notify(&self) -> std::io::Result<()> {
-        signal_eventfd(&self.to_backend)
+        self.to_backend.signal()
     }
 
     /// Pollable fd, readable when the backend notified.
@@ -482,7 +622,7 @@ impl GuestEventChannel {
 
     /// Consumes a pending notification; `true` if there was one.
     pub fn try_ack(&self) -> std::io::Result<bool> {
-        drain_eventfd(&self.to_guest)
+        self.to_guest.try_drain().map(|pending| pending > 0)
     }
 
     /// Waits up to `timeout` for a notification and consumes it; `false` on timeout.
@@ -498,7 +638,9 @@ impl GuestEventChannel {
 
 impl Drop for GuestEventChannel {
     fn drop(&mut self) {
-        if let Some(stream) = lock(&self.control).as_ref() {
+        let mut link = lock(&self.control);
+        link.ports.remove(&self.port);
+        if let Some(stream) = link.stream.as_ref() {
             // Best effort: a gone backend needs no notice.
             let _ = wire::send(stream, wire::Msg::PortClose { port: self.port }, &[]);
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::grant_table::{GrantEntryV1, GTF_PERMIT_ACCESS, GTF_READING, GTF_READONLY, GTF_WRITING};
+use crate::*;
 
 const GUEST: DomId = 3;
 
@@ -595,9 +596,19 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
             ..
         })
     ));
+    // A port the guest never offered: "not yet" while it may still be on its way (a
+    // reattaching guest re-offers its ports just after the welcome), then a bad port.
     assert!(matches!(
         platform.bind_interdomain(GUEST, 999),
-        Err(PlatformError::BadPort { .. })
+        Err(PlatformError::PortNotYetOffered { port: 999, .. })
+    ));
+    std::thread::sleep(super::PORT_OFFER_GRACE);
+    assert!(matches!(
+        platform.bind_interdomain(GUEST, 999),
+        Err(PlatformError::BadPort {
+            reason: "no such unbound port",
+            ..
+        })
     ));
     assert!(matches!(
         platform.bind_interdomain(55, 1),

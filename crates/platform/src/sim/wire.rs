@@ -301,6 +301,23 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
     }
 }
 
+/// Whether the peer of a socket we only write to has closed it (EOF or reset). Anything
+/// it sent instead is read and dropped: the backend sends nothing after its welcome, and
+/// stray bytes must not make a closed socket look open.
+pub(crate) fn peer_closed(sock: &UnixStream) -> bool {
+    let mut buf = [0u8; MSG_LEN];
+    // Bounded: a peer streaming bytes is not closed, and is not read forever.
+    for _ in 0..64 {
+        match rustix::net::recv(sock, &mut buf, RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return true,
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => return false,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// Sends `bytes` (part of a message) with `fds`, as a peer that splits its message.
 #[cfg(test)]
 pub(crate) fn send_piece(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {

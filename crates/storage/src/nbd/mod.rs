@@ -4,8 +4,8 @@
 //! Our own client, not libnbd or the `nbd` crate: the handshake is a few blocking
 //! exchanges ([`handshake`], at open and on reconnect, never on a reactor), and the
 //! transmission phase runs on the queue's own io_uring ([`conn`]), with write payloads sent
-//! and read data received straight from and into the guest's pages, completions through
-//! the queue's eventfd like every other backend, no thread and no allocation per request.
+//! and read data received straight from and into the guest's pages, completions signalled
+//! by the ring's own descriptor, no thread and no allocation per request.
 //! libnbd would bring its own state machine and poll loop per handle and copy nothing
 //! less; the `nbd` crate is a synchronous client. Neither reconnects.
 //!

@@ -3,20 +3,21 @@
 //!
 //! The connection is an ordinary [`NbdQueue`] behind a mutex (the "driver"). Each ring's
 //! [`SharedQueue`] submits into it and commits it directly from its reactor; a pump thread
-//! per shared connection waits on the driver's completion eventfd, reaps it, and routes
+//! per shared connection waits on the driver's completion fd, reaps it, and routes
 //! each completion to the mailbox of the queue that submitted it (the driver's tag is
 //! `queue id << 32 | queue slot`), signalling that queue's own eventfd. So completions
 //! cost one thread hop here, where a multi-conn export's queues have none; a single NBD
 //! connection is one ordered byte stream anyway.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::conn::NbdQueue;
-use crate::sys::{poll_readable, EventFd};
+use crate::sys::poll_readable;
 use crate::{Completion, StorageError, StorageOp, StorageQueue, SubmitError};
+use eventfd::EventFd;
 
 /// Completions for one queue: `(queue slot, result)`.
 type Done = Vec<(u32, io::Result<u64>)>;
@@ -28,6 +29,9 @@ struct Mailbox {
 
 pub(crate) struct Shared {
     driver: Mutex<NbdQueue>,
+    /// A duplicate of the driver's completion fd, polled without the driver's mutex.
+    driver_fd: OwnedFd,
+    /// Wakes the driver's completion fd (to stop the pump).
     driver_eventfd: Arc<EventFd>,
     /// Indexed by queue id; `None` once that queue is gone.
     mailboxes: Mutex<Vec<Option<Arc<Mailbox>>>>,
@@ -42,6 +46,10 @@ impl Shared {
     /// Takes over `driver` and starts its pump thread.
     pub(crate) fn start(driver: NbdQueue) -> Result<Arc<Shared>, StorageError> {
         let shared = Arc::new(Shared {
+            driver_fd: driver
+                .completion_fd()
+                .try_clone_to_owned()
+                .map_err(StorageError::Ring)?,
             driver_eventfd: driver.eventfd(),
             driver: Mutex::new(driver),
             mailboxes: Mutex::new(Vec::new()),
@@ -58,7 +66,7 @@ impl Shared {
     fn pump(&self) {
         let mut woken: Vec<usize> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
-            match poll_readable(self.driver_eventfd.as_fd(), 200) {
+            match poll_readable(self.driver_fd.as_fd(), 200) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {

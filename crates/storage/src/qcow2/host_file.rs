@@ -6,6 +6,16 @@
 //! [`lookup_only`]: a reactor thread looks mappings up with I/O forbidden, so an L2 table
 //! that is not cached fails the lookup at once (`WouldBlock`) instead of blocking the
 //! reactor, and the request goes to the queue's worker, which loads it.
+//!
+//! [`HostFile::mem_align`] is the kernel's direct-I/O memory alignment, not imago's probed
+//! one: imago probes it by reads whose length is the alignment too, so on a file that
+//! takes 512-byte requests it skips from 4 to the page size and reports 4096. imago pads
+//! any write whose buffers are not aligned to that into a read-modify-write of whole
+//! 4 KiB blocks, under its own range locks only; a write a reactor submits to io_uring
+//! meanwhile into the same block (another piece of the same page, from this queue or
+//! another) is then overwritten with the stale bytes imago read. With the real alignment
+//! (and the image's logical block size at least that, see `Qcow2Storage::open`) every
+//! write the worker hands imago is aligned and imago never pads a data write.
 
 use std::cell::Cell;
 use std::fmt;
@@ -50,6 +60,8 @@ pub(crate) struct HostFile {
     inner: imago::file::File,
     io_fd: OwnedFd,
     path: PathBuf,
+    /// See the module doc.
+    mem_align: usize,
 }
 
 impl HostFile {
@@ -65,10 +77,17 @@ impl HostFile {
             .write(writable)
             .direct(direct)
             .filename(path);
+        let inner = imago::file::File::from_open_file(file, opts)?;
+        let mem_align = if direct {
+            direct_mem_align(&io_fd, inner.req_align(), inner.mem_align())
+        } else {
+            inner.mem_align()
+        };
         Ok(HostFile {
-            inner: imago::file::File::from_open_file(file, opts)?,
+            inner,
             io_fd,
             path: path.to_path_buf(),
+            mem_align,
         })
     }
 
@@ -76,6 +95,41 @@ impl HostFile {
     pub(crate) fn io_fd(&self) -> RawFd {
         self.io_fd.as_raw_fd()
     }
+}
+
+/// The memory alignment (of addresses and of lengths, as imago uses it) direct I/O on `fd`
+/// needs, at least `req_align` and at most imago's `probed`: the kernel's
+/// `STATX_DIOALIGN`, else a probe read; imago's value when neither tells.
+fn direct_mem_align(fd: &OwnedFd, req_align: usize, probed: usize) -> usize {
+    if probed <= req_align {
+        return probed;
+    }
+    if let Some((mem, offset)) = crate::sys::statx_dio_align(fd.as_raw_fd()) {
+        return (mem as usize)
+            .max(offset as usize)
+            .max(req_align)
+            .min(probed);
+    }
+    let Ok(fd) = fd.try_clone() else {
+        return probed;
+    };
+    if reads_at_alignment(&std::fs::File::from(fd), req_align) {
+        req_align
+    } else {
+        probed
+    }
+}
+
+/// Whether a direct read of `align` bytes into memory aligned to `align` but not to
+/// `2 * align` works. A file shorter than `align` answers at end-of-file before any
+/// alignment check, so it tells nothing: false.
+fn reads_at_alignment(file: &std::fs::File, align: usize) -> bool {
+    if file.metadata().map(|m| m.len()).unwrap_or(0) < align as u64 {
+        return false;
+    }
+    let mut buf = crate::AlignedBuf::page_aligned(2 * align.max(4096));
+    let slice = &mut buf.as_mut_slice()[align..2 * align];
+    std::os::unix::fs::FileExt::read_at(file, slice, 0).is_ok()
 }
 
 impl fmt::Debug for HostFile {
@@ -94,7 +148,7 @@ impl fmt::Display for HostFile {
 
 impl Storage for HostFile {
     fn mem_align(&self) -> usize {
-        self.inner.mem_align()
+        self.mem_align
     }
 
     fn req_align(&self) -> usize {
@@ -178,5 +232,41 @@ impl Storage for HostFile {
     fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
         check_io_allowed()?;
         self.inner.resize(new_size, prealloc_mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    fn direct_file(len: usize) -> Option<(tempfile::TempDir, PathBuf, std::fs::File)> {
+        let dir = tempfile::tempdir().ok()?;
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; len]).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .ok()?;
+        Some((dir, path, file))
+    }
+
+    #[test]
+    fn direct_memory_alignment_is_what_the_kernel_takes() {
+        let Some((_dir, path, file)) = direct_file(1 << 16) else {
+            eprintln!("SKIP: the temporary directory does not take O_DIRECT");
+            return;
+        };
+        let probe = file.try_clone().unwrap();
+        let host = HostFile::new(file, &path, true, true).unwrap();
+        let (req, mem) = (host.req_align(), host.mem_align());
+        assert!(mem >= req && mem <= host.inner.mem_align(), "{req} {mem}");
+        // What we tell imago must hold: a read into memory aligned to `mem` only.
+        assert!(reads_at_alignment(&probe, mem), "mem_align {mem} refused");
+        // An empty file cannot tell.
+        let (_dir2, _, empty) = direct_file(0).unwrap();
+        assert!(!reads_at_alignment(&empty, mem));
     }
 }

@@ -22,12 +22,14 @@
 //!
 //! How I/O runs is the queue's business (module `queue`): reads and writes whose clusters
 //! are already mapped go to io_uring from the reactor; everything that needs imago to
-//! allocate, copy on write, decompress, discard or flush goes to the queue's worker thread.
+//! allocate, copy on write, decompress, discard or flush goes to the queue's worker thread
+//! (module `worker`).
 
 mod gate;
 mod header;
 mod host_file;
 mod queue;
+mod worker;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -321,8 +323,14 @@ impl Qcow2Storage {
 
         let read_only = options.read_only;
         let discard_offered = !read_only && top_header.version >= 3;
+        // The guest's sector is at least every layer's request *and* memory alignment:
+        // a write the worker hands imago that is not aligned to both becomes imago's
+        // read-modify-write of whole blocks, which loses a mapped write into the same
+        // block (see `host_file`).
         let logical_block_size = if direct {
-            u32::try_from(access.req_align()).unwrap_or(4096).max(512)
+            u32::try_from(access.req_align().max(access.mem_align()))
+                .unwrap_or(4096)
+                .max(512)
         } else {
             512
         };

@@ -29,19 +29,18 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 use imago::Mapping;
 use io_uring::{opcode, types, IoUring};
 
 use super::host_file::lookup_only;
+use super::worker::{IoVec, Job, JobOp, Port, Worker};
 use super::Image;
-use crate::sys::EventFd;
 use crate::{
-    validate, AlignedBuf, Completion, StorageError, StorageInfo, StorageOp, StorageQueue,
-    SubmitError,
+    validate, Completion, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
+use eventfd::EventFd;
 
 /// Most pieces a request is split into on the mapped path (more go to the worker).
 pub(crate) const MAX_EXTENTS: usize = 32;
@@ -49,20 +48,8 @@ pub(crate) const MAX_EXTENTS: usize = 32;
 const MAX_RETRIES: u8 = 3;
 /// iovecs reserved per slot up front: a direct blkif request has at most 11 segments.
 const INITIAL_IOVS_PER_SLOT: usize = 16;
-/// The worker's bounce buffer: requests are copied through it in pieces of this size.
-const BOUNCE_BYTES: usize = 1 << 20;
 /// `Extent::fd` of a piece that reads as zeros.
 const ZERO_FD: RawFd = -1;
-
-/// A `libc::iovec` that may move between threads with its queue or a worker job.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct IoVec(libc::iovec);
-
-// SAFETY: the pointer inside is only an address handed to the kernel or used for the
-// documented raw-pointer copies and zero-fills; the validity of the memory is the
-// submitter's contract (see `StorageQueue::submit`), independent of the thread.
-unsafe impl Send for IoVec {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -123,41 +110,6 @@ impl Slot {
             error: None,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum JobOp {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, len: u64, fua: bool },
-    Flush,
-    Discard { offset: u64, len: u64 },
-}
-
-/// A request for the worker. `iov` points into the slot's iovec copy, which the queue does
-/// not touch until the job's result has been reaped (or the worker has been joined).
-struct Job {
-    slot: u32,
-    op: JobOp,
-    iov: *const IoVec,
-    iov_count: usize,
-}
-
-// SAFETY: `iov` points to the slot's `iovs` vector, owned by the queue and left untouched
-// while the job is out (the slot is in state `Worker` until its result is reaped, and Drop
-// joins the worker before the vectors are freed); the memory those iovecs describe is the
-// submitter's contract.
-unsafe impl Send for Job {}
-
-/// Where the worker leaves results; its eventfd is the queue's completion fd (also
-/// registered with the io_uring).
-struct Port {
-    results: Mutex<Vec<(u32, io::Result<u64>)>>,
-    eventfd: EventFd,
-}
-
-struct Worker {
-    jobs: Option<mpsc::SyncSender<Job>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 pub(crate) struct Qcow2Queue {
@@ -433,22 +385,10 @@ impl Qcow2Queue {
 
     fn send(&mut self, job: Job) -> io::Result<()> {
         if self.worker.is_none() {
-            let (tx, rx) = mpsc::sync_channel::<Job>(self.depth as usize);
-            let image = Arc::clone(&self.image);
-            let port = Arc::clone(&self.port);
-            let thread = std::thread::Builder::new()
-                .name("xenblkd-qcow2".into())
-                .spawn(move || worker_main(&image, &rx, &port))?;
-            self.worker = Some(Worker {
-                jobs: Some(tx),
-                thread: Some(thread),
-            });
+            self.worker = Some(Worker::start(&self.image, &self.port, self.depth)?);
         }
-        match self.worker.as_ref().and_then(|w| w.jobs.as_ref()) {
-            // Never blocks: at most `depth` slots exist, so at most `depth` jobs are out.
-            Some(tx) => tx
-                .send(job)
-                .map_err(|_| io::Error::other("qcow2 worker thread is gone")),
+        match &self.worker {
+            Some(w) => w.send(job),
             None => Err(io::Error::other("qcow2 worker thread not started")),
         }
     }
@@ -661,14 +601,9 @@ impl StorageQueue for Qcow2Queue {
 
 impl Drop for Qcow2Queue {
     fn drop(&mut self) {
-        // The worker finishes the jobs it was given (their memory is valid until we return)
-        // and exits when its channel closes.
-        if let Some(mut w) = self.worker.take() {
-            drop(w.jobs.take());
-            if let Some(t) = w.thread.take() {
-                let _ = t.join();
-            }
-        }
+        // The worker finishes the jobs it was given (their memory is valid until we return):
+        // dropping it joins it.
+        drop(self.worker.take());
         if let Err(e) = self.submit_queued() {
             tracing::warn!(error = %e, "submitting queued operations at queue drop failed");
         }
@@ -695,182 +630,5 @@ impl Drop for Qcow2Queue {
                 self.image.gate.leave_shared();
             }
         }
-    }
-}
-
-/// Leaves the gate when dropped (also when a job panics inside imago).
-struct Held<'a> {
-    image: &'a Image,
-    exclusive: bool,
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        if self.exclusive {
-            self.image.gate.leave_exclusive();
-        } else {
-            self.image.gate.leave_shared();
-        }
-    }
-}
-
-fn shared(image: &Image) -> Held<'_> {
-    image.gate.enter_shared();
-    Held {
-        image,
-        exclusive: false,
-    }
-}
-
-fn worker_main(image: &Image, jobs: &mpsc::Receiver<Job>, port: &Port) {
-    let mut bounce = AlignedBuf::page_aligned(BOUNCE_BYTES);
-    for job in jobs {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_job(image, &job, &mut bounce)
-        }))
-        .unwrap_or_else(|_| Err(io::Error::other("qcow2 worker panicked")));
-        if let Err(e) = &result {
-            tracing::debug!(path = %image.path.display(), op = ?job.op, error = %e,
-                "qcow2 request failed");
-        }
-        port.results
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((job.slot, result));
-        if let Err(e) = port.eventfd.signal() {
-            tracing::error!(error = %e, "qcow2 worker cannot signal completion");
-        }
-    }
-}
-
-fn run_job(image: &Image, job: &Job, bounce: &mut AlignedBuf) -> io::Result<u64> {
-    // SAFETY: see `Job`: the slot's iovec copy outlives the job.
-    let iovs = unsafe { std::slice::from_raw_parts(job.iov, job.iov_count) };
-    let access = &image.access;
-    match job.op {
-        JobOp::Read { offset, len } => {
-            let _held = shared(image);
-            let mut pos = 0u64;
-            while pos < len {
-                // At most BOUNCE_BYTES, a usize.
-                #[allow(clippy::cast_possible_truncation)]
-                let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
-                let buf = &mut bounce.as_mut_slice()[..n];
-                access.read(&mut *buf, offset + pos)?;
-                // SAFETY: the iovecs describe memory writable for this read until its
-                // completion (the `submit` contract), disjoint from `bounce`.
-                unsafe { copy_to_iovecs(iovs, pos, buf) };
-                pos += n as u64;
-            }
-            Ok(len)
-        }
-        JobOp::Write { offset, len, fua } => {
-            let _held = shared(image);
-            let mut pos = 0u64;
-            while pos < len {
-                // At most BOUNCE_BYTES, a usize.
-                #[allow(clippy::cast_possible_truncation)]
-                let n = (len - pos).min(BOUNCE_BYTES as u64) as usize;
-                let buf = &mut bounce.as_mut_slice()[..n];
-                // SAFETY: the iovecs describe memory readable for this write until its
-                // completion (the `submit` contract), disjoint from `bounce`.
-                unsafe { copy_from_iovecs(iovs, pos, buf) };
-                access.write(&*buf, offset + pos)?;
-                pos += n as u64;
-            }
-            if fua {
-                access.flush()?;
-                access.sync()?;
-            }
-            Ok(len)
-        }
-        JobOp::Flush => {
-            let _held = shared(image);
-            // imago writes refcount blocks before the L2 tables that point at what they
-            // count, then the file is synced: metadata and data are durable together.
-            access.flush()?;
-            access.sync()?;
-            Ok(0)
-        }
-        JobOp::Discard { offset, len } => {
-            image.gate.enter_exclusive();
-            let _held = Held {
-                image,
-                exclusive: true,
-            };
-            // SAFETY: imago requires that no data mapping of the image is held or used
-            // while clusters are freed; every user of a mapping (mapped requests on any
-            // queue of this image, worker jobs) holds the gate shared, and we hold it
-            // exclusively.
-            unsafe { access.discard_to_zero_unsafe(offset, len) }?;
-            Ok(len)
-        }
-    }
-}
-
-/// Copies `src` into the memory the iovecs describe, starting `skip` bytes in.
-///
-/// # Safety
-/// Every iovec must describe memory valid for writes, not aliased by `src` and not accessed
-/// through Rust references meanwhile.
-unsafe fn copy_to_iovecs(iovs: &[IoVec], skip: u64, src: &[u8]) {
-    let mut skip = skip;
-    let mut src = src;
-    for v in iovs {
-        if src.is_empty() {
-            break;
-        }
-        let len = v.0.iov_len as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        // `skip < len`, the length of an iovec: both fit a usize.
-        #[allow(clippy::cast_possible_truncation)]
-        let (rest, skip_bytes) = ((len - skip) as usize, skip as usize);
-        let n = rest.min(src.len());
-        // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                v.0.iov_base.cast::<u8>().add(skip_bytes),
-                n,
-            )
-        };
-        src = &src[n..];
-        skip = 0;
-    }
-}
-
-/// Copies from the memory the iovecs describe, starting `skip` bytes in, into `dst`.
-///
-/// # Safety
-/// Every iovec must describe memory valid for reads, not aliased by `dst`.
-unsafe fn copy_from_iovecs(iovs: &[IoVec], skip: u64, dst: &mut [u8]) {
-    let mut skip = skip;
-    let mut at = 0usize;
-    for v in iovs {
-        if at == dst.len() {
-            break;
-        }
-        let len = v.0.iov_len as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        // `skip < len`, the length of an iovec: both fit a usize.
-        #[allow(clippy::cast_possible_truncation)]
-        let (rest, skip_bytes) = ((len - skip) as usize, skip as usize);
-        let n = rest.min(dst.len() - at);
-        // SAFETY: `skip + n <= iov_len`; validity per this function's contract.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                v.0.iov_base.cast::<u8>().add(skip_bytes),
-                dst[at..].as_mut_ptr(),
-                n,
-            )
-        };
-        at += n;
-        skip = 0;
     }
 }

@@ -164,31 +164,44 @@ fn cstring(target: &RbdTarget, what: &str, s: &str) -> Result<CString, RbdOpenEr
     })
 }
 
-impl RbdStorage {
-    /// Parses `target`, connects to the cluster and opens the image.
-    pub fn open(target: &str, config: RbdConfig) -> Result<RbdStorage, RbdOpenError> {
-        let parsed = RbdTarget::parse(target)?;
-        let shown = parsed.to_string();
-        let lib = ffi::lib().map_err(|reason| RbdOpenError::Library {
-            target: shown.clone(),
-            reason,
-        })?;
-        let fail = |step: String, r: i32| RbdOpenError::Ceph {
-            target: shown.clone(),
+/// The steps of [`RbdStorage::open`], each failing with the target and the step named.
+struct Opening<'a> {
+    lib: &'static ffi::Lib,
+    target: &'a RbdTarget,
+    shown: String,
+}
+
+impl Opening<'_> {
+    fn fail(&self, step: String, r: i32) -> RbdOpenError {
+        RbdOpenError::Ceph {
+            target: self.shown.clone(),
             step,
             errno: r.checked_neg().filter(|e| *e > 0).unwrap_or(libc::EIO),
-        };
-        let id = parsed
+        }
+    }
+
+    fn set(&self, h: &Handles, key: &str, value: &str) -> Result<(), RbdOpenError> {
+        let k = cstring(self.target, "option", key)?;
+        let v = cstring(self.target, "option value", value)?;
+        // SAFETY: a live, not yet connected cluster handle and two C strings that
+        // outlive the call (librados copies them).
+        let r = unsafe { (self.lib.rados_conf_set)(h.cluster, k.as_ptr(), v.as_ptr()) };
+        if r < 0 {
+            return Err(self.fail(format!("setting {key}={value}"), r));
+        }
+        Ok(())
+    }
+
+    /// Creates the cluster handle, configures it (our bounds first, then ceph.conf,
+    /// CEPH_ARGS and the target's own options, which take precedence) and connects.
+    fn connect(&self, h: &mut Handles, config: &RbdConfig) -> Result<(), RbdOpenError> {
+        let lib = self.lib;
+        let id = self
+            .target
             .id
             .as_deref()
-            .map(|i| cstring(&parsed, "id", i))
+            .map(|i| cstring(self.target, "id", i))
             .transpose()?;
-        let mut h = Handles {
-            lib,
-            cluster: std::ptr::null_mut(),
-            ioctx: std::ptr::null_mut(),
-            image: std::ptr::null_mut(),
-        };
         // SAFETY: `h.cluster` is a valid out-pointer; `id` is NULL or a C string that
         // outlives the call. On failure the handle stays null and Drop skips it.
         let r = unsafe {
@@ -198,30 +211,19 @@ impl RbdStorage {
             )
         };
         if r < 0 {
-            return Err(fail("creating the cluster handle".into(), r));
+            return Err(self.fail("creating the cluster handle".into(), r));
         }
-        let set = |h: &Handles, key: &str, value: &str| -> Result<(), RbdOpenError> {
-            let k = cstring(&parsed, "option", key)?;
-            let v = cstring(&parsed, "option value", value)?;
-            // SAFETY: a live, not yet connected cluster handle and two C strings that
-            // outlive the call (librados copies them).
-            let r = unsafe { (lib.rados_conf_set)(h.cluster, k.as_ptr(), v.as_ptr()) };
-            if r < 0 {
-                return Err(fail(format!("setting {key}={value}"), r));
-            }
-            Ok(())
-        };
         let secs = |d: Duration| d.as_secs().max(1).to_string();
-        set(&h, "client_mount_timeout", &secs(config.connect_timeout))?;
-        set(&h, "rados_osd_op_timeout", &secs(config.op_timeout))?;
-        set(&h, "rados_mon_op_timeout", &secs(config.op_timeout))?;
-        match &parsed.conf {
+        self.set(h, "client_mount_timeout", &secs(config.connect_timeout))?;
+        self.set(h, "rados_osd_op_timeout", &secs(config.op_timeout))?;
+        self.set(h, "rados_mon_op_timeout", &secs(config.op_timeout))?;
+        match &self.target.conf {
             Some(path) => {
-                let p = cstring(&parsed, "conf", path)?;
+                let p = cstring(self.target, "conf", path)?;
                 // SAFETY: live handle, C string outliving the call.
                 let r = unsafe { (lib.rados_conf_read_file)(h.cluster, p.as_ptr()) };
                 if r < 0 {
-                    return Err(fail(format!("reading {path}"), r));
+                    return Err(self.fail(format!("reading {path}"), r));
                 }
             }
             None => {
@@ -234,35 +236,42 @@ impl RbdStorage {
         // SAFETY: live handle; NULL means CEPH_ARGS.
         let r = unsafe { (lib.rados_conf_parse_env)(h.cluster, std::ptr::null()) };
         if r < 0 {
-            return Err(fail("parsing CEPH_ARGS".into(), r));
+            return Err(self.fail("parsing CEPH_ARGS".into(), r));
         }
-        for (k, v) in &parsed.options {
-            set(&h, k, v)?;
+        for (k, v) in &self.target.options {
+            self.set(h, k, v)?;
         }
-        set(&h, "rbd_cache", "false")?;
+        self.set(h, "rbd_cache", "false")?;
         // SAFETY: live, configured handle. Bounded by client_mount_timeout.
         let r = unsafe { (lib.rados_connect)(h.cluster) };
         if r < 0 {
-            return Err(fail("connecting to the cluster".into(), r));
+            return Err(self.fail("connecting to the cluster".into(), r));
         }
-        let pool = cstring(&parsed, "pool", &parsed.pool)?;
+        Ok(())
+    }
+
+    /// Opens the pool (and namespace) and the image, read-only when asked or when the
+    /// target names a snapshot; returns whether it is read-only.
+    fn open_image(&self, h: &mut Handles, read_only: bool) -> Result<bool, RbdOpenError> {
+        let (lib, parsed) = (self.lib, self.target);
+        let pool = cstring(parsed, "pool", &parsed.pool)?;
         // SAFETY: connected handle, C string, valid out-pointer.
         let r = unsafe { (lib.rados_ioctx_create)(h.cluster, pool.as_ptr(), &mut h.ioctx) };
         if r < 0 {
-            return Err(fail(format!("opening pool {}", parsed.pool), r));
+            return Err(self.fail(format!("opening pool {}", parsed.pool), r));
         }
         if !parsed.namespace.is_empty() {
-            let ns = cstring(&parsed, "namespace", &parsed.namespace)?;
+            let ns = cstring(parsed, "namespace", &parsed.namespace)?;
             // SAFETY: live ioctx; librados copies the name.
             unsafe { (lib.rados_ioctx_set_namespace)(h.ioctx, ns.as_ptr()) };
         }
-        let name = cstring(&parsed, "image", &parsed.image)?;
+        let name = cstring(parsed, "image", &parsed.image)?;
         let snap = parsed
             .snapshot
             .as_deref()
-            .map(|s| cstring(&parsed, "snapshot", s))
+            .map(|s| cstring(parsed, "snapshot", s))
             .transpose()?;
-        let read_only = config.read_only || snap.is_some();
+        let read_only = read_only || snap.is_some();
         let open = if read_only {
             lib.rbd_open_read_only
         } else {
@@ -280,22 +289,53 @@ impl RbdStorage {
         };
         if r < 0 {
             h.image = std::ptr::null_mut();
-            return Err(fail(format!("opening image {}", parsed.image_spec()), r));
+            return Err(self.fail(format!("opening image {}", parsed.image_spec()), r));
         }
+        Ok(read_only)
+    }
+
+    /// The open image's header: size and object size.
+    fn stat(&self, h: &Handles) -> Result<ffi::RbdImageInfo, RbdOpenError> {
         let mut stat = std::mem::MaybeUninit::<ffi::RbdImageInfo>::zeroed();
         // SAFETY: open image; librbd fills at most `infosize` bytes of the buffer.
         let r = unsafe {
-            (lib.rbd_stat)(
+            (self.lib.rbd_stat)(
                 h.image,
                 stat.as_mut_ptr(),
                 std::mem::size_of::<ffi::RbdImageInfo>(),
             )
         };
         if r < 0 {
-            return Err(fail("reading the image's header".into(), r));
+            return Err(self.fail("reading the image's header".into(), r));
         }
         // SAFETY: zero-initialised (valid for this plain-data struct) and filled by librbd.
-        let stat = unsafe { stat.assume_init() };
+        Ok(unsafe { stat.assume_init() })
+    }
+}
+
+impl RbdStorage {
+    /// Parses `target`, connects to the cluster and opens the image.
+    pub fn open(target: &str, config: RbdConfig) -> Result<RbdStorage, RbdOpenError> {
+        let parsed = RbdTarget::parse(target)?;
+        let shown = parsed.to_string();
+        let lib = ffi::lib().map_err(|reason| RbdOpenError::Library {
+            target: shown.clone(),
+            reason,
+        })?;
+        let mut h = Handles {
+            lib,
+            cluster: std::ptr::null_mut(),
+            ioctx: std::ptr::null_mut(),
+            image: std::ptr::null_mut(),
+        };
+        let opening = Opening {
+            lib,
+            target: &parsed,
+            shown,
+        };
+        opening.connect(&mut h, &config)?;
+        let read_only = opening.open_image(&mut h, config.read_only)?;
+        let stat = opening.stat(&h)?;
         let lbs = 512u32;
         let size = stat.size - stat.size % u64::from(lbs);
         let discard_granularity = if read_only {
@@ -317,7 +357,7 @@ impl RbdStorage {
             direct_io: false,
             kind: StorageKind::Rbd,
         };
-        tracing::info!(target = %shown, size, object_size = stat.obj_size, read_only,
+        tracing::info!(target = %opening.shown, size, object_size = stat.obj_size, read_only,
             discard_granularity, "RBD image opened");
         Ok(RbdStorage {
             target: parsed,

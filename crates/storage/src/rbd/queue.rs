@@ -9,8 +9,12 @@
 //! wait for the cluster); librbd has no batch call, so `commit` has nothing left to do.
 //! librbd calls [`on_complete`] on one of its threads: it pushes `(slot, result)` onto the
 //! completion list (capacity `depth`, so never reallocated: at most `depth` slots are in
-//! flight), counts the operation as finished and writes the eventfd. `reap` drains the
-//! eventfd, swaps the list with an equally sized spare under the mutex, and delivers.
+//! flight) and counts the operation as finished. The eventfd is written only by the push
+//! that finds the list empty, under the mutex, and `reap` takes the whole list and drains
+//! the eventfd under the same mutex: so the eventfd is readable exactly while the list is
+//! not empty. Completions that arrive while the reactor has not reaped yet cost librbd's
+//! thread no system call and the reactor no extra wake-up, and a `reap` that finds the
+//! list empty (the engine reaps on every pass) makes no system call either.
 //!
 //! Guest memory: the iovecs point into guest pages that must stay mapped until the
 //! completion is reaped or the queue dropped. Dropping the queue waits until librbd has
@@ -26,10 +30,10 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use super::ffi;
 use super::Handles;
 use crate::error::completion_error;
-use crate::sys::EventFd;
 use crate::{
     validate, Completion, OpKind, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
+use eventfd::EventFd;
 
 /// iovecs reserved per slot up front: a direct blkif request has at most 11 segments; a
 /// slot's array grows (at most to [`crate::MAX_SEGMENTS`]) only for larger requests.
@@ -138,8 +142,24 @@ impl RbdQueue {
 
     /// Completes slot `idx` without librbd (a refusal at submission, a read-only flush).
     fn complete_now(&self, idx: u32, result: isize) {
-        self.lock().list.push((idx, result));
-        let _ = self.shared.efd.signal();
+        self.lock().push(idx, result, &self.shared.efd);
+    }
+}
+
+impl Done {
+    /// Queues a completion; the push that makes the list non-empty writes the eventfd
+    /// (under the mutex, see the module comment).
+    fn push(&mut self, idx: u32, result: isize, efd: &EventFd) {
+        // Never full: a slot is on the list at most once and there are `depth` slots.
+        if self.list.len() < self.list.capacity() {
+            self.list.push((idx, result));
+        }
+        if self.list.len() == 1 {
+            if let Err(e) = efd.signal() {
+                // Cannot happen on an eventfd counted by ones, far from its maximum.
+                tracing::error!(error = %e, "cannot signal an RBD queue's eventfd");
+            }
+        }
     }
 }
 
@@ -163,18 +183,12 @@ unsafe extern "C" fn on_complete(c: ffi::RbdCompletionT, arg: *mut c_void) {
     let ctx = unsafe { &*arg.cast::<SlotCtx>() };
     let shared = Arc::clone(&ctx.shared);
     let index = ctx.index;
-    {
-        let mut done = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // Never full: a slot is on the list at most once and there are `depth` slots.
-        if done.list.len() < done.list.capacity() {
-            done.list.push((index, result));
-        }
-        done.outstanding = done.outstanding.saturating_sub(1);
-        if done.outstanding == 0 {
-            shared.idle.notify_all();
-        }
+    let mut done = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    done.push(index, result, &shared.efd);
+    done.outstanding = done.outstanding.saturating_sub(1);
+    if done.outstanding == 0 {
+        shared.idle.notify_all();
     }
-    let _ = shared.efd.signal();
 }
 
 impl StorageQueue for RbdQueue {
@@ -235,15 +249,12 @@ impl StorageQueue for RbdQueue {
             // Refused before it was queued: librbd will not call back for it.
             // SAFETY: the completion was never handed over; released once, here.
             unsafe { (lib.rbd_aio_release)(c) };
-            {
-                let mut done = self.lock();
-                done.outstanding -= 1;
-                done.list.push((idx, r as isize));
-                if done.outstanding == 0 {
-                    self.shared.idle.notify_all();
-                }
+            let mut done = self.lock();
+            done.outstanding -= 1;
+            done.push(idx, r as isize, &self.shared.efd);
+            if done.outstanding == 0 {
+                self.shared.idle.notify_all();
             }
-            let _ = self.shared.efd.signal();
         }
         Ok(())
     }
@@ -257,14 +268,18 @@ impl StorageQueue for RbdQueue {
     }
 
     fn reap(&mut self, f: Completion<'_>) -> usize {
-        self.shared.efd.drain();
         {
             let mut done = self
                 .shared
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            if done.list.is_empty() {
+                // Nothing was pushed since the last reap, so nothing wrote the eventfd.
+                return 0;
+            }
             std::mem::swap(&mut done.list, &mut self.spare);
+            self.shared.efd.drain();
         }
         let mut n = 0;
         for (idx, r) in self.spare.drain(..) {

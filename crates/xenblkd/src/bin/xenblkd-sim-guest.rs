@@ -10,19 +10,32 @@
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
 //! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
-//! `sleep:MS`.
+//! `sleep:MS`, `rw-until:PATH` (the verified random read/write workload of
+//! `blkfront::workload` on every disk at once until the test creates PATH; prints a
+//! `slow ...` line for each request slower than `--slow-ms` and ends with its counts,
+//! the backend state changes it saw and its own descriptors and mappings before and
+//! after).
+//!
+//! Several `--devid`s make a guest with several disks: `connect` and `close` take them
+//! all, `rw-until` runs on all, the other steps use the first. With `--reattach` the
+//! guest outlives its backend process: when the daemon dies (or hands over) the guest
+//! releases what it held, as Xen does, and attaches to the next daemon on the same
+//! socket, its frontends untouched (`platform::sim::Reattacher`).
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use blkfront::sim::SimGuestServices;
+use blkfront::workload::{self, WorkloadConfig, WorkloadReport};
 use blkfront::{FlushPreference, FrontendConfig, Protocol, XenbusFrontend, XenbusState};
 use clap::Parser;
-use platform::sim::{GuestConfig, SimGuest};
+use platform::sim::{GuestConfig, Reattacher, SimGuest};
 use xenstore::XsClient;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -48,9 +61,19 @@ struct Args {
     sim_socket: PathBuf,
     #[arg(long)]
     domid: u16,
-    /// Virtual device number (51712 = xvda).
-    #[arg(long, default_value_t = 51712)]
-    devid: u32,
+    /// Virtual device number (51712 = xvda); several, comma separated or repeated, for
+    /// a guest with several disks.
+    #[arg(long, default_value = "51712", value_delimiter = ',')]
+    devid: Vec<u32>,
+    /// Outlive the daemon: attach to the next one when it dies or hands over.
+    #[arg(long)]
+    reattach: bool,
+    /// Requests in flight per disk in `rw-until`.
+    #[arg(long, default_value_t = 8)]
+    depth: usize,
+    /// `rw-until` reports requests slower than this.
+    #[arg(long, default_value_t = 50)]
+    slow_ms: u64,
     /// Guest memory in 4 KiB pages.
     #[arg(long, default_value_t = 4096)]
     pages: u32,
@@ -98,17 +121,15 @@ impl Rng {
 struct Guest {
     args: Args,
     services: Arc<SimGuestServices>,
-    xenbus: Option<XenbusFrontend>,
+    xenbus: Vec<XenbusFrontend>,
+    reattacher: Option<Reattacher>,
     rng: Rng,
     ops: u64,
 }
 
 impl Guest {
-    fn frontend_path(&self) -> String {
-        format!(
-            "/local/domain/{}/device/vbd/{}",
-            self.args.domid, self.args.devid
-        )
+    fn frontend_path(&self, devid: u32) -> String {
+        format!("/local/domain/{}/device/vbd/{}", self.args.domid, devid)
     }
 
     fn config(&self) -> FrontendConfig {
@@ -139,7 +160,7 @@ impl Guest {
 
     fn frontend(&self) -> anyhow::Result<Arc<blkfront::Frontend>> {
         self.xenbus
-            .as_ref()
+            .first()
             .and_then(|x| x.frontend().cloned())
             .context("not connected")
     }
@@ -185,32 +206,159 @@ impl Guest {
         Ok(())
     }
 
+    /// The `rw-until:PATH` step: see the module documentation.
+    fn rw_until(&mut self, stop_file: PathBuf) -> anyhow::Result<String> {
+        if self.xenbus.is_empty() {
+            bail!("not connected");
+        }
+        // Every state node of every disk, both ends: after the event each watch fires
+        // when it is set, any event is a write the restarts should never make.
+        let xs = Arc::new(
+            XsClient::connect_unix(&self.args.xenstore_socket)
+                .context("connecting to xenstored")?,
+        );
+        let mut tokens = HashSet::new();
+        for xb in &self.xenbus {
+            for dir in [xb.backend_path(), xb.frontend_path()] {
+                let path = format!("{dir}/state");
+                xs.watch(&path, &path).context("watching a state node")?;
+                tokens.insert(path);
+            }
+        }
+        let events = xs.watch_events();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut initial = HashSet::new();
+        while initial.len() < tokens.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ev = events
+                .recv_timeout(left)
+                .map_err(|_| anyhow::anyhow!("no initial watch event for every state node"))?;
+            initial.insert(ev.token);
+        }
+        let state_events = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (state_events, stop) = (state_events.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    if let Ok(ev) = events.recv_timeout(Duration::from_millis(100)) {
+                        state_events.fetch_add(1, Ordering::AcqRel);
+                        println!("state-event {}", ev.path);
+                    }
+                }
+            })
+        };
+        let before = (count_fds(), count_maps());
+        let workers: Vec<_> = self
+            .xenbus
+            .iter()
+            .zip(self.args.devid.iter().copied())
+            .map(|(xb, devid)| {
+                let fe = xb.frontend().cloned().context("not connected")?;
+                let cfg = WorkloadConfig {
+                    depth: self.args.depth,
+                    seed: self.args.seed ^ u64::from(devid) << 20,
+                    slow: Duration::from_millis(self.args.slow_ms),
+                    ..WorkloadConfig::default()
+                };
+                let stop_file = stop_file.clone();
+                Ok(std::thread::spawn(move || {
+                    let mut checked = std::time::Instant::now();
+                    let mut stop = || {
+                        if checked.elapsed() < Duration::from_millis(20) {
+                            return false;
+                        }
+                        checked = std::time::Instant::now();
+                        stop_file.exists()
+                    };
+                    workload::run_verified(&fe, &cfg, &mut stop, &mut |slow| {
+                        let start_ms = slow
+                            .started
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_millis();
+                        println!(
+                            "slow devid={devid} op={:?} start_ms={start_ms} ms={}",
+                            slow.op,
+                            slow.latency.as_millis()
+                        );
+                    })
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut total = WorkloadReport::default();
+        for w in workers {
+            let r = w
+                .join()
+                .map_err(|_| anyhow::anyhow!("workload thread panicked"))?;
+            total.reads += r.reads;
+            total.writes += r.writes;
+            total.errors += r.errors;
+            total.mismatches += r.mismatches;
+            total.max_latency = total.max_latency.max(r.max_latency);
+            if total.first_problem.is_none() {
+                total.first_problem = r.first_problem;
+            }
+        }
+        let after = (count_fds(), count_maps());
+        stop.store(true, Ordering::Release);
+        let _ = watcher.join();
+        let (deaths, reattaches, pins) = self.reattacher.as_ref().map_or((0, 0, 0), |r| {
+            let s = r.stats();
+            (s.deaths(), s.reattaches(), s.pins_released())
+        });
+        let summary = format!(
+            "reads={} writes={} errors={} mismatches={} state_events={} max_ms={} deaths={deaths} reattaches={reattaches} pins_released={pins} fds={}/{} maps={}/{}",
+            total.reads,
+            total.writes,
+            total.errors,
+            total.mismatches,
+            state_events.load(Ordering::Acquire),
+            total.max_latency.as_millis(),
+            before.0,
+            after.0,
+            before.1,
+            after.1,
+        );
+        if let Some(problem) = total.first_problem {
+            bail!("{summary}: {problem}");
+        }
+        Ok(summary)
+    }
+
     fn step(&mut self, step: &str) -> anyhow::Result<String> {
         let (name, arg) = step.split_once(':').unwrap_or((step, ""));
         match name {
             "connect" => {
                 // A device the backend closed in an earlier session is still Closed when
                 // blkfront writes Initialising; see `reconnect` below.
-                let mut attempt = 0;
-                let xb = loop {
-                    let xs = XsClient::connect_unix(&self.args.xenstore_socket)
-                        .context("connecting to xenstored")?;
-                    let services: Arc<dyn blkfront::Guest> = self.services.clone();
-                    match XenbusFrontend::connect(
-                        services,
-                        self.config(),
-                        xs,
-                        &self.frontend_path(),
-                    ) {
-                        Ok(xb) => break xb,
-                        Err(e) if attempt < 50 && e.to_string().contains("backend is Closed") => {
-                            attempt += 1;
-                            std::thread::sleep(Duration::from_millis(20));
+                for devid in self.args.devid.clone() {
+                    let mut attempt = 0;
+                    let xb = loop {
+                        let xs = XsClient::connect_unix(&self.args.xenstore_socket)
+                            .context("connecting to xenstored")?;
+                        let services: Arc<dyn blkfront::Guest> = self.services.clone();
+                        match XenbusFrontend::connect(
+                            services,
+                            self.config(),
+                            xs,
+                            &self.frontend_path(devid),
+                        ) {
+                            Ok(xb) => break xb,
+                            Err(e)
+                                if attempt < 50 && e.to_string().contains("backend is Closed") =>
+                            {
+                                attempt += 1;
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Err(e) => {
+                                return Err(anyhow::Error::from(e)
+                                    .context(format!("xenbus handshake of {devid}")))
+                            }
                         }
-                        Err(e) => return Err(anyhow::Error::from(e).context("xenbus handshake")),
-                    }
-                };
-                self.xenbus = Some(xb);
+                    };
+                    self.xenbus.push(xb);
+                }
                 let fe = self.frontend()?;
                 let n = fe.negotiated();
                 Ok(format!(
@@ -277,15 +425,22 @@ impl Guest {
                 Ok(format!("after {} verified rounds: {err:#}", self.ops))
             }
             "close" => {
-                let xb = self.xenbus.as_mut().context("not connected")?;
-                let report = xb.close()?;
-                if !report.is_clean() {
-                    bail!("grants still mapped by the backend after close: {report:?}");
+                if self.xenbus.is_empty() {
+                    bail!("not connected");
                 }
-                Ok(format!("grants_ended={}", report.grants_ended))
+                let mut ended = 0;
+                for xb in &mut self.xenbus {
+                    let report = xb.close()?;
+                    if !report.is_clean() {
+                        bail!("grants still mapped by the backend after close: {report:?}");
+                    }
+                    ended += report.grants_ended;
+                }
+                Ok(format!("grants_ended={ended}"))
             }
+            "rw-until" => self.rw_until(PathBuf::from(arg)),
             "reconnect" => {
-                let xb = self.xenbus.as_mut().context("not connected")?;
+                let xb = self.xenbus.first_mut().context("not connected")?;
                 // blkfront's handshake treats a backend still Closed right after it wrote
                 // Initialising as final, but blkback (and xenblkd) only leave Closed when
                 // they see that Initialising: give the backend a moment and retry.
@@ -303,7 +458,7 @@ impl Guest {
                 Ok(format!("capacity={}", self.frontend()?.capacity()))
             }
             "wait-close" => {
-                let xb = self.xenbus.as_ref().context("not connected")?;
+                let xb = self.xenbus.first().context("not connected")?;
                 xb.wait_backend_state(XenbusState::Closed, Duration::from_secs(15))?;
                 let report = xb.take_teardown_report().unwrap_or_default();
                 if !report.is_clean() {
@@ -374,7 +529,16 @@ fn main() -> anyhow::Result<()> {
     )
     .context("attaching to the simulated hypervisor")?;
     println!("ok attach ms={}", attach_start.elapsed().as_millis());
-    let services = Arc::new(SimGuestServices::new(Arc::new(sim)));
+    let sim = Arc::new(sim);
+    let reattacher = if args.reattach {
+        Some(
+            Reattacher::spawn(&sim, args.sim_socket.clone())
+                .context("spawning the reattach thread")?,
+        )
+    } else {
+        None
+    };
+    let services = Arc::new(SimGuestServices::new(sim));
     let script: Vec<String> = args
         .script
         .split(',')
@@ -384,7 +548,8 @@ fn main() -> anyhow::Result<()> {
     let mut guest = Guest {
         args,
         services,
-        xenbus: None,
+        xenbus: Vec::new(),
+        reattacher,
         rng: Rng(seed.max(1)),
         ops: 0,
     };
@@ -398,4 +563,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Mappings of the guest's own memory and grant table (ring views and the like): thread
+/// stacks and malloc arenas come and go with the workload's threads and say nothing.
+fn count_maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map_or(0, |m| {
+        m.lines()
+            .filter(|l| l.contains("memfd:xenblkd-sim-"))
+            .count()
+    })
 }

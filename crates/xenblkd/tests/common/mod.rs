@@ -163,6 +163,8 @@ pub struct Host {
     pub sim_socket: PathBuf,
     /// The domain the daemon runs in (0, or a driver domain).
     pub backend_domid: u32,
+    /// Extra environment of every daemon started.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Host {
@@ -174,6 +176,11 @@ impl Host {
     /// Starts the daemon in domain `backend_domid`: a driver domain when not 0, talking to
     /// xenstored through that domain's (unprivileged) socket.
     pub fn start_in(backend_domid: u32, serve_args: &[&str]) -> Host {
+        Host::start_with_env(backend_domid, &[], serve_args)
+    }
+
+    /// [`Host::start_in`] with `env` added to every daemon's environment.
+    pub fn start_with_env(backend_domid: u32, env: &[(&str, &str)], serve_args: &[&str]) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let xs_dir = dir.path().join("xs");
         let mut xenstored = Command::new(XENBLKD)
@@ -201,6 +208,10 @@ impl Host {
             daemon: None,
             xs,
             backend_domid,
+            daemon_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         host.start_daemon(serve_args);
         host
@@ -217,8 +228,44 @@ impl Host {
     /// Starts the daemon with `RUST_LOG` set to `rust_log`, or unset (the daemon's own
     /// default level) when `None`.
     pub fn start_daemon_logging(&mut self, serve_args: &[&str], rust_log: Option<&str>) {
-        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
+        self.spawn_daemon(serve_args, rust_log);
+        self.wait_daemon_ready();
+    }
+
+    /// A graceful handover: a new `serve` started on the same control socket asks the
+    /// running one to hand its devices over, waits for it to exit, and adopts them.
+    pub fn handover(&mut self, serve_args: &[&str]) {
+        let mut old = self.daemon.take().expect("daemon running");
+        self.spawn_daemon(serve_args, std::env::var("RUST_LOG").ok().as_deref());
+        let status = old
+            .wait_timeout(WAIT)
+            .unwrap_or_else(|| panic!("the old daemon did not hand over\n{}", self.log()));
+        assert!(status.success(), "the old daemon: {status}\n{}", self.log());
+        self.wait_daemon_ready();
+    }
+
+    fn wait_daemon_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.try_status().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a daemon without waiting for it to be ready.
+    pub fn spawn_daemon(&mut self, serve_args: &[&str], rust_log: Option<&str>) {
+        // Appended: a restarted daemon's log follows its predecessor's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("serve.log"))
+            .unwrap();
         let mut command = Command::new(XENBLKD);
+        command.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         match rust_log {
             Some(filter) => command.env("RUST_LOG", filter),
             None => command.env_remove("RUST_LOG"),
@@ -242,15 +289,6 @@ impl Host {
             child,
             name: "xenblkd serve".into(),
         });
-        let deadline = Instant::now() + WAIT;
-        while self.try_status().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon not ready\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// The daemon's log so far.
@@ -279,10 +317,10 @@ impl Host {
             .unwrap_or_else(|| panic!("status failed\n{}", self.log()))
     }
 
-    /// `xenblkd status` as a person reads it.
+    /// `xenblkd status --verbose` as a person reads it.
     pub fn status_text(&self) -> String {
         let out = Command::new(XENBLKD)
-            .args(["status", "--control-socket"])
+            .args(["status", "--verbose", "--control-socket"])
             .arg(&self.control)
             .output()
             .unwrap();
@@ -395,6 +433,19 @@ impl Host {
         }
     }
 
+    /// `kill -9` of the daemon, as a crash: nothing of it is torn down in order.
+    pub fn kill_daemon(&mut self) {
+        let mut d = self.daemon.take().expect("daemon running");
+        d.signal(Signal::SIGKILL);
+        d.wait_timeout(WAIT)
+            .unwrap_or_else(|| panic!("daemon did not die\n{}", self.log()));
+    }
+
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.as_ref().expect("daemon running").pid()
+    }
+
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop_daemon(&mut self) -> ExitStatus {
         let mut d = self.daemon.take().expect("daemon running");
@@ -410,6 +461,31 @@ impl Drop for Host {
             eprintln!("----- xenblkd serve log -----\n{}", self.log());
         }
     }
+}
+
+/// Creates domain `domid` with a disk of `mib` MiB per entry of `devids`, and starts its
+/// guest (`--reattach`, so it outlives each daemon) running the verified random
+/// read/write workload on all of them until `stop` exists, then closing them.
+pub fn start_rw_guest(host: &Host, domid: u32, devids: &[u32], mib: u64, stop: &Path) -> Guest {
+    host.create_domain(domid);
+    for &devid in devids {
+        let image = host.image(&format!("d{domid}-{devid}.img"), mib);
+        host.attach(&disk("xenblkd", domid, devid, &image));
+    }
+    let more: Vec<String> = devids[1..]
+        .iter()
+        .flat_map(|d| ["--devid".to_string(), d.to_string()])
+        .collect();
+    let mut args: Vec<&str> = more.iter().map(String::as_str).collect();
+    args.extend(["--reattach", "--depth", "8"]);
+    let mut guest = host.guest(
+        domid,
+        devids[0],
+        &args,
+        &format!("connect,rw-until:{},close", stop.display()),
+    );
+    guest.expect("ok connect");
+    guest
 }
 
 /// A disk spec under our own backend type.
@@ -557,4 +633,44 @@ pub fn run_hotplug(host: &Host, action: &str, xenbus_path: &str) -> (bool, Strin
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// What of the simulated guests a process still holds: descriptors of their memory or
+/// grant-table memfds, and mappings of them (`/proc/<pid>/fd`, `/proc/<pid>/maps`).
+pub fn sim_guest_holdings(pid: i32) -> (usize, usize) {
+    let is_guest =
+        |s: &str| s.contains("xenblkd-sim-guest-memory") || s.contains("xenblkd-sim-grant-table");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| is_guest(&t.to_string_lossy()))
+                .count()
+        })
+        .unwrap_or(0);
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().filter(|l| is_guest(l)).count())
+        .unwrap_or(0);
+    (fds, maps)
+}
+
+/// The `key=value` pairs of a guest's output line, as numbers (`a/b` pairs as two keys,
+/// `key.0` and `key.1`).
+pub fn line_numbers(line: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in line.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+        match v.split_once('/') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
+                    out.insert(format!("{k}.0"), a);
+                    out.insert(format!("{k}.1"), b);
+                }
+            }
+            None => {
+                if let Ok(n) = v.parse() {
+                    out.insert(k.to_string(), n);
+                }
+            }
+        }
+    }
+    out
 }

@@ -4,7 +4,8 @@
 use tracing::{debug, info, warn};
 
 use super::{
-    AfterDisconnect, Ctx, Device, Effect, Frontend, OpenStorage, Phase, Session, Step, Storage,
+    AfterDisconnect, Ctx, Device, Effect, Frontend, OpenStorage, Phase, Rings, Session, Step,
+    Storage,
 };
 use crate::config::DeviceSettings;
 use crate::error::{DeviceError, NegotiationError};
@@ -12,7 +13,7 @@ use crate::negotiate::{self, BackendNodes};
 use crate::ratelimit::Kind;
 use crate::state::XenbusState;
 use crate::toolstack;
-use crate::vbd::ConnectRequest;
+use crate::vbd::{BackendFeatures, ConnectRequest, ConnectedVbd, DeviceConfig, FrontendParams};
 
 /// Where the storage is after [`Device::ensure_storage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ impl Device {
         }
         let settings = self.settings(ctx);
         if negotiate::publish_initwait(ctx.store.as_ref(), &self.backend_path, &settings)? {
-            info!(device = %self.key, "InitWait");
+            info!(device = %self.key, domid = self.key.domid, "InitWait");
             self.published = XenbusState::InitWait;
             self.phase = Phase::InitWait;
             return Ok(Step::Again);
@@ -79,13 +80,145 @@ impl Device {
         Ok(Step::Done)
     }
 
+    /// Adoption: a device found Connected on both ends, whose rings a previous process
+    /// served. Opens the storage from the backend's nodes, reads the rings and what the
+    /// frontend was told ([`negotiate::read_adopted`]), and connects the rings without a
+    /// single xenstore write: the frontend must see nothing. A frontend whose domain is
+    /// not reachable yet (in the simulator, a guest that has not yet come back to this
+    /// daemon's socket) is retried on the next tick; anything inconsistent fails the
+    /// device as a bad connect does.
+    pub(super) fn adopt(
+        &mut self,
+        ctx: &Ctx<'_>,
+        nodes: &BackendNodes,
+        fx: &mut Vec<Effect>,
+    ) -> Result<Step, DeviceError> {
+        match self.ensure_storage(ctx, nodes, fx) {
+            Ok(Opened::Yes) => {}
+            Ok(Opened::Pending) => return Ok(Step::Done),
+            Err(e) => {
+                self.fail(ctx, &e, fx)?;
+                return Ok(Step::Done);
+            }
+        }
+        match self.connect_adopted(ctx, &nodes.frontend) {
+            Ok(()) => {}
+            Err(DeviceError::Vbd(e)) if e.domain_unreachable() => {
+                self.warn_limited(Kind::Adoption, |key, suppressed| {
+                    info!(device = %key, domid = key.domid, error = %e, suppressed,
+                        "frontend domain not reachable yet; adoption retried");
+                });
+                fx.push(Effect::RetryLater);
+            }
+            Err(e @ DeviceError::Store(_)) => return Err(e),
+            Err(e) => self.fail(ctx, &e, fx)?,
+        }
+        Ok(Step::Done)
+    }
+
+    /// A new session: the engine maps the rings (afresh, or `adopting` what a previous
+    /// process left) under the next session id.
+    pub(super) fn connect_rings(
+        &mut self,
+        ctx: &Ctx<'_>,
+        config: &DeviceConfig,
+        disk: &std::sync::Arc<dyn crate::vbd::Storage>,
+        params: &FrontendParams,
+        features: &BackendFeatures,
+        adopting: bool,
+    ) -> Result<Box<dyn ConnectedVbd>, DeviceError> {
+        self.session_id += 1;
+        let vbd = ctx.factory.connect(ConnectRequest {
+            config,
+            storage: disk,
+            frontend: params,
+            features,
+            events: ctx.session_sink.sink(&self.key, self.session_id),
+            adopting,
+        })?;
+        Ok(vbd)
+    }
+
+    /// The rings of a new session (connect or adoption): connected, or left unserved
+    /// while the device is paused (the frontend sees Connected, queues its requests and
+    /// waits, as behind a slow disk, until `resume`).
+    fn session_rings(
+        &mut self,
+        ctx: &Ctx<'_>,
+        config: &DeviceConfig,
+        disk: &std::sync::Arc<dyn crate::vbd::Storage>,
+        params: &FrontendParams,
+        features: &BackendFeatures,
+        adopting: bool,
+    ) -> Result<Rings, DeviceError> {
+        let rings = if self.paused {
+            Rings::Released
+        } else {
+            Rings::Up(self.connect_rings(ctx, config, disk, params, features, adopting)?)
+        };
+        self.sessions += 1;
+        Ok(rings)
+    }
+
+    /// Hands the storage open to a worker (its report wakes the device); a later report
+    /// of an earlier open is recognised by its older `open_id` and dropped.
+    pub(super) fn start_open(&mut self, config: DeviceConfig, fx: &mut Vec<Effect>) {
+        self.open_id += 1;
+        self.storage = Storage::Opening {
+            open_id: self.open_id,
+        };
+        fx.push(Effect::Open {
+            open_id: self.open_id,
+            config,
+        });
+    }
+
+    /// The connect half of [`Device::adopt`].
+    fn connect_adopted(&mut self, ctx: &Ctx<'_>, frontend: &str) -> Result<(), DeviceError> {
+        let Storage::Open(open) = &self.storage else {
+            return Ok(());
+        };
+        let (config, disk, withdrawn) = (open.config.clone(), open.disk.clone(), open.withdrawn);
+        let info = disk.info();
+        let adopted = negotiate::read_adopted(
+            ctx.store.as_ref(),
+            &self.backend_path,
+            frontend,
+            &config,
+            &info,
+        )?;
+        let mut features = adopted.features;
+        withdrawn.apply(&mut features);
+        let params = adopted.frontend;
+        let rings = self.session_rings(ctx, &config, &disk, &params, &features, true)?;
+        info!(
+            device = %self.key, domid = self.key.domid,
+            protocol = ?params.protocol,
+            queues = params.queues.len(),
+            ring_page_order = params.ring_page_order,
+            persistent = params.persistent,
+            "adopted: rings connected, Connected as found"
+        );
+        if let Storage::Open(open) = &mut self.storage {
+            open.info = info;
+        }
+        self.published = XenbusState::Connected;
+        self.phase = Phase::Connected(Session {
+            id: self.session_id,
+            rings,
+            frontend: params,
+            features,
+        });
+        Ok(())
+    }
+
     /// Closed (or torn down) and the frontend is back: blkback's "prepare for reconnect".
     pub(super) fn prepare_reconnect(
         &mut self,
         ctx: &Ctx<'_>,
         _nodes: &BackendNodes,
     ) -> Result<Step, DeviceError> {
-        self.info_limited(|key| info!(device = %key, "frontend is back: prepare for reconnect"));
+        self.info_limited(|key| info!(device = %key, domid = key.domid, "frontend is back: prepare for reconnect"));
         let settings = self.settings(ctx);
         if negotiate::publish_initwait(ctx.store.as_ref(), &self.backend_path, &settings)? {
             self.published = XenbusState::InitWait;
@@ -107,7 +240,7 @@ impl Device {
         self.publish(ctx, nodes, XenbusState::Closed)?;
         self.rest();
         if self.domain_gone && ctx.backend_type.is_owned() {
-            info!(device = %self.key, "guest domain is gone; removing the device");
+            info!(device = %self.key, domid = self.key.domid, "guest domain is gone; removing the device");
             toolstack::remove_backend_dir(ctx.store.as_ref(), &self.backend_path)?;
             self.cleanup(ctx);
             fx.push(Effect::Forget);
@@ -125,7 +258,7 @@ impl Device {
     ) -> Result<Step, DeviceError> {
         if let Frontend::Unknown(value) = frontend {
             self.warn_limited(Kind::FrontendState, |key, suppressed| {
-                warn!(device = %key, %value, suppressed,
+                warn!(device = %key, domid = key.domid, %value, suppressed,
                     "frontend state is Unknown: closing the device and leaving it closed \
                      until the toolstack re-creates or removes it, as Linux blkback does");
             });
@@ -158,7 +291,7 @@ impl Device {
         self.storage = Storage::Closed;
         self.phase = Phase::Unregistered;
         self.frontend_path = None;
-        info!(device = %self.key, "unregistered: not following the frontend any more");
+        info!(device = %self.key, domid = self.key.domid, "unregistered: not following the frontend any more");
         fx.push(Effect::UnwatchFrontend);
         Ok(Step::Done)
     }
@@ -188,7 +321,7 @@ impl Device {
         fx: &mut Vec<Effect>,
     ) -> Result<(), DeviceError> {
         if let Phase::Connected(_) = self.phase {
-            info!(device = %self.key, "device-model claim withdrawn; disconnecting");
+            info!(device = %self.key, domid = self.key.domid, "device-model claim withdrawn; disconnecting");
             self.disconnect(AfterDisconnect::Closed, fx);
             return Ok(());
         }
@@ -199,7 +332,7 @@ impl Device {
         if self.published != XenbusState::Unknown
             && negotiate::write_state(ctx.store.as_ref(), &self.backend_path, XenbusState::Closed)?
         {
-            info!(device = %self.key, state = %XenbusState::Closed, "backend state");
+            info!(device = %self.key, domid = self.key.domid, state = %XenbusState::Closed, "backend state");
         }
         self.cleanup(ctx);
         fx.push(Effect::Forget);
@@ -223,7 +356,9 @@ impl Device {
         }
         if negotiate::write_state(ctx.store.as_ref(), &self.backend_path, state)? {
             if self.published != state {
-                self.info_limited(|key| info!(device = %key, %state, "backend state"));
+                self.info_limited(
+                    |key| info!(device = %key, domid = key.domid, %state, "backend state"),
+                );
             }
             self.published = state;
         }
@@ -250,14 +385,7 @@ impl Device {
             nodes,
             self.settings(ctx),
         )?;
-        self.open_id += 1;
-        self.storage = Storage::Opening {
-            open_id: self.open_id,
-        };
-        fx.push(Effect::Open {
-            open_id: self.open_id,
-            config,
-        });
+        self.start_open(config, fx);
         Ok(Opened::Pending)
     }
 
@@ -287,25 +415,17 @@ impl Device {
             // What Linux blkback does too; Linux blkfront copes, others may not.
             self.warn_limited(Kind::LargeSectorSize, |key, suppressed| {
                 warn!(
-                    device = %key,
+                    device = %key, domid = key.domid,
                     sector_size = info.logical_block_size,
                     suppressed,
                     "frontend did not advertise feature-large-sector-size"
                 );
             });
         }
-        self.session_id += 1;
-        let vbd = ctx.factory.connect(ConnectRequest {
-            config: &config,
-            storage: &disk,
-            frontend: &params,
-            features: &features,
-            events: ctx.session_sink.sink(&self.key, self.session_id),
-        })?;
-        self.sessions += 1;
+        let rings = self.session_rings(ctx, &config, &disk, &params, &features, false)?;
         self.info_limited(|key| {
             info!(
-                device = %key,
+                device = %key, domid = key.domid,
                 protocol = ?params.protocol,
                 queues = params.queues.len(),
                 ring_page_order = params.ring_page_order,
@@ -318,7 +438,7 @@ impl Device {
         }
         self.phase = Phase::Connected(Session {
             id: self.session_id,
-            vbd,
+            rings,
             frontend: params,
             features,
         });
@@ -326,7 +446,7 @@ impl Device {
             Ok(true) => {
                 self.published = XenbusState::Connected;
                 self.info_limited(
-                    |key| info!(device = %key, sectors = features.sectors, "Connected"),
+                    |key| info!(device = %key, domid = key.domid, sectors = features.sectors, "Connected"),
                 );
                 Ok(())
             }
@@ -363,7 +483,7 @@ impl Device {
             _ => {}
         }
         self.warn_limited(Kind::DeviceFailed, |key, suppressed| {
-            warn!(device = %key, errno, %message, suppressed, "device failed");
+            warn!(device = %key, domid = key.domid, errno, %message, suppressed, "device failed");
         });
         negotiate::publish_fatal(ctx.store.as_ref(), &self.backend_path, errno, &message)?;
         self.wrote_linux_error = true;
@@ -385,15 +505,29 @@ impl Device {
         let Phase::Connected(s) = std::mem::replace(&mut self.phase, Phase::Closed) else {
             return;
         };
-        self.info_limited(|key| info!(device = %key, "disconnecting"));
-        self.phase = Phase::Disconnecting {
-            session: s.id,
-            then,
-        };
-        fx.push(Effect::Disconnect {
-            session: s.id,
-            vbd: s.vbd,
-        });
+        self.info_limited(|key| info!(device = %key, domid = key.domid, "disconnecting"));
+        match s.rings {
+            Rings::Up(vbd) => {
+                self.phase = Phase::Disconnecting {
+                    session: s.id,
+                    then,
+                };
+                fx.push(Effect::Disconnect { session: s.id, vbd });
+            }
+            // A pause's worker is draining them: its report finishes this disconnect.
+            Rings::Draining => {
+                self.phase = Phase::Disconnecting {
+                    session: s.id,
+                    then,
+                }
+            }
+            // Paused and released (or abandoned to the engine by a drain that timed
+            // out): nothing is left for us to take down.
+            Rings::Released | Rings::Abandoned => {
+                self.phase = then.phase();
+                fx.push(Effect::RetryLater);
+            }
+        }
     }
 
     /// Removes what we wrote outside the backend directory.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::{AfterDisconnect, Ctx, Device, Effect, OpenStorage, Phase, Storage, Withdrawn};
+use super::{AfterDisconnect, Ctx, Device, Effect, OpenStorage, Phase, Rings, Storage, Withdrawn};
 use crate::error::{DeviceError, VbdError};
 use crate::negotiate;
 use crate::ratelimit::Kind;
@@ -29,11 +29,12 @@ impl Device {
             return Ok(());
         }
         self.storage = Storage::Closed;
+        let reopened = self.waiters.take_reopen();
         match result {
             Ok(disk) => {
                 let info = disk.info();
                 info!(
-                    device = %self.key,
+                    device = %self.key, domid = self.key.domid,
                     path = %config.target.path.display(),
                     format = config.target.format.name(),
                     size = info.size_bytes,
@@ -42,20 +43,41 @@ impl Device {
                     "storage opened"
                 );
                 // A new storage: what the old one refused says nothing about it.
+                let path = config.target.path.display().to_string();
                 self.storage = Storage::Open(Box::new(OpenStorage {
                     config,
                     disk,
                     info,
                     withdrawn: Withdrawn::default(),
                 }));
+                if let Some(reopen) = reopened {
+                    // The size the frontend was told may have changed: the resize path.
+                    self.resized(ctx, info.size_bytes)?;
+                    let before = reopen.size_before;
+                    reopen.answer(Ok(format!(
+                        "reopened {path}: {} bytes (was {before})",
+                        info.size_bytes
+                    )));
+                }
                 Ok(())
             }
-            Err(e) => self.fail(ctx, &DeviceError::Vbd(e), fx),
+            Err(e) => {
+                if let Some(reopen) = reopened {
+                    reopen.answer(Err(format!("reopen failed: {e}; the device fails")));
+                }
+                self.fail(ctx, &DeviceError::Vbd(e), fx)
+            }
         }
     }
 
     /// The worker finished a disconnect.
     pub fn disconnected(&mut self, session: u64, result: Result<DisconnectReport, VbdError>) {
+        if let Phase::Connected(s) = &mut self.phase {
+            if s.id == session && matches!(s.rings, Rings::Draining) {
+                self.pause_drained(result);
+            }
+            return;
+        }
         let Phase::Disconnecting { session: id, then } = &self.phase else {
             return;
         };
@@ -66,10 +88,12 @@ impl Device {
         let report = match result {
             Ok(report) => {
                 if report.drained {
-                    self.info_limited(|key| info!(device = %key, "disconnected"));
+                    self.info_limited(
+                        |key| info!(device = %key, domid = key.domid, "disconnected"),
+                    );
                 } else {
                     self.warn_limited(Kind::Disconnect, |key, suppressed| {
-                        warn!(device = %key, abandoned = report.abandoned_requests,
+                        warn!(device = %key, domid = key.domid, abandoned = report.abandoned_requests,
                             detail = %report.detail, suppressed, "disconnected without draining");
                     });
                 }
@@ -77,7 +101,7 @@ impl Device {
             }
             Err(e) => {
                 self.warn_limited(Kind::Disconnect, |key, suppressed| {
-                    warn!(device = %key, error = %e, suppressed, "disconnect failed");
+                    warn!(device = %key, domid = key.domid, error = %e, suppressed, "disconnect failed");
                 });
                 DisconnectReport {
                     drained: false,
@@ -86,6 +110,14 @@ impl Device {
                 }
             }
         };
+        self.waiters.answer_pause(if report.drained {
+            Ok("paused; the device is disconnecting".to_string())
+        } else {
+            Err(format!(
+                "the device disconnected undrained: {}",
+                report.detail
+            ))
+        });
         self.last_disconnect = Some(report);
     }
 
@@ -118,7 +150,7 @@ impl Device {
                 let nodes = open.withdrawn.withdraw(feature);
                 open.withdrawn.apply(&mut s.features);
                 if negotiate::publish_withdrawn(ctx.store.as_ref(), &self.backend_path, nodes)? {
-                    self.info_limited(|key| info!(device = %key, ?feature, "feature withdrawn"));
+                    self.info_limited(|key| info!(device = %key, domid = key.domid, ?feature, "feature withdrawn"));
                 }
                 Ok(())
             }
@@ -130,7 +162,7 @@ impl Device {
     }
 
     /// The storage has a new size: publish `sectors` (blkback's `xen_vbd_resize`).
-    fn resized(&mut self, ctx: &Ctx<'_>, size_bytes: u64) -> Result<(), DeviceError> {
+    pub(super) fn resized(&mut self, ctx: &Ctx<'_>, size_bytes: u64) -> Result<(), DeviceError> {
         let Phase::Connected(s) = &mut self.phase else {
             return Ok(());
         };
@@ -143,7 +175,7 @@ impl Device {
             return Ok(());
         }
         if negotiate::publish_resize(ctx.store.as_ref(), &self.backend_path, sectors)? {
-            info!(device = %self.key, from = s.features.sectors, to = sectors, "resized");
+            info!(device = %self.key, domid = self.key.domid, from = s.features.sectors, to = sectors, "resized");
             s.features.sectors = sectors;
             if let Storage::Open(open) = &mut self.storage {
                 open.info.size_bytes = size_bytes;
@@ -194,7 +226,10 @@ impl Device {
             layers: open.map(|o| o.disk.layers()).unwrap_or_default(),
             frontend: session.map(|s| s.frontend.clone()),
             features: session.map(|s| s.features),
-            stats: session.map(|s| s.vbd.stats()).unwrap_or_default(),
+            stats: match session.map(|s| &s.rings) {
+                Some(Rings::Up(vbd)) => vbd.stats(),
+                _ => Default::default(),
+            },
             error: match &self.phase {
                 Phase::Failed { error }
                 | Phase::Disconnecting {
@@ -206,6 +241,7 @@ impl Device {
             sessions: self.sessions,
             last_disconnect: self.last_disconnect.clone(),
             disconnecting: matches!(self.phase, Phase::Disconnecting { .. }),
+            paused: self.paused,
         }
     }
 }

@@ -43,6 +43,7 @@
 
 mod arms;
 mod events;
+mod pause;
 mod phase;
 #[cfg(test)]
 mod tests;
@@ -53,10 +54,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+pub use pause::DeviceReply;
 #[cfg(test)]
 use phase::PhaseKind;
 use phase::MAX_STEPS;
-pub(crate) use phase::{decide, AfterDisconnect, Arm, Frontend, Phase, Step};
+pub(crate) use phase::{adopts, decide, AfterDisconnect, Arm, Frontend, Phase, Step};
 
 use crate::config::{BackendType, Config};
 use crate::error::DeviceError;
@@ -137,6 +139,8 @@ pub(crate) enum Effect {
     },
     /// The backend directory is gone and nothing is left running: forget the device.
     Forget,
+    /// Reconcile again on the next tick (an adoption waits for its frontend's domain).
+    RetryLater,
 }
 
 impl fmt::Debug for Effect {
@@ -152,6 +156,7 @@ impl fmt::Debug for Effect {
                 .field("session", session)
                 .finish(),
             Effect::Forget => f.write_str("Forget"),
+            Effect::RetryLater => f.write_str("RetryLater"),
         }
     }
 }
@@ -160,7 +165,7 @@ impl fmt::Debug for Effect {
 pub(crate) struct Session {
     /// Tags the engine's reports; reports of older sessions are stale.
     id: u64,
-    vbd: Box<dyn ConnectedVbd>,
+    rings: Rings,
     frontend: FrontendParams,
     features: BackendFeatures,
 }
@@ -169,8 +174,35 @@ impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.id)
+            .field("rings", &self.rings)
             .field("features", &self.features)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a session's rings are: served, or released by a pause (`xenblkd pause`) while
+/// the frontend stays Connected and queues its requests on them.
+pub(crate) enum Rings {
+    /// Served by the engine.
+    Up(Box<dyn ConnectedVbd>),
+    /// A disconnect worker drains and releases them for a pause; its report says when.
+    Draining,
+    /// Drained and released: nothing of the guest's is mapped or bound.
+    Released,
+    /// The pause's drain timed out: the engine releases them once the storage completes
+    /// what is in flight; until the frontend reconnects they are never served again (two
+    /// consumers of one ring would answer requests twice).
+    Abandoned,
+}
+
+impl fmt::Debug for Rings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rings::Up(_) => "Up",
+            Rings::Draining => "Draining",
+            Rings::Released => "Released",
+            Rings::Abandoned => "Abandoned",
+        })
     }
 }
 
@@ -286,6 +318,10 @@ pub(crate) struct Device {
     wrote_linux_error: bool,
     /// Rate limits of the warnings the guest can cause.
     pub warnings: Warnings,
+    /// Paused by the operator: no rings are served until resumed (see `pause`).
+    paused: bool,
+    /// Control requests answered when a pause's drain, or a reopen's open, reports.
+    waiters: pause::Waiters,
 }
 
 impl fmt::Debug for Device {
@@ -320,6 +356,8 @@ impl Device {
             last_disconnect: None,
             wrote_linux_error: false,
             warnings: Warnings::new(),
+            paused: false,
+            waiters: pause::Waiters::default(),
         }
     }
 
@@ -354,7 +392,7 @@ impl Device {
         self.warn_ignored(&nodes.ignored);
         if self.frontend_path.as_deref() != Some(nodes.frontend.as_str()) {
             if self.frontend_path.is_some() {
-                warn!(device = %self.key, frontend = %nodes.frontend, "frontend path changed; following it");
+                warn!(device = %self.key, domid = self.key.domid, frontend = %nodes.frontend, "frontend path changed; following it");
             }
             self.frontend_path = Some(nodes.frontend.clone());
             fx.push(Effect::WatchFrontend(join(&nodes.frontend, "state")));
@@ -368,6 +406,16 @@ impl Device {
             self.frontend_state = shown;
         }
         let close = ctx.shutting_down || nodes.online == Some(false);
+        if matches!(self.phase, Phase::Setup)
+            && self.published == XenbusState::Unknown
+            && !close
+            && adopts(nodes.state, &frontend)
+        {
+            // Connected by a process before us: its state is ours now, unwritten.
+            info!(device = %self.key, domid = self.key.domid, "found Connected: adopting its rings");
+            self.published = XenbusState::Connected;
+            self.phase = Phase::Adopting;
+        }
         for _ in 0..MAX_STEPS {
             if self.step(ctx, &nodes, &frontend, close, fx)? == Step::Done {
                 break;
@@ -388,7 +436,9 @@ impl Device {
         match decide(self.phase.kind(), frontend, close) {
             Arm::Wait => Ok(Step::Done),
             Arm::DisconnectGone => {
-                self.info_limited(|key| info!(device = %key, "frontend gone; tearing down"));
+                self.info_limited(
+                    |key| info!(device = %key, domid = key.domid, "frontend gone; tearing down"),
+                );
                 self.disconnect(AfterDisconnect::Closed, fx);
                 Ok(Step::Done)
             }
@@ -398,12 +448,13 @@ impl Device {
             Arm::Fatal => self.frontend_invalid(ctx, frontend, fx),
             Arm::SetUp => self.set_up(ctx, nodes, fx),
             Arm::AwaitFrontend { connect } => self.await_frontend(ctx, nodes, connect, fx),
+            Arm::Adopt => self.adopt(ctx, nodes, fx),
             Arm::PrepareReconnect => self.prepare_reconnect(ctx, nodes),
             Arm::Restarted => {
                 // A frontend that restarts without closing (crash + kexec): its old rings
                 // are gone, ours must go too before it reconnects.
                 self.info_limited(
-                    |key| info!(device = %key, "frontend restarted without closing; disconnecting"),
+                    |key| info!(device = %key, domid = key.domid, "frontend restarted without closing; disconnecting"),
                 );
                 self.disconnect(AfterDisconnect::Closed, fx);
                 Ok(Step::Done)
@@ -434,7 +485,7 @@ impl Device {
     /// After publishing Closing or Closed with no rings: a device being set up or waiting
     /// for its frontend is now closed; a failure (or an unregistering) stays what it is.
     fn rest(&mut self) {
-        if matches!(self.phase, Phase::Setup | Phase::InitWait) {
+        if matches!(self.phase, Phase::Setup | Phase::InitWait | Phase::Adopting) {
             self.phase = Phase::Closed;
         }
     }
@@ -466,7 +517,7 @@ impl Device {
             // Still being written (no `frontend` yet); the next write wakes us.
             return Ok(None);
         }
-        info!(device = %self.key, "backend directory removed");
+        info!(device = %self.key, domid = self.key.domid, "backend directory removed");
         if let Phase::Connected(_) = self.phase {
             self.disconnect(AfterDisconnect::Closed, fx);
         } else {
@@ -486,11 +537,11 @@ impl Device {
             return false;
         }
         if let Phase::Connected(_) = self.phase {
-            info!(device = %self.key, "device re-created; tearing down the old one first");
+            info!(device = %self.key, domid = self.key.domid, "device re-created; tearing down the old one first");
             self.disconnect(AfterDisconnect::Closed, fx);
             return true;
         }
-        info!(device = %self.key, "device re-created");
+        info!(device = %self.key, domid = self.key.domid, "device re-created");
         let mut fresh = Device::new(self.key.clone(), self.backend_path.clone());
         fresh.watched_frontend = self.watched_frontend.take();
         fresh.frontend_path = self.frontend_path.take();
@@ -526,7 +577,7 @@ impl Device {
         for i in ignored {
             let key = &self.key;
             if let Some(suppressed) = self.warnings.admit(Kind::UnparsableFlag, Instant::now()) {
-                warn!(device = %key, path = %i.path, value = %i.value, suppressed,
+                warn!(device = %key, domid = key.domid, path = %i.path, value = %i.value, suppressed,
                     "ignoring unparsable flag");
             }
         }
@@ -545,6 +596,27 @@ impl Device {
         }
     }
 
+    /// Hands the device over to the next daemon: rings (if any) drained and released by a
+    /// disconnect worker, nothing written. Returns whether a disconnect was started.
+    pub fn hand_over(&mut self, fx: &mut Vec<Effect>) -> bool {
+        match self.phase {
+            Phase::Connected(_) => {
+                self.disconnect(AfterDisconnect::HandedOver, fx);
+                true
+            }
+            Phase::Disconnecting { ref mut then, .. } => {
+                // Rings already going down for another reason, which is the frontend's or
+                // the toolstack's business; what it leads to is for the next daemon.
+                *then = AfterDisconnect::HandedOver;
+                true
+            }
+            _ => {
+                self.phase = Phase::HandedOver;
+                false
+            }
+        }
+    }
+
     /// Disconnects synchronously (daemon exit after the shutdown deadline).
     pub fn force_disconnect(&mut self, timeout: Duration) {
         if !matches!(self.phase, Phase::Connected(_)) {
@@ -553,7 +625,12 @@ impl Device {
         let Phase::Connected(s) = std::mem::replace(&mut self.phase, Phase::Closed) else {
             return;
         };
-        let r = s.vbd.disconnect(timeout);
+        let Rings::Up(vbd) = s.rings else {
+            // Paused: released already, or a worker still drains (bounded by the same
+            // timeout) and the process exits after this.
+            return;
+        };
+        let r = vbd.disconnect(timeout);
         self.phase = Phase::Disconnecting {
             session: s.id,
             then: AfterDisconnect::Closed,

@@ -13,6 +13,10 @@ pub(crate) enum Phase {
     /// InitWait published: waiting for the hotplug script, the storage and then the
     /// frontend's rings.
     InitWait,
+    /// Found Connected (backend and frontend) with no rings of ours: another process
+    /// served it (a handover or a crash). Its rings are taken over as they are, with no
+    /// write to xenstore; retried while the frontend's domain is not reachable yet.
+    Adopting,
     /// Rings connected (Connected published, or Closing when asked to close).
     Connected(Session),
     /// A worker disconnects the rings; its report moves the device to `then`.
@@ -36,6 +40,8 @@ pub(crate) enum Phase {
     /// Unregistered (blkback's `device_unregister`): the device ignores its frontend until
     /// the toolstack re-creates or removes it.
     Unregistered,
+    /// Handed over to the next daemon: rings down, nothing written, nothing more done.
+    HandedOver,
 }
 
 /// Where a disconnect leads.
@@ -47,6 +53,9 @@ pub(crate) enum AfterDisconnect {
     Failed(String),
     /// The frontend's state read Unknown.
     Unregister,
+    /// The daemon hands its devices over to its successor: nothing is written, and the
+    /// device is dropped once its rings are down.
+    HandedOver,
 }
 
 impl AfterDisconnect {
@@ -55,6 +64,7 @@ impl AfterDisconnect {
             AfterDisconnect::Closed => Phase::Closed,
             AfterDisconnect::Failed(error) => Phase::Failed { error },
             AfterDisconnect::Unregister => Phase::Unregistering,
+            AfterDisconnect::HandedOver => Phase::HandedOver,
         }
     }
 }
@@ -115,12 +125,14 @@ impl Frontend {
 pub(crate) enum PhaseKind {
     Setup,
     InitWait,
+    Adopting,
     Connected,
     Disconnecting,
     Closed,
     Failed,
     Unregistering,
     Unregistered,
+    HandedOver,
 }
 
 impl Phase {
@@ -128,12 +140,14 @@ impl Phase {
         match self {
             Phase::Setup => PhaseKind::Setup,
             Phase::InitWait => PhaseKind::InitWait,
+            Phase::Adopting => PhaseKind::Adopting,
             Phase::Connected(_) => PhaseKind::Connected,
             Phase::Disconnecting { .. } => PhaseKind::Disconnecting,
             Phase::Closed => PhaseKind::Closed,
             Phase::Failed { .. } => PhaseKind::Failed,
             Phase::Unregistering => PhaseKind::Unregistering,
             Phase::Unregistered => PhaseKind::Unregistered,
+            Phase::HandedOver => PhaseKind::HandedOver,
         }
     }
 }
@@ -158,6 +172,8 @@ pub(crate) enum Arm {
     SetUp,
     /// Open the storage once the hotplug script ran; connect when the frontend is ready.
     AwaitFrontend { connect: bool },
+    /// Take over the rings another process connected: storage, rings, no xenstore write.
+    Adopt,
     /// The frontend came back (Initialising) after we closed: InitWait again.
     PrepareReconnect,
     /// The frontend restarted without closing: its rings are gone, ours go too.
@@ -184,7 +200,7 @@ pub(crate) fn decide(phase: PhaseKind, frontend: &Frontend, close: bool) -> Arm 
         F::Absent | F::State(S::Initialising | S::InitWait | S::Initialised | S::Connected)
     );
     match (phase, frontend) {
-        (P::Disconnecting | P::Unregistered, _) => Arm::Wait,
+        (P::Disconnecting | P::Unregistered | P::HandedOver, _) => Arm::Wait,
         (P::Connected, F::Gone | F::Absent) => Arm::DisconnectGone,
         (_, F::Gone) => Arm::Gone,
         (P::Unregistering, _) => Arm::Unregister,
@@ -192,6 +208,12 @@ pub(crate) fn decide(phase: PhaseKind, frontend: &Frontend, close: bool) -> Arm 
         (P::Failed, F::Invalid(_)) => Arm::Wait,
         (_, F::Invalid(_)) => Arm::Fatal,
         (P::Setup, _) if alive && !close => Arm::SetUp,
+        // Nothing of ours is on the rings yet: a close asks the frontend to close, a
+        // frontend that restarted meanwhile is set up again, one that is Absent is waited for.
+        (P::Adopting, F::State(S::Initialised | S::Connected)) if close => Arm::Publish(S::Closing),
+        (P::Adopting, F::State(S::Initialised | S::Connected)) => Arm::Adopt,
+        (P::Adopting, F::State(S::Initialising | S::InitWait)) if !close => Arm::PrepareReconnect,
+        (P::Adopting, F::Absent) if !close => Arm::Wait,
         (P::Connected, F::State(S::Initialising | S::InitWait)) => Arm::Restarted,
         (P::Connected, F::State(S::Initialised | S::Connected)) if close => Arm::AskToClose,
         (P::Connected, F::State(S::Initialised | S::Connected)) => Arm::Wait,
@@ -208,6 +230,19 @@ pub(crate) fn decide(phase: PhaseKind, frontend: &Frontend, close: bool) -> Arm 
         (P::Closed, F::State(S::Initialising | S::InitWait)) => Arm::PrepareReconnect,
         (_, _) => Arm::Wait,
     }
+}
+
+/// Whether a device just found (phase Setup, nothing written by us) is adopted: its
+/// backend `state` says Connected, so a previous process connected its rings, and the
+/// frontend is still using them (Initialised or Connected; it reads Connected once it has
+/// seen ours). A device found in any other state is set up as before (InitWait is
+/// published again; a Closing or Closed frontend is followed).
+pub(crate) fn adopts(backend: Option<XenbusState>, frontend: &Frontend) -> bool {
+    backend == Some(XenbusState::Connected)
+        && matches!(
+            frontend,
+            Frontend::State(XenbusState::Initialised | XenbusState::Connected)
+        )
 }
 
 /// Whether [`Device::step`] is done or the new phase has something to do right away.

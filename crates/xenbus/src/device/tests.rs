@@ -6,15 +6,17 @@ use Frontend as F;
 use PhaseKind as P;
 use XenbusState as S;
 
-const PHASES: [PhaseKind; 8] = [
+const PHASES: [PhaseKind; 10] = [
     P::Setup,
     P::InitWait,
+    P::Adopting,
     P::Connected,
     P::Disconnecting,
     P::Closed,
     P::Failed,
     P::Unregistering,
     P::Unregistered,
+    P::HandedOver,
 ];
 
 fn frontends() -> Vec<Frontend> {
@@ -62,6 +64,27 @@ fn transition_table() {
         (P::InitWait, F::State(S::Closing), false, Arm::Publish(S::Closing)),
         (P::InitWait, F::State(S::Closed), false, Arm::Closed),
         (P::InitWait, F::Gone, false, Arm::Gone),
+        // Adopting: found Connected with no rings of ours. Adopted while the frontend uses
+        // its rings; anything else is what a device without rings does.
+        (P::Adopting, F::State(S::Connected), false, Arm::Adopt),
+        (P::Adopting, F::State(S::Initialised), false, Arm::Adopt),
+        (P::Adopting, F::State(S::Connected), true, Arm::Publish(S::Closing)),
+        (P::Adopting, F::State(S::Initialised), true, Arm::Publish(S::Closing)),
+        (P::Adopting, F::State(S::Initialising), false, Arm::PrepareReconnect),
+        (P::Adopting, F::State(S::InitWait), false, Arm::PrepareReconnect),
+        (P::Adopting, F::State(S::Initialising), true, Arm::Publish(S::Closed)),
+        (P::Adopting, F::State(S::Closing), false, Arm::Publish(S::Closing)),
+        (P::Adopting, F::State(S::Closing), true, Arm::Publish(S::Closed)),
+        (P::Adopting, F::State(S::Closed), false, Arm::Closed),
+        (P::Adopting, F::Absent, false, Arm::Wait),
+        (P::Adopting, F::Absent, true, Arm::Publish(S::Closed)),
+        (P::Adopting, F::Gone, false, Arm::Gone),
+        (P::Adopting, F::Unknown("0".into()), false, Arm::FrontendUnknown),
+        (P::Adopting, F::Invalid(9), false, Arm::Fatal),
+        // Handed over: this daemon is leaving; nothing is done.
+        (P::HandedOver, F::State(S::Connected), false, Arm::Wait),
+        (P::HandedOver, F::State(S::Closed), true, Arm::Wait),
+        (P::HandedOver, F::Gone, false, Arm::Wait),
         // Connected: every way out goes through a disconnect.
         (P::Connected, F::Absent, false, Arm::DisconnectGone),
         (P::Connected, F::Gone, false, Arm::DisconnectGone),
@@ -126,6 +149,15 @@ fn table_invariants_hold_for_every_pair() {
                 if matches!(arm, Arm::AwaitFrontend { connect: true }) {
                     assert!(phase == P::InitWait && !close, "{why}");
                 }
+                // Rings are adopted only from Adopting, while the frontend uses them, and
+                // never on a close.
+                if arm == Arm::Adopt {
+                    assert!(phase == P::Adopting && !close, "{why}");
+                    assert!(
+                        matches!(fe, F::State(S::Initialised | S::Connected)),
+                        "{why}"
+                    );
+                }
                 // Only a phase holding rings disconnects them.
                 if matches!(
                     arm,
@@ -133,8 +165,8 @@ fn table_invariants_hold_for_every_pair() {
                 ) {
                     assert_eq!(phase, P::Connected, "{why}");
                 }
-                // A worker's phase and an unregistered device do nothing.
-                if matches!(phase, P::Disconnecting | P::Unregistered) {
+                // A worker's phase, an unregistered and a handed-over device do nothing.
+                if matches!(phase, P::Disconnecting | P::Unregistered | P::HandedOver) {
                     assert_eq!(arm, Arm::Wait, "{why}");
                 }
                 // A failed device is never set up again without the frontend closing.
@@ -152,12 +184,36 @@ fn table_invariants_hold_for_every_pair() {
                     assert!(
                         !matches!(
                             arm,
-                            Arm::SetUp | Arm::AwaitFrontend { .. } | Arm::PrepareReconnect
+                            Arm::SetUp
+                                | Arm::AwaitFrontend { .. }
+                                | Arm::PrepareReconnect
+                                | Arm::Adopt
                         ),
                         "{why}"
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn only_devices_connected_on_both_ends_are_adopted() {
+    let all_backend = [
+        None,
+        Some(S::Unknown),
+        Some(S::Initialising),
+        Some(S::InitWait),
+        Some(S::Initialised),
+        Some(S::Connected),
+        Some(S::Closing),
+        Some(S::Closed),
+    ];
+    for backend in all_backend {
+        for fe in frontends() {
+            let want = backend == Some(S::Connected)
+                && matches!(fe, F::State(S::Initialised | S::Connected));
+            assert_eq!(adopts(backend, &fe), want, "{backend:?} {fe:?}");
         }
     }
 }

@@ -229,60 +229,11 @@ impl State {
                 })?;
                 Ok(Outcome::data(perms))
             }
-            MsgType::SetPerms => {
-                let args = wire::split_terminated(payload).ok_or(Errno::Einval)?;
-                let (raw, entries) = args.split_first().ok_or(Errno::Einval)?;
-                let path = node_path(raw)?;
-                let perms = entries
-                    .iter()
-                    .map(|e| Perm::from_wire(e).ok_or(Errno::Einval))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let ((), changes) = self.in_context(conn, tx_id, |v| {
-                    Ok(((), Some(store::set_perms(v, caller, &path, perms)?)))
-                })?;
-                Ok(Outcome::ok_with(changes))
-            }
+            MsgType::SetPerms => self.set_perms(conn, caller, tx_id, payload),
             MsgType::Watch => self.watch(conn, config, payload),
-            MsgType::Unwatch => {
-                let args = wire::split_exact(payload, 2).ok_or(Errno::Einval)?;
-                let c = canonicalize(caller.domid, args[0], true)?;
-                let token = std::str::from_utf8(args[1]).map_err(|_| Errno::Einval)?;
-                if self.watches.remove(conn.id, &c.path, token) {
-                    Ok(Outcome::ok())
-                } else {
-                    Err(Errno::Enoent)
-                }
-            }
-            MsgType::TransactionStart => {
-                if tx_id != 0 {
-                    return Err(Errno::Ebusy);
-                }
-                let open = self.txs.values().filter(|t| t.conn_id == conn.id).count();
-                if !caller.privileged && open >= config.max_transactions_per_connection {
-                    return Err(Errno::Enospc);
-                }
-                let id = self.alloc_tx_id();
-                self.txs.insert(id, Tx::new(conn.id));
-                Ok(Outcome::data(format!("{id}\0").into_bytes()))
-            }
-            MsgType::TransactionEnd => {
-                let commit = match one_arg(payload)? {
-                    b"T" => true,
-                    b"F" => false,
-                    _ => return Err(Errno::Einval),
-                };
-                if !matches!(self.txs.get(&tx_id), Some(t) if t.conn_id == conn.id) {
-                    return Err(Errno::Enoent);
-                }
-                let Some(tx) = self.txs.remove(&tx_id) else {
-                    return Err(Errno::Enoent);
-                };
-                if !commit {
-                    return Ok(Outcome::ok());
-                }
-                let changes = tx.commit(&mut self.nodes, caller, limits)?;
-                Ok(Outcome::ok_with(changes))
-            }
+            MsgType::Unwatch => self.unwatch(conn, caller, payload),
+            MsgType::TransactionStart => self.transaction_start(conn, caller, config, tx_id),
+            MsgType::TransactionEnd => self.transaction_end(conn, caller, limits, tx_id, payload),
             MsgType::GetDomainPath => {
                 let domid = parse_u32(one_arg(payload)?)?;
                 Ok(Outcome::data(
@@ -298,21 +249,7 @@ impl State {
                 };
                 Ok(Outcome::data(answer.to_vec()))
             }
-            MsgType::Introduce => {
-                // `domid\0mfn\0port\0`: there is no ring to map here; the
-                // domain is simply marked introduced.
-                if !caller.privileged {
-                    return Err(Errno::Eacces);
-                }
-                let args = wire::split_exact(payload, 3).ok_or(Errno::Einval)?;
-                let domid = parse_u32(args[0])?;
-                let mfn_ok = std::str::from_utf8(args[1]).is_ok_and(|m| m.parse::<u64>().is_ok());
-                if !mfn_ok {
-                    return Err(Errno::Einval);
-                }
-                parse_u32(args[2])?;
-                Ok(Outcome::ok_with(self.introduce(domid)))
-            }
+            MsgType::Introduce => self.handle_introduce(caller, payload),
             MsgType::Release => {
                 if !caller.privileged {
                     return Err(Errno::Eacces);
@@ -329,6 +266,98 @@ impl State {
             // Only the daemon sends these.
             MsgType::WatchEvent | MsgType::Error => Err(Errno::Einval),
         }
+    }
+
+    fn set_perms(
+        &mut self,
+        conn: &Conn,
+        caller: Caller,
+        tx_id: u32,
+        payload: &[u8],
+    ) -> Result<Outcome, Errno> {
+        let args = wire::split_terminated(payload).ok_or(Errno::Einval)?;
+        let (raw, entries) = args.split_first().ok_or(Errno::Einval)?;
+        let path = canonicalize(caller.domid, raw, false)?.path;
+        let perms = entries
+            .iter()
+            .map(|e| Perm::from_wire(e).ok_or(Errno::Einval))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ((), changes) = self.in_context(conn, tx_id, |v| {
+            Ok(((), Some(store::set_perms(v, caller, &path, perms)?)))
+        })?;
+        Ok(Outcome::ok_with(changes))
+    }
+
+    fn unwatch(&mut self, conn: &Conn, caller: Caller, payload: &[u8]) -> Result<Outcome, Errno> {
+        let args = wire::split_exact(payload, 2).ok_or(Errno::Einval)?;
+        let c = canonicalize(caller.domid, args[0], true)?;
+        let token = std::str::from_utf8(args[1]).map_err(|_| Errno::Einval)?;
+        if self.watches.remove(conn.id, &c.path, token) {
+            Ok(Outcome::ok())
+        } else {
+            Err(Errno::Enoent)
+        }
+    }
+
+    fn transaction_start(
+        &mut self,
+        conn: &Conn,
+        caller: Caller,
+        config: &ServerConfig,
+        tx_id: u32,
+    ) -> Result<Outcome, Errno> {
+        if tx_id != 0 {
+            return Err(Errno::Ebusy);
+        }
+        let open = self.txs.values().filter(|t| t.conn_id == conn.id).count();
+        if !caller.privileged && open >= config.max_transactions_per_connection {
+            return Err(Errno::Enospc);
+        }
+        let id = self.alloc_tx_id();
+        self.txs.insert(id, Tx::new(conn.id));
+        Ok(Outcome::data(format!("{id}\0").into_bytes()))
+    }
+
+    fn transaction_end(
+        &mut self,
+        conn: &Conn,
+        caller: Caller,
+        limits: Limits,
+        tx_id: u32,
+        payload: &[u8],
+    ) -> Result<Outcome, Errno> {
+        let commit = match one_arg(payload)? {
+            b"T" => true,
+            b"F" => false,
+            _ => return Err(Errno::Einval),
+        };
+        if !matches!(self.txs.get(&tx_id), Some(t) if t.conn_id == conn.id) {
+            return Err(Errno::Enoent);
+        }
+        let Some(tx) = self.txs.remove(&tx_id) else {
+            return Err(Errno::Enoent);
+        };
+        if !commit {
+            return Ok(Outcome::ok());
+        }
+        let changes = tx.commit(&mut self.nodes, caller, limits)?;
+        Ok(Outcome::ok_with(changes))
+    }
+
+    fn handle_introduce(&mut self, caller: Caller, payload: &[u8]) -> Result<Outcome, Errno> {
+        // `domid\0mfn\0port\0`: there is no ring to map here; the
+        // domain is simply marked introduced.
+        if !caller.privileged {
+            return Err(Errno::Eacces);
+        }
+        let args = wire::split_exact(payload, 3).ok_or(Errno::Einval)?;
+        let domid = parse_u32(args[0])?;
+        let mfn_ok = std::str::from_utf8(args[1]).is_ok_and(|m| m.parse::<u64>().is_ok());
+        if !mfn_ok {
+            return Err(Errno::Einval);
+        }
+        parse_u32(args[2])?;
+        Ok(Outcome::ok_with(self.introduce(domid)))
     }
 
     fn watch(
