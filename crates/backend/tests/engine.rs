@@ -1015,6 +1015,9 @@ mod gated {
         fn completion_fd(&self) -> BorrowedFd<'_> {
             self.inner.completion_fd()
         }
+        fn wake(&self) -> std::io::Result<()> {
+            self.inner.wake()
+        }
         fn reap(&mut self, f: Completion<'_>) -> usize {
             let held = &mut self.held;
             self.inner.reap(&mut |t, r| held.push((t, r)));

@@ -212,9 +212,15 @@ pub trait StorageQueue: Send {
     /// queued). On error the operations stay queued and a later `commit` retries them.
     fn commit(&mut self) -> io::Result<()>;
 
-    /// An eventfd that becomes readable when completions are ready, owned by the queue.
-    /// It is always an eventfd, so wrappers may signal it by writing to it.
+    /// A descriptor, owned by the queue, that becomes readable when completions are ready:
+    /// an eventfd, or an io_uring's own descriptor (readable while CQEs wait). Only
+    /// [`wake`](Self::wake) may make it readable from outside.
     fn completion_fd(&self) -> BorrowedFd<'_>;
+
+    /// Makes the completion fd readable, so that its owner's next wait returns and calls
+    /// [`reap`](Self::reap) even with no completion of the queue's own (wrappers that
+    /// complete operations themselves, such as the fault injector, use it).
+    fn wake(&self) -> io::Result<()>;
 
     /// Delivers every completion that is ready, each exactly once, and clears the
     /// completion fd. Returns the number delivered. `Ok(n)` carries the bytes transferred

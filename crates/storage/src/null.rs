@@ -130,6 +130,10 @@ impl StorageQueue for NullQueue {
         self.eventfd.as_fd()
     }
 
+    fn wake(&self) -> io::Result<()> {
+        self.eventfd.signal()
+    }
+
     fn reap(&mut self, f: Completion<'_>) -> usize {
         self.eventfd.drain();
         let n = self.ready.len();

@@ -230,15 +230,18 @@ impl StorageQueue for FaultyQueue {
     fn commit(&mut self) -> io::Result<()> {
         if !self.queued.is_empty() {
             self.ready.append(&mut self.queued);
-            // The inner completion fd is an eventfd (trait contract); signal it so the
-            // reactor reaps the injected completions.
-            eventfd::signal(self.inner.completion_fd())?;
+            // So the reactor comes to reap the injected completions.
+            self.inner.wake()?;
         }
         self.inner.commit()
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {
         self.inner.completion_fd()
+    }
+
+    fn wake(&self) -> io::Result<()> {
+        self.inner.wake()
     }
 
     fn reap(&mut self, f: Completion<'_>) -> usize {

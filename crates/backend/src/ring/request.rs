@@ -422,6 +422,9 @@ mod tests {
         fn completion_fd(&self) -> BorrowedFd<'_> {
             self.fd.as_fd()
         }
+        fn wake(&self) -> io::Result<()> {
+            Ok(())
+        }
         fn reap(&mut self, _f: Completion<'_>) -> usize {
             0
         }

@@ -184,6 +184,10 @@ impl StorageQueue for SharedQueue {
         self.mailbox.eventfd.as_fd()
     }
 
+    fn wake(&self) -> io::Result<()> {
+        self.mailbox.eventfd.signal()
+    }
+
     fn reap(&mut self, f: Completion<'_>) -> usize {
         self.mailbox.eventfd.drain();
         std::mem::swap(&mut *lock(&self.mailbox.done), &mut self.spare);

@@ -548,6 +548,10 @@ impl StorageQueue for Qcow2Queue {
         self.port.eventfd.as_fd()
     }
 
+    fn wake(&self) -> io::Result<()> {
+        self.port.eventfd.signal()
+    }
+
     fn reap(&mut self, f: Completion<'_>) -> usize {
         // Clear the fd first: a completion posted after this point signals it again.
         self.port.eventfd.drain();

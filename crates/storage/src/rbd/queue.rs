@@ -267,6 +267,10 @@ impl StorageQueue for RbdQueue {
         self.shared.efd.as_fd()
     }
 
+    fn wake(&self) -> io::Result<()> {
+        self.shared.efd.signal()
+    }
+
     fn reap(&mut self, f: Completion<'_>) -> usize {
         {
             let mut done = self

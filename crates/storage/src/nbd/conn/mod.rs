@@ -455,6 +455,10 @@ impl StorageQueue for NbdQueue {
         self.ring.as_fd()
     }
 
+    fn wake(&self) -> io::Result<()> {
+        self.eventfd.signal()
+    }
+
     fn reap(&mut self, f: Completion<'_>) -> usize {
         if let Err(e) = self.drive() {
             tracing::warn!(error = %e, "io_uring submission failed; retrying at the next wake-up");
