@@ -13,12 +13,14 @@
 //! back when dropped.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use blkif::{BackRing, JournalStart, RingError};
 use platform::{Access, MapError, Platform, PlatformError};
+use shmem::SharedMemory;
 use storage::StorageError;
 
 use crate::grant_budget::{ring_map_reserve, BudgetSize, GuestBudget, MapBudget, MapLimits};
@@ -344,47 +346,7 @@ impl Engine {
             .into_shared()
             .map_err(|_| AttachError::RingNotWritable { ring: index })?;
         let journal_path = spec.journal.as_ref().map(|j| j.path(index));
-        let ring_error = |source| AttachError::Ring {
-            ring: index,
-            source,
-        };
-        let ring = match (&spec.journal, &journal_path) {
-            (Some(j), Some(path)) => {
-                let size = blkif::abi::ring_size_for_len(spec.protocol, mem.len());
-                let len = blkif::journal::journal_len(size);
-                let journal_error = |source| AttachError::Journal {
-                    ring: index,
-                    path: path.clone(),
-                    source,
-                };
-                let start = if j.recover {
-                    JournalStart::Recover(
-                        crate::journal_file::map_existing(path, len).map_err(journal_error)?,
-                    )
-                } else {
-                    JournalStart::Fresh(
-                        crate::journal_file::map_fresh(path, len).map_err(journal_error)?,
-                    )
-                };
-                let mut ring =
-                    BackRing::with_journal(mem, spec.protocol, start).map_err(ring_error)?;
-                if let Some(ignored) = ring.ignored_journal() {
-                    // Another build's format, or a corrupt file, that owes nothing: the
-                    // ring alone is exact (ARCHITECTURE.md, "Across versions").
-                    tracing::warn!(
-                        ring = index,
-                        path = %path.display(),
-                        reason = %ignored,
-                        "ignoring a ring journal this build cannot read (it owes no request): \
-                         resuming from the shared ring, with a fresh journal"
-                    );
-                    let fresh = crate::journal_file::map_fresh(path, len).map_err(journal_error)?;
-                    ring.start_journal(fresh).map_err(ring_error)?;
-                }
-                ring
-            }
-            _ => BackRing::new(mem, spec.protocol).map_err(ring_error)?,
-        };
+        let ring = attach_back_ring(spec, index, mem, journal_path.as_deref())?;
         if ring.replayed_at_attach() > 0 {
             tracing::info!(
                 ring = index,
@@ -620,6 +582,58 @@ impl Drop for VbdHandle {
             let _ = self.remove(None);
         }
     }
+}
+
+/// Attaches to ring `index`'s shared pages, with its journal when the VBD keeps one:
+/// recovered (requests a previous process consumed and did not answer are re-executed)
+/// or fresh.
+fn attach_back_ring(
+    spec: &VbdSpec,
+    index: usize,
+    mem: SharedMemory,
+    journal_path: Option<&Path>,
+) -> Result<BackRing, AttachError> {
+    let ring_error = |source| AttachError::Ring {
+        ring: index,
+        source,
+    };
+    let ring = match (&spec.journal, journal_path) {
+        (Some(j), Some(path)) => {
+            let size = blkif::abi::ring_size_for_len(spec.protocol, mem.len());
+            let len = blkif::journal::journal_len(size);
+            let journal_error = |source| AttachError::Journal {
+                ring: index,
+                path: path.to_path_buf(),
+                source,
+            };
+            let start = if j.recover {
+                JournalStart::Recover(
+                    crate::journal_file::map_existing(path, len).map_err(journal_error)?,
+                )
+            } else {
+                JournalStart::Fresh(
+                    crate::journal_file::map_fresh(path, len).map_err(journal_error)?,
+                )
+            };
+            let mut ring = BackRing::with_journal(mem, spec.protocol, start).map_err(ring_error)?;
+            if let Some(ignored) = ring.ignored_journal() {
+                // Another build's format, or a corrupt file, that owes nothing: the
+                // ring alone is exact (ARCHITECTURE.md, "Across versions").
+                tracing::warn!(
+                    ring = index,
+                    path = %path.display(),
+                    reason = %ignored,
+                    "ignoring a ring journal this build cannot read (it owes no request): \
+                     resuming from the shared ring, with a fresh journal"
+                );
+                let fresh = crate::journal_file::map_fresh(path, len).map_err(journal_error)?;
+                ring.start_journal(fresh).map_err(ring_error)?;
+            }
+            ring
+        }
+        _ => BackRing::new(mem, spec.protocol).map_err(ring_error)?,
+    };
+    Ok(ring)
 }
 
 #[cfg(test)]
