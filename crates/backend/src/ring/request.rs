@@ -15,6 +15,7 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
+use std::time::{Duration, Instant};
 
 use blkif::abi::{BLKIF_RSP_OKAY, SECTOR_SIZE};
 use blkif::{Operation, Request, Segment};
@@ -197,6 +198,42 @@ pub(super) struct InFlight {
     /// Data bytes submitted since the last commit.
     uncommitted_bytes: usize,
     who: Who,
+    failures: FailureLog,
+}
+
+/// Storage failures are the operator's business (a full host file system, a lost NBD
+/// server, an OSD down), so they are logged at `warn`; but a guest can repeat a failing
+/// request at will, so one ring logs at most one line per [`FailureLog::INTERVAL`],
+/// saying how many it stands for.
+#[derive(Debug, Default)]
+struct FailureLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl FailureLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn record(&mut self, who: Who, op: Phase, error: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            vbd = who.vbd,
+            ring = who.ring,
+            phase = ?op,
+            %error,
+            suppressed = self.suppressed,
+            "storage operation failed; the guest gets an error response"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 impl std::fmt::Debug for InFlight {
@@ -220,6 +257,7 @@ impl InFlight {
             )),
             uncommitted_bytes: 0,
             who,
+            failures: FailureLog::default(),
         }
     }
 
@@ -345,7 +383,7 @@ impl InFlight {
                 if is_unsupported(&e) && s.phase != Phase::Data {
                     s.unsupported = true;
                 } else {
-                    tracing::debug!(vbd = who.vbd, ring = who.ring, error = %e, "storage operation failed");
+                    self.failures.record(who, s.phase, &e);
                 }
                 s.status = blkif::abi::BLKIF_RSP_ERROR;
             }
