@@ -71,8 +71,8 @@ impl LatencyOp {
 
 /// The bucket a latency falls in: the first whose bound is at least `d`.
 fn bucket(d: Duration) -> usize {
-    let us = d.as_micros();
-    LATENCY_BOUNDS_US.partition_point(|&b| u128::from(b) < us)
+    let ns = d.as_nanos();
+    LATENCY_BOUNDS_US.partition_point(|&b| u128::from(b) * 1000 < ns)
 }
 
 /// The live histograms of one ring (its reactor thread is the only writer).

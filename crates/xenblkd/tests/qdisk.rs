@@ -264,7 +264,16 @@ fn xentop_reads_qdisk_figures_over_qmp() {
     let mut dm = StandIn::start(&host, 5);
     host.wait_state(&spec.backend_path(), XenbusState::InitWait);
     let stat = host.dir.path().join("qmp-libxenstat-5");
-    let mut g = host.guest(5, 51712, &[], "connect,writes:5,reads:3,flush,wait-close");
+    let go = host.dir.path().join("go");
+    let mut g = host.guest(
+        5,
+        51712,
+        &[],
+        &format!(
+            "connect,wait-file:{},writes:5,reads:3,flush,wait-close",
+            go.display()
+        ),
+    );
     g.expect("ok connect");
     // The counters start with the session: read them before the I/O as a baseline.
     let (mut q, _) = Qmp::connect(&stat);
@@ -280,6 +289,7 @@ fn xentop_reads_qdisk_figures_over_qmp() {
         base("rd_bytes"),
         base("wr_bytes"),
     );
+    std::fs::write(&go, "").unwrap();
     g.expect("ok writes");
     g.expect("ok reads");
     g.expect("ok flush");
