@@ -149,6 +149,16 @@ fn seconds_le(us: u64) -> String {
     }
 }
 
+/// The target as a label: an RBD target without its `:key=value` options, which may
+/// carry a cephx secret (`:key=...`) that has no place on an endpoint other hosts may
+/// scrape.
+fn public_target(target: &str) -> String {
+    match target.strip_prefix("rbd:") {
+        Some(rest) => format!("rbd:{}", rest.split(':').next().unwrap_or("")),
+        None => target.to_string(),
+    }
+}
+
 /// A device's label values.
 struct DeviceLabels {
     backend_type: String,
@@ -474,7 +484,7 @@ fn render_devices(w: &mut Writer, s: &Snapshot<'_>) {
     for (d, l) in s.devices.iter().zip(&labels) {
         let state = d.state.to_string();
         let frontend_state = d.frontend_state.to_string();
-        let target = d.target.clone().unwrap_or_default();
+        let target = d.target.as_deref().map(public_target).unwrap_or_default();
         let format = d.format.clone().unwrap_or_default();
         w.sample(
             "xenblkd_device_info",

@@ -235,6 +235,16 @@ fn the_accept_header_picks_the_format() {
 }
 
 #[test]
+fn rbd_options_stay_out_of_labels() {
+    assert_eq!(
+        public_target("rbd:pool/ns/img@snap:id=admin:key=AQBx=="),
+        "rbd:pool/ns/img@snap"
+    );
+    assert_eq!(public_target("rbd:pool/img"), "rbd:pool/img");
+    assert_eq!(public_target("/srv/a:b.img"), "/srv/a:b.img");
+}
+
+#[test]
 fn le_values_are_canonical_floats() {
     assert_eq!(seconds_le(10), "0.00001");
     assert_eq!(seconds_le(2_500), "0.0025");
