@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh Debian machine with only the Rust toolchain.
 # Installs what the tests need (Xen's C headers, 32-bit gcc for the x86_32 ABI
 # cross-check, qemu-img/qemu-io for qcow2, qemu-nbd and nbdkit for the NBD backend, a
-# Ceph monitor and OSD for the RBD backend) instead of skipping the tests that need them.
+# Ceph monitor and OSD for the RBD backend, Prometheus for the metrics endpoint) instead of skipping the tests that need them.
 # The qcow2 tests also mount small tmpfs file systems (root); the RBD tests start their
 # own single-node cluster per test binary with scripts/ceph-cluster.
 set -euo pipefail
@@ -29,6 +29,9 @@ ceph_missing=()
 command -v ceph-mon >/dev/null || ceph_missing+=(ceph-mon)
 command -v ceph-osd >/dev/null || ceph_missing+=(ceph-osd)
 command -v rbd >/dev/null && /sbin/ldconfig -p | grep -q "librbd.so.1 " || ceph_missing+=(ceph-common)
+# A real Prometheus server and promtool for the metrics endpoint's tests (tests/metrics.rs),
+# also without recommends (no node exporter).
+command -v prometheus >/dev/null && command -v promtool >/dev/null || ceph_missing+=(prometheus)
 if ((${#missing[@]} + ${#ceph_missing[@]})); then
     as_root apt-get update -qq
 fi

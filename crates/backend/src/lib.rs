@@ -19,7 +19,7 @@
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
 //! - `journal_file`: the file behind each ring's crash-recovery journal (`blkif::journal`);
 //! - `slots`: the per-ring request slot pool;
-//! - [`stats`]: run-time counters;
+//! - [`stats`]: run-time counters; [`latency`]: request latency histograms;
 //! - `sys`: the io_uring event loop a reactor waits in (multishot polls, timed wait);
 //! - [`testing`]: fd-leak checks for tests of this crate and the layers around it.
 
@@ -31,6 +31,7 @@ pub mod engine;
 pub mod fault;
 pub mod grant_budget;
 mod journal_file;
+pub mod latency;
 pub mod persistent_grants;
 mod reactor;
 mod ring;
@@ -42,6 +43,7 @@ pub mod vbd;
 
 pub use engine::{AttachError, DetachError, Engine, EngineConfig, EngineError, VbdHandle};
 pub use grant_budget::{BudgetSize, BudgetUsage, GuestBudget, MapBudget, MapCost, MapLimits};
+pub use latency::{Latency, LatencyOp, OpLatency, LATENCY_BOUNDS_US};
 pub use reactor::VbdId;
 pub use stats::{ReactorStats, ReactorStatsReader, Stats, VbdStats};
 pub use sys::open_fd_count;

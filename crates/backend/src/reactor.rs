@@ -373,9 +373,19 @@ impl Reactor {
 
     fn run(&mut self) {
         let mut next_tick = Instant::now() + TICK;
+        // Busy time is everything outside the one wait: two clock readings per wake-up
+        // (the wait's timeout needs the first anyway).
+        let mut woke = Instant::now();
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            match self.events.wait(Some(timeout)) {
+            let before_wait = Instant::now();
+            self.counters.busy_ns.add(
+                u64::try_from(before_wait.saturating_duration_since(woke).as_nanos())
+                    .unwrap_or(u64::MAX),
+            );
+            let timeout = next_tick.saturating_duration_since(before_wait);
+            let woken = self.events.wait(Some(timeout));
+            woke = Instant::now();
+            match woken {
                 Ok(Woken::NoWait) => {}
                 Ok(Woken::Event) => {
                     self.counters.sleeps.inc();
@@ -939,6 +949,9 @@ mod tests {
         assert_eq!(d.poll_ns, 0, "{d:?}");
         // Generous for a loaded test machine; a spinning thread would show ~500 ms.
         assert!(cpu < 20_000_000, "{cpu} ns on CPU in 500 ms idle");
+        // Asleep, not busy, for nearly all of it (wall-clock, so a preempted tick may
+        // count a little more than its CPU time).
+        assert!(d.busy_ns < 100_000_000, "{d:?}");
         r.shutdown();
     }
 
@@ -984,6 +997,8 @@ mod tests {
         // pass itself may outlast).
         let s = r.stats();
         assert!(s.poll_hits == 0 && s.poll_misses <= 1, "{s:?}");
+        // Polling is busy time.
+        assert!(s.busy_ns >= s.poll_ns, "{s:?}");
         assert!(u128::from(s.poll_ns) < cap.as_nanos(), "{s:?}");
         // A hostile frontend that never sends anything cannot make it poll again: each
         // poll needs an answer, and an answer needs a run.

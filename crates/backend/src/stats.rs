@@ -12,6 +12,8 @@ use std::ops::AddAssign;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::latency::{Latency, LatencyCounters};
+
 /// A counter written by exactly one thread and read by any.
 #[derive(Debug, Default)]
 pub(crate) struct Counter(AtomicU64);
@@ -49,6 +51,7 @@ pub(crate) struct RingStats {
     pub(crate) wr_req: Counter,
     pub(crate) f_req: Counter,
     pub(crate) ds_req: Counter,
+    pub(crate) ds_sect: Counter,
     pub(crate) rd_sect: Counter,
     pub(crate) wr_sect: Counter,
     pub(crate) errors: Counter,
@@ -65,6 +68,8 @@ pub(crate) struct RingStats {
     pub(crate) notifications: Counter,
     pub(crate) map_fallbacks: Counter,
     pub(crate) halted: AtomicBool,
+    /// Request latency per operation.
+    pub(crate) latency: LatencyCounters,
 }
 
 impl RingStats {
@@ -75,6 +80,7 @@ impl RingStats {
             wr_req: self.wr_req.get(),
             f_req: self.f_req.get(),
             ds_req: self.ds_req.get(),
+            ds_sect: self.ds_sect.get(),
             rd_sect: self.rd_sect.get(),
             wr_sect: self.wr_sect.get(),
             errors: self.errors.get(),
@@ -108,6 +114,8 @@ pub struct Stats {
     pub f_req: u64,
     /// DISCARD requests accepted.
     pub ds_req: u64,
+    /// 512-byte sectors discarded (asked to be).
+    pub ds_sect: u64,
     /// 512-byte sectors read.
     pub rd_sect: u64,
     /// 512-byte sectors written (including barrier/flush payloads).
@@ -153,6 +161,7 @@ impl AddAssign for Stats {
         self.wr_req += o.wr_req;
         self.f_req += o.f_req;
         self.ds_req += o.ds_req;
+        self.ds_sect += o.ds_sect;
         self.rd_sect += o.rd_sect;
         self.wr_sect += o.wr_sect;
         self.errors += o.errors;
@@ -215,7 +224,6 @@ impl RateLimitedCount {
     }
 }
 
-/// Statistics of a VBD: the sum and each ring.
 /// The live counters of one reactor thread (its only writer).
 #[derive(Debug, Default)]
 pub(crate) struct ReactorCounters {
@@ -225,6 +233,7 @@ pub(crate) struct ReactorCounters {
     pub(crate) poll_hits: Counter,
     pub(crate) poll_misses: Counter,
     pub(crate) poll_ns: Counter,
+    pub(crate) busy_ns: Counter,
 }
 
 impl ReactorCounters {
@@ -236,6 +245,7 @@ impl ReactorCounters {
             poll_hits: self.poll_hits.get(),
             poll_misses: self.poll_misses.get(),
             poll_ns: self.poll_ns.get(),
+            busy_ns: self.busy_ns.get(),
         }
     }
 }
@@ -259,6 +269,10 @@ pub struct ReactorStats {
     pub poll_misses: u64,
     /// Time spent polling, hits and misses.
     pub poll_ns: u64,
+    /// Time the thread was not asleep in its wait: running rings, handling commands,
+    /// housekeeping and polling (`poll_ns` is part of it). Its rate is the reactor's
+    /// utilisation.
+    pub busy_ns: u64,
 }
 
 impl ReactorStats {
@@ -271,6 +285,7 @@ impl ReactorStats {
             poll_hits: self.poll_hits.saturating_sub(earlier.poll_hits),
             poll_misses: self.poll_misses.saturating_sub(earlier.poll_misses),
             poll_ns: self.poll_ns.saturating_sub(earlier.poll_ns),
+            busy_ns: self.busy_ns.saturating_sub(earlier.busy_ns),
         }
     }
 }
@@ -303,13 +318,19 @@ impl AddAssign for ReactorStats {
         self.poll_hits += o.poll_hits;
         self.poll_misses += o.poll_misses;
         self.poll_ns += o.poll_ns;
+        self.busy_ns += o.busy_ns;
     }
 }
 
+/// Statistics of a VBD: the sum and each ring.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VbdStats {
+    /// Every ring's counters summed.
     pub total: Stats,
+    /// Each ring's.
     pub rings: Vec<Stats>,
+    /// Request latency per operation, over every ring.
+    pub latency: Latency,
 }
 
 #[cfg(test)]

@@ -357,7 +357,15 @@ impl VbdShared {
         for r in &rings {
             total += *r;
         }
-        VbdStats { total, rings }
+        let mut latency = crate::latency::Latency::default();
+        for s in &self.ring_stats {
+            latency += s.latency.snapshot();
+        }
+        VbdStats {
+            total,
+            rings,
+            latency,
+        }
     }
 }
 

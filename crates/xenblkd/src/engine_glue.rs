@@ -11,6 +11,7 @@ use platform::Platform;
 use storage::{DirectIo, OpenOptions, Storage};
 use xenbus::config::{DirectIo as DirectIoSetting, GrantMode as GrantModeSetting};
 use xenbus::parse::{DiskFormat, DiskTarget};
+use xenbus::status::LatencyHistogram;
 use xenbus::vbd::{
     ConnectRequest, ConnectedVbd, DeviceConfig, DisconnectReport, Feature, VbdEvent, VbdEventSink,
     VbdFactory,
@@ -249,8 +250,8 @@ impl EngineGauges {
     /// `grant_map_guests` (domains sharing the budget) and `grant_map_guest_share_vmas` /
     /// `_pages` (most one of them may hold now); and, summed over the reactors since
     /// start, `reactor_sleeps`, `reactor_wakeups`, `reactor_timeouts`,
-    /// `reactor_poll_hits`, `reactor_poll_misses` and `reactor_poll_us` (see
-    /// `backend::ReactorStats`).
+    /// `reactor_poll_hits`, `reactor_poll_misses`, `reactor_poll_us` and
+    /// `reactor_busy_us` (see `backend::ReactorStats`).
     pub fn read(&self) -> BTreeMap<String, u64> {
         let u = self.budget.usage();
         let share = u.share();
@@ -262,6 +263,7 @@ impl EngineGauges {
             ("reactor_poll_hits".to_string(), r.poll_hits),
             ("reactor_poll_misses".to_string(), r.poll_misses),
             ("reactor_poll_us".to_string(), r.poll_ns / 1000),
+            ("reactor_busy_us".to_string(), r.busy_ns / 1000),
             ("persistent_grant_budget_used".to_string(), u.grants as u64),
             (
                 "persistent_grant_budget_limit".to_string(),
@@ -285,6 +287,13 @@ impl EngineGauges {
                 share.pages as u64,
             ),
         ])
+    }
+}
+
+impl EngineGauges {
+    /// Each reactor's counters, in reactor order (the metrics endpoint labels them).
+    pub fn reactors(&self) -> Vec<backend::ReactorStats> {
+        self.reactors.read()
     }
 }
 
@@ -566,6 +575,7 @@ impl ConnectedVbd for EngineVbd {
             ("wr_req".to_string(), t.wr_req),
             ("f_req".to_string(), t.f_req),
             ("ds_req".to_string(), t.ds_req),
+            ("ds_sect".to_string(), t.ds_sect),
             ("rd_sect".to_string(), t.rd_sect),
             ("wr_sect".to_string(), t.wr_sect),
             ("errors".to_string(), t.errors),
@@ -597,6 +607,24 @@ impl ConnectedVbd for EngineVbd {
             u64::from(self.handle.grant_mode() == backend::ResolvedGrantMode::Copy),
         );
         m
+    }
+
+    fn latency(&self) -> BTreeMap<String, LatencyHistogram> {
+        let latency = self.handle.stats().latency;
+        backend::LatencyOp::ALL
+            .iter()
+            .map(|&op| {
+                let l = latency.op(op);
+                (
+                    op.name().to_string(),
+                    LatencyHistogram {
+                        bounds_us: backend::LATENCY_BOUNDS_US.to_vec(),
+                        counts: l.buckets.to_vec(),
+                        sum_ns: l.sum_ns,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn disconnect(self: Box<Self>, timeout: Duration) -> Result<DisconnectReport, VbdError> {

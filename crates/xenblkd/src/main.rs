@@ -13,6 +13,8 @@ mod device_ctl;
 mod engine_glue;
 mod gen_docs;
 mod logging;
+mod metrics;
+mod metrics_server;
 mod qemu_dm;
 mod qmp;
 mod sd_notify;

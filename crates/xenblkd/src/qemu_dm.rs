@@ -28,7 +28,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use xenbus::devmodel;
 use xenbus::store::{join, Store, StoreExt, StoreOps};
 use xenbus::xs::XsStore;
@@ -271,6 +271,19 @@ struct StandIn {
     config: DmConfig,
     store: Arc<XsStore>,
     running: AtomicBool,
+    /// The control socket of `xenblkd serve`, for the disks' counters.
+    control: PathBuf,
+}
+
+/// The control socket of the daemon serving our disks: `XENBLKD_CONTROL_SOCKET` (libxl
+/// passes its environment on), else the configuration file's, else the default.
+fn control_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("XENBLKD_CONTROL_SOCKET") {
+        return PathBuf::from(p);
+    }
+    xenbus::config::Config::from_file(Path::new(crate::serve::DEFAULT_CONFIG))
+        .map(|c| c.control_socket)
+        .unwrap_or_else(|_| PathBuf::from(crate::status::DEFAULT_CONTROL_SOCKET))
 }
 
 impl StandIn {
@@ -308,6 +321,18 @@ impl DeviceModel for StandIn {
 
     fn name(&self) -> Option<String> {
         self.config.name.clone()
+    }
+
+    fn block_devices(&self) -> Result<Vec<qmp::BlockDevice>, String> {
+        let (_, report) = crate::status::query(&self.control).map_err(|e| format!("{e:#}"))?;
+        Ok(report
+            .devices
+            .iter()
+            .filter(|d| {
+                d.backend_type == xenbus::config::QDISK_BACKEND_TYPE && d.domid == self.config.domid
+            })
+            .map(qmp::BlockDevice::from_status)
+            .collect())
     }
 
     fn chardevs(&self) -> Vec<ChardevInfo> {
@@ -400,6 +425,15 @@ fn spawn_qmp_server(
                         info!(socket = %path.display(), %commands, "QMP conversation ended with quit");
                         let _ = exit.send(Exit::Quit);
                         return;
+                    }
+                    // xentop asks for block statistics every few seconds: not worth a line
+                    // each at the default level.
+                    Ok(ended)
+                        if record.iter().all(|c| {
+                            matches!(c.as_str(), "qmp_capabilities" | "query-blockstats" | "query-block")
+                        }) =>
+                    {
+                        debug!(socket = %path.display(), ?ended, %commands, "QMP conversation")
                     }
                     Ok(ended) => {
                         info!(socket = %path.display(), ?ended, %commands, "QMP conversation")
@@ -588,6 +622,7 @@ pub fn run(args: &QemuDmArgs) -> anyhow::Result<()> {
         config,
         store: store.clone(),
         running: AtomicBool::new(false),
+        control: control_socket(),
     });
     let (exit_tx, exit_rx) = mpsc::channel();
     spawn_signal_thread(signals, exit_tx.clone())?;

@@ -7,9 +7,12 @@
 //! reply. Messages end with `"\r\n"`: libxl looks for that to split its input. After a
 //! device model reports `running` it sends `query-chardev` (serial ptys to publish) and,
 //! with VNC configured, `query-vnc`; with `dm_restrict` it would first poll `query-status`.
-//! Any failure there fails `xl create`. Everything else a QEMU answers is refused with
-//! QEMU's own error classes, so a caller learns it is talking to something that cannot do
-//! it rather than getting a fake success.
+//! Any failure there fails `xl create`. libxenstat (`xentop`) connects to the second
+//! monitor libxl gives QEMU (`qmp-libxenstat-<domid>`) and asks `query-blockstats`, then
+//! `query-block` to tell which xenstore device each entry is (by image path): both are
+//! answered from the daemon's counters, in QEMU's schema. Everything else a QEMU answers
+//! is refused with QEMU's own error classes, so a caller learns it is talking to something
+//! that cannot do it rather than getting a fake success.
 
 use std::io::{Read, Write};
 
@@ -52,6 +55,155 @@ pub trait DeviceModel: Send + Sync {
     fn name(&self) -> Option<String>;
     /// The chardevs it was given.
     fn chardevs(&self) -> Vec<ChardevInfo>;
+    /// The domain's disks served by the daemon, with their counters (an error message is
+    /// sent back as a `GenericError`).
+    fn block_devices(&self) -> Result<Vec<BlockDevice>, String>;
+}
+
+/// A disk as `query-block` and `query-blockstats` describe it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// Virtual device name (`xvda`): QEMU's drive id.
+    pub device: String,
+    /// Virtual device number (the xenstore device id).
+    pub devid: u32,
+    /// The image or device path, once opened.
+    pub file: Option<String>,
+    /// Its format (`raw`, `qcow2`, ...).
+    pub format: Option<String>,
+    /// Read-only.
+    pub read_only: bool,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Counters since the frontend connected.
+    pub stats: BlockCounters,
+}
+
+/// The counters of QEMU's `BlockDeviceStats` the daemon keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockCounters {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub unmap_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    pub unmap_total_time_ns: u64,
+}
+
+impl BlockDevice {
+    /// A device of `xenblkd status`, with its counters (zero while not connected).
+    pub fn from_status(d: &xenbus::status::DeviceStatus) -> BlockDevice {
+        let stat = |k: &str| d.stats.get(k).copied().unwrap_or(0);
+        let time = |op: &str| d.latency.get(op).map_or(0, |h| h.sum_ns);
+        BlockDevice {
+            device: d.vdev.clone(),
+            devid: d.devid,
+            file: d.target.clone(),
+            format: d.format.clone(),
+            read_only: d.disk.is_some_and(|i| i.read_only),
+            size_bytes: d.disk.map_or(0, |i| i.size_bytes),
+            stats: BlockCounters {
+                rd_bytes: stat("rd_sect").saturating_mul(512),
+                wr_bytes: stat("wr_sect").saturating_mul(512),
+                unmap_bytes: stat("ds_sect").saturating_mul(512),
+                rd_operations: stat("rd_req"),
+                wr_operations: stat("wr_req"),
+                flush_operations: stat("f_req"),
+                unmap_operations: stat("ds_req"),
+                rd_total_time_ns: time("read"),
+                wr_total_time_ns: time("write"),
+                flush_total_time_ns: time("flush"),
+                unmap_total_time_ns: time("discard"),
+            },
+        }
+    }
+}
+
+/// `query-blockstats`' entry: QEMU 7.2's `BlockStats` with its `BlockDeviceStats`. What the
+/// daemon does not count (merges, the highest offset written, failed and invalid requests
+/// per operation) is 0, and `account_failed`/`account_invalid` say those are not counted.
+fn block_stats(d: &BlockDevice, node_names: bool) -> Value {
+    let c = &d.stats;
+    let stats = json!({
+        "rd_bytes": c.rd_bytes,
+        "wr_bytes": c.wr_bytes,
+        "unmap_bytes": c.unmap_bytes,
+        "rd_operations": c.rd_operations,
+        "wr_operations": c.wr_operations,
+        "flush_operations": c.flush_operations,
+        "unmap_operations": c.unmap_operations,
+        "rd_total_time_ns": c.rd_total_time_ns,
+        "wr_total_time_ns": c.wr_total_time_ns,
+        "flush_total_time_ns": c.flush_total_time_ns,
+        "unmap_total_time_ns": c.unmap_total_time_ns,
+        "wr_highest_offset": 0,
+        "rd_merged": 0,
+        "wr_merged": 0,
+        "unmap_merged": 0,
+        "failed_rd_operations": 0,
+        "failed_wr_operations": 0,
+        "failed_flush_operations": 0,
+        "failed_unmap_operations": 0,
+        "invalid_rd_operations": 0,
+        "invalid_wr_operations": 0,
+        "invalid_flush_operations": 0,
+        "invalid_unmap_operations": 0,
+        "account_invalid": false,
+        "account_failed": false,
+        "timed_stats": [],
+    });
+    if node_names {
+        json!({ "node-name": node_name(d), "stats": stats })
+    } else {
+        json!({ "device": d.device, "qdev": qdev(d), "node-name": node_name(d), "stats": stats })
+    }
+}
+
+/// The disk's block-node name (any unique name does: QEMU's are generated).
+fn node_name(d: &BlockDevice) -> String {
+    format!("xenblkd-{}", d.device)
+}
+
+fn qdev(d: &BlockDevice) -> String {
+    format!("xen-qdisk-{}", d.devid)
+}
+
+/// `query-block`'s entry (QEMU's `BlockInfo`): libxenstat matches `inserted.file` against
+/// the device's `params` node to find its xenstore device.
+fn block_info(d: &BlockDevice) -> Value {
+    let mut info = json!({
+        "device": d.device,
+        "qdev": qdev(d),
+        "type": "unknown",
+        "removable": false,
+        "locked": false,
+    });
+    if let (Some(file), Some(obj)) = (&d.file, info.as_object_mut()) {
+        let format = d.format.clone().unwrap_or_else(|| "raw".into());
+        obj.insert(
+            "inserted".into(),
+            json!({
+                "file": file,
+                "node-name": node_name(d),
+                "ro": d.read_only,
+                "drv": format,
+                "backing_file_depth": 0,
+                "encrypted": false,
+                "detect_zeroes": "off",
+                "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                "iops": 0, "iops_rd": 0, "iops_wr": 0,
+                "write_threshold": 0,
+                "cache": {"writeback": true, "direct": false, "no-flush": false},
+                "image": {"filename": file, "format": format, "virtual-size": d.size_bytes},
+            }),
+        );
+    }
+    info
 }
 
 /// The greeting QEMU sends first on every QMP connection.
@@ -78,6 +230,8 @@ const COMMANDS: &[&str] = &[
     "query-vnc",
     "query-name",
     "query-version",
+    "query-blockstats",
+    "query-block",
     "cont",
     "quit",
 ];
@@ -174,8 +328,19 @@ impl<'a> Session<'a> {
                 "Capabilities negotiation is already complete, command ignored",
             );
         }
-        if let Some(arg) = args.keys().next() {
-            return error("GenericError", format!("Parameter '{arg}' is unexpected"));
+        // `query-blockstats` takes `query-nodes`; nothing else takes arguments.
+        let mut query_nodes = false;
+        for (arg, value) in args {
+            match (cmd, arg.as_str(), value) {
+                ("query-blockstats", "query-nodes", Value::Bool(b)) => query_nodes = *b,
+                ("query-blockstats", "query-nodes", _) => {
+                    return error(
+                        "GenericError",
+                        "Invalid parameter type for 'query-nodes', expected: boolean",
+                    )
+                }
+                _ => return error("GenericError", format!("Parameter '{arg}' is unexpected")),
+            }
         }
         let ret = match cmd {
             "query-commands" => Value::Array(
@@ -209,6 +374,21 @@ impl<'a> Session<'a> {
                 None => json!({}),
             },
             "query-version" => greeting()["QMP"]["version"].clone(),
+            "query-blockstats" | "query-block" => match self.dm.block_devices() {
+                Ok(devices) => Value::Array(
+                    devices
+                        .iter()
+                        .map(|d| {
+                            if cmd == "query-block" {
+                                block_info(d)
+                            } else {
+                                block_stats(d, query_nodes)
+                            }
+                        })
+                        .collect(),
+                ),
+                Err(e) => return error("GenericError", e),
+            },
             "cont" => {
                 if let Err(e) = self.dm.cont() {
                     return error("GenericError", e);
@@ -377,6 +557,35 @@ mod tests {
                 filename: "unix:/run/xen/qmp-libxl-5,server=on".into(),
             }]
         }
+        fn block_devices(&self) -> Result<Vec<BlockDevice>, String> {
+            if !self.running.load(Ordering::SeqCst) {
+                return Err("xenblkd serve is not answering".into());
+            }
+            Ok(vec![
+                BlockDevice {
+                    device: "xvda".into(),
+                    devid: 51712,
+                    file: Some("/img/a.qcow2".into()),
+                    format: Some("qcow2".into()),
+                    read_only: false,
+                    size_bytes: 1 << 30,
+                    stats: BlockCounters {
+                        rd_bytes: 4096,
+                        wr_bytes: 8192,
+                        rd_operations: 1,
+                        wr_operations: 2,
+                        flush_operations: 3,
+                        rd_total_time_ns: 7,
+                        ..Default::default()
+                    },
+                },
+                BlockDevice {
+                    device: "xvdb".into(),
+                    devid: 51728,
+                    ..Default::default()
+                },
+            ])
+        }
     }
 
     /// A client: scripted input chunks, collected output.
@@ -527,6 +736,55 @@ mod tests {
         assert_eq!(msgs[13], json!({"return": {}, "id": 9}));
         // Nothing answered after quit.
         assert_eq!(msgs.len(), 14);
+    }
+
+    /// libxenstat's conversation (`xenstat_qmp.c`): capabilities without reading the
+    /// greeting first, `query-blockstats`, then `query-block` for the image paths.
+    #[test]
+    fn xentop_gets_blockstats_in_qemus_schema() {
+        let dm = FakeDm::new(true);
+        let (_, msgs) = converse(
+            &dm,
+            &[
+                "{ \"execute\": \"qmp_capabilities\" }",
+                "{ \"execute\": \"query-blockstats\" }",
+                "{ \"execute\": \"query-block\" }",
+                "{\"execute\":\"query-blockstats\",\"arguments\":{\"query-nodes\":true}}",
+                "{\"execute\":\"query-blockstats\",\"arguments\":{\"query-nodes\":1}}",
+                "{\"execute\":\"query-block\",\"arguments\":{\"query-nodes\":true}}",
+            ],
+        );
+        let stats = msgs[2]["return"].as_array().unwrap();
+        assert_eq!(stats.len(), 2);
+        assert_eq!(stats[0]["device"], "xvda");
+        let s = &stats[0]["stats"];
+        assert_eq!(s["rd_bytes"], 4096);
+        assert_eq!(s["wr_bytes"], 8192);
+        assert_eq!(s["rd_operations"], 1);
+        assert_eq!(s["wr_operations"], 2);
+        assert_eq!(s["flush_operations"], 3);
+        assert_eq!(s["rd_total_time_ns"], 7);
+        assert_eq!(s["account_failed"], false);
+        assert_eq!(stats[1]["stats"]["rd_bytes"], 0);
+        let block = msgs[3]["return"].as_array().unwrap();
+        assert_eq!(block[0]["device"], "xvda");
+        assert_eq!(block[0]["inserted"]["file"], "/img/a.qcow2");
+        assert_eq!(block[0]["inserted"]["drv"], "qcow2");
+        assert_eq!(block[0]["inserted"]["image"]["virtual-size"], 1u64 << 30);
+        // Not opened yet: no medium.
+        assert!(block[1].get("inserted").is_none(), "{}", block[1]);
+        let nodes = msgs[4]["return"].as_array().unwrap();
+        assert!(nodes[0].get("device").is_none() && nodes[0]["node-name"] == "xenblkd-xvda");
+        assert_eq!(msgs[5]["error"]["class"], "GenericError");
+        assert_eq!(msgs[6]["error"]["class"], "GenericError");
+
+        // Without the daemon: QEMU's error, not made-up figures.
+        let dm = FakeDm::new(false);
+        let (_, msgs) = converse(
+            &dm,
+            &["{\"execute\":\"qmp_capabilities\"}{\"execute\":\"query-blockstats\"}"],
+        );
+        assert_eq!(msgs[2]["error"]["class"], "GenericError");
     }
 
     #[test]

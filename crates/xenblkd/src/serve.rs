@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// How long shutdown and disconnects wait for in-flight I/O.
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Serve Prometheus/OpenMetrics metrics at /metrics on ADDR (`127.0.0.1:9477`) or a
+    /// unix socket path; off by default (`[metrics] listen` in the configuration).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Serve `vbd` even though the kernel's xen-blkback is loaded.
     #[arg(long)]
     pub force: bool,
@@ -178,6 +182,9 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<(Config, bool)> {
     }
     if let Some(v) = args.drain_timeout_ms {
         config.drain_timeout_ms = v;
+    }
+    if let Some(v) = &args.metrics {
+        config.metrics.listen = Some(v.clone());
     }
     let d = &mut config.defaults;
     if let Some(v) = args.max_queues {
@@ -531,6 +538,33 @@ fn process_metrics(platform: &dyn Platform) -> std::collections::BTreeMap<String
     ])
 }
 
+/// Starts the metrics endpoint (after the daemon lock: a daemon handing over still holds
+/// the address until it exits). A failure is logged and the daemon serves on without it:
+/// the guests' disks come before their figures. Returns the unix socket to remove at exit.
+fn start_metrics(
+    listen: &xenbus::config::MetricsListen,
+    manager: &Manager,
+    gauges: crate::engine_glue::EngineGauges,
+    store: Arc<XsStore>,
+) -> Option<PathBuf> {
+    let started = crate::metrics_server::Endpoint::bind(listen).and_then(|endpoint| {
+        let socket = endpoint.socket_file();
+        endpoint.spawn(crate::metrics_server::Source {
+            sender: manager.sender(),
+            gauges,
+            store,
+        })?;
+        Ok(socket)
+    });
+    match started {
+        Ok(socket) => socket,
+        Err(e) => {
+            error!(listen = %listen, error = %format!("{e:#}"), "metrics endpoint not started; serving without it");
+            None
+        }
+    }
+}
+
 /// Runs the daemon until a termination signal.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let signals = TerminationSignals::block_for_serve()?;
@@ -584,6 +618,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let factory =
         Arc::new(EngineFactory::new(engine, platform.clone()).with_journal_dir(run_dir.clone()));
     let engine_gauges = factory.gauges();
+    let metrics_gauges = engine_gauges.clone();
+    let metrics_listen = config.metrics.endpoint()?;
     let control_path = config.control_socket.clone();
     // Everything above touches no device; from here on this process serves them.
     let handover_wait = Duration::from_millis(config.drain_timeout_ms) + HANDOVER_GRACE;
@@ -618,6 +654,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // open (an NBD or RBD connect is bounded by its own timeouts, below this).
     let op_timeout = Duration::from_millis(drain_timeout_ms) + Duration::from_secs(60);
     spawn_control_server(control, manager.sender(), op_timeout)?;
+    let metrics_socket = metrics_listen
+        .and_then(|listen| start_metrics(&listen, &manager, metrics_gauges, store.clone()));
     manager.start().context("registering xenstore watches")?;
     info!(control = %control_path.display(), "xenblkd ready");
     // The control socket is bound and its thread accepts (a status query waits in the
@@ -635,6 +673,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // socket is gone, so the next daemon never finds this one's socket.
     drop(manager);
     let _ = std::fs::remove_file(&control_path);
+    if let Some(p) = metrics_socket {
+        let _ = std::fs::remove_file(p);
+    }
     drop(lock);
     match result {
         Ok(()) => {

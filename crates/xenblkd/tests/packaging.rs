@@ -62,6 +62,7 @@ fn example_configuration_is_the_parsers_defaults() {
     let parsed = Config::from_toml(&examples, "example, with the examples")
         .unwrap_or_else(|e| panic!("{e}\n{examples}"));
     assert_eq!(parsed.defaults.max_queues, 4);
+    assert_eq!(parsed.metrics.listen.as_deref(), Some("127.0.0.1:9477"));
     assert!(parsed.backend_type("qdisk").is_some());
     assert_eq!(
         parsed.backend_types.len(),

@@ -52,6 +52,8 @@ impl StandIn {
             .args(line.split_whitespace())
             // libxenstore's override, which is how the stand-in finds the simulated xenstored.
             .env("XENSTORED_PATH", host.xs_socket(0))
+            // Where the disks' counters are (query-blockstats).
+            .env("XENBLKD_CONTROL_SOCKET", &host.control)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -248,6 +250,81 @@ fn qdisk_is_served_only_for_domains_the_stand_in_claims() {
     // The directory is libxl's to remove.
     assert!(host.read(&join(&be, "frontend")).is_some());
     untouched(&host, &qemus);
+}
+
+/// xentop's way to a qdisk disk's figures (libxenstat's `xenstat_qmp.c`): the
+/// `qmp-libxenstat-<domid>` monitor, `query-blockstats`, then `query-block` to match each
+/// entry to its xenstore device by the image path in `params`.
+#[test]
+fn xentop_reads_qdisk_figures_over_qmp() {
+    let host = Host::start(&["--type", "qdisk"]);
+    host.create_domain(5);
+    let image = host.image("q5.img", 16);
+    let spec = qdisk(&host, 5, &image);
+    let mut dm = StandIn::start(&host, 5);
+    host.wait_state(&spec.backend_path(), XenbusState::InitWait);
+    let stat = host.dir.path().join("qmp-libxenstat-5");
+    let go = host.dir.path().join("go");
+    let mut g = host.guest(
+        5,
+        51712,
+        &[],
+        &format!(
+            "connect,wait-file:{},writes:5,reads:3,flush,wait-close",
+            go.display()
+        ),
+    );
+    g.expect("ok connect");
+    // The counters start with the session: read them before the I/O as a baseline.
+    let (mut q, _) = Qmp::connect(&stat);
+    assert_eq!(q.execute("qmp_capabilities")["return"], json!({}));
+    let before = q.execute("query-blockstats");
+    let entry = &before["return"][0];
+    assert_eq!(entry["device"], "xvda", "{before}");
+    let base = |k: &str| entry["stats"][k].as_u64().unwrap();
+    let (rd0, wr0, fl0, rdb0, wrb0) = (
+        base("rd_operations"),
+        base("wr_operations"),
+        base("flush_operations"),
+        base("rd_bytes"),
+        base("wr_bytes"),
+    );
+    std::fs::write(&go, "").unwrap();
+    g.expect("ok writes");
+    g.expect("ok reads");
+    g.expect("ok flush");
+    let after = q.execute("query-blockstats");
+    let list = after["return"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{after}");
+    let s = &list[0]["stats"];
+    let n = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(n("wr_operations") - wr0, 5, "{after}");
+    assert_eq!(n("rd_operations") - rd0, 3, "{after}");
+    assert_eq!(n("flush_operations") - fl0, 1, "{after}");
+    assert_eq!(n("wr_bytes") - wrb0, 5 * 4096, "{after}");
+    assert_eq!(n("rd_bytes") - rdb0, 3 * 4096, "{after}");
+    assert!(n("wr_total_time_ns") > 0, "{after}");
+    // libxenstat compares `inserted.file` with `params` after its first '/'.
+    let block = q.execute("query-block");
+    assert_eq!(block["return"][0]["device"], "xvda");
+    assert_eq!(
+        block["return"][0]["inserted"]["file"],
+        image.display().to_string(),
+        "{block}"
+    );
+    drop(q);
+    dm.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    dm.expect_exit("SIGHUP");
+    // xentop polls every few seconds: its conversations stay out of the default log.
+    let log = dm.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("query-blockstats"))
+        .collect();
+    assert!(!lines.is_empty(), "{log}");
+    assert!(lines.iter().all(|l| l.contains("DEBUG")), "{log}");
+    g.expect("ok wait-close");
+    g.finish();
 }
 
 #[test]

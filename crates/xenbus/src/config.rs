@@ -8,6 +8,9 @@
 //! drain_timeout_ms = 5000
 //! log_level = "info"             # RUST_LOG's syntax; --log-level and RUST_LOG win
 //!
+//! [metrics]                      # the Prometheus endpoint; off without `listen`
+//! listen = "127.0.0.1:9477"      # address:port, or an absolute unix socket path
+//!
 //! [[backend_type]]               # default: vbd (waits for the hotplug script) and xenblkd
 //! name = "vbd"
 //! wait_for_hotplug = true
@@ -338,6 +341,60 @@ impl BackendType {
     }
 }
 
+/// The `[metrics]` section: the OpenMetrics/Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Where the endpoint listens: `address:port` (TCP, e.g. `127.0.0.1:9477` or
+    /// `[::1]:9477`) or an absolute path (a unix socket). None (the default): no endpoint.
+    pub listen: Option<String>,
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A TCP address (port 0: any free port, which the log names).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl MetricsListen {
+    /// Parses `address:port` or an absolute path.
+    pub fn parse(s: &str) -> Result<MetricsListen, String> {
+        if s.starts_with('/') {
+            return Ok(MetricsListen::Unix(PathBuf::from(s)));
+        }
+        s.parse().map(MetricsListen::Tcp).map_err(|_| {
+            format!("{s:?} is neither an IP address with a port (127.0.0.1:9477) nor an absolute socket path")
+        })
+    }
+}
+
+impl std::fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsListen::Tcp(a) => write!(f, "{a}"),
+            MetricsListen::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl MetricsSettings {
+    /// The endpoint, if one is configured.
+    pub fn endpoint(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        self.listen
+            .as_deref()
+            .map(|l| {
+                MetricsListen::parse(l).map_err(|message| ConfigError::Invalid {
+                    key: "metrics.listen".into(),
+                    message,
+                })
+            })
+            .transpose()
+    }
+}
+
 /// What [`Config::reload_from`] took and left, by configuration key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -371,6 +428,8 @@ pub struct Config {
     /// The log level or filter (`info`, `xenbus=debug,info`: `RUST_LOG`'s syntax, which
     /// the binary checks); `--log-level` and `RUST_LOG` take precedence. None: `info`.
     pub log_level: Option<String>,
+    /// The metrics endpoint (off by default).
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Config {
@@ -384,6 +443,7 @@ impl Default for Config {
             defaults: DeviceSettings::default(),
             overrides: Vec::new(),
             log_level: None,
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -411,6 +471,7 @@ impl Config {
     /// Checks every setting, including each override applied on top of the defaults.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.defaults.validate("defaults")?;
+        self.metrics.endpoint()?;
         if self.backend_types.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "backend_type".into(),
@@ -510,6 +571,7 @@ impl Config {
             "reactor_threads",
             false,
         );
+        take(self.metrics != new.metrics, "metrics", false);
         self.defaults = new.defaults;
         self.overrides = new.overrides;
         self.drain_timeout_ms = new.drain_timeout_ms;
@@ -595,6 +657,8 @@ mod tests {
             reactor_threads = 3
             drain_timeout_ms = 100
             log_level = "debug"
+            [metrics]
+            listen = "127.0.0.1:9477"
             [defaults]
             max_queues = 1
             [[device]]
@@ -611,13 +675,17 @@ mod tests {
             report.applied,
             vec!["defaults", "device", "drain_timeout_ms"]
         );
-        assert_eq!(report.ignored, vec!["backend_type", "reactor_threads"]);
+        assert_eq!(
+            report.ignored,
+            vec!["backend_type", "reactor_threads", "metrics"]
+        );
         assert_eq!(running.defaults.max_queues, 1);
         assert!(!running.settings_for("vbd", 5, 1).persistent_grants);
         assert_eq!(running.drain_timeout_ms, 100);
         assert_eq!(running.log_level.as_deref(), Some("debug"));
         // What needs a restart stays as it was.
         assert_eq!(running.reactor_threads, 0);
+        assert_eq!(running.metrics.endpoint().unwrap(), None);
         assert_eq!(running.backend_types, BackendType::defaults());
         // The same file again: nothing changed.
         let again = running.clone();
@@ -651,6 +719,8 @@ mod tests {
                 "device[0].rbd_op_timeout_secs",
             ),
             ("[[backend_type]]\nname = \"a/b\"", "backend_type[0].name"),
+            ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("[metrics]\nlisten = \"run/m.sock\"", "metrics.listen"),
             (
                 "[[backend_type]]\nname = \"qdisk\"\nwait_for_hotplug = true",
                 "backend_type[0].wait_for_hotplug",
@@ -670,5 +740,21 @@ mod tests {
             Err(ConfigError::Parse { .. })
         ));
         Config::from_toml("[defaults]\nmax_indirect_segments = 0", "t").unwrap();
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_by_default_and_tcp_or_unix() {
+        assert_eq!(Config::default().metrics.endpoint().unwrap(), None);
+        let c = Config::from_toml("[metrics]\nlisten = \"[::1]:9477\"", "t").unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("[::1]:9477".parse().unwrap()))
+        );
+        let c = Config::from_toml("[metrics]\nlisten = \"/run/xenblkd/metrics\"", "t").unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Unix("/run/xenblkd/metrics".into()))
+        );
+        assert!(Config::from_toml("[metrics]\nport = 1", "t").is_err());
     }
 }

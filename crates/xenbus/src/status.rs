@@ -64,6 +64,29 @@ pub struct DeviceStatus {
     /// Paused by the operator (`xenblkd pause`): no request is taken until `resume`.
     #[serde(default)]
     pub paused: bool,
+    /// Request latency per operation (`read`, `write`, `flush`, `discard`), while
+    /// connected.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, LatencyHistogram>,
+}
+
+/// How long one operation's requests took: a histogram, from the engine's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    /// Upper bounds of the buckets, in microseconds, increasing.
+    pub bounds_us: Vec<u64>,
+    /// Requests per bucket, not cumulative: one count per bound, then the requests
+    /// above the last bound.
+    pub counts: Vec<u64>,
+    /// Sum of the requests' latencies, in nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl LatencyHistogram {
+    /// Requests counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 /// A control-socket request.
@@ -275,6 +298,14 @@ mod tests {
             }),
             disconnecting: false,
             paused: false,
+            latency: BTreeMap::from([(
+                "read".to_string(),
+                LatencyHistogram {
+                    bounds_us: vec![10, 100],
+                    counts: vec![1, 2, 0],
+                    sum_ns: 150_000,
+                },
+            )]),
         }
     }
 

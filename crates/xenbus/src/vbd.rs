@@ -244,6 +244,11 @@ pub trait ConnectedVbd: Send {
     /// Counters (requests, sectors, errors, persistent grants in use, ...), by name.
     fn stats(&self) -> BTreeMap<String, u64>;
 
+    /// Request latency histograms, by operation (`read`, `write`, `flush`, `discard`).
+    fn latency(&self) -> BTreeMap<String, crate::status::LatencyHistogram> {
+        BTreeMap::new()
+    }
+
     /// Stops taking requests, waits up to `timeout` for in-flight I/O, unmaps every
     /// grant, unbinds the event channels.
     fn disconnect(self: Box<Self>, timeout: Duration) -> Result<DisconnectReport, VbdError>;

@@ -80,6 +80,7 @@ impl RingRunner {
         let s = self.io.slots_mut().get_mut(slot);
         s.reset(&req);
         s.ticket = ticket;
+        s.started = now;
         Some((slot, req))
     }
 
@@ -97,7 +98,10 @@ impl RingRunner {
                 self.stats.f_req.inc();
                 self.stats.wr_sect.add(req.nr_sectors);
             }
-            Operation::Discard { .. } => self.stats.ds_req.inc(),
+            Operation::Discard { .. } => {
+                self.stats.ds_req.inc();
+                self.stats.ds_sect.add(req.nr_sectors);
+            }
         }
     }
 
@@ -170,6 +174,9 @@ impl RingRunner {
         self.pages.release(s, now);
         let mut status = s.status;
         let (op, id, ticket) = (s.op, s.id, s.ticket);
+        self.stats
+            .latency
+            .record(op, now.saturating_duration_since(s.started));
         if s.unsupported {
             status = BLKIF_RSP_EOPNOTSUPP;
             self.withdraw_feature(op);

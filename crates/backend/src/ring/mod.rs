@@ -257,7 +257,6 @@ impl RingRunner {
             }
         }
         self.refresh_limits();
-        let now = Instant::now();
 
         // Bounded: each pass either consumes requests or finishes some, and the ring holds
         // at most `size` of them; the loop ends when a pass made no progress.
@@ -269,6 +268,9 @@ impl RingRunner {
         // gives): a frontend that went to sleep starts on the completions while this ring
         // is still consuming, instead of after it.
         loop {
+            // One clock reading per pass (not per request): the time of the requests'
+            // latency (`crate::latency`), of persistent-grant use and of bounce pages.
+            let now = Instant::now();
             let mut progress = self.reap(now);
             progress |= self.resume(now);
             self.publish();

@@ -50,6 +50,8 @@ pub(super) struct Slot {
     pub(super) sector: u64,
     pub(super) nr_sectors: u64,
     pub(super) status: i16,
+    /// The start of the pass that took the request off the ring (its latency's origin).
+    pub(super) started: std::time::Instant,
     /// The failing operation was refused as unsupported (EOPNOTSUPP).
     pub(super) unsupported: bool,
     pub(super) phase: Phase,
@@ -72,6 +74,7 @@ impl Slot {
             sector: 0,
             nr_sectors: 0,
             status: BLKIF_RSP_OKAY,
+            started: std::time::Instant::now(),
             unsupported: false,
             phase: Phase::Idle,
             pending: 0,

@@ -6,7 +6,8 @@
 //! simulated hypervisor comes first and prints `ok attach ms=N` (how long it took).
 //!
 //! Steps (comma separated): `connect`, `io:N` (N verified write/read-back rounds),
-//! `flush`, `discard`, `expect-read-error` (a write succeeds, a read fails), `expect-write-error`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
+//! `flush`, `discard`, `writes:N` / `reads:N` (N one-page requests, at pages 0..N),
+//! `expect-read-error` (a write succeeds, a read fails), `expect-write-error`, `ro-check` (the disk is read-only: reads work, a write fails), `loop` (verified I/O until the backend goes away; ends `ok loop`),
 //! `close` (guest-initiated, checks every grant came back), `reconnect`, `wait-close`
 //! (until the backend closes the device), `wait-capacity:BYTES` (until an online resize
 //! reached the frontend), `wait-file:PATH` (until the test creates PATH),
@@ -401,6 +402,22 @@ impl Guest {
             "flush" => {
                 self.frontend()?.flush()?;
                 Ok(String::new())
+            }
+            // Exactly N requests of one page each, at pages 0..N (counters a test checks).
+            "writes" | "reads" => {
+                let n: u64 = arg.parse().with_context(|| format!("{name}:N"))?;
+                let fe = self.frontend()?;
+                let mut page = vec![0u8; 4096];
+                for i in 0..n {
+                    if name == "writes" {
+                        page.fill(i as u8);
+                        fe.write(i * 4096, &page)?;
+                        self.mirror(i * 4096, &page)?;
+                    } else {
+                        fe.read(i * 4096, &mut page)?;
+                    }
+                }
+                Ok(format!("{n}"))
             }
             "discard" => {
                 let fe = self.frontend()?;

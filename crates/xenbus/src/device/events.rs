@@ -230,6 +230,10 @@ impl Device {
                 Some(Rings::Up(vbd)) => vbd.stats(),
                 _ => Default::default(),
             },
+            latency: match session.map(|s| &s.rings) {
+                Some(Rings::Up(vbd)) => vbd.latency(),
+                _ => Default::default(),
+            },
             error: match &self.phase {
                 Phase::Failed { error }
                 | Phase::Disconnecting {
