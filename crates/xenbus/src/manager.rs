@@ -472,6 +472,7 @@ impl Manager {
         let ctx_parts = self.ctx_parts();
         let mut fx = Vec::new();
         let dev = self.devices.get_mut(key)?;
+        let _guest = guest_span(dev.guest.as_deref()).entered();
         let bt = self.config.backend_type(&key.backend_type)?;
         let ctx = ctx_parts.ctx(&self.store, &self.factory, &self.config, bt);
         let r = f(dev, &ctx, &mut fx);
@@ -485,6 +486,23 @@ impl Manager {
             tx: self.tx.clone(),
             shutting_down: self.shutdown_deadline.is_some(),
         }
+    }
+
+    /// The toolstack's name for domain `domid` (`/local/domain/<domid>/name`, which
+    /// libxl writes and the guest cannot), made safe for a log line: printable
+    /// characters only, at most [`MAX_GUEST_NAME`] of them. None when there is none.
+    fn guest_name(&self, domid: u32) -> Option<String> {
+        let raw = self
+            .store
+            .read_string(&format!("/local/domain/{domid}/name"))
+            .ok()
+            .flatten()?;
+        let name: String = raw
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_GUEST_NAME)
+            .collect();
+        (!name.is_empty()).then_some(name)
     }
 
     /// Reconciles one device, creating it on first sight and forgetting it when done.
@@ -515,6 +533,7 @@ impl Manager {
             }
             debug!(device = %key, "new device");
             let mut dev = Device::new(key.clone(), backend_path);
+            dev.guest = self.guest_name(key.domid);
             // A device left behind by a domain that died while we were not running (or
             // before we saw it): never open its storage; tear down what is ours.
             if !self.domain_alive(key.domid)? {
@@ -538,6 +557,7 @@ impl Manager {
             info!(device = %key, domid = key.domid, "the device-model claim is gone: letting the device go");
         }
         dev.claimed = claimed;
+        let _guest = guest_span(dev.guest.as_deref()).entered();
         let ctx = parts.ctx(&self.store, &self.factory, &self.config, &bt);
         let mut fx = Vec::new();
         let result = dev.reconcile(&ctx, &mut fx);
@@ -700,5 +720,18 @@ impl SessionSinks for CtxParts {
                 event,
             });
         })
+    }
+}
+
+/// The longest guest name a log line carries (libxl allows any length).
+const MAX_GUEST_NAME: usize = 64;
+
+/// A span naming the guest, entered while a device's events are handled, so that every
+/// lifecycle line names the guest as well as the device: `guest{name=web01}:` on
+/// stderr, a `GUEST_NAME` field in the journal.
+fn guest_span(name: Option<&str>) -> tracing::Span {
+    match name {
+        Some(name) => tracing::info_span!("guest", name),
+        None => tracing::Span::none(),
     }
 }

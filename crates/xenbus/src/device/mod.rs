@@ -307,6 +307,9 @@ pub(crate) struct Device {
     pub domain_gone: bool,
     /// We may serve the device: its type needs no device-model claim, or the claim is there.
     pub claimed: bool,
+    /// The toolstack's name of the guest, read when the device was first seen; lifecycle
+    /// log lines carry it.
+    pub guest: Option<String>,
     /// The id of the last session connected; reports of older ones are stale.
     session_id: u64,
     /// The id of the last open started; reports of older ones are stale.
@@ -350,6 +353,7 @@ impl Device {
             frontend_seen: false,
             domain_gone: false,
             claimed: true,
+            guest: None,
             session_id: 0,
             open_id: 0,
             sessions: 0,
