@@ -56,6 +56,8 @@ pub struct Setup {
     pub legacy_keys: bool,
     /// Written after the standard nodes (value `None`: the node is removed).
     pub nodes: Vec<(String, Option<String>)>,
+    /// Every ring index starts here (ring.h's indices are free-running u32s).
+    pub start_index: u32,
 }
 
 impl Default for Setup {
@@ -68,6 +70,7 @@ impl Default for Setup {
             persistent: true,
             legacy_keys: true,
             nodes: Vec::new(),
+            start_index: 0,
         }
     }
 }
@@ -247,7 +250,13 @@ impl RawFront {
 
     /// Allocates, grants and initialises `queues` rings of `2^order` pages each, with
     /// their event channels (nothing written to xenstore).
-    pub fn build_rings(&mut self, queues: u32, order: u32, abi: Protocol) -> Result<(), Verdict> {
+    pub fn build_rings(
+        &mut self,
+        queues: u32,
+        order: u32,
+        abi: Protocol,
+        start: u32,
+    ) -> Result<(), Verdict> {
         self.abi = abi;
         for _ in 0..queues {
             let pages = 1usize << order;
@@ -260,7 +269,7 @@ impl RawFront {
                 grefs.push(g);
             }
             let mem = self.guest.map_frames(&frames)?;
-            let front = FrontRing::new(mem, abi)?;
+            let front = FrontRing::new_at(mem, abi, start)?;
             let evtchn = self.guest.alloc_event_channel(self.backend_domid)?;
             self.rings.push(Ring {
                 front,
@@ -333,7 +342,7 @@ impl RawFront {
     /// Builds the rings, publishes them, writes Initialised and waits for the backend
     /// to connect or give up.
     pub fn connect(&mut self, setup: &Setup) -> Result<Connect, Verdict> {
-        self.build_rings(setup.queues, setup.order, setup.abi)?;
+        self.build_rings(setup.queues, setup.order, setup.abi, setup.start_index)?;
         let nodes = self.ring_nodes(setup);
         self.write_nodes(&nodes)?;
         self.write_state(XenbusState::Initialised)?;
@@ -537,6 +546,19 @@ impl RawFront {
                 "backend did not close: {s:?} after the frontend's Closed"
             )));
         }
+        if !still.is_empty() {
+            return Err(Verdict::fail(format!(
+                "{} grant(s) still mapped by the backend after it went Closed: {still:?}",
+                still.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the connection's grants (the backend must have let go of them: it is
+    /// Closed) and forgets its rings, keeping the device for another connection.
+    pub fn release_connection(&mut self) -> Result<(), Verdict> {
+        let still = self.end_all_grants();
         if !still.is_empty() {
             return Err(Verdict::fail(format!(
                 "{} grant(s) still mapped by the backend after it went Closed: {still:?}",

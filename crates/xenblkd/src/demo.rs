@@ -17,7 +17,7 @@ use blkfront::sim::SimGuestServices;
 use blkfront::{FrontendConfig, XenbusFrontend};
 use indicatif::{ProgressBar, ProgressStyle};
 use platform::sim::{GuestConfig, SimGuest, SimPlatform};
-use platform::{GrantMapper, Platform};
+use platform::GrantMapper;
 use xenbus::config::XENBLKD_BACKEND_TYPE;
 use xenbus::toolstack::{self, DiskSpec, Removal};
 use xenbus::xs::XsStore;
