@@ -118,12 +118,26 @@ fn bad_grant(ctx: &mut Ctx<'_>, op: u8, how: &'static str) -> CaseResult {
     f.close()
 }
 
-fn readonly_grant_write(ctx: &mut Ctx<'_>) -> CaseResult {
-    // blkback xen_blkbk_map maps data pages read-only for writes.
-    let mut f = dev(ctx)?;
+/// A write whose data page is granted read-only. blkback xen_blkbk_map maps data pages
+/// read-only for writes only without persistent grants (`!use_persistent_gnts && ro`):
+/// with them every fresh grant is mapped writable, to be reused for reads, and a
+/// read-only grant fails the map (ERROR).
+fn readonly_grant_write(ctx: &mut Ctx<'_>, persistent: bool) -> CaseResult {
+    let mut f = connected(
+        ctx,
+        DeviceRequest::default(),
+        &Setup {
+            persistent,
+            ..Setup::default()
+        },
+    )?;
     let b = f.buffer(1, true)?;
     f.fill(&b, |_| pattern(0x81, 0))?;
     let w = direct(BLKIF_OP_WRITE, 0x81, f.handle, 16, &page_segs(&b.grefs))?;
+    if persistent && f.adv.persistent {
+        f.expect(&w, BLKIF_RSP_ERROR)?;
+        return f.close();
+    }
     f.expect(&w, BLKIF_RSP_OKAY)?;
     let rb = f.buffer(1, false)?;
     let r = direct(BLKIF_OP_READ, 0x82, f.handle, 16, &page_segs(&rb.grefs))?;
@@ -302,8 +316,14 @@ pub(super) fn cases() -> Vec<Case> {
     v.push(case(
         G,
         "readonly-grant-write",
-        "blkback xen_blkbk_map (GNTMAP_readonly for writes)",
-        readonly_grant_write,
+        "blkback xen_blkbk_map (GNTMAP_readonly for writes without persistent grants)",
+        |c| readonly_grant_write(c, false),
+    ));
+    v.push(case(
+        G,
+        "readonly-grant-write-persistent",
+        "blkback xen_blkbk_map (persistent grants are mapped writable: ERROR)",
+        |c| readonly_grant_write(c, true),
     ));
     v.push(case(
         G,

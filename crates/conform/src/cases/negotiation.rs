@@ -48,6 +48,31 @@ fn ring_order(ctx: &mut Ctx<'_>, order: u32) -> CaseResult {
     f.close()
 }
 
+fn ring_order_above_max(ctx: &mut Ctx<'_>) -> CaseResult {
+    let mut f = RawFront::open(ctx, DeviceRequest::default())?;
+    let order = f.adv.max_ring_order + 1;
+    let setup = Setup {
+        order: order.min(blkif::abi::MAX_RING_PAGE_ORDER),
+        ..Setup::default()
+    };
+    f.build_rings(1, setup.order, setup.abi, 0)?;
+    let mut nodes = f.ring_nodes(&setup);
+    // Beyond the largest ring blkif.h defines: one granted page per extra reference.
+    for i in (1u32 << setup.order)..(1u32 << order) {
+        let g = f.grant_to(f.backend_domid, false)?.1;
+        nodes.push((format!("ring-ref{i}"), Some(g.to_string())));
+    }
+    nodes.push(("ring-page-order".into(), Some(order.to_string())));
+    f.write_nodes(&nodes)?;
+    f.write_state(XenbusState::Initialised)?;
+    match f.await_connect()? {
+        Connect::Refused { .. } => Ok(()),
+        other => Err(Verdict::fail(format!(
+            "ring-page-order {order} above max-ring-page-order: expected a refusal, got {other:?}"
+        ))),
+    }
+}
+
 fn queues(ctx: &mut Ctx<'_>, want: Option<u32>) -> CaseResult {
     let mut f = RawFront::open(ctx, DeviceRequest::default())?;
     let n = want.unwrap_or(f.adv.max_queues);
@@ -204,12 +229,21 @@ fn initialised_again(ctx: &mut Ctx<'_>) -> CaseResult {
     f.close()
 }
 
-fn ring_ref_ungranted(ctx: &mut Ctx<'_>) -> CaseResult {
+/// `ring-ref` names a page the backend may not map: a revoked grant (`foreign` false)
+/// or one granted to another domain.
+fn ring_ref_unusable(ctx: &mut Ctx<'_>, foreign: bool) -> CaseResult {
     let mut f = RawFront::open(ctx, DeviceRequest::default())?;
-    let (_, g) = f.grant_to(f.backend_domid, false)?;
-    f.revoke(g)?;
     let setup = Setup::default();
+    // The rings first: a grant reference revoked before them could be reused by them.
     f.build_rings(1, 0, setup.abi, 0)?;
+    let g = if foreign {
+        let other = f.backend_domid.wrapping_add(7);
+        f.grant_to(other, false)?.1
+    } else {
+        let g = f.grant_to(f.backend_domid, false)?.1;
+        f.revoke(g)?;
+        g
+    };
     let mut nodes = f.ring_nodes(&setup);
     nodes.push(("ring-ref".into(), Some(g.to_string())));
     f.write_nodes(&nodes)?;
@@ -245,12 +279,7 @@ pub(super) fn cases() -> Vec<Case> {
         G,
         "ring-order-above-max",
         "blkback read_per_ring_refs (order > max_ring_page_order is fatal)",
-        |c| {
-            refused_with(c, |f| Setup {
-                order: f.adv.max_ring_order + 1,
-                ..Setup::default()
-            })
-        },
+        ring_order_above_max,
     ));
     v.push(case(
         G,
@@ -387,9 +416,15 @@ pub(super) fn cases() -> Vec<Case> {
     }
     v.push(case(
         G,
-        "ring-ref-ungranted",
+        "ring-ref-revoked",
         "blkback xen_blkif_map (xenbus_map_ring fails: fatal)",
-        ring_ref_ungranted,
+        |c| ring_ref_unusable(c, false),
+    ));
+    v.push(case(
+        G,
+        "ring-ref-foreign",
+        "blkback xen_blkif_map (xenbus_map_ring fails: fatal)",
+        |c| ring_ref_unusable(c, true),
     ));
     v.push(case(
         G,
