@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blkif::abi::{Protocol, PAGE_SIZE};
-use blkif::{FrontRing, RawRequest, Response, Segment};
 use blkfront::guest::{EndAccessError, Frame, GrantRef};
 use blkfront::{Guest, GuestEventChannel};
+use blkif::abi::{Protocol, PAGE_SIZE};
+use blkif::{FrontRing, RawRequest, Response, Segment};
 use xenstore::{XenbusState, XsClient, XsOps};
 
 use crate::target::{Device, DeviceRequest};
@@ -180,9 +180,8 @@ impl RawFront {
         }
         f.adv.max_queues = f.read_u64("multi-queue-max-queues")?.unwrap_or(1) as u32;
         f.adv.max_ring_order = f.read_u64("max-ring-page-order")?.unwrap_or(0) as u32;
-        f.adv.max_indirect_segments = f
-            .read_u64("feature-max-indirect-segments")?
-            .unwrap_or(0) as u32;
+        f.adv.max_indirect_segments =
+            f.read_u64("feature-max-indirect-segments")?.unwrap_or(0) as u32;
         Ok(f)
     }
 
@@ -294,7 +293,9 @@ impl RawFront {
                 "multi-queue-num-queues".into(),
                 Some(self.rings.len().to_string()),
             ));
-            (0..self.rings.len()).map(|i| format!("queue-{i}/")).collect()
+            (0..self.rings.len())
+                .map(|i| format!("queue-{i}/"))
+                .collect()
         };
         for (dir, r) in dirs.iter().zip(&self.rings) {
             if multi_page {
@@ -370,9 +371,7 @@ impl RawFront {
     pub fn connect_ok(&mut self, setup: &Setup) -> Result<(), Verdict> {
         match self.connect(setup)? {
             Connect::Connected => Ok(()),
-            other => Err(Verdict::fail(format!(
-                "backend did not connect: {other:?}"
-            ))),
+            other => Err(Verdict::fail(format!("backend did not connect: {other:?}"))),
         }
     }
 

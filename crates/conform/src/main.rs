@@ -20,7 +20,11 @@ enum TargetKind {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "blkif-conform", version, about = "Conformance and hostile-frontend suite for Xen PV block backends")]
+#[command(
+    name = "blkif-conform",
+    version,
+    about = "Conformance and hostile-frontend suite for Xen PV block backends"
+)]
 struct Args {
     /// Where the backend under test runs.
     #[arg(long, value_enum, default_value = "sim")]
@@ -56,7 +60,10 @@ fn main() -> ExitCode {
         .init();
     let cases = conform::catalogue();
     if args.list {
-        for c in cases.iter().filter(|c| conform::runner::matches(args.filter.as_deref(), &c.name)) {
+        for c in cases
+            .iter()
+            .filter(|c| conform::runner::matches(args.filter.as_deref(), &c.name))
+        {
             println!("{}\t{}", c.name, c.source);
         }
         return ExitCode::SUCCESS;

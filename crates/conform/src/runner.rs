@@ -147,9 +147,9 @@ fn run_one(target: &mut dyn Target, case: &Case) -> CaseResult {
     result?;
     released.map_err(|e| Verdict::fail(format!("releasing the device: {e}")))?;
     probe(target).map_err(|e| match e {
-        Verdict::Fail(r) | Verdict::Skip(r) => {
-            Verdict::fail(format!("backend did not stay up: a fresh connection failed: {r}"))
-        }
+        Verdict::Fail(r) | Verdict::Skip(r) => Verdict::fail(format!(
+            "backend did not stay up: a fresh connection failed: {r}"
+        )),
     })?;
     if let Some(l) = target.leaks() {
         if !l.is_clean() {
@@ -201,8 +201,11 @@ mod tests {
         assert!(matches(None, "a.b"));
         assert!(matches(Some("neg"), "negotiation.ring-order-0"));
         assert!(!matches(Some("hostile"), "negotiation.ring-order-0"));
-        assert!(matches(Some("x,ring-order-*"), "negotiation.ring-order-0") == false);
-        assert!(matches(Some("x,*.ring-order-*"), "negotiation.ring-order-0"));
+        assert!(!matches(Some("x,ring-order-*"), "negotiation.ring-order-0"));
+        assert!(matches(
+            Some("x,*.ring-order-*"),
+            "negotiation.ring-order-0"
+        ));
         assert!(matches(Some("*order-0"), "negotiation.ring-order-0"));
         assert!(!matches(Some("*order-1"), "negotiation.ring-order-0"));
     }

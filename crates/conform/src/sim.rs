@@ -169,8 +169,9 @@ impl Target for SimTarget {
 
     fn release_device(&mut self, frontend: &str, backend: &str) -> Result<(), TargetError> {
         let host = self.host()?;
-        let removal = toolstack::remove_disk(&host.store(), backend, frontend, Duration::from_secs(5))
-            .map_err(|e| TargetError::failed(format!("removing {backend}: {e}")))?;
+        let removal =
+            toolstack::remove_disk(&host.store(), backend, frontend, Duration::from_secs(5))
+                .map_err(|e| TargetError::failed(format!("removing {backend}: {e}")))?;
         match removal {
             toolstack::Removal::Forced => Err(TargetError::failed(format!(
                 "{backend} did not reach Closed when the toolstack removed it"
@@ -184,8 +185,9 @@ impl Target for SimTarget {
         // domain, then the backend is asked to close and its directory removed.
         let host = self.host()?;
         host.dom0.rm(frontend).map_err(TargetError::failed)?;
-        let removal = toolstack::remove_disk(&host.store(), backend, frontend, Duration::from_secs(5))
-            .map_err(|e| TargetError::failed(format!("removing {backend}: {e}")))?;
+        let removal =
+            toolstack::remove_disk(&host.store(), backend, frontend, Duration::from_secs(5))
+                .map_err(|e| TargetError::failed(format!("removing {backend}: {e}")))?;
         match removal {
             toolstack::Removal::Forced => Err(TargetError::failed(format!(
                 "{backend} did not close after its guest died"

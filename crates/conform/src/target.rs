@@ -79,12 +79,18 @@ pub trait Target {
     fn open_device(&mut self, req: &DeviceRequest) -> Result<Device, TargetError>;
     /// Gives a device back once its frontend is done (simulator: the toolstack removes
     /// it as `xl block-detach` does; real Xen: nothing, the next open resets it).
-    fn release_device(&mut self, frontend_path: &str, backend_path: &str)
-        -> Result<(), TargetError>;
+    fn release_device(
+        &mut self,
+        frontend_path: &str,
+        backend_path: &str,
+    ) -> Result<(), TargetError>;
     /// The guest dies while the device is in use: the toolstack tears the device down
     /// without the frontend's cooperation (simulator only).
-    fn kill_guest_device(&mut self, frontend_path: &str, backend_path: &str)
-        -> Result<(), TargetError>;
+    fn kill_guest_device(
+        &mut self,
+        frontend_path: &str,
+        backend_path: &str,
+    ) -> Result<(), TargetError>;
     /// The backend's resources held now, or `None` if this target cannot see them.
     fn leaks(&self) -> Option<Leaks>;
     /// How long a case waits for an answer the backend owes.

@@ -155,7 +155,9 @@ impl Guest for LinuxGuest {
 
     fn map_frames(&self, frames: &[Frame]) -> Result<SharedMemory, GuestError> {
         // Rings are allocated as one gntalloc batch and mapped whole.
-        let first = frames.first().ok_or(GuestError::OutOfMemory { wanted: 0 })?;
+        let first = frames
+            .first()
+            .ok_or(GuestError::OutOfMemory { wanted: 0 })?;
         let s = self.slot(*first)?;
         let whole = s.pages.grefs().len() == frames.len()
             && frames.iter().enumerate().all(|(i, f)| {
@@ -171,7 +173,12 @@ impl Guest for LinuxGuest {
         Ok(s.pages.view())
     }
 
-    fn grant_access(&self, domid: u16, frame: Frame, readonly: bool) -> Result<GrantRef, GuestError> {
+    fn grant_access(
+        &self,
+        domid: u16,
+        frame: Frame,
+        readonly: bool,
+    ) -> Result<GrantRef, GuestError> {
         let s = self.slot(frame)?;
         if domid == self.backend_domid && !readonly {
             return Ok(s.pages.grefs()[s.index]);
@@ -280,15 +287,17 @@ impl Target for XenTarget {
 
     fn open_device(&mut self, req: &DeviceRequest) -> Result<Device, TargetError> {
         let vbd = if req.read_only {
-            self.ro_vbd
-                .ok_or_else(|| TargetError::Unsupported("no read-only vbd given (--ro-vbd)".into()))?
+            self.ro_vbd.ok_or_else(|| {
+                TargetError::Unsupported("no read-only vbd given (--ro-vbd)".into())
+            })?
         } else {
             self.vbd
         };
         let xs = xs().map_err(TargetError::failed)?;
         let fe = format!("/local/domain/{}/device/vbd/{vbd}", self.domid);
         let be = String::from_utf8_lossy(
-            &xs.read(&format!("{fe}/backend")).map_err(TargetError::failed)?,
+            &xs.read(&format!("{fe}/backend"))
+                .map_err(TargetError::failed)?,
         )
         .into_owned();
         if req.no_discard {

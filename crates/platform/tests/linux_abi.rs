@@ -297,8 +297,14 @@ fn rust_values() -> Vec<(&'static str, i64)> {
             z(offset_of!(ioctl_gntalloc_dealloc_gref, count)),
         ),
         ("GNTALLOC_FLAG_WRITABLE", GNTALLOC_FLAG_WRITABLE.into()),
-        ("IOCTL_GNTALLOC_ALLOC_GREF", IOCTL_GNTALLOC_ALLOC_GREF.into()),
-        ("IOCTL_GNTALLOC_DEALLOC_GREF", IOCTL_GNTALLOC_DEALLOC_GREF.into()),
+        (
+            "IOCTL_GNTALLOC_ALLOC_GREF",
+            IOCTL_GNTALLOC_ALLOC_GREF.into(),
+        ),
+        (
+            "IOCTL_GNTALLOC_DEALLOC_GREF",
+            IOCTL_GNTALLOC_DEALLOC_GREF.into(),
+        ),
         ("sizeof grant_entry_v1", z(gt::ENTRY_SIZE)),
         ("offsetof grant_entry_v1.domid", 2),
         ("offsetof grant_entry_v1.frame", 4),

@@ -785,4 +785,3 @@ mod tests {
         assert_eq!(gauges.read()["grant_map_guests"], 0);
     }
 }
-

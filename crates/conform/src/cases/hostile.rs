@@ -343,12 +343,7 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback xen_blkif_disconnect (waits for in-flight I/O, unmaps)",
         close_mid_io,
     ));
-    v.push(case(
-        G,
-        "state-flapping",
-        "blkback frontend_changed",
-        flap,
-    ));
+    v.push(case(G, "state-flapping", "blkback frontend_changed", flap));
     v.push(case(
         G,
         "guest-death-mid-io",

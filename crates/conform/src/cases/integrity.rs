@@ -42,7 +42,14 @@ pub(crate) fn indirect_round(f: &mut RawFront, n: usize, seed: u64) -> CaseResul
 
 /// Fills the ring: `depth` writes of `pages` pages each in flight at once, then the
 /// same as reads into fresh pages, every page verified.
-fn deep(f: &mut RawFront, q: usize, depth: usize, pages: usize, base: u64, seed: u64) -> CaseResult {
+fn deep(
+    f: &mut RawFront,
+    q: usize,
+    depth: usize,
+    pages: usize,
+    base: u64,
+    seed: u64,
+) -> CaseResult {
     let bufs: Vec<Buf> = (0..depth)
         .map(|_| f.buffer(pages, false))
         .collect::<Result<_, _>>()?;
@@ -53,7 +60,15 @@ fn deep(f: &mut RawFront, q: usize, depth: usize, pages: usize, base: u64, seed:
     let writes: Vec<RawRequest> = bufs
         .iter()
         .enumerate()
-        .map(|(i, b)| direct(BLKIF_OP_WRITE, i as u64, f.handle, base + i as u64 * span, &page_segs(&b.grefs)))
+        .map(|(i, b)| {
+            direct(
+                BLKIF_OP_WRITE,
+                i as u64,
+                f.handle,
+                base + i as u64 * span,
+                &page_segs(&b.grefs),
+            )
+        })
         .collect::<Result<_, _>>()?;
     f.submit_all(q, &writes)?;
     answered(f, q, &writes)?;
@@ -63,7 +78,15 @@ fn deep(f: &mut RawFront, q: usize, depth: usize, pages: usize, base: u64, seed:
     let reads: Vec<RawRequest> = bufs
         .iter()
         .enumerate()
-        .map(|(i, b)| direct(BLKIF_OP_READ, 1000 + i as u64, f.handle, base + i as u64 * span, &page_segs(&b.grefs)))
+        .map(|(i, b)| {
+            direct(
+                BLKIF_OP_READ,
+                1000 + i as u64,
+                f.handle,
+                base + i as u64 * span,
+                &page_segs(&b.grefs),
+            )
+        })
         .collect::<Result<_, _>>()?;
     f.submit_all(q, &reads)?;
     answered(f, q, &reads)?;
@@ -149,7 +172,13 @@ fn sector_granular(ctx: &mut Ctx<'_>) -> CaseResult {
     let page = crate::front::pattern(0x5000, 0);
     f.fill(&src, |_| page.clone())?;
     for s in 0..8u8 {
-        let w = direct(BLKIF_OP_WRITE, u64::from(s), f.handle, 512 + u64::from(s), &[seg(src.grefs[0], s, s)])?;
+        let w = direct(
+            BLKIF_OP_WRITE,
+            u64::from(s),
+            f.handle,
+            512 + u64::from(s),
+            &[seg(src.grefs[0], s, s)],
+        )?;
         f.expect(&w, BLKIF_RSP_OKAY)?;
     }
     let dst = f.buffer(1, false)?;

@@ -132,7 +132,10 @@ fn indirect_max(ctx: &mut Ctx<'_>) -> CaseResult {
     let mut f = connected(ctx, DeviceRequest::default(), &Setup::default())?;
     let max = f.adv.max_indirect_segments;
     require(max > 11, "backend offers no indirect descriptors")?;
-    require(max <= 4096, format!("{max} segments is more than the suite allocates"))?;
+    require(
+        max <= 4096,
+        format!("{max} segments is more than the suite allocates"),
+    )?;
     super::integrity::indirect_round(&mut f, max as usize, 0x1d1)?;
     f.close()
 }
@@ -143,7 +146,10 @@ fn indirect_over(ctx: &mut Ctx<'_>) -> CaseResult {
     require(max > 11, "backend offers no indirect descriptors")?;
     let n = max as usize + 1;
     let pages = n.div_ceil(512);
-    require(pages <= 8, "the limit plus one does not fit 8 indirect pages")?;
+    require(
+        pages <= 8,
+        "the limit plus one does not fit 8 indirect pages",
+    )?;
     let data = f.buffer(n.min(64), false)?;
     let ind = f.buffer(pages, false)?;
     let segs: Vec<_> = (0..n)
@@ -172,7 +178,10 @@ fn reconnect(ctx: &mut Ctx<'_>, skip_closing: bool) -> CaseResult {
     }
     f.write_state(XenbusState::Closed)?;
     let s = f.wait_backend(|s| s == XenbusState::Closed)?;
-    ensure(s == XenbusState::Closed, format!("backend is {s:?} after Closed"))?;
+    ensure(
+        s == XenbusState::Closed,
+        format!("backend is {s:?} after Closed"),
+    )?;
     // blkif_free: the old rings' grants end once the backend let go of them.
     let fe = f.fe.clone();
     drop_rings_and_reopen(&mut f)?;
@@ -327,7 +336,12 @@ pub(super) fn cases() -> Vec<Case> {
         G,
         "queues-zero",
         "blkback connect_ring (0 queues is fatal)",
-        |c| refused(c, &with_nodes(vec![node("multi-queue-num-queues", Some("0"))])),
+        |c| {
+            refused(
+                c,
+                &with_nodes(vec![node("multi-queue-num-queues", Some("0"))]),
+            )
+        },
     ));
     for (name, p) in [
         ("abi-x86_32", Protocol::X86_32),
@@ -344,7 +358,13 @@ pub(super) fn cases() -> Vec<Case> {
         G,
         "abi-native-name",
         "blkif.h XEN_IO_PROTO_ABI_NATIVE",
-        |c| abi(c, Protocol::native(), Some(Protocol::native().xenstore_name())),
+        |c| {
+            abi(
+                c,
+                Protocol::native(),
+                Some(Protocol::native().xenstore_name()),
+            )
+        },
     ));
     v.push(case(
         G,

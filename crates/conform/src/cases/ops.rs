@@ -4,8 +4,7 @@
 
 use blkif::abi::{
     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_RESERVED_1,
-    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
-    BLKIF_RSP_OKAY,
+    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
 };
 use blkif::{RawRequest, Segment};
 
@@ -77,7 +76,10 @@ fn sub_page(ctx: &mut Ctx<'_>) -> CaseResult {
     let mut got = vec![0u8; 8192];
     f.read_page(dst.frames[0], 0, &mut got[..4096])?;
     f.read_page(dst.frames[1], 0, &mut got[4096..])?;
-    ensure(got == expect, "sub-page segments landed on the wrong sectors")?;
+    ensure(
+        got == expect,
+        "sub-page segments landed on the wrong sectors",
+    )?;
     f.close()
 }
 
@@ -92,7 +94,10 @@ fn read_only(ctx: &mut Ctx<'_>, write: bool) -> CaseResult {
     )?;
     ensure(
         f.adv.read_only(),
-        format!("read-only device without VDISK_READONLY in info ({:#x})", f.adv.info),
+        format!(
+            "read-only device without VDISK_READONLY in info ({:#x})",
+            f.adv.info
+        ),
     )?;
     let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
     let req = one_page(&mut f, op, 0)?;
@@ -138,7 +143,10 @@ fn discard(ctx: &mut Ctx<'_>, advertised: bool, secure: bool) -> CaseResult {
         &Setup::default(),
     )?;
     if advertised {
-        require(f.adv.discard, "backend does not offer discard for this device")?;
+        require(
+            f.adv.discard,
+            "backend does not offer discard for this device",
+        )?;
     } else {
         require(!f.adv.discard, "backend offers discard on this device")?;
     }
@@ -234,12 +242,17 @@ fn response_padding(ctx: &mut Ctx<'_>) -> CaseResult {
 
 pub(super) fn cases() -> Vec<Case> {
     let mut v = Vec::new();
-    v.push(case(G, "read-write-one-page", "blkif.h BLKIF_OP_READ/WRITE", |c| {
-        let mut f = dev(c)?;
-        let b = f.buffer(1, false)?;
-        write_read_verify(&mut f, 0, &b, 0, 0x60)?;
-        f.close()
-    }));
+    v.push(case(
+        G,
+        "read-write-one-page",
+        "blkif.h BLKIF_OP_READ/WRITE",
+        |c| {
+            let mut f = dev(c)?;
+            let b = f.buffer(1, false)?;
+            write_read_verify(&mut f, 0, &b, 0, 0x60)?;
+            f.close()
+        },
+    ));
     v.push(case(
         G,
         "read-write-11-segments",
@@ -281,7 +294,13 @@ pub(super) fn cases() -> Vec<Case> {
             move |c| {
                 expect_status(c, BLKIF_RSP_ERROR, |f| {
                     let b = f.buffer(1, false)?;
-                    direct(BLKIF_OP_READ, 0x58, f.handle, 0, &[seg(b.grefs[0], first, last)])
+                    direct(
+                        BLKIF_OP_READ,
+                        0x58,
+                        f.handle,
+                        0,
+                        &[seg(b.grefs[0], first, last)],
+                    )
                 })
             },
         ));
@@ -292,13 +311,18 @@ pub(super) fn cases() -> Vec<Case> {
         "blkif.h first_sect/last_sect (sectors within a page)",
         sub_page,
     ));
-    v.push(case(G, "last-page-of-disk", "blkback xen_vbd_translate", |c| {
-        let mut f = dev(c)?;
-        let b = f.buffer(1, false)?;
-        let last = f.adv.sectors - 8;
-        write_read_verify(&mut f, 0, &b, last, 0x64)?;
-        f.close()
-    }));
+    v.push(case(
+        G,
+        "last-page-of-disk",
+        "blkback xen_vbd_translate",
+        |c| {
+            let mut f = dev(c)?;
+            let b = f.buffer(1, false)?;
+            let last = f.adv.sectors - 8;
+            write_read_verify(&mut f, 0, &b, last, 0x64)?;
+            f.close()
+        },
+    ));
     for (name, back) in [("sector-past-end", 0u64), ("sector-straddles-end", 4)] {
         v.push(case(
             G,
@@ -316,7 +340,11 @@ pub(super) fn cases() -> Vec<Case> {
         G,
         "sector-wraps-around",
         "blkback xen_vbd_translate (sector + nr_sects overflow)",
-        |c| expect_status(c, BLKIF_RSP_ERROR, |f| one_page(f, BLKIF_OP_READ, u64::MAX - 3)),
+        |c| {
+            expect_status(c, BLKIF_RSP_ERROR, |f| {
+                one_page(f, BLKIF_OP_READ, u64::MAX - 3)
+            })
+        },
     ));
     v.push(case(
         G,
@@ -351,7 +379,13 @@ pub(super) fn cases() -> Vec<Case> {
             require(f.adv.flush, "backend does not offer flush")?;
             let b = f.buffer(1, false)?;
             f.fill(&b, |_| pattern(0x66, 0))?;
-            let w = direct(BLKIF_OP_FLUSH_DISKCACHE, 0x59, f.handle, 256, &page_segs(&b.grefs))?;
+            let w = direct(
+                BLKIF_OP_FLUSH_DISKCACHE,
+                0x59,
+                f.handle,
+                256,
+                &page_segs(&b.grefs),
+            )?;
             f.expect(&w, BLKIF_RSP_OKAY)?;
             f.fill(&b, |_| vec![0u8; 4096])?;
             let r = direct(BLKIF_OP_READ, 0x5a, f.handle, 256, &page_segs(&b.grefs))?;
@@ -360,9 +394,12 @@ pub(super) fn cases() -> Vec<Case> {
             f.close()
         },
     ));
-    v.push(case(G, "discard", "blkif.h BLKIF_OP_DISCARD / feature-discard", |c| {
-        discard(c, true, false)
-    }));
+    v.push(case(
+        G,
+        "discard",
+        "blkif.h BLKIF_OP_DISCARD / feature-discard",
+        |c| discard(c, true, false),
+    ));
     v.push(case(
         G,
         "discard-not-advertised",
@@ -381,7 +418,10 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback dispatch_discard_io (xen_vbd_translate)",
         discard_out_of_range,
     ));
-    for (name, op) in [("opcode-reserved-4", BLKIF_OP_RESERVED_1), ("opcode-255", 255u8)] {
+    for (name, op) in [
+        ("opcode-reserved-4", BLKIF_OP_RESERVED_1),
+        ("opcode-255", 255u8),
+    ] {
         v.push(case(
             G,
             name,
@@ -441,7 +481,12 @@ pub(super) fn cases() -> Vec<Case> {
         "blkif.h (id is opaque to the backend, echoed)",
         id_reuse,
     ));
-    v.push(case(G, "request-id-echo", "blkif.h blkif_response.id", id_echo));
+    v.push(case(
+        G,
+        "request-id-echo",
+        "blkif.h blkif_response.id",
+        id_echo,
+    ));
     v.push(case(
         G,
         "response-padding-zero",

@@ -182,13 +182,7 @@ impl Gntalloc {
 fn dealloc(fd: &OwnedFd, index: u64, count: u32) {
     let d = abi::ioctl_gntalloc_dealloc_gref { index, count };
     // SAFETY: IOCTL_GNTALLOC_DEALLOC_GREF only reads this struct.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            abi::IOCTL_GNTALLOC_DEALLOC_GREF as _,
-            &d,
-        )
-    };
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), abi::IOCTL_GNTALLOC_DEALLOC_GREF as _, &d) };
     if rc < 0 {
         tracing::warn!(index, count, error = %io::Error::last_os_error(), "IOCTL_GNTALLOC_DEALLOC_GREF failed");
     }
@@ -221,13 +215,8 @@ impl UnboundEventChannel {
         };
         // SAFETY: IOCTL_EVTCHN_BIND_UNBOUND_PORT only reads this struct; the new port is
         // the return value.
-        let rc = unsafe {
-            libc::ioctl(
-                fd.as_raw_fd(),
-                abi::IOCTL_EVTCHN_BIND_UNBOUND_PORT as _,
-                &b,
-            )
-        };
+        let rc =
+            unsafe { libc::ioctl(fd.as_raw_fd(), abi::IOCTL_EVTCHN_BIND_UNBOUND_PORT as _, &b) };
         if rc < 0 {
             return Err(PlatformError::io(
                 "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
@@ -337,12 +326,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("gntalloc"), b"").expect("file");
         let g = Gntalloc::open_in(dir.path()).expect("open");
-        assert!(matches!(g.alloc(0, 0, false), Err(PlatformError::Protocol(_))));
+        assert!(matches!(
+            g.alloc(0, 0, false),
+            Err(PlatformError::Protocol(_))
+        ));
         assert!(matches!(
             g.alloc(0, MAX_ALLOC_BATCH + 1, false),
             Err(PlatformError::Protocol(_))
         ));
         // The ioctl on a regular file fails: a typed error, nothing mapped.
-        assert!(matches!(g.alloc(0, 1, false), Err(PlatformError::Io { .. })));
+        assert!(matches!(
+            g.alloc(0, 1, false),
+            Err(PlatformError::Io { .. })
+        ));
     }
 }
