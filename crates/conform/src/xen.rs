@@ -36,8 +36,9 @@ struct FrameSlot {
 struct Table {
     next: Frame,
     frames: HashMap<Frame, FrameSlot>,
-    /// Grants made for another domain or read-only: pages of their own.
-    aliases: HashMap<GrantRef, Arc<GrantedPages>>,
+    /// Grants made for another domain or read-only: pages of their own, with the
+    /// frame they stand for.
+    aliases: HashMap<GrantRef, (Frame, Arc<GrantedPages>)>,
 }
 
 /// [`Guest`] over gntalloc and evtchn.
@@ -46,9 +47,9 @@ struct Table {
 /// ends the grant only when the page is freed. So each frame is allocated granted
 /// writable to the backend, and [`Guest::grant_access`] for the backend with write
 /// access returns that grant. A read-only grant, or one for another domain, gets a page
-/// of its own holding a copy of the frame at grant time: the suite uses those only where
-/// the backend must refuse the page, and a read-only grant's content is never read back
-/// through the frame. [`Guest::end_access`] of a frame's own grant takes effect when the
+/// of its own (an alias) holding a copy of the frame, and every later write to the
+/// frame is written to its aliases too; the backend never writes an alias (it may not),
+/// so reads from the frame see what the guest sees. [`Guest::end_access`] of a frame's own grant takes effect when the
 /// frame is freed; a backend still mapping it is invisible from userspace (gntalloc
 /// defers the release), so leaks are not observable here.
 #[derive(Debug)]
@@ -129,6 +130,7 @@ impl Guest for LinuxGuest {
         for f in frames {
             t.frames.remove(f);
         }
+        t.aliases.retain(|_, (f, _)| !frames.contains(f));
     }
 
     fn read_frame(&self, frame: Frame, offset: usize, dst: &mut [u8]) -> Result<(), GuestError> {
@@ -150,7 +152,20 @@ impl Guest for LinuxGuest {
         s.pages
             .memory()
             .write(s.index * PAGE_SIZE + offset, src)
-            .map_err(|_| GuestError::BadFrame(frame))
+            .map_err(|_| GuestError::BadFrame(frame))?;
+        let aliases: Vec<Arc<GrantedPages>> = self
+            .lock()
+            .aliases
+            .values()
+            .filter(|(f, _)| *f == frame)
+            .map(|(_, p)| p.clone())
+            .collect();
+        for a in aliases {
+            a.memory()
+                .write(offset, src)
+                .map_err(|_| GuestError::BadFrame(frame))?;
+        }
+        Ok(())
     }
 
     fn map_frames(&self, frames: &[Frame]) -> Result<SharedMemory, GuestError> {
@@ -194,7 +209,7 @@ impl Guest for LinuxGuest {
             .write(0, &copy)
             .map_err(|_| GuestError::BadFrame(frame))?;
         let g = alias.grefs()[0];
-        self.lock().aliases.insert(g, alias);
+        self.lock().aliases.insert(g, (frame, alias));
         Ok(g)
     }
 

@@ -153,9 +153,9 @@ fn discard(ctx: &mut Ctx<'_>, advertised: bool, secure: bool) -> CaseResult {
     let req = RawRequest::discard(0x56, f.handle, 128, 64, secure);
     let rsp = f.call(&req)?;
     let ok = if secure && !f.adv.secure_discard {
-        // blkback dispatch_discard_io (6.1): without discard-secure the flag is ignored
-        // and a plain discard is done (OKAY); older blkback answered EOPNOTSUPP.
-        // Never ERROR, and never a secure erase the device did not offer.
+        // blkif.h: BLKIF_DISCARD_SECURE is "ignored if discard-secure=0", and blkback
+        // dispatch_discard_io (6.1) does a plain discard (OKAY); EOPNOTSUPP may come at
+        // any time (older blkback answered it here). Never ERROR.
         matches!(rsp.status, BLKIF_RSP_OKAY | BLKIF_RSP_EOPNOTSUPP)
     } else if advertised {
         rsp.status == BLKIF_RSP_OKAY
@@ -409,7 +409,7 @@ pub(super) fn cases() -> Vec<Case> {
     v.push(case(
         G,
         "secure-discard",
-        "blkif.h discard-secure; blkback dispatch_discard_io",
+        "blkif.h BLKIF_DISCARD_SECURE (ignored if discard-secure=0); blkback dispatch_discard_io",
         |c| discard(c, true, true),
     ));
     v.push(case(
