@@ -265,6 +265,53 @@ fn garbage(ctx: &mut Ctx<'_>) -> CaseResult {
     f.close()
 }
 
+/// An indirect request whose descriptor page is unusable, or whose descriptors are.
+fn bad_indirect(ctx: &mut Ctx<'_>, how: &'static str) -> CaseResult {
+    let mut f = dev(ctx)?;
+    crate::cases::require(f.adv.max_indirect_segments > 11, "no indirect descriptors")?;
+    let data = f.buffer(16, false)?;
+    let ind = f.buffer(1, false)?;
+    let mut segs = page_segs(&data.grefs);
+    if how == "descriptor" {
+        segs[9] = seg(data.grefs[9], 2, 8);
+    }
+    crate::cases::integrity::write_descriptors(&f, &ind, &segs)?;
+    if how == "revoked" {
+        f.revoke(ind.grefs[0])?;
+    }
+    let req = RawRequest::indirect(BLKIF_OP_READ, 0x90, f.handle, 0, 16, &ind.grefs)
+        .ok_or_else(|| Verdict::fail("case bug"))?;
+    f.expect(&req, BLKIF_RSP_ERROR)?;
+    f.close()
+}
+
+fn exactly_full(ctx: &mut Ctx<'_>) -> CaseResult {
+    // RING_REQUEST_PROD_OVERFLOW's boundary: `size` unanswered requests are legal.
+    let mut f = dev(ctx)?;
+    let size = f.rings[0].front.size() as u64;
+    let b = f.buffer(1, false)?;
+    for round in 0..3 {
+        let reqs: Vec<RawRequest> = (0..size)
+            .map(|i| {
+                direct(
+                    BLKIF_OP_READ,
+                    round * 1000 + i,
+                    f.handle,
+                    i * 8,
+                    &page_segs(&b.grefs),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        f.submit_all(0, &reqs)?;
+        let got = f.responses(0, size as usize)?;
+        ensure(
+            got.iter().all(|r| r.status == BLKIF_RSP_OKAY),
+            "a request of a full ring failed",
+        )?;
+    }
+    f.close()
+}
+
 fn same_port(ctx: &mut Ctx<'_>) -> CaseResult {
     let mut f = RawFront::open(ctx, DeviceRequest::default())?;
     crate::cases::require(f.adv.max_queues >= 2, "backend offers one queue")?;
@@ -363,6 +410,24 @@ pub(super) fn cases() -> Vec<Case> {
         "random-unknown-opcodes",
         "blkback dispatch_other_io (EOPNOTSUPP, id echoed)",
         garbage,
+    ));
+    v.push(case(
+        G,
+        "indirect-page-revoked",
+        "blkback xen_blkbk_parse_indirect (unmappable indirect page: ERROR)",
+        |c| bad_indirect(c, "revoked"),
+    ));
+    v.push(case(
+        G,
+        "indirect-descriptor-past-page",
+        "blkback xen_blkbk_parse_indirect (last_sect >= 8 in a descriptor: ERROR)",
+        |c| bad_indirect(c, "descriptor"),
+    ));
+    v.push(case(
+        G,
+        "ring-exactly-full",
+        "ring.h RING_REQUEST_PROD_OVERFLOW (a full ring is legal)",
+        exactly_full,
     ));
     v.push(case(
         G,

@@ -5,7 +5,7 @@
 //! an XSA number.
 
 mod hostile;
-mod integrity;
+pub(crate) mod integrity;
 mod negotiation;
 mod ops;
 

@@ -436,6 +436,52 @@ pub(super) fn cases() -> Vec<Case> {
     }
     v.push(case(
         G,
+        "ring-ref-legacy-key-at-order-1",
+        "blkback read_per_ring_refs (ring-page-order present: ring-ref0.. required)",
+        |c| {
+            refused(
+                c,
+                &Setup {
+                    order: 1,
+                    nodes: vec![node("ring-ref", Some("8")), node("ring-ref0", None)],
+                    ..Setup::default()
+                },
+            )
+        },
+    ));
+    v.push(case(
+        G,
+        "queue-directory-missing",
+        "blkback connect_ring (queue-%u/ nodes read per queue)",
+        |c| {
+            let mut f = RawFront::open(c, DeviceRequest::default())?;
+            require(f.adv.max_queues >= 2, "backend offers one queue")?;
+            match f.connect(&Setup {
+                queues: 2,
+                nodes: vec![node("queue-1", None)],
+                ..Setup::default()
+            })? {
+                Connect::Refused { .. } => Ok(()),
+                other => Err(Verdict::fail(format!("expected a refusal, got {other:?}"))),
+            }
+        },
+    ));
+    v.push(case(
+        G,
+        "persistent-garbage",
+        "blkback connect_ring (xenbus_read_unsigned: unparsable means 0)",
+        |c| {
+            let mut f = connected(
+                c,
+                DeviceRequest::default(),
+                &with_nodes(vec![node("feature-persistent", Some("yes"))]),
+            )?;
+            io_on_every_ring(&mut f)?;
+            f.close()
+        },
+    ));
+    v.push(case(
+        G,
         "ring-ref-revoked",
         "blkback xen_blkif_map (xenbus_map_ring fails: fatal)",
         |c| ring_ref_unusable(c, false),

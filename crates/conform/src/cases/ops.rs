@@ -360,6 +360,28 @@ pub(super) fn cases() -> Vec<Case> {
     ));
     v.push(case(
         G,
+        "read-only-discard-refused",
+        "blkback dispatch_discard_io (xen_vbd_translate refuses a write op on a read-only vbd)",
+        |c| {
+            let mut f = connected(
+                c,
+                DeviceRequest {
+                    read_only: true,
+                    ..DeviceRequest::default()
+                },
+                &Setup::default(),
+            )?;
+            let req = RawRequest::discard(0x5b, f.handle, 0, 8, false);
+            let rsp = f.call(&req)?;
+            ensure(
+                rsp.id == req.id() && matches!(rsp.status, BLKIF_RSP_ERROR | BLKIF_RSP_EOPNOTSUPP),
+                format!("discard on a read-only vbd: status {}", rsp.status),
+            )?;
+            f.close()
+        },
+    ));
+    v.push(case(
+        G,
         "flush",
         "blkif.h BLKIF_OP_FLUSH_DISKCACHE / feature-flush-cache",
         |c| cache_op(c, BLKIF_OP_FLUSH_DISKCACHE),
