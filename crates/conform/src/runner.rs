@@ -113,7 +113,7 @@ pub fn run(
         let started = Instant::now();
         let result = run_one(target, case);
         let (outcome, reason) = match result {
-            Ok(()) => (Outcome::Pass, None),
+            Ok(note) => (Outcome::Pass, note),
             Err(Verdict::Skip(r)) => (Outcome::Skip, Some(r)),
             Err(Verdict::Fail(r)) => (Outcome::Fail, Some(r)),
         };
@@ -136,10 +136,12 @@ pub fn run(
     summary
 }
 
-fn run_one(target: &mut dyn Target, case: &Case) -> CaseResult {
+/// Runs one case, then the probe and the leak check; a pass may carry a note.
+fn run_one(target: &mut dyn Target, case: &Case) -> Result<Option<String>, Verdict> {
     let mut ctx = Ctx::new(target);
     let result = catch_unwind(AssertUnwindSafe(|| (case.run)(&mut ctx)))
         .unwrap_or_else(|_| Err(Verdict::fail("the case panicked")));
+    let note = ctx.take_note();
     let released = ctx.release_all();
     if let Err(Verdict::Skip(r)) = result {
         return Err(Verdict::Skip(r));
@@ -159,7 +161,7 @@ fn run_one(target: &mut dyn Target, case: &Case) -> CaseResult {
             )));
         }
     }
-    Ok(())
+    Ok(note)
 }
 
 /// A fresh connection still works: connect, write a page, read it back.

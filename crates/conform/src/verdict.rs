@@ -55,6 +55,8 @@ failing!(
 pub struct Ctx<'a> {
     pub target: &'a mut dyn Target,
     opened: Vec<(String, String)>,
+    /// Which of the answers the expectation allows the backend gave (shown with a pass).
+    note: Option<String>,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -68,7 +70,18 @@ impl<'a> Ctx<'a> {
         Ctx {
             target,
             opened: Vec::new(),
+            note: None,
         }
+    }
+
+    /// Records which of several allowed answers the backend gave.
+    pub fn note(&mut self, what: impl Into<String>) {
+        self.note = Some(what.into());
+    }
+
+    /// The note, if any.
+    pub fn take_note(&mut self) -> Option<String> {
+        self.note.take()
     }
 
     /// Records a device the case opened.

@@ -141,9 +141,11 @@ fn readonly_grant_write(ctx: &mut Ctx<'_>, persistent: bool) -> CaseResult {
         let rsp = f.call(&w)?;
         if rsp.status == BLKIF_RSP_ERROR {
             check_response(&rsp, &w, BLKIF_RSP_ERROR)?;
+            ctx.note("refused the read-only grant (ERROR)");
             return f.close();
         }
         check_response(&rsp, &w, BLKIF_RSP_OKAY)?;
+        ctx.note("served the write from the read-only grant (OKAY)");
     } else {
         f.expect(&w, BLKIF_RSP_OKAY)?;
     }

@@ -9,7 +9,7 @@ use blkif::abi::{
 use blkif::{RawRequest, Segment};
 
 use super::{case, connected, direct, ensure, require, write_read_verify, Case};
-use crate::front::{check_response, page_segs, pattern, seg, RawFront, Setup};
+use crate::front::{check_response, page_segs, pattern, seg, status_name, RawFront, Setup};
 use crate::target::DeviceRequest;
 use crate::verdict::{CaseResult, Ctx, Verdict};
 
@@ -129,6 +129,10 @@ fn cache_op(ctx: &mut Ctx<'_>, op: u8) -> CaseResult {
             matches!(rsp.status, BLKIF_RSP_OKAY | BLKIF_RSP_EOPNOTSUPP),
             format!("not advertised: status {}", rsp.status),
         )?;
+        ctx.note(format!(
+            "not advertised; answered {}",
+            status_name(rsp.status)
+        ));
     }
     f.close()
 }
@@ -167,6 +171,9 @@ fn discard(ctx: &mut Ctx<'_>, advertised: bool, secure: bool) -> CaseResult {
         ok && rsp.id == req.id(),
         format!("status {} for id {:#x}", rsp.status, rsp.id),
     )?;
+    if secure || !advertised {
+        ctx.note(format!("answered {}", status_name(rsp.status)));
+    }
     f.close()
 }
 
@@ -377,6 +384,7 @@ pub(super) fn cases() -> Vec<Case> {
                 rsp.id == req.id() && matches!(rsp.status, BLKIF_RSP_ERROR | BLKIF_RSP_EOPNOTSUPP),
                 format!("discard on a read-only vbd: status {}", rsp.status),
             )?;
+            c.note(format!("answered {}", status_name(rsp.status)));
             f.close()
         },
     ));

@@ -629,7 +629,11 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
     assert!(!gch.try_ack().unwrap());
 
     drop(ch);
-    assert_eq!(platform.bound_event_channels(), 0, "a dropped channel is unbound");
+    assert_eq!(
+        platform.bound_event_channels(),
+        0,
+        "a dropped channel is unbound"
+    );
     let ch = platform.bind_interdomain(GUEST, gch.port()).unwrap();
     assert_eq!(platform.bound_event_channels(), 1);
     gch.notify().unwrap();
