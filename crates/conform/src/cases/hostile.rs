@@ -314,6 +314,35 @@ fn exactly_full(ctx: &mut Ctx<'_>) -> CaseResult {
     f.close()
 }
 
+/// One queue of two overflows. Linux blkback halts that ring alone
+/// (`__do_block_io_op`) and the other keeps serving; blkif.h has no rule. The other
+/// allowed answer is to fail the whole device visibly (Closing with an `error` node,
+/// `xenbus_dev_fatal`). What may not happen: the healthy queue stalls while the device
+/// still claims to be Connected.
+fn one_queue_halted(ctx: &mut Ctx<'_>) -> CaseResult {
+    let mut f = RawFront::open(ctx, DeviceRequest::default())?;
+    crate::cases::require(f.adv.max_queues >= 2, "backend offers one queue")?;
+    f.connect_ok(&Setup {
+        queues: 2,
+        ..Setup::default()
+    })?;
+    let size = f.rings[0].front.size();
+    set_req_prod(&mut f, size + 5)?;
+    silent(&mut f)?;
+    let s = f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
+    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
+        let error = f
+            .read_backend("error")?
+            .ok_or_else(|| Verdict::fail(format!("the device went {s:?} with no `error` node")))?;
+        ctx.note(format!("failed the whole device: {error}"));
+        return f.close();
+    }
+    let b = f.buffer(1, false)?;
+    super::write_read_verify(&mut f, 1, &b, 64, 0x91)?;
+    ctx.note("the other queue kept serving");
+    f.close()
+}
+
 fn same_port(ctx: &mut Ctx<'_>) -> CaseResult {
     let mut f = RawFront::open(ctx, DeviceRequest::default())?;
     crate::cases::require(f.adv.max_queues >= 2, "backend offers one queue")?;
@@ -430,6 +459,12 @@ pub(super) fn cases() -> Vec<Case> {
         "ring-exactly-full",
         "ring.h RING_REQUEST_PROD_OVERFLOW (a full ring is legal)",
         exactly_full,
+    ));
+    v.push(case(
+        G,
+        "overflow-one-queue-of-two",
+        "blkback __do_block_io_op (the overflowing ring alone is halted) or a visible device failure",
+        one_queue_halted,
     ));
     v.push(case(
         G,

@@ -188,6 +188,81 @@ fn sector_granular(ctx: &mut Ctx<'_>) -> CaseResult {
     f.close()
 }
 
+/// One page named by two segments of one write: the backend maps (or copies) it twice
+/// (blkback get_persistent_gnt: a grant already in use is mapped again), and both disk
+/// pages get its data.
+fn same_grant_twice(ctx: &mut Ctx<'_>) -> CaseResult {
+    let mut f = connected(ctx, DeviceRequest::default(), &Setup::default())?;
+    let src = f.buffer(1, false)?;
+    f.fill(&src, |_| crate::front::pattern(0x6000, 0))?;
+    let g = src.grefs[0];
+    let w = direct(
+        BLKIF_OP_WRITE,
+        1,
+        f.handle,
+        1024,
+        &[seg(g, 0, 7), seg(g, 0, 7)],
+    )?;
+    f.expect(&w, BLKIF_RSP_OKAY)?;
+    let dst = f.buffer(2, false)?;
+    let r = direct(BLKIF_OP_READ, 2, f.handle, 1024, &page_segs(&dst.grefs))?;
+    f.expect(&r, BLKIF_RSP_OKAY)?;
+    let want = crate::front::pattern(0x6000, 0);
+    let mut got = vec![0u8; 4096];
+    for &fr in &dst.frames {
+        f.read_page(fr, 0, &mut got)?;
+        if got != want {
+            return Err(Verdict::fail(
+                "a page written twice by one request reads back wrong",
+            ));
+        }
+    }
+    f.close()
+}
+
+/// Writes, a barrier (or flush), and the data is there.
+fn write_barrier_read(ctx: &mut Ctx<'_>) -> CaseResult {
+    let mut f = connected(ctx, DeviceRequest::default(), &Setup::default())?;
+    let op = if f.adv.barrier {
+        blkif::abi::BLKIF_OP_WRITE_BARRIER
+    } else {
+        require(f.adv.flush, "backend offers neither barrier nor flush")?;
+        blkif::abi::BLKIF_OP_FLUSH_DISKCACHE
+    };
+    let bufs: Vec<Buf> = (0..8)
+        .map(|_| f.buffer(2, false))
+        .collect::<Result<_, _>>()?;
+    let mut reqs = Vec::new();
+    for (i, b) in bufs.iter().enumerate() {
+        f.fill(b, |p| crate::front::pattern(0x7000 + i as u64, p as u64))?;
+        reqs.push(direct(
+            BLKIF_OP_WRITE,
+            i as u64,
+            f.handle,
+            2048 + i as u64 * 16,
+            &page_segs(&b.grefs),
+        )?);
+    }
+    // Writes and a barrier in one batch: the barrier is answered after the writes it
+    // follows completed (blkback xen_blk_drain_io).
+    reqs.push(direct(op, 99, f.handle, 0, &[])?);
+    f.submit_all(0, &reqs)?;
+    answered(&mut f, 0, &reqs)?;
+    for (i, b) in bufs.iter().enumerate() {
+        f.fill(b, |_| vec![0u8; 4096])?;
+        let r = direct(
+            BLKIF_OP_READ,
+            200 + i as u64,
+            f.handle,
+            2048 + i as u64 * 16,
+            &page_segs(&b.grefs),
+        )?;
+        f.expect(&r, BLKIF_RSP_OKAY)?;
+        verify(&f, b, 0x7000 + i as u64)?;
+    }
+    f.close()
+}
+
 pub(super) fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     for (abi_name, abi) in [
@@ -216,6 +291,18 @@ pub(super) fn cases() -> Vec<Case> {
         "indirect",
         "blkif.h BLKIF_OP_INDIRECT; blkback xen_blkbk_parse_indirect",
         indirect_big,
+    ));
+    v.push(case(
+        G,
+        "same-grant-twice-in-one-request",
+        "blkif.h (segments are independent); blkback get_persistent_gnt",
+        same_grant_twice,
+    ));
+    v.push(case(
+        G,
+        "writes-then-barrier",
+        "blkif.h BLKIF_OP_WRITE_BARRIER; blkback xen_blk_drain_io",
+        write_barrier_read,
     ));
     v.push(case(
         G,
