@@ -44,12 +44,28 @@ fn silent(f: &mut RawFront) -> CaseResult {
     )
 }
 
+/// Notes what became of the device after a halted ring: Linux blkback keeps it
+/// Connected (the ring alone stops); failing it visibly is the other answer.
+fn note_halt(ctx: &mut Ctx<'_>, f: &RawFront) -> CaseResult {
+    let s = f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
+    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
+        let error = f
+            .read_backend("error")?
+            .ok_or_else(|| Verdict::fail(format!("the device went {s:?} with no `error` node")))?;
+        ctx.note(format!("ring halted, device failed: {error}"));
+    } else {
+        ctx.note(format!("ring halted, device {s:?}"));
+    }
+    Ok(())
+}
+
 fn overflow(ctx: &mut Ctx<'_>) -> CaseResult {
     let mut f = dev(ctx)?;
     let size = f.rings[0].front.size();
     // blkback __do_block_io_op: RING_REQUEST_PROD_OVERFLOW halts the ring.
     set_req_prod(&mut f, size + 5)?;
     silent(&mut f)?;
+    note_halt(ctx, &f)?;
     f.close()
 }
 
@@ -63,6 +79,7 @@ fn rewind(ctx: &mut Ctx<'_>) -> CaseResult {
     // req_prod moved behind req_cons: req_prod - req_cons is ~2^32.
     set_req_prod(&mut f, 1)?;
     silent(&mut f)?;
+    note_halt(ctx, &f)?;
     f.close()
 }
 
