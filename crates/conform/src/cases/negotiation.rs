@@ -301,6 +301,14 @@ fn with_nodes(nodes: Vec<(String, Option<String>)>) -> Setup {
 
 pub(super) fn cases() -> Vec<Case> {
     let mut v = Vec::new();
+    geometry_cases(&mut v);
+    abi_feature_cases(&mut v);
+    node_cases(&mut v);
+    state_cases(&mut v);
+    v
+}
+
+fn geometry_cases(v: &mut Vec<Case>) {
     for order in 0..=4u32 {
         v.push(case(
             G,
@@ -368,6 +376,9 @@ pub(super) fn cases() -> Vec<Case> {
             )
         },
     ));
+}
+
+fn abi_feature_cases(v: &mut Vec<Case>) {
     for (name, p) in [
         ("abi-x86_32", Protocol::X86_32),
         ("abi-x86_64", Protocol::X86_64),
@@ -435,6 +446,9 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback xen_blkbk_parse_indirect / dispatch_rw_block_io (nseg > max)",
         indirect_over,
     ));
+}
+
+fn node_cases(v: &mut Vec<Case>) {
     for (name, key) in [
         ("event-channel-missing", "event-channel"),
         ("ring-ref-missing", "ring-ref"),
@@ -528,6 +542,9 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback xen_blkif_map (xenbus_map_ring fails: fatal)",
         |c| ring_ref_unusable(c, true),
     ));
+}
+
+fn state_cases(v: &mut Vec<Case>) {
     v.push(case(
         G,
         "state-jump-to-connected",
@@ -558,5 +575,4 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback frontend_changed (Closed: disconnect; then Initialising)",
         |c| reconnect(c, true),
     ));
-    v
 }

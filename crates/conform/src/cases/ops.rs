@@ -249,6 +249,13 @@ fn response_padding(ctx: &mut Ctx<'_>) -> CaseResult {
 
 pub(super) fn cases() -> Vec<Case> {
     let mut v = Vec::new();
+    rw_cases(&mut v);
+    feature_cases(&mut v);
+    opcode_cases(&mut v);
+    v
+}
+
+fn rw_cases(v: &mut Vec<Case>) {
     v.push(case(
         G,
         "read-write-one-page",
@@ -343,6 +350,9 @@ pub(super) fn cases() -> Vec<Case> {
             },
         ));
     }
+}
+
+fn feature_cases(v: &mut Vec<Case>) {
     v.push(case(
         G,
         "sector-wraps-around",
@@ -448,6 +458,9 @@ pub(super) fn cases() -> Vec<Case> {
         "blkback dispatch_discard_io (xen_vbd_translate)",
         discard_out_of_range,
     ));
+}
+
+fn opcode_cases(v: &mut Vec<Case>) {
     for (name, op) in [
         ("opcode-reserved-4", BLKIF_OP_RESERVED_1),
         ("opcode-255", 255u8),
@@ -523,5 +536,4 @@ pub(super) fn cases() -> Vec<Case> {
         "XSA-216 (response padding leaked backend memory)",
         response_padding,
     ));
-    v
 }
