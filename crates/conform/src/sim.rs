@@ -196,11 +196,21 @@ impl Target for SimTarget {
         }
     }
 
+    fn io_timeout(&self) -> Duration {
+        // Only a backend that owes an answer makes a case wait this long; generous for
+        // a test machine shared with builds.
+        Duration::from_secs(10)
+    }
+
+    fn state_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
     fn leaks(&self) -> Option<Leaks> {
         let host = self.host.as_ref()?;
         // Released asynchronously after Closed at most by the engine's drain: allow it
-        // a moment before calling anything a leak.
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // a moment (a loaded machine's moment) before calling anything a leak.
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let l = Leaks {
                 grant_mappings: host.platform.live_mappings(),

@@ -47,16 +47,24 @@ fn silent(f: &mut RawFront) -> CaseResult {
 /// Notes what became of the device after a halted ring: Linux blkback keeps it
 /// Connected (the ring alone stops); failing it visibly is the other answer.
 fn note_halt(ctx: &mut Ctx<'_>, f: &RawFront) -> CaseResult {
-    let s = f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
-    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
-        let error = f
-            .read_backend("error")?
-            .ok_or_else(|| Verdict::fail(format!("the device went {s:?} with no `error` node")))?;
-        ctx.note(format!("ring halted, device failed: {error}"));
-    } else {
-        ctx.note(format!("ring halted, device {s:?}"));
+    f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
+    match device_failed(f)? {
+        Some(error) => ctx.note(format!("ring halted, device failed: {error}")),
+        None => ctx.note(format!("ring halted, device {:?}", f.backend_state()?)),
     }
     Ok(())
+}
+
+/// The backend's `error` node if it failed the device (Closing or Closed); a failure
+/// without one is a case failure (the guest could not tell why).
+fn device_failed(f: &RawFront) -> Result<Option<String>, Verdict> {
+    let s = f.backend_state()?;
+    if !matches!(s, XenbusState::Closing | XenbusState::Closed) {
+        return Ok(None);
+    }
+    f.read_backend("error")?
+        .map(Some)
+        .ok_or_else(|| Verdict::fail(format!("the device went {s:?} with no `error` node")))
 }
 
 fn overflow(ctx: &mut Ctx<'_>) -> CaseResult {
@@ -346,17 +354,20 @@ fn one_queue_halted(ctx: &mut Ctx<'_>) -> CaseResult {
     let size = f.rings[0].front.size();
     set_req_prod(&mut f, size + 5)?;
     silent(&mut f)?;
-    let s = f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
-    if matches!(s, XenbusState::Closing | XenbusState::Closed) {
-        let error = f
-            .read_backend("error")?
-            .ok_or_else(|| Verdict::fail(format!("the device went {s:?} with no `error` node")))?;
+    f.wait_backend_for(Duration::from_secs(1), |s| s >= XenbusState::Closing)?;
+    if let Some(error) = device_failed(&f)? {
         ctx.note(format!("failed the whole device: {error}"));
         return f.close();
     }
     let b = f.buffer(1, false)?;
-    super::write_read_verify(&mut f, 1, &b, 64, 0x91)?;
-    ctx.note("the other queue kept serving");
+    match super::write_read_verify(&mut f, 1, &b, 64, 0x91) {
+        Ok(()) => ctx.note("the other queue kept serving"),
+        // A slow backend may fail the device only now: still a visible failure.
+        Err(e) => match device_failed(&f)? {
+            Some(error) => ctx.note(format!("failed the whole device: {error}")),
+            None => return Err(e),
+        },
+    }
     f.close()
 }
 
