@@ -22,6 +22,7 @@ const C_PROGRAM: &str = r#"
 #include <xen/event_channel.h>
 #include <xen/gntdev.h>
 #include <xen/evtchn.h>
+#include <xen/gntalloc.h>
 
 #define P(name, expr) printf("%s %lld\n", name, (long long)(expr))
 
@@ -68,6 +69,18 @@ int main(void) {
     P("IOCTL_EVTCHN_NOTIFY", IOCTL_EVTCHN_NOTIFY);
     P("IOCTL_EVTCHN_RESET", IOCTL_EVTCHN_RESET);
     P("sizeof evtchn_port_t", sizeof(evtchn_port_t));
+    P("sizeof ioctl_evtchn_bind_unbound_port", sizeof(struct ioctl_evtchn_bind_unbound_port));
+    P("IOCTL_EVTCHN_BIND_UNBOUND_PORT", IOCTL_EVTCHN_BIND_UNBOUND_PORT);
+    P("sizeof ioctl_gntalloc_alloc_gref", sizeof(struct ioctl_gntalloc_alloc_gref));
+    P("offsetof ioctl_gntalloc_alloc_gref.flags", offsetof(struct ioctl_gntalloc_alloc_gref, flags));
+    P("offsetof ioctl_gntalloc_alloc_gref.count", offsetof(struct ioctl_gntalloc_alloc_gref, count));
+    P("offsetof ioctl_gntalloc_alloc_gref.index", offsetof(struct ioctl_gntalloc_alloc_gref, index));
+    P("offsetof ioctl_gntalloc_alloc_gref.gref_ids", offsetof(struct ioctl_gntalloc_alloc_gref, gref_ids));
+    P("sizeof ioctl_gntalloc_dealloc_gref", sizeof(struct ioctl_gntalloc_dealloc_gref));
+    P("offsetof ioctl_gntalloc_dealloc_gref.count", offsetof(struct ioctl_gntalloc_dealloc_gref, count));
+    P("GNTALLOC_FLAG_WRITABLE", GNTALLOC_FLAG_WRITABLE);
+    P("IOCTL_GNTALLOC_ALLOC_GREF", IOCTL_GNTALLOC_ALLOC_GREF);
+    P("IOCTL_GNTALLOC_DEALLOC_GREF", IOCTL_GNTALLOC_DEALLOC_GREF);
 
     P("sizeof grant_entry_v1", sizeof(struct grant_entry_v1));
     P("offsetof grant_entry_v1.domid", offsetof(struct grant_entry_v1, domid));
@@ -247,6 +260,51 @@ fn rust_values() -> Vec<(&'static str, i64)> {
         ("IOCTL_EVTCHN_NOTIFY", IOCTL_EVTCHN_NOTIFY.into()),
         ("IOCTL_EVTCHN_RESET", IOCTL_EVTCHN_RESET.into()),
         ("sizeof evtchn_port_t", z(size_of::<platform::Port>())),
+        (
+            "sizeof ioctl_evtchn_bind_unbound_port",
+            z(size_of::<ioctl_evtchn_bind_unbound_port>()),
+        ),
+        (
+            "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
+            IOCTL_EVTCHN_BIND_UNBOUND_PORT.into(),
+        ),
+        (
+            "sizeof ioctl_gntalloc_alloc_gref",
+            z(size_of::<ioctl_gntalloc_alloc_gref>()),
+        ),
+        (
+            "offsetof ioctl_gntalloc_alloc_gref.flags",
+            z(offset_of!(ioctl_gntalloc_alloc_gref, flags)),
+        ),
+        (
+            "offsetof ioctl_gntalloc_alloc_gref.count",
+            z(offset_of!(ioctl_gntalloc_alloc_gref, count)),
+        ),
+        (
+            "offsetof ioctl_gntalloc_alloc_gref.index",
+            z(offset_of!(ioctl_gntalloc_alloc_gref, index)),
+        ),
+        (
+            "offsetof ioctl_gntalloc_alloc_gref.gref_ids",
+            z(offset_of!(ioctl_gntalloc_alloc_gref, gref_ids)),
+        ),
+        (
+            "sizeof ioctl_gntalloc_dealloc_gref",
+            z(size_of::<ioctl_gntalloc_dealloc_gref>()),
+        ),
+        (
+            "offsetof ioctl_gntalloc_dealloc_gref.count",
+            z(offset_of!(ioctl_gntalloc_dealloc_gref, count)),
+        ),
+        ("GNTALLOC_FLAG_WRITABLE", GNTALLOC_FLAG_WRITABLE.into()),
+        (
+            "IOCTL_GNTALLOC_ALLOC_GREF",
+            IOCTL_GNTALLOC_ALLOC_GREF.into(),
+        ),
+        (
+            "IOCTL_GNTALLOC_DEALLOC_GREF",
+            IOCTL_GNTALLOC_DEALLOC_GREF.into(),
+        ),
         ("sizeof grant_entry_v1", z(gt::ENTRY_SIZE)),
         ("offsetof grant_entry_v1.domid", 2),
         ("offsetof grant_entry_v1.frame", 4),

@@ -10,26 +10,21 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use backend::{Engine, EngineConfig};
 use blkfront::sim::SimGuestServices;
 use blkfront::{FrontendConfig, XenbusFrontend};
 use indicatif::{ProgressBar, ProgressStyle};
 use platform::sim::{GuestConfig, SimGuest, SimPlatform};
-use platform::{GrantMapper, Platform};
-use xenbus::config::{Config, XENBLKD_BACKEND_TYPE};
+use platform::GrantMapper;
+use xenbus::config::XENBLKD_BACKEND_TYPE;
 use xenbus::toolstack::{self, DiskSpec, Removal};
-use xenbus::xs::{spawn_watch_forwarder, XsStore};
-use xenbus::Manager;
-use xenstore::{
-    Access, ClientConfig, Perm, ServerConfig, Transport, XenstoreServer, XsClient, XsOps,
-};
+use xenbus::xs::XsStore;
+use xenstore::{ClientConfig, ServerConfig, Transport, XenstoreServer, XsClient};
 
 use crate::bench::{self, BenchArgs, Rw};
-use crate::engine_glue::{EngineFactory, EngineGauges};
+use crate::simhost::{create_domain, Daemon};
 
 const GUEST_DOMID: u32 = 1;
 /// xvda.
@@ -104,82 +99,6 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
-}
-
-/// The daemon side running in this process.
-struct Daemon {
-    sender: xenbus::EventSender,
-    thread: Option<thread::JoinHandle<anyhow::Result<()>>>,
-    gauges: EngineGauges,
-}
-
-impl Daemon {
-    fn start(server: &XenstoreServer, platform: Arc<dyn Platform>) -> anyhow::Result<Daemon> {
-        let stream = server
-            .connect_as(0)
-            .context("connecting the daemon to xenstore")?;
-        let client = Arc::new(XsClient::new(
-            Transport::Unix(stream),
-            ClientConfig::default(),
-        )?);
-        let engine = Engine::start(EngineConfig { reactors: 1 }).context("starting the engine")?;
-        let factory = Arc::new(EngineFactory::new(engine, platform));
-        let gauges = factory.gauges();
-        let config = Config {
-            reactor_threads: 1,
-            ..Config::default()
-        };
-        let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);
-        spawn_watch_forwarder(&client, manager.sender()).context("watch forwarder")?;
-        manager.start().context("registering xenstore watches")?;
-        let sender = manager.sender();
-        let thread = thread::Builder::new()
-            .name("xenbus-manager".into())
-            .spawn(move || {
-                let r = manager.run().context("xenbus manager");
-                drop(manager);
-                drop(client);
-                r
-            })
-            .context("spawning the manager")?;
-        Ok(Daemon {
-            sender,
-            thread: Some(thread),
-            gauges,
-        })
-    }
-
-    fn stop(mut self) -> anyhow::Result<()> {
-        self.sender.shutdown();
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => bail!("the xenbus manager panicked"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.sender.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Makes `/local/domain/<domid>` the way xl's domain creation does.
-fn create_domain(dom0: &XsClient, server: &XenstoreServer, domid: u32) -> anyhow::Result<()> {
-    let home = format!("/local/domain/{domid}");
-    dom0.mkdir(&home)?;
-    dom0.set_perms(
-        &home,
-        &[Perm::new(domid, Access::None), Perm::new(0, Access::Read)],
-    )?;
-    dom0.write(&format!("{home}/name"), format!("demo-guest-{domid}"))?;
-    dom0.write(&format!("{home}/domid"), domid.to_string())?;
-    server.introduce_domain(domid);
-    Ok(())
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {

@@ -652,6 +652,27 @@ impl ConnectedVbd for EngineVbd {
     }
 }
 
+// Manual: the engine, platform and budget handles print nothing useful.
+impl std::fmt::Debug for EngineFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineFactory")
+            .field("journal_dir", &self.journal_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for EngineGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineGauges").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for EngineVbd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineVbd").finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ mod attach;
 mod bench;
 mod demo;
 mod device_ctl;
-mod engine_glue;
 mod gen_docs;
 mod logging;
 mod metrics;
@@ -24,6 +23,9 @@ mod simstack;
 mod status;
 mod xenstore_cli;
 mod xenstored;
+
+// Library modules, reached as `crate::engine_glue` and `crate::simhost` by the others.
+use xenblkd::{engine_glue, simhost};
 
 #[derive(Parser)]
 #[command(name = "xenblkd", version, about = "Userspace Xen PV block backend")]

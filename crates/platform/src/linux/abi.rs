@@ -1,6 +1,6 @@
-//! The kernel UAPI of `/dev/xen/gntdev` and `/dev/xen/evtchn`, transcribed from
-//! `include/uapi/xen/gntdev.h` and `include/uapi/xen/evtchn.h` (installed by
-//! linux-libc-dev as `/usr/include/xen/{gntdev,evtchn}.h`).
+//! The kernel UAPI of `/dev/xen/gntdev`, `/dev/xen/gntalloc` and `/dev/xen/evtchn`,
+//! transcribed from `include/uapi/xen/{gntdev,gntalloc,evtchn}.h` (installed by
+//! linux-libc-dev as `/usr/include/xen/{gntdev,gntalloc,evtchn}.h`).
 //!
 //! Every struct size, field offset and ioctl number here is checked against the C
 //! headers by `tests/linux_abi.rs`, which compiles a C program with gcc.
@@ -167,3 +167,41 @@ pub const IOCTL_EVTCHN_BIND_INTERDOMAIN: u32 =
 pub const IOCTL_EVTCHN_UNBIND: u32 = ioc_none(b'E', 3, size_of::<ioctl_evtchn_unbind>());
 pub const IOCTL_EVTCHN_NOTIFY: u32 = ioc_none(b'E', 4, size_of::<ioctl_evtchn_notify>());
 pub const IOCTL_EVTCHN_RESET: u32 = ioc_none(b'E', 5, 0);
+
+/// `struct ioctl_evtchn_bind_unbound_port`: allocates a port for `remote_domain` to bind.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ioctl_evtchn_bind_unbound_port {
+    pub remote_domain: u32,
+}
+
+pub const IOCTL_EVTCHN_BIND_UNBOUND_PORT: u32 =
+    ioc_none(b'E', 2, size_of::<ioctl_evtchn_bind_unbound_port>());
+
+/// `struct ioctl_gntalloc_alloc_gref` with its one-element trailing array; the ioctl
+/// writes `count` grant references into a longer buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ioctl_gntalloc_alloc_gref {
+    pub domid: u16,
+    pub flags: u16,
+    pub count: u32,
+    pub index: u64,
+    pub gref_ids: [u32; 1],
+}
+
+/// `struct ioctl_gntalloc_dealloc_gref`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ioctl_gntalloc_dealloc_gref {
+    pub index: u64,
+    pub count: u32,
+}
+
+/// `GNTALLOC_FLAG_WRITABLE`: the grant lets the remote domain write.
+pub const GNTALLOC_FLAG_WRITABLE: u16 = 1;
+
+pub const IOCTL_GNTALLOC_ALLOC_GREF: u32 =
+    ioc_none(b'G', 5, size_of::<ioctl_gntalloc_alloc_gref>());
+pub const IOCTL_GNTALLOC_DEALLOC_GREF: u32 =
+    ioc_none(b'G', 6, size_of::<ioctl_gntalloc_dealloc_gref>());

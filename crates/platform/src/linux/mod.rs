@@ -18,6 +18,7 @@
 //! the devices are absent, batch validation and xenstore endpoint detection.
 
 pub mod abi;
+pub mod guest;
 
 use std::ffi::c_void;
 use std::fs::{File, OpenOptions};

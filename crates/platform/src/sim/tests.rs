@@ -580,8 +580,10 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
     let gch = guest.alloc_event_channel(0).unwrap();
     let other = guest.alloc_event_channel(8).unwrap();
     assert!(matches!(guest.alloc_event_channel(0).map(|c| c.port()), Ok(p) if p != gch.port()));
+    assert_eq!(platform.bound_event_channels(), 0);
     let ch = platform.bind_interdomain(GUEST, gch.port()).unwrap();
     assert_eq!(ch.remote(), (GUEST, gch.port()));
+    assert_eq!(platform.bound_event_channels(), 1);
     assert!(matches!(
         platform.bind_interdomain(GUEST, gch.port()),
         Err(PlatformError::BadPort {
@@ -627,7 +629,13 @@ fn event_channels_wake_both_ways_and_rebind_after_drop() {
     assert!(!gch.try_ack().unwrap());
 
     drop(ch);
+    assert_eq!(
+        platform.bound_event_channels(),
+        0,
+        "a dropped channel is unbound"
+    );
     let ch = platform.bind_interdomain(GUEST, gch.port()).unwrap();
+    assert_eq!(platform.bound_event_channels(), 1);
     gch.notify().unwrap();
     assert!(ch.ack().unwrap());
     // A closed guest port can no longer be bound.
