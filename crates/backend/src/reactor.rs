@@ -25,7 +25,8 @@
 //! halted ring does, and dropped when its VBD is removed. The reactor and every other ring
 //! carry on.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,6 +71,11 @@ pub(crate) trait RingTask: Send {
     /// without a system call while the reactor polls.
     fn has_requests(&self) -> bool {
         false
+    }
+    /// When the ring wants to be run again whatever happens meanwhile (a request held by
+    /// its QoS limits until then); asked after each call that does work.
+    fn wake_at(&self) -> Option<Instant> {
+        None
     }
     /// Periodic housekeeping, every [`TICK`].
     fn tick(&mut self, now: Instant);
@@ -286,6 +292,8 @@ struct Entry {
     poll: PollEstimate,
     /// The poll cap the ring gave with its last answer.
     poll_cap: Duration,
+    /// The ring's timer, as armed in the reactor's heap (see [`Entry::arm`]).
+    timer: Option<Instant>,
 }
 
 impl Entry {
@@ -326,6 +334,21 @@ impl Entry {
         }
     }
 
+    /// Arms the timer the ring asks for (`want`, from [`RingTask::wake_at`]). Only an
+    /// earlier deadline is pushed: a later one waits for the armed one, whose run asks
+    /// again, so a ring re-evaluating its wait on every completion adds nothing to the
+    /// heap. A timer no longer wanted stays in the heap and is skipped when it comes up.
+    fn arm(&mut self, want: Option<Instant>, key: usize, timers: &mut Timers) {
+        match want {
+            None => self.timer = None,
+            Some(at) if self.timer.is_none_or(|cur| at < cur) => {
+                self.timer = Some(at);
+                timers.push(Reverse((at, key, self.generation)));
+            }
+            Some(_) => {}
+        }
+    }
+
     fn unwatch(&mut self, events: &mut EventLoop) {
         for t in self.tokens.drain(..) {
             if let Err(e) = events.unwatch(t) {
@@ -335,8 +358,12 @@ impl Entry {
     }
 }
 
+/// Deadlines of rings' timers: (when, entry key, entry generation), earliest first.
+type Timers = BinaryHeap<Reverse<(Instant, usize, u32)>>;
+
 struct Reactor {
     events: EventLoop,
+    timers: Timers,
     control: Arc<Control>,
     rings: Arc<AtomicUsize>,
     counters: Arc<ReactorCounters>,
@@ -359,6 +386,7 @@ impl Reactor {
         events.watch(control.doorbell.as_fd(), TOKEN_CONTROL)?;
         Ok(Self {
             events,
+            timers: BinaryHeap::new(),
             control,
             rings,
             counters,
@@ -374,7 +402,12 @@ impl Reactor {
     fn run(&mut self) {
         let mut next_tick = Instant::now() + TICK;
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            // One deadline for the wait: the tick or the earliest ring timer (QoS).
+            let deadline = match self.timers.peek() {
+                Some(Reverse((at, _, _))) => next_tick.min(*at),
+                None => next_tick,
+            };
+            let timeout = deadline.saturating_duration_since(Instant::now());
             match self.events.wait(Some(timeout)) {
                 Ok(Woken::NoWait) => {}
                 Ok(Woken::Event) => {
@@ -395,6 +428,7 @@ impl Reactor {
                 tracing::error!(error = %e, "re-arming a watch failed; reactor stops");
                 break;
             }
+            self.fire_timers(Instant::now());
             if let Err(e) = self.work(&mut control) {
                 tracing::error!(error = %e, "re-arming a watch failed; reactor stops");
                 break;
@@ -403,8 +437,14 @@ impl Reactor {
             if now >= next_tick {
                 // Missed ticks are not made up: housekeeping is by elapsed time.
                 next_tick = now + TICK;
-                for e in self.entries.iter_mut().flatten() {
-                    e.guarded(&mut self.events, |t| t.tick(now));
+                for (key, e) in self.entries.iter_mut().enumerate() {
+                    let Some(e) = e else { continue };
+                    if let Some(want) = e.guarded(&mut self.events, |t| {
+                        t.tick(now);
+                        t.wake_at()
+                    }) {
+                        e.arm(want, key, &mut self.timers);
+                    }
                 }
             }
             if control {
@@ -427,6 +467,23 @@ impl Reactor {
         // closes.
         for key in 0..self.entries.len() {
             self.remove(key);
+        }
+    }
+
+    /// Marks the rings whose timer is due to be run.
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, key, generation))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(Some(e)) = self.entries.get_mut(key) {
+                // Skipped: a ring that reused the key, or a timer replaced or withdrawn.
+                if e.generation == generation && e.timer == Some(at) {
+                    e.timer = None;
+                    e.dirty = true;
+                }
+            }
         }
     }
 
@@ -490,11 +547,16 @@ impl Reactor {
         loop {
             let now = Instant::now();
             let mut budget = Duration::ZERO;
-            for e in self.entries.iter_mut().flatten() {
+            for (key, e) in self.entries.iter_mut().enumerate() {
+                let Some(e) = e else { continue };
                 if std::mem::take(&mut e.dirty) {
-                    if let Some(Some(cap)) = e.guarded(&mut self.events, |t| t.run()) {
-                        e.poll_cap = cap;
-                        budget = budget.max(e.poll.answered(now, cap));
+                    let ran = e.guarded(&mut self.events, |t| (t.run(), t.wake_at()));
+                    if let Some((poll, want)) = ran {
+                        e.arm(want, key, &mut self.timers);
+                        if let Some(cap) = poll {
+                            e.poll_cap = cap;
+                            budget = budget.max(e.poll.answered(now, cap));
+                        }
                     }
                 }
             }
@@ -614,6 +676,7 @@ impl Reactor {
             panicked: false,
             poll: PollEstimate::default(),
             poll_cap: Duration::ZERO,
+            timer: None,
         };
         if let Err(e) = registered {
             tracing::error!(error = %e, "cannot watch a ring's fds; closing it");

@@ -138,6 +138,7 @@ impl SimStack {
             },
             events: None,
             journal: None,
+            qos: Default::default(),
         };
         let p: Arc<dyn Platform> = Arc::new(platform.clone());
         let vbd = engine.attach(spec, p).context("attaching the VBD")?;

@@ -433,6 +433,7 @@ impl Harness {
                 events.lock().unwrap().push(e)
             })),
             journal: None,
+            qos: Default::default(),
         };
         let platform: Arc<dyn Platform> = Arc::new(CountingPlatform {
             inner: h.platform.clone(),
