@@ -765,6 +765,8 @@ mod tests {
         /// Answers `run` gives before it returns `None` (`usize::MAX`: always).
         answers_left: usize,
         panic_in_run: Arc<AtomicBool>,
+        /// What `wake_at` answers (a ring holding a request for its QoS limits).
+        wake: Arc<Mutex<Option<Instant>>>,
     }
 
     impl FakeRing {
@@ -783,6 +785,7 @@ mod tests {
                 sticky_requests: false,
                 answers_left: usize::MAX,
                 panic_in_run: Arc::new(AtomicBool::new(false)),
+                wake: Arc::new(Mutex::new(None)),
             }
         }
     }
@@ -807,6 +810,12 @@ mod tests {
         fn run(&mut self) -> Option<Duration> {
             assert!(!self.panic_in_run.load(Ordering::SeqCst), "ring bug");
             self.runs.fetch_add(1, Ordering::SeqCst);
+            // A held request whose time has come goes.
+            let mut wake = self.wake.lock().unwrap();
+            if wake.is_some_and(|at| Instant::now() >= at) {
+                *wake = None;
+            }
+            drop(wake);
             // Taking the requests, as a ring consumes them.
             if !self.sticky_requests {
                 self.requests.store(false, Ordering::SeqCst);
@@ -819,6 +828,9 @@ mod tests {
         }
         fn has_requests(&self) -> bool {
             self.requests.load(Ordering::SeqCst)
+        }
+        fn wake_at(&self) -> Option<Instant> {
+            *self.wake.lock().unwrap()
         }
         fn tick(&mut self, _now: Instant) {
             self.ticks.fetch_add(1, Ordering::SeqCst);
@@ -934,6 +946,31 @@ mod tests {
         wait_for(|| ticks.load(Ordering::SeqCst) >= 2);
         let s = r.stats();
         assert!(s.timeouts >= 1, "{s:?}");
+        r.shutdown();
+    }
+
+    #[test]
+    fn a_ring_timer_runs_the_ring_at_its_deadline_only() {
+        let r = ReactorHandle::spawn(8).unwrap();
+        let ring = FakeRing::new(12);
+        let (runs, wake) = (ring.runs.clone(), ring.wake.clone());
+        let poke = ring.kick.try_clone().unwrap();
+        r.send(Command::Add(Box::new(ring))).unwrap();
+        wait_for(|| runs.load(Ordering::SeqCst) >= 1);
+        // The ring holds a request until 30 ms from now, and says so after its next run.
+        let t0 = Instant::now();
+        *wake.lock().unwrap() = Some(t0 + Duration::from_millis(30));
+        poke.signal().unwrap();
+        wait_for(|| runs.load(Ordering::SeqCst) >= 2);
+        // One more run at the deadline, by the wait's timeout, not earlier; there the
+        // ring lets its request go and asks for no timer.
+        wait_for(|| runs.load(Ordering::SeqCst) >= 3);
+        assert!(t0.elapsed() >= Duration::from_millis(30), "{:?}", t0.elapsed());
+        assert!(wake.lock().unwrap().is_none());
+        // Nothing runs the ring again without an event (ticks do not run it).
+        settle();
+        settle();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
         r.shutdown();
     }
 
