@@ -33,6 +33,11 @@
 //! vdev = "xvdb"
 //! max_queues = 1
 //! persistent_grants = false
+//! qos = { iops = 500, bps = 50_000_000 }   # I/O limits (see `crate::qos`)
+//! qos_group = "tenant-a"
+//!
+//! [qos.groups.tenant-a]          # limits shared by every device of the group
+//! iops = 2000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -40,6 +45,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::qos::{check_group_name, DeviceQos, QosConfig, QosLimits};
 use crate::vdev;
 
 /// `XENBUS_MAX_RING_GRANT_ORDER`: Linux's (and our) ceiling for `max-ring-page-order`.
@@ -134,6 +140,10 @@ pub struct DeviceSettings {
     /// which a request the cluster has not answered fails with an error (a ceph.conf or
     /// the target's own options still override it).
     pub rbd_op_timeout_secs: u64,
+    /// The device's own I/O limits (none by default).
+    pub qos: QosLimits,
+    /// The QoS group whose limits the device shares (`[qos.groups.NAME]`).
+    pub qos_group: Option<String>,
 }
 
 impl Default for DeviceSettings {
@@ -156,6 +166,8 @@ impl Default for DeviceSettings {
             direct_io: DirectIo::Auto,
             nbd_reconnect_secs: DEFAULT_NBD_RECONNECT_SECS,
             rbd_op_timeout_secs: DEFAULT_RBD_OP_TIMEOUT_SECS,
+            qos: QosLimits::default(),
+            qos_group: None,
         }
     }
 }
@@ -199,7 +211,19 @@ impl DeviceSettings {
                 format!("must be 1..={MAX_RBD_OP_TIMEOUT_SECS}"),
             ));
         }
+        self.qos.validate(&format!("{key}.qos"))?;
+        if let Some(g) = &self.qos_group {
+            check_group_name(g).map_err(|m| bad("qos_group", m))?;
+        }
         Ok(())
+    }
+
+    /// The device's QoS as configured.
+    pub fn device_qos(&self) -> DeviceQos {
+        DeviceQos {
+            limits: self.qos,
+            group: self.qos_group.clone(),
+        }
     }
 }
 
@@ -236,6 +260,10 @@ pub struct DeviceOverride {
     pub nbd_reconnect_secs: Option<u64>,
     /// See [`DeviceSettings::rbd_op_timeout_secs`].
     pub rbd_op_timeout_secs: Option<u64>,
+    /// See [`DeviceSettings::qos`] (replaces all of the limits).
+    pub qos: Option<QosLimits>,
+    /// See [`DeviceSettings::qos_group`].
+    pub qos_group: Option<String>,
 }
 
 impl DeviceOverride {
@@ -283,6 +311,12 @@ impl DeviceOverride {
         }
         if let Some(v) = self.rbd_op_timeout_secs {
             s.rbd_op_timeout_secs = v;
+        }
+        if let Some(v) = self.qos {
+            s.qos = v;
+        }
+        if let Some(v) = &self.qos_group {
+            s.qos_group = Some(v.clone());
         }
     }
 }
@@ -371,6 +405,8 @@ pub struct Config {
     /// The log level or filter (`info`, `xenbus=debug,info`: `RUST_LOG`'s syntax, which
     /// the binary checks); `--log-level` and `RUST_LOG` take precedence. None: `info`.
     pub log_level: Option<String>,
+    /// `[qos]`: named groups of devices sharing I/O limits.
+    pub qos: QosConfig,
 }
 
 impl Default for Config {
@@ -384,6 +420,7 @@ impl Default for Config {
             defaults: DeviceSettings::default(),
             overrides: Vec::new(),
             log_level: None,
+            qos: QosConfig::default(),
         }
     }
 }
@@ -411,6 +448,7 @@ impl Config {
     /// Checks every setting, including each override applied on top of the defaults.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.defaults.validate("defaults")?;
+        self.qos.validate()?;
         if self.backend_types.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "backend_type".into(),
@@ -472,6 +510,8 @@ impl Config {
     /// types served, the domain, the control socket and the reactor count shape the
     /// running process and need a restart (with `KillSignal=SIGUSR2`, a handover that
     /// keeps the guests running). `log_level` is the binary's, copied without comment.
+    /// QoS groups apply at once (the manager hands them to the engine); a device's own
+    /// `qos` and `qos_group` at its next connect, unless `xenblkd limit` set them.
     pub fn reload_from(&mut self, new: Config) -> ReloadReport {
         let mut report = ReloadReport::default();
         let mut take = |changed: bool, key: &'static str, runtime: bool| {
@@ -490,6 +530,7 @@ impl Config {
             "drain_timeout_ms",
             true,
         );
+        take(self.qos != new.qos, "qos", true);
         take(
             self.backend_types != new.backend_types,
             "backend_type",
@@ -514,6 +555,7 @@ impl Config {
         self.overrides = new.overrides;
         self.drain_timeout_ms = new.drain_timeout_ms;
         self.log_level = new.log_level;
+        self.qos = new.qos;
         report
     }
 

@@ -100,6 +100,9 @@ impl Manager {
     pub fn new(store: Arc<dyn Store>, factory: Arc<dyn VbdFactory>, config: Config) -> Manager {
         let (tx, rx) = mpsc::channel();
         let home = format!("/local/domain/{}", config.backend_domid);
+        for (name, limits) in &config.qos.groups {
+            factory.set_qos_group(name, limits);
+        }
         Manager {
             store,
             factory,
@@ -344,6 +347,13 @@ impl Manager {
                 let _ = reply.send((self.daemon_status(), self.status()));
             }
             Event::Device { device, op, reply } => self.device_op(&device, op, reply, found),
+            Event::QosGroup {
+                name,
+                limits,
+                reply,
+            } => {
+                let _ = reply.send(self.qos_group(&name, limits));
+            }
             Event::RefreshSizes => {
                 let ctx_parts = self.ctx_parts();
                 for (key, dev) in self.devices.iter_mut() {
@@ -359,6 +369,10 @@ impl Manager {
             Event::Handover => self.hand_over(),
             Event::Reload(config, reply) => {
                 let report = self.config.reload_from(*config);
+                // Groups apply at once: the file's limits, for every group it names.
+                for (name, limits) in &self.config.qos.groups {
+                    self.factory.set_qos_group(name, limits);
+                }
                 let _ = reply.send(report);
             }
             Event::Shutdown if self.handing_over => {
@@ -377,6 +391,29 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Sets (or shows) a QoS group's limits, recorded in the configuration held in memory
+    /// (so `status` shows them; a reload puts the file's back).
+    fn qos_group(
+        &mut self,
+        name: &str,
+        limits: Option<crate::qos::QosLimits>,
+    ) -> Result<String, String> {
+        crate::qos::check_group_name(name)?;
+        let Some(limits) = limits else {
+            return Ok(match self.config.qos.groups.get(name) {
+                Some(l) => format!("group {name}: {l}"),
+                None => format!("group {name}: unlimited (not configured)"),
+            });
+        };
+        limits
+            .validate(&format!("qos.groups.{name}"))
+            .map_err(|e| e.to_string())?;
+        self.factory.set_qos_group(name, &limits);
+        self.config.qos.groups.insert(name.to_string(), limits);
+        info!(group = name, %limits, "QoS group limits set");
+        Ok(format!("group {name}: {limits}"))
     }
 
     /// An operator's request about one device.
@@ -403,6 +440,7 @@ impl Manager {
             DeviceOp::Pause => dev.pause(reply, fx),
             DeviceOp::Resume => dev.resume(ctx, reply, fx),
             DeviceOp::Reopen => dev.reopen(ctx, reply, fx),
+            DeviceOp::Limit(change) => dev.limit(ctx, &change, reply),
         });
         if done.is_none() {
             warn!(device = %key, "the device or its type went away during the request");
@@ -659,6 +697,7 @@ impl Manager {
             shutting_down: self.shutdown_deadline.is_some(),
             handing_over: self.handing_over,
             metrics: self.metrics.as_ref().map(|m| m()).unwrap_or_default(),
+            qos_groups: self.config.qos.groups.clone(),
         }
     }
 }

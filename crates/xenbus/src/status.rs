@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::qos::{DeviceQos, QosLimits};
 use crate::state::XenbusState;
 use crate::vbd::{BackendFeatures, DisconnectReport, FrontendParams, StorageInfo};
 
@@ -64,6 +65,11 @@ pub struct DeviceStatus {
     /// Paused by the operator (`xenblkd pause`): no request is taken until `resume`.
     #[serde(default)]
     pub paused: bool,
+    /// The device's I/O limits and group, when it has any (`xenblkd limit`, or the
+    /// configuration's `qos`/`qos_group`); the time it was held by them is in `stats`
+    /// (`throttled`, `throttled_us`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<DeviceQos>,
 }
 
 /// A control-socket request.
@@ -91,6 +97,25 @@ pub enum ControlRequest {
     Reopen {
         /// As for [`ControlRequest::Pause`].
         device: String,
+    },
+    /// Shows or changes I/O limits: a device's (its own limits and its group), or with no
+    /// device a group's.
+    Limit {
+        /// As for [`ControlRequest::Pause`]; none: the group named by `group`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        /// New limits, replacing all of the device's (or the group's); none: kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<QosLimits>,
+        /// The device joins this group (or, without a device, the group to set).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        /// The device leaves its group.
+        #[serde(default)]
+        leave_group: bool,
+        /// No limits (and, for a device, no group) before the rest applies.
+        #[serde(default)]
+        clear: bool,
     },
 }
 
@@ -147,6 +172,9 @@ pub struct DaemonStatus {
     /// Process-wide gauges the daemon adds (grant mappings alive, open fds, threads), so
     /// leaks are measurable from outside.
     pub metrics: BTreeMap<String, u64>,
+    /// QoS groups and the limits their members share.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qos_groups: BTreeMap<String, QosLimits>,
 }
 
 /// A status reply as its readers use it.
@@ -275,6 +303,13 @@ mod tests {
             }),
             disconnecting: false,
             paused: false,
+            qos: Some(DeviceQos {
+                limits: QosLimits {
+                    iops: 500,
+                    ..QosLimits::default()
+                },
+                group: Some("tenant".into()),
+            }),
         }
     }
 
@@ -289,6 +324,13 @@ mod tests {
                 shutting_down: false,
                 handing_over: false,
                 metrics: BTreeMap::from([("threads".to_string(), 7)]),
+                qos_groups: BTreeMap::from([(
+                    "tenant".to_string(),
+                    QosLimits {
+                        bps: 1 << 20,
+                        ..QosLimits::default()
+                    },
+                )]),
             },
             devices: vec![device()],
         };

@@ -45,6 +45,7 @@ mod arms;
 mod events;
 mod pause;
 mod phase;
+mod qos;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::qos::DeviceQos;
 pub use pause::DeviceReply;
 #[cfg(test)]
 use phase::PhaseKind;
@@ -322,6 +324,10 @@ pub(crate) struct Device {
     paused: bool,
     /// Control requests answered when a pause's drain, or a reopen's open, reports.
     waiters: pause::Waiters,
+    /// QoS set by the operator (`xenblkd limit`), over the configuration's.
+    qos_live: Option<DeviceQos>,
+    /// The QoS last given to the engine (for status).
+    qos_shown: DeviceQos,
 }
 
 impl fmt::Debug for Device {
@@ -358,6 +364,8 @@ impl Device {
             warnings: Warnings::new(),
             paused: false,
             waiters: pause::Waiters::default(),
+            qos_live: None,
+            qos_shown: DeviceQos::default(),
         }
     }
 
