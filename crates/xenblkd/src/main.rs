@@ -104,6 +104,14 @@ fn main() -> anyhow::Result<()> {
     logging::init(cli.log_level.as_deref(), cli.log_target, default_level)?;
     match cli.command {
         Command::Demo(args) => demo::run(&args)?,
+        Command::Bench(args) if args.limit_iops.is_some() || args.limit_bps.is_some() => {
+            let report = bench::qos::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bench::qos::print_text(&report);
+            }
+        }
         Command::Bench(args) => {
             let report = bench::run(&args)?;
             if args.json {
