@@ -180,9 +180,7 @@ impl Bucket {
     }
 
     fn charge(&mut self, units: u64) {
-        self.level = self
-            .level
-            .saturating_add(u128::from(units) * NS_PER_SEC);
+        self.level = self.level.saturating_add(u128::from(units) * NS_PER_SEC);
     }
 }
 
@@ -415,12 +413,15 @@ mod tests {
         // minus the burst's 1/16 s.
         let at = t.try_admit(write(4096), t0).unwrap_err();
         let waited = at - t0;
-        let expected = Duration::from_secs(4) - Duration::from_millis(62) - Duration::from_micros(500);
+        let expected =
+            Duration::from_secs(4) - Duration::from_millis(62) - Duration::from_micros(500);
         assert!(
             waited >= expected && waited <= expected + Duration::from_millis(1),
             "{waited:?}"
         );
-        assert!(t.try_admit(write(4096), at - Duration::from_nanos(1)).is_err());
+        assert!(t
+            .try_admit(write(4096), at - Duration::from_nanos(1))
+            .is_err());
         assert_eq!(t.try_admit(write(4096), at), Ok(()));
         // Bandwidth over a long window: exact whatever the request size.
         let t = Throttle::new(limits, t0);
@@ -432,7 +433,10 @@ mod tests {
     fn read_and_write_limits_apply_by_direction() {
         let t0 = Instant::now();
         let limits = QosLimits {
-            read_iops: Limit { rate: 100, burst: 1 },
+            read_iops: Limit {
+                rate: 100,
+                burst: 1,
+            },
             write_bps: Limit {
                 rate: 1000,
                 burst: 1000,
@@ -452,10 +456,7 @@ mod tests {
         let at = t.try_admit(write(1), t0).unwrap_err();
         assert_eq!(at - t0, Duration::from_nanos(999_000_001));
         // A read is allowed again after its bucket's 1/100 s.
-        assert_eq!(
-            t.try_admit(read(0), t0 + Duration::from_millis(11)),
-            Ok(())
-        );
+        assert_eq!(t.try_admit(read(0), t0 + Duration::from_millis(11)), Ok(()));
     }
 
     #[test]
@@ -547,10 +548,13 @@ mod tests {
         let g = QosGroups::default();
         let a = g.get("a");
         assert!(a.limits().is_unlimited());
-        g.set("a", QosLimits {
-            iops: Limit::rate(5),
-            ..QosLimits::default()
-        });
+        g.set(
+            "a",
+            QosLimits {
+                iops: Limit::rate(5),
+                ..QosLimits::default()
+            },
+        );
         assert_eq!(a.limits().iops.rate, 5);
         assert_eq!(g.list().len(), 1);
     }

@@ -965,7 +965,11 @@ mod tests {
         // One more run at the deadline, by the wait's timeout, not earlier; there the
         // ring lets its request go and asks for no timer.
         wait_for(|| runs.load(Ordering::SeqCst) >= 3);
-        assert!(t0.elapsed() >= Duration::from_millis(30), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t0.elapsed()
+        );
         assert!(wake.lock().unwrap().is_none());
         // Nothing runs the ring again without an event (ticks do not run it).
         settle();

@@ -126,9 +126,17 @@ fn a_limited_vbd_keeps_its_rate_and_its_unlimited_neighbour_keeps_its_throughput
     let (stop_n, stop_l) = (AtomicBool::new(false), AtomicBool::new(false));
     let (alone, both) = std::thread::scope(|s| {
         s.spawn(|| drive(&mut neighbour, &stop_n));
-        let alone = rates(&[&nv], Duration::from_millis(300), Duration::from_millis(1500))[0];
+        let alone = rates(
+            &[&nv],
+            Duration::from_millis(300),
+            Duration::from_millis(1500),
+        )[0];
         s.spawn(|| drive(&mut limited, &stop_l));
-        let both = rates(&[&nv, &lv], Duration::from_millis(500), Duration::from_secs(3));
+        let both = rates(
+            &[&nv, &lv],
+            Duration::from_millis(500),
+            Duration::from_secs(3),
+        );
         stop_l.store(true, Ordering::Relaxed);
         stop_n.store(true, Ordering::Relaxed);
         (alone, both)
@@ -160,10 +168,13 @@ fn a_group_limits_its_members_together_and_changes_live() {
     let mut a = Harness::new_with_storage(opts(2), null);
     let mut b = a.another_guest_with_storage(9, opts(2), null);
     let engine = a.engine.take().unwrap();
-    engine.set_qos_group("tenant", QosLimits {
-        iops: Limit::rate(1000),
-        ..QosLimits::default()
-    });
+    engine.set_qos_group(
+        "tenant",
+        QosLimits {
+            iops: Limit::rate(1000),
+            ..QosLimits::default()
+        },
+    );
     let member = QosSpec {
         limits: QosLimits::default(),
         group: Some("tenant".into()),
@@ -176,17 +187,32 @@ fn a_group_limits_its_members_together_and_changes_live() {
         s.spawn(|| drive(&mut a, &stop));
         s.spawn(|| drive(&mut b, &stop));
         let sum = |r: Vec<f64>| r.iter().sum::<f64>();
-        let shared = sum(rates(&[&av, &bv], Duration::from_millis(500), Duration::from_secs(2)));
+        let shared = sum(rates(
+            &[&av, &bv],
+            Duration::from_millis(500),
+            Duration::from_secs(2),
+        ));
         // Live: the group's limit doubles for both members at once.
-        engine.set_qos_group("tenant", QosLimits {
-            iops: Limit::rate(2000),
-            ..QosLimits::default()
-        });
-        let raised = sum(rates(&[&av, &bv], Duration::from_millis(300), Duration::from_secs(2)));
+        engine.set_qos_group(
+            "tenant",
+            QosLimits {
+                iops: Limit::rate(2000),
+                ..QosLimits::default()
+            },
+        );
+        let raised = sum(rates(
+            &[&av, &bv],
+            Duration::from_millis(300),
+            Duration::from_secs(2),
+        ));
         // And both leave the group: no limit at all.
         av.set_qos(&QosSpec::default());
         bv.set_qos(&QosSpec::default());
-        let freed = sum(rates(&[&av, &bv], Duration::from_millis(300), Duration::from_secs(1)));
+        let freed = sum(rates(
+            &[&av, &bv],
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+        ));
         stop.store(true, Ordering::Relaxed);
         (shared, raised, freed)
     });
@@ -234,7 +260,11 @@ fn a_request_held_by_its_limits_does_not_hold_up_a_detach() {
     let t0 = Instant::now();
     let vbd = h.vbd.take().unwrap();
     let stats = vbd.detach(Duration::from_secs(5)).unwrap();
-    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
     // The held request was answered; the five never taken are left on the ring.
     assert_eq!((stats.total.rd_req, stats.total.in_flight), (3, 0));
     let answered = h.responses(0, Duration::from_secs(1));

@@ -161,7 +161,8 @@ pub fn parse_amount(s: &str) -> Result<u64, String> {
         "Gi" => 1 << 30,
         _ => return Err(format!("{s:?}: unknown unit {suffix:?}")),
     };
-    n.checked_mul(unit).ok_or_else(|| format!("{s:?}: too large"))
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// Sends a `limit` request and prints the daemon's answer.

@@ -82,23 +82,45 @@ fn limits_from_the_configuration_and_changed_live() {
 
     // Changed live, and shown.
     assert!(ok(&host, &[DEV, "--iops", "100"]).contains("iops=100 (in force)"));
-    assert_near(rate(&host, Duration::from_secs(3)), 100.0, "limit --iops 100");
+    assert_near(
+        rate(&host, Duration::from_secs(3)),
+        100.0,
+        "limit --iops 100",
+    );
     assert!(ok(&host, &[DEV]).contains("iops=100"));
     let d = host.device_status("xenblkd", 1, 51712).unwrap();
-    assert!(d.stats["throttled"] > 0 && d.stats["throttled_us"] > 0, "{d:?}");
+    assert!(
+        d.stats["throttled"] > 0 && d.stats["throttled_us"] > 0,
+        "{d:?}"
+    );
     let text = host.status_text();
     assert!(text.contains("qos: iops=100; held "), "{text}");
     assert!(text.contains("qos group configured: iops=150"), "{text}");
 
     // A group set live, joined with no limits of the device's own.
-    assert!(ok(&host, &["--group", "live", "--iops", "50", "--iops-burst", "5"])
-        .contains("group live: iops=50/5"));
+    assert!(ok(
+        &host,
+        &["--group", "live", "--iops", "50", "--iops-burst", "5"]
+    )
+    .contains("group live: iops=50/5"));
     assert!(ok(&host, &[DEV, "--clear", "--group", "live"]).contains("unlimited, group live"));
-    assert_near(rate(&host, Duration::from_secs(3)), 50.0, "group live at 50");
+    assert_near(
+        rate(&host, Duration::from_secs(3)),
+        50.0,
+        "group live at 50",
+    );
     let report = host.status();
     assert_eq!(report.daemon.qos_groups["live"].iops, 50);
-    let q = report.device("xenblkd", 1, 51712).unwrap().qos.clone().unwrap();
-    assert_eq!((q.limits, q.group.as_deref()), (QosLimits::default(), Some("live")));
+    let q = report
+        .device("xenblkd", 1, 51712)
+        .unwrap()
+        .qos
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (q.limits, q.group.as_deref()),
+        (QosLimits::default(), Some("live"))
+    );
 
     // Refused, and nothing changed.
     for (args, error) in [
@@ -109,14 +131,21 @@ fn limits_from_the_configuration_and_changed_live() {
     ] {
         let out = limit(&host, args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(error), "{args:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(error),
+            "{args:?}: {err}"
+        );
     }
 
     // Lifted: well above every limit used.
     assert!(ok(&host, &[DEV, "--no-group"]).contains("unlimited (in force)"));
     let free = rate(&host, Duration::from_secs(2));
     assert!(free > 600.0, "unlimited: {free:.0} requests/s");
-    assert!(host.device_status("xenblkd", 1, 51712).unwrap().qos.is_none());
+    assert!(host
+        .device_status("xenblkd", 1, 51712)
+        .unwrap()
+        .qos
+        .is_none());
 
     std::fs::write(&stop, b"").unwrap();
     let done = guest.expect("ok rw-until");

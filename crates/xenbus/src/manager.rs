@@ -613,7 +613,7 @@ impl Manager {
                     }
                 }
                 Effect::Open { open_id, config } => {
-                    spawn_open(&self.tx, key, open_id, self.factory.clone(), config);
+                    spawn_open(&self.tx, key, open_id, self.factory.clone(), *config);
                 }
                 Effect::Disconnect { session, vbd } => {
                     let timeout = Duration::from_millis(self.config.drain_timeout_ms);

@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR};
 use crate::qos::{self, Cost, Direction};
+use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR};
 use blkif::{Operation, Popped, RawRequest, Request, Response, Segments, Ticket, Validated};
 use storage::SubmitError;
 

@@ -177,7 +177,7 @@ impl Device {
         };
         fx.push(Effect::Open {
             open_id: self.open_id,
-            config,
+            config: Box::new(config),
         });
     }
 

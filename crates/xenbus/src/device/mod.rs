@@ -129,7 +129,7 @@ pub(crate) enum Effect {
         /// Which open this is (reports of older ones are stale).
         open_id: u64,
         /// What to open.
-        config: DeviceConfig,
+        config: Box<DeviceConfig>,
     },
     /// Disconnect the rings on a worker thread (a drain can wait for storage); its report
     /// is [`Device::disconnected`] with `session`.
