@@ -100,9 +100,7 @@ impl Manager {
     pub fn new(store: Arc<dyn Store>, factory: Arc<dyn VbdFactory>, config: Config) -> Manager {
         let (tx, rx) = mpsc::channel();
         let home = format!("/local/domain/{}", config.backend_domid);
-        for (name, limits) in &config.qos.groups {
-            factory.set_qos_group(name, limits);
-        }
+        crate::qos::apply_groups(&config.qos.groups, factory.as_ref());
         Manager {
             store,
             factory,
@@ -352,7 +350,9 @@ impl Manager {
                 limits,
                 reply,
             } => {
-                let _ = reply.send(self.qos_group(&name, limits));
+                let groups = &mut self.config.qos.groups;
+                let answer = crate::qos::group_op(groups, self.factory.as_ref(), &name, limits);
+                let _ = reply.send(answer);
             }
             Event::RefreshSizes => {
                 let ctx_parts = self.ctx_parts();
@@ -370,9 +370,7 @@ impl Manager {
             Event::Reload(config, reply) => {
                 let report = self.config.reload_from(*config);
                 // Groups apply at once: the file's limits, for every group it names.
-                for (name, limits) in &self.config.qos.groups {
-                    self.factory.set_qos_group(name, limits);
-                }
+                crate::qos::apply_groups(&self.config.qos.groups, self.factory.as_ref());
                 let _ = reply.send(report);
             }
             Event::Shutdown if self.handing_over => {
@@ -391,29 +389,6 @@ impl Manager {
                 }
             }
         }
-    }
-
-    /// Sets (or shows) a QoS group's limits, recorded in the configuration held in memory
-    /// (so `status` shows them; a reload puts the file's back).
-    fn qos_group(
-        &mut self,
-        name: &str,
-        limits: Option<crate::qos::QosLimits>,
-    ) -> Result<String, String> {
-        crate::qos::check_group_name(name)?;
-        let Some(limits) = limits else {
-            return Ok(match self.config.qos.groups.get(name) {
-                Some(l) => format!("group {name}: {l}"),
-                None => format!("group {name}: unlimited (not configured)"),
-            });
-        };
-        limits
-            .validate(&format!("qos.groups.{name}"))
-            .map_err(|e| e.to_string())?;
-        self.factory.set_qos_group(name, &limits);
-        self.config.qos.groups.insert(name.to_string(), limits);
-        info!(group = name, %limits, "QoS group limits set");
-        Ok(format!("group {name}: {limits}"))
     }
 
     /// An operator's request about one device.

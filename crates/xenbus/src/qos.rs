@@ -21,6 +21,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::vbd::VbdFactory;
 
 /// Limits of one device or group. Rates are per second (0: no limit); a burst is how much
 /// may go at once after an idle period (requests or bytes; 0: a tenth of a second's worth
@@ -163,6 +164,38 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
             "{name:?} is not a group name (1 to 64 letters, digits, '-', '_', '.')"
         ))
     }
+}
+
+/// Hands every group's limits to the engine (at start and after a reload).
+pub(crate) fn apply_groups(groups: &BTreeMap<String, QosLimits>, factory: &dyn VbdFactory) {
+    for (name, limits) in groups {
+        factory.set_qos_group(name, limits);
+    }
+}
+
+/// `xenblkd limit --group NAME`: sets (`Some`) or shows a group's limits. New limits go to
+/// the engine and into `groups` (the configuration held in memory, which `status` shows;
+/// a reload puts the file's back).
+pub(crate) fn group_op(
+    groups: &mut BTreeMap<String, QosLimits>,
+    factory: &dyn VbdFactory,
+    name: &str,
+    limits: Option<QosLimits>,
+) -> Result<String, String> {
+    check_group_name(name)?;
+    let Some(limits) = limits else {
+        return Ok(match groups.get(name) {
+            Some(l) => format!("group {name}: {l}"),
+            None => format!("group {name}: unlimited (not configured)"),
+        });
+    };
+    limits
+        .validate(&format!("qos.groups.{name}"))
+        .map_err(|e| e.to_string())?;
+    factory.set_qos_group(name, &limits);
+    groups.insert(name.to_string(), limits);
+    tracing::info!(group = name, %limits, "QoS group limits set");
+    Ok(format!("group {name}: {limits}"))
 }
 
 /// What `xenblkd limit <device>` changes; each part absent keeps what is in force.
