@@ -630,6 +630,60 @@ mod tests {
     }
 
     #[test]
+    fn qos_limits_per_device_and_group() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            qos = { iops = 1000 }
+            [[device]]
+            domid = 5
+            qos = { bps = 1_000_000, bps_burst = 4096 }
+            qos_group = "tenant-a"
+            [qos.groups.tenant-a]
+            iops = 2000
+            write_bps = 100
+            "#,
+            "t",
+        )
+        .unwrap();
+        let s = c.settings_for("vbd", 5, 1);
+        // An override replaces all of the limits.
+        assert_eq!(
+            (s.qos.iops, s.qos.bps, s.qos.bps_burst),
+            (0, 1_000_000, 4096)
+        );
+        assert_eq!(s.qos_group.as_deref(), Some("tenant-a"));
+        let s = c.settings_for("vbd", 6, 1);
+        assert_eq!((s.qos.iops, s.qos_group), (1000, None));
+        assert_eq!(c.qos.groups["tenant-a"].write_bps, 100);
+        for (text, key) in [
+            (
+                "[defaults]\nqos = { iops_burst = 5 }",
+                "defaults.qos.iops_burst",
+            ),
+            ("[[device]]\nqos_group = \"a b\"", "device[0].qos_group"),
+            ("[qos.groups.x]\nbps_burst = 1", "qos.groups.x.bps_burst"),
+            ("[qos.groups.\"a/b\"]\niops = 1", "qos.groups.a/b"),
+        ] {
+            match Config::from_toml(text, "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Config::from_toml("[qos.groups.x]\niopz = 1", "t"),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A reload takes the groups at once.
+        let mut running = Config::default();
+        assert_eq!(
+            running.reload_from(c).applied,
+            vec!["defaults", "device", "qos"]
+        );
+        assert_eq!(running.qos.groups["tenant-a"].iops, 2000);
+    }
+
+    #[test]
     fn reload_takes_what_can_change_at_run_time() {
         let mut running = Config::default();
         let new = Config::from_toml(
