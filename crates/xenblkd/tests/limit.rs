@@ -140,6 +140,7 @@ fn limits_from_the_configuration_and_changed_live() {
     // Lifted: well above every limit used.
     assert!(ok(&host, &[DEV, "--no-group"]).contains("unlimited (in force)"));
     let free = rate(&host, Duration::from_secs(2));
+    eprintln!("unlimited: {free:.0} requests/s");
     assert!(free > 600.0, "unlimited: {free:.0} requests/s");
     assert!(host
         .device_status("xenblkd", 1, 51712)
