@@ -5,7 +5,10 @@
 //! `{"cmd":"status"}` is answered by `{"ok":true,"devices":[...]}`; errors are
 //! `{"ok":false,"error":"..."}`. Besides status, the socket (root-only) takes `handover`
 //! and, per device, `{"cmd":"pause"|"resume"|"reopen","device":"xenblkd/5/51712"}`,
-//! answered `{"ok":true,"accepted":"..."}` once done (a pause once drained).
+//! answered `{"ok":true,"accepted":"..."}` once done (a pause once drained), and
+//! `{"cmd":"limit","device":...,"limits":{"iops":500},"group":...,"leave_group":false,
+//! "clear":false}` (without `device`: the limits of `group`), answered the same way with
+//! the limits now in force.
 //!
 //! The types serialise and deserialise: the daemon writes them, and `xenblkd status` and
 //! the tests read them back as the same types ([`ControlReply::into_report`]), so the
@@ -347,5 +350,43 @@ mod tests {
             ControlReply::parse(&line).unwrap().into_report(),
             Err("no such command".to_string())
         );
+    }
+
+    #[test]
+    fn limit_requests_parse_with_their_defaults() {
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"limit","device":"5/xvda","limits":{"iops":500}}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Limit {
+                device: Some("5/xvda".into()),
+                limits: Some(QosLimits {
+                    iops: 500,
+                    ..QosLimits::default()
+                }),
+                group: None,
+                leave_group: false,
+                clear: false,
+            }
+        );
+        let back: ControlRequest =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        // A group's limits; unknown limit names are refused.
+        let g: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"limit","group":"t","clear":true}"#).unwrap();
+        assert!(matches!(
+            g,
+            ControlRequest::Limit {
+                device: None,
+                clear: true,
+                ..
+            }
+        ));
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"cmd":"limit","device":"5/xvda","limits":{"iopz":1}}"#
+        )
+        .is_err());
     }
 }
