@@ -24,6 +24,7 @@ use shmem::SharedMemory;
 use storage::StorageError;
 
 use crate::grant_budget::{ring_map_reserve, BudgetSize, GuestBudget, MapBudget, MapLimits};
+use crate::qos::{QosGroups, QosLimits};
 use crate::reactor::{Command, ReactorHandle, RingClosed, VbdId};
 use crate::ring::{RingConfig, RingParts, RingRunner};
 use crate::stats::VbdStats;
@@ -128,6 +129,8 @@ struct Inner {
     reserve_ring_maps: bool,
     /// See [`Engine::hand_over`].
     handing_over: Arc<AtomicBool>,
+    /// Named QoS groups, shared by their members' rings on every reactor.
+    qos_groups: QosGroups,
 }
 
 impl Inner {
@@ -204,6 +207,7 @@ impl Engine {
                 budget,
                 reserve_ring_maps,
                 handing_over: Arc::new(AtomicBool::new(false)),
+                qos_groups: QosGroups::default(),
             }),
         })
     }
@@ -246,6 +250,17 @@ impl Engine {
         )
     }
 
+    /// Sets the limits of the QoS group `name`, shared by every VBD in it (created if new;
+    /// its members' rings see the new limits with their next request).
+    pub fn set_qos_group(&self, name: &str, limits: QosLimits) {
+        self.inner.qos_groups.set(name, limits);
+    }
+
+    /// Every QoS group and its limits.
+    pub fn qos_groups(&self) -> Vec<(String, QosLimits)> {
+        self.inner.qos_groups.list()
+    }
+
     /// Maps the VBD's rings, binds their event channels, opens a storage queue per ring
     /// and starts serving it.
     pub fn attach(
@@ -266,6 +281,12 @@ impl Engine {
         }
         let id = VbdId(self.inner.next_vbd.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(VbdShared::new(id, &spec, self.inner.handing_over.clone()));
+        let group = spec
+            .qos
+            .group
+            .as_deref()
+            .map(|g| (g.to_string(), self.inner.qos_groups.get(g)));
+        shared.set_qos(spec.qos.limits, group);
         let mode = spec.grant_mode.resolve(spec.persistent);
         // The guest's share, held by its rings: the guest counts in everyone's share
         // until its last ring is dropped.
@@ -511,6 +532,27 @@ impl VbdHandle {
     /// `feature-max-indirect-segments` to advertise.
     pub fn max_indirect_segments(&self) -> u32 {
         self.shared.max_indirect_segments
+    }
+
+    /// Changes the VBD's QoS limits and group live: its rings apply them from their next
+    /// request (a request held by the old limits is re-checked against the new ones at
+    /// the latest by the next housekeeping tick).
+    pub fn set_qos(&self, qos: &crate::QosSpec) {
+        let group = qos
+            .group
+            .as_deref()
+            .map(|g| (g.to_string(), self.engine.qos_groups.get(g)));
+        self.shared.set_qos(qos.limits, group);
+        tracing::info!(vbd = self.shared.id.0, ?qos, "QoS limits set");
+    }
+
+    /// The VBD's QoS limits and group.
+    pub fn qos(&self) -> crate::QosSpec {
+        let b = self.shared.qos();
+        crate::QosSpec {
+            limits: b.own.map(|t| t.limits()).unwrap_or_default(),
+            group: b.group.map(|(name, _)| name),
+        }
     }
 
     /// Re-reads the storage size now; on a change every ring validates against the new

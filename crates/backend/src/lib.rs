@@ -17,6 +17,8 @@
 //!   `vm.max_map_count` of them; mapped pages: dom0's map-tracking table) and every
 //!   guest's share of it;
 //! - [`bounce`]: bounce buffers of the grant-copy data path;
+//! - [`qos`]: per-VBD and per-group IOPS and bandwidth limits (token buckets), enforced
+//!   by the rings with a reactor timer;
 //! - `journal_file`: the file behind each ring's crash-recovery journal (`blkif::journal`);
 //! - `slots`: the per-ring request slot pool;
 //! - [`stats`]: run-time counters; [`latency`]: request latency histograms;
@@ -33,6 +35,7 @@ pub mod grant_budget;
 mod journal_file;
 pub mod latency;
 pub mod persistent_grants;
+pub mod qos;
 mod reactor;
 mod ring;
 mod slots;
@@ -48,6 +51,6 @@ pub use reactor::VbdId;
 pub use stats::{ReactorStats, ReactorStatsReader, Stats, VbdStats};
 pub use sys::open_fd_count;
 pub use vbd::{
-    EventCallback, Features, GrantMode, JournalSpec, ResolvedGrantMode, RingSpec, VbdEvent,
-    VbdLimits, VbdSpec,
+    EventCallback, Features, GrantMode, JournalSpec, QosSpec, ResolvedGrantMode, RingSpec,
+    VbdEvent, VbdLimits, VbdSpec,
 };

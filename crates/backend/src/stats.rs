@@ -67,6 +67,8 @@ pub(crate) struct RingStats {
     pub(crate) indirect_misses: Counter,
     pub(crate) notifications: Counter,
     pub(crate) map_fallbacks: Counter,
+    pub(crate) throttled: Counter,
+    pub(crate) throttled_ns: Counter,
     pub(crate) halted: AtomicBool,
     /// Request latency per operation.
     pub(crate) latency: LatencyCounters,
@@ -95,6 +97,8 @@ impl RingStats {
             indirect_page_misses: self.indirect_misses.get(),
             notifications: self.notifications.get(),
             map_fallbacks: self.map_fallbacks.get(),
+            throttled: self.throttled.get(),
+            throttled_ns: self.throttled_ns.get(),
             halted_rings: u64::from(self.halted.load(Ordering::Relaxed)),
         }
     }
@@ -150,6 +154,10 @@ pub struct Stats {
     /// map-or-copy modes): their guest's share of the daemon-wide grant-mapping budget
     /// had no room for what they would map, or a map failed for want of resources.
     pub map_fallbacks: u64,
+    /// Requests held back by the VBD's or its group's QoS limits (see [`crate::qos`]).
+    pub throttled: u64,
+    /// Time the ring spent with a request held back by QoS limits, in nanoseconds.
+    pub throttled_ns: u64,
     /// Rings halted because the frontend overflowed them (0 or 1 for one ring).
     pub halted_rings: u64,
 }
@@ -176,6 +184,8 @@ impl AddAssign for Stats {
         self.indirect_page_misses += o.indirect_page_misses;
         self.notifications += o.notifications;
         self.map_fallbacks += o.map_fallbacks;
+        self.throttled += o.throttled;
+        self.throttled_ns += o.throttled_ns;
         self.halted_rings += o.halted_rings;
     }
 }
@@ -260,7 +270,8 @@ pub struct ReactorStats {
     pub sleeps: u64,
     /// Sleeps ended by an event: a guest notification, a storage completion, a command.
     pub wakeups: u64,
-    /// Sleeps ended by the housekeeping deadline with nothing to report.
+    /// Sleeps ended by the housekeeping deadline, or a ring's QoS timer, with nothing to
+    /// report.
     pub timeouts: u64,
     /// Polls after a batch that found work (a request, a completion) before the budget
     /// ran out: each is a sleep and a wake-up saved.

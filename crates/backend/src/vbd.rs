@@ -17,6 +17,7 @@ use platform::{DomId, GrantRef, Port};
 use storage::Storage;
 
 use crate::persistent_grants::PersistentGrantLimits;
+use crate::qos::{QosLimits, Throttle};
 use crate::reactor::VbdId;
 use crate::stats::{RateLimitedCount, RingStats, VbdStats};
 
@@ -174,6 +175,16 @@ pub struct VbdSpec {
     /// Where the rings keep their crash-recovery journals; `None`: no journal (a daemon
     /// killed mid-I/O then leaves these rings unrecoverable at queue depth > 1).
     pub journal: Option<JournalSpec>,
+    /// I/O limits ([`crate::qos`]); the default limits nothing.
+    pub qos: QosSpec,
+}
+
+/// A VBD's I/O limits: its own, and the named group it shares limits with
+/// ([`crate::Engine::set_qos_group`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QosSpec {
+    pub limits: QosLimits,
+    pub group: Option<String>,
 }
 
 /// The journals of a VBD's rings: `<dir>/<name>-q<ring>.journal`.
@@ -207,6 +218,7 @@ impl std::fmt::Debug for VbdSpec {
             .field("features", &self.features)
             .field("limits", &self.limits)
             .field("journal", &self.journal)
+            .field("qos", &self.qos)
             .finish_non_exhaustive()
     }
 }
@@ -240,6 +252,17 @@ pub(crate) struct VbdShared {
     /// The engine's handover flag ([`crate::Engine::hand_over`]): the devices go to the
     /// next daemon, which re-executes what the journals of rings dropped mid-I/O owe.
     pub(crate) handing_over: Arc<AtomicBool>,
+    /// The throttles the rings draw on; a change bumps `generation`, so a ring picks it up
+    /// with its next request.
+    qos: Mutex<QosBinding>,
+}
+
+/// The throttles of a VBD: its own (only while it has limits, so an unlimited VBD takes
+/// no lock per request) and its group's.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QosBinding {
+    pub(crate) own: Option<Arc<Throttle>>,
+    pub(crate) group: Option<(String, Arc<Throttle>)>,
 }
 
 impl VbdShared {
@@ -273,7 +296,33 @@ impl VbdShared {
             resize_lock: Mutex::new(()),
             removed: AtomicBool::new(false),
             handing_over,
+            qos: Mutex::new(QosBinding::default()),
         }
+    }
+
+    /// The throttles in force (rings cache them until `generation` changes).
+    pub(crate) fn qos(&self) -> QosBinding {
+        self.qos.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the VBD's own limits and its group (`group`: the group's throttle, from the
+    /// engine's registry).
+    pub(crate) fn set_qos(&self, limits: QosLimits, group: Option<(String, Arc<Throttle>)>) {
+        let now = std::time::Instant::now();
+        let mut q = self.qos.lock().unwrap_or_else(|p| p.into_inner());
+        q.own = match (q.own.take(), limits.is_unlimited()) {
+            (_, true) => None,
+            // The same throttle: a ring holding a request sees the new limits at once,
+            // and the debt carries over.
+            (Some(t), false) => {
+                t.set_limits(limits, now);
+                Some(t)
+            }
+            (None, false) => Some(Arc::new(Throttle::new(limits, now))),
+        };
+        q.group = group;
+        drop(q);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn generation(&self) -> u64 {

@@ -1185,6 +1185,7 @@ fn failed_attach_leaves_nothing_behind() {
             limits: backend::VbdLimits::default(),
             events: None,
             journal: None,
+            qos: Default::default(),
         };
         let platform: Arc<dyn Platform> = Arc::new(sim.clone());
         // Ring 0 is fine, ring 1 names a grant that does not exist.

@@ -180,6 +180,7 @@ impl ToyBackend {
             },
             events: None,
             journal: None,
+            qos: Default::default(),
         };
         let p: Arc<dyn Platform> = Arc::new(self.platform.clone());
         *self.vbd.lock().unwrap() = Some(self.engine.attach(spec, p).unwrap());

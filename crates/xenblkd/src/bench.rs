@@ -26,6 +26,7 @@ use storage::{DirectIo, NullConfig, NullStorage, OpenOptions, Storage};
 use crate::simstack::{SimStack, StackOptions};
 
 mod measure;
+pub mod qos;
 mod report;
 
 pub use measure::measure_frontend;
@@ -223,6 +224,17 @@ pub struct BenchArgs {
     pub json: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// QoS run: limit the benchmarked VBD to this many requests per second (see
+    /// `--neighbour`); reports its rate against the limit.
+    #[arg(long, value_name = "IOPS")]
+    pub limit_iops: Option<u64>,
+    /// QoS run: limit the benchmarked VBD to this many bytes per second.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub limit_bps: Option<u64>,
+    /// QoS run: an unlimited second guest on the same engine (one reactor by default),
+    /// measured alone and then beside the limited one.
+    #[arg(long)]
+    pub neighbour: bool,
 }
 
 impl Default for BenchArgs {

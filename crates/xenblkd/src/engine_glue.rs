@@ -325,9 +325,26 @@ pub fn journal_device(file_name: &str) -> Option<(&str, u32, u32)> {
     Some((backend_type, domid.parse().ok()?, devid.parse().ok()?))
 }
 
+/// The engine's limits from the configuration's.
+pub fn qos_limits(q: &xenbus::qos::QosLimits) -> backend::qos::QosLimits {
+    let l = |rate, burst| backend::qos::Limit { rate, burst };
+    backend::qos::QosLimits {
+        iops: l(q.iops, q.iops_burst),
+        bps: l(q.bps, q.bps_burst),
+        read_iops: l(q.read_iops, q.read_iops_burst),
+        write_iops: l(q.write_iops, q.write_iops_burst),
+        read_bps: l(q.read_bps, q.read_bps_burst),
+        write_bps: l(q.write_bps, q.write_bps_burst),
+    }
+}
+
 impl VbdFactory for EngineFactory {
     fn handing_over(&self) {
         self.engine.hand_over();
+    }
+
+    fn set_qos_group(&self, name: &str, limits: &xenbus::qos::QosLimits) {
+        self.engine.set_qos_group(name, qos_limits(limits));
     }
 
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError> {
@@ -400,6 +417,10 @@ impl VbdFactory for EngineFactory {
                 ),
                 recover: req.adopting,
             }),
+            qos: backend::QosSpec {
+                limits: qos_limits(&settings.qos),
+                group: settings.qos_group.clone(),
+            },
         };
         let handle = self
             .engine
@@ -599,6 +620,8 @@ impl ConnectedVbd for EngineVbd {
             ("indirect_page_misses".to_string(), t.indirect_page_misses),
             ("notifications".to_string(), t.notifications),
             ("map_fallbacks".to_string(), t.map_fallbacks),
+            ("throttled".to_string(), t.throttled),
+            ("throttled_us".to_string(), t.throttled_ns / 1000),
             ("halted_rings".to_string(), t.halted_rings),
             ("rings".to_string(), s.rings.len() as u64),
         ]);
@@ -625,6 +648,13 @@ impl ConnectedVbd for EngineVbd {
                 )
             })
             .collect()
+    }
+
+    fn set_qos(&self, qos: &xenbus::qos::DeviceQos) {
+        self.handle.set_qos(&backend::QosSpec {
+            limits: qos_limits(&qos.limits),
+            group: qos.group.clone(),
+        });
     }
 
     fn disconnect(self: Box<Self>, timeout: Duration) -> Result<DisconnectReport, VbdError> {

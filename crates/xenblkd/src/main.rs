@@ -1,5 +1,5 @@
 //! The xenblkd binary: `serve`, `attach`, `detach`, `status`, `handover`, `pause`,
-//! `resume`, `reopen`, `qemu-dm`, `demo`, `bench`.
+//! `resume`, `reopen`, `limit`, `qemu-dm`, `demo`, `bench`.
 //! Each subcommand lives in its own module; this file only dispatches.
 
 #![forbid(unsafe_code)]
@@ -64,6 +64,8 @@ enum Command {
     Resume(device_ctl::DeviceCtlArgs),
     /// While paused: reopen a device's storage from its backend nodes (after a snapshot).
     Reopen(device_ctl::DeviceCtlArgs),
+    /// Show or change a device's I/O limits (IOPS, bandwidth, bursts, group) live, or a group's.
+    Limit(device_ctl::LimitArgs),
     /// Device model libxl runs instead of QEMU for backendtype=qdisk disks (QEMU's argv).
     QemuDm(qemu_dm::QemuDmArgs),
     /// Open a target as `serve` would and say why it cannot be served (for hotplug scripts).
@@ -93,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         | Command::Pause(_)
         | Command::Resume(_)
         | Command::Reopen(_)
+        | Command::Limit(_)
         | Command::Xenstore(_)
         | Command::CheckTarget(_)
         | Command::GenerateDocs(_) => "warn",
@@ -105,6 +108,14 @@ fn main() -> anyhow::Result<()> {
     logging::init(cli.log_level.as_deref(), cli.log_target, default_level)?;
     match cli.command {
         Command::Demo(args) => demo::run(&args)?,
+        Command::Bench(args) if args.limit_iops.is_some() || args.limit_bps.is_some() => {
+            let report = bench::qos::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bench::qos::print_text(&report);
+            }
+        }
         Command::Bench(args) => {
             let report = bench::run(&args)?;
             if args.json {
@@ -124,6 +135,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pause(args) => device_ctl::run(device_ctl::Op::Pause, &args)?,
         Command::Resume(args) => device_ctl::run(device_ctl::Op::Resume, &args)?,
         Command::Reopen(args) => device_ctl::run(device_ctl::Op::Reopen, &args)?,
+        Command::Limit(args) => device_ctl::run_limit(&args)?,
         Command::QemuDm(args) => qemu_dm::run(&args)?,
         Command::Xenstored(args) => xenstored::run(&args)?,
         Command::Xenstore(args) => xenstore_cli::run(&args)?,

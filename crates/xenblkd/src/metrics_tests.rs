@@ -83,6 +83,7 @@ fn device(domid: u32, devid: u32, vdev: &str, connected: bool) -> DeviceStatus {
         disconnecting: false,
         paused: false,
         latency,
+        qos: None,
     }
 }
 
@@ -92,6 +93,7 @@ fn snapshot_text(format: Format) -> String {
         home: "/local/domain/0".into(),
         shutting_down: false,
         handing_over: false,
+        qos_groups: BTreeMap::new(),
         metrics: BTreeMap::from(
             [
                 ("persistent_grant_budget_used", 11),

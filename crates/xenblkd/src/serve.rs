@@ -406,6 +406,33 @@ fn serve_control_connection(
         Ok(ControlRequest::Reopen { device }) => {
             device_reply(sender.device_op(&device, DeviceOp::Reopen, op_timeout))
         }
+        Ok(ControlRequest::Limit {
+            device,
+            limits,
+            group,
+            leave_group,
+            clear,
+        }) => device_reply(match (device, group) {
+            (Some(device), group) => {
+                let change = xenbus::qos::LimitChange {
+                    limits,
+                    group,
+                    leave_group,
+                    clear,
+                };
+                sender.device_op(&device, DeviceOp::Limit(change), op_timeout)
+            }
+            // A group's own limits: `--clear` lifts them.
+            (None, Some(group)) => {
+                let limits = if clear {
+                    Some(limits.unwrap_or_default())
+                } else {
+                    limits
+                };
+                sender.qos_group(&group, limits, op_timeout)
+            }
+            (None, None) => Err("limit: name a device, or a group with --group".into()),
+        }),
         Ok(ControlRequest::Status) => match sender.status(Duration::from_secs(5)) {
             Some((daemon, devices)) => ControlReply::status(daemon, devices),
             None => ControlReply::error("the device manager did not answer"),

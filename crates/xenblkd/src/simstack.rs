@@ -47,6 +47,7 @@ pub struct SimStack {
     platform: SimPlatform,
     domain: Option<DomainHandle>,
     guest_pages: u32,
+    domid: u16,
 }
 
 impl SimStack {
@@ -60,11 +61,29 @@ impl SimStack {
     }
 
     pub fn connect(storage: Arc<dyn Storage>, opts: &StackOptions) -> anyhow::Result<SimStack> {
+        let engine = Engine::start(EngineConfig {
+            reactors: opts.reactors,
+        })
+        .context("starting the engine")?;
+        let mut stack = Self::connect_on(storage, opts, &engine, GUEST_DOMID)?;
+        stack.engine = Some(engine);
+        Ok(stack)
+    }
+
+    /// A guest `domid` with its disk on `storage`, served by `engine` (which the caller
+    /// owns and shuts down after [`teardown`](Self::teardown)): several stacks on one
+    /// engine share its reactors.
+    pub fn connect_on(
+        storage: Arc<dyn Storage>,
+        opts: &StackOptions,
+        engine: &Engine,
+        domid: u16,
+    ) -> anyhow::Result<SimStack> {
         let info = storage.info();
         let platform = SimPlatform::new();
         let guest = Arc::new(
             SimGuest::new(
-                GUEST_DOMID,
+                domid,
                 GuestConfig {
                     pages: opts.guest_pages,
                     grant_entries: 64 * 1024,
@@ -106,12 +125,8 @@ impl SimStack {
         let (frontend, connect) =
             Frontend::connect_direct(services.clone(), opts.frontend.clone(), &offer)
                 .context("frontend setup")?;
-        let engine = Engine::start(EngineConfig {
-            reactors: opts.reactors,
-        })
-        .context("starting the engine")?;
         let spec = VbdSpec {
-            domid: GUEST_DOMID,
+            domid,
             storage,
             read_only: info.read_only,
             rings: connect
@@ -138,17 +153,19 @@ impl SimStack {
             },
             events: None,
             journal: None,
+            qos: Default::default(),
         };
         let p: Arc<dyn Platform> = Arc::new(platform.clone());
         let vbd = engine.attach(spec, p).context("attaching the VBD")?;
         Ok(SimStack {
             frontend,
             vbd: Some(vbd),
-            engine: Some(engine),
+            engine: None,
             services,
             platform,
             domain: Some(domain),
             guest_pages: opts.guest_pages,
+            domid,
         })
     }
 
@@ -179,7 +196,7 @@ impl SimStack {
             bail!("{} grant mappings leaked", self.platform.live_mappings());
         }
         self.domain.take();
-        let _ = self.platform.detach(GUEST_DOMID);
+        let _ = self.platform.detach(self.domid);
         Ok(stats)
     }
 }

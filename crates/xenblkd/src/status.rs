@@ -379,6 +379,9 @@ pub fn render(report: &StatusReport) -> String {
     if !daemon.metrics.is_empty() {
         out.push_str(&format!("  daemon: {}\n", counters(&daemon.metrics)));
     }
+    for (name, limits) in &daemon.qos_groups {
+        out.push_str(&format!("  qos group {name}: {limits}\n"));
+    }
     for d in &report.devices {
         render_device(&mut out, d);
     }
@@ -430,6 +433,14 @@ fn render_device(out: &mut String, d: &DeviceStatus) {
             advertised(f),
             f.sectors,
             f.info
+        ));
+    }
+    if let Some(q) = &d.qos {
+        let held = |k: &str| d.stats.get(k).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "  qos: {q}; held {} request(s), {} ms\n",
+            held("throttled"),
+            held("throttled_us") / 1000
         ));
     }
     if !d.stats.is_empty() {

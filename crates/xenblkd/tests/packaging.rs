@@ -70,6 +70,9 @@ fn example_configuration_is_the_parsers_defaults() {
     );
     let s = parsed.settings_for("vbd", 5, 51728);
     assert_eq!((s.max_queues, s.persistent_grants), (1, false));
+    assert_eq!((s.qos.iops, s.qos.bps), (500, 50_000_000));
+    assert_eq!(s.qos_group.as_deref(), Some("tenant-a"));
+    assert_eq!(parsed.qos.groups["tenant-a"].iops, 2000);
 }
 
 /// The unit's `ExecStart=` arguments.

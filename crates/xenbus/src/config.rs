@@ -36,6 +36,11 @@
 //! vdev = "xvdb"
 //! max_queues = 1
 //! persistent_grants = false
+//! qos = { iops = 500, bps = 50_000_000 }   # I/O limits (see `crate::qos`)
+//! qos_group = "tenant-a"
+//!
+//! [qos.groups.tenant-a]          # limits shared by every device of the group
+//! iops = 2000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -43,6 +48,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::qos::{check_group_name, DeviceQos, QosConfig, QosLimits};
 use crate::vdev;
 
 /// `XENBUS_MAX_RING_GRANT_ORDER`: Linux's (and our) ceiling for `max-ring-page-order`.
@@ -137,6 +143,10 @@ pub struct DeviceSettings {
     /// which a request the cluster has not answered fails with an error (a ceph.conf or
     /// the target's own options still override it).
     pub rbd_op_timeout_secs: u64,
+    /// The device's own I/O limits (none by default).
+    pub qos: QosLimits,
+    /// The QoS group whose limits the device shares (`[qos.groups.NAME]`).
+    pub qos_group: Option<String>,
 }
 
 impl Default for DeviceSettings {
@@ -159,6 +169,8 @@ impl Default for DeviceSettings {
             direct_io: DirectIo::Auto,
             nbd_reconnect_secs: DEFAULT_NBD_RECONNECT_SECS,
             rbd_op_timeout_secs: DEFAULT_RBD_OP_TIMEOUT_SECS,
+            qos: QosLimits::default(),
+            qos_group: None,
         }
     }
 }
@@ -202,7 +214,19 @@ impl DeviceSettings {
                 format!("must be 1..={MAX_RBD_OP_TIMEOUT_SECS}"),
             ));
         }
+        self.qos.validate(&format!("{key}.qos"))?;
+        if let Some(g) = &self.qos_group {
+            check_group_name(g).map_err(|m| bad("qos_group", m))?;
+        }
         Ok(())
+    }
+
+    /// The device's QoS as configured.
+    pub fn device_qos(&self) -> DeviceQos {
+        DeviceQos {
+            limits: self.qos,
+            group: self.qos_group.clone(),
+        }
     }
 }
 
@@ -239,6 +263,10 @@ pub struct DeviceOverride {
     pub nbd_reconnect_secs: Option<u64>,
     /// See [`DeviceSettings::rbd_op_timeout_secs`].
     pub rbd_op_timeout_secs: Option<u64>,
+    /// See [`DeviceSettings::qos`] (replaces all of the limits).
+    pub qos: Option<QosLimits>,
+    /// See [`DeviceSettings::qos_group`].
+    pub qos_group: Option<String>,
 }
 
 impl DeviceOverride {
@@ -286,6 +314,12 @@ impl DeviceOverride {
         }
         if let Some(v) = self.rbd_op_timeout_secs {
             s.rbd_op_timeout_secs = v;
+        }
+        if let Some(v) = self.qos {
+            s.qos = v;
+        }
+        if let Some(v) = &self.qos_group {
+            s.qos_group = Some(v.clone());
         }
     }
 }
@@ -430,6 +464,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// The metrics endpoint (off by default).
     pub metrics: MetricsSettings,
+    /// `[qos]`: named groups of devices sharing I/O limits.
+    pub qos: QosConfig,
 }
 
 impl Default for Config {
@@ -444,6 +480,7 @@ impl Default for Config {
             overrides: Vec::new(),
             log_level: None,
             metrics: MetricsSettings::default(),
+            qos: QosConfig::default(),
         }
     }
 }
@@ -472,6 +509,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.defaults.validate("defaults")?;
         self.metrics.endpoint()?;
+        self.qos.validate()?;
         if self.backend_types.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "backend_type".into(),
@@ -533,6 +571,8 @@ impl Config {
     /// types served, the domain, the control socket and the reactor count shape the
     /// running process and need a restart (with `KillSignal=SIGUSR2`, a handover that
     /// keeps the guests running). `log_level` is the binary's, copied without comment.
+    /// QoS groups apply at once (the manager hands them to the engine); a device's own
+    /// `qos` and `qos_group` at its next connect, unless `xenblkd limit` set them.
     pub fn reload_from(&mut self, new: Config) -> ReloadReport {
         let mut report = ReloadReport::default();
         let mut take = |changed: bool, key: &'static str, runtime: bool| {
@@ -551,6 +591,7 @@ impl Config {
             "drain_timeout_ms",
             true,
         );
+        take(self.qos != new.qos, "qos", true);
         take(
             self.backend_types != new.backend_types,
             "backend_type",
@@ -576,6 +617,7 @@ impl Config {
         self.overrides = new.overrides;
         self.drain_timeout_ms = new.drain_timeout_ms;
         self.log_level = new.log_level;
+        self.qos = new.qos;
         report
     }
 
@@ -647,6 +689,60 @@ mod tests {
             c.settings_for("vbd", 6, 1).nbd_reconnect_secs,
             DEFAULT_NBD_RECONNECT_SECS
         );
+    }
+
+    #[test]
+    fn qos_limits_per_device_and_group() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            qos = { iops = 1000 }
+            [[device]]
+            domid = 5
+            qos = { bps = 1_000_000, bps_burst = 4096 }
+            qos_group = "tenant-a"
+            [qos.groups.tenant-a]
+            iops = 2000
+            write_bps = 100
+            "#,
+            "t",
+        )
+        .unwrap();
+        let s = c.settings_for("vbd", 5, 1);
+        // An override replaces all of the limits.
+        assert_eq!(
+            (s.qos.iops, s.qos.bps, s.qos.bps_burst),
+            (0, 1_000_000, 4096)
+        );
+        assert_eq!(s.qos_group.as_deref(), Some("tenant-a"));
+        let s = c.settings_for("vbd", 6, 1);
+        assert_eq!((s.qos.iops, s.qos_group), (1000, None));
+        assert_eq!(c.qos.groups["tenant-a"].write_bps, 100);
+        for (text, key) in [
+            (
+                "[defaults]\nqos = { iops_burst = 5 }",
+                "defaults.qos.iops_burst",
+            ),
+            ("[[device]]\nqos_group = \"a b\"", "device[0].qos_group"),
+            ("[qos.groups.x]\nbps_burst = 1", "qos.groups.x.bps_burst"),
+            ("[qos.groups.\"a/b\"]\niops = 1", "qos.groups.a/b"),
+        ] {
+            match Config::from_toml(text, "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Config::from_toml("[qos.groups.x]\niopz = 1", "t"),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A reload takes the groups at once.
+        let mut running = Config::default();
+        assert_eq!(
+            running.reload_from(c).applied,
+            vec!["defaults", "device", "qos"]
+        );
+        assert_eq!(running.qos.groups["tenant-a"].iops, 2000);
     }
 
     #[test]

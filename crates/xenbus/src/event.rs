@@ -47,6 +47,11 @@ impl std::fmt::Debug for Event {
                 .field("open_id", open_id)
                 .finish_non_exhaustive(),
             Event::Status(_) => f.write_str("Status"),
+            Event::QosGroup { name, limits, .. } => f
+                .debug_struct("QosGroup")
+                .field("name", name)
+                .field("limits", limits)
+                .finish_non_exhaustive(),
             Event::Device { device, op, .. } => f
                 .debug_struct("Device")
                 .field("device", device)
@@ -111,6 +116,15 @@ pub enum Event {
         /// Where the answer goes (a pause answers once drained).
         reply: DeviceReply,
     },
+    /// Set (`Some`) or show (`None`) the limits of a QoS group (`xenblkd limit --group`).
+    QosGroup {
+        /// The group.
+        name: String,
+        /// Its new limits.
+        limits: Option<crate::qos::QosLimits>,
+        /// Where the answer goes.
+        reply: DeviceReply,
+    },
     /// Re-read every device's storage size (operator-triggered resize check).
     RefreshSizes,
     /// A re-read configuration (`systemctl reload`): takes what can change at run time
@@ -124,7 +138,7 @@ pub enum Event {
 }
 
 /// What an operator asks of one device (see `device::pause`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceOp {
     /// Stop taking requests, answer those in flight, release the rings; hold.
     Pause,
@@ -132,6 +146,8 @@ pub enum DeviceOp {
     Resume,
     /// While paused: close the storage and open what the backend's nodes name now.
     Reopen,
+    /// Change (or show) the device's QoS limits and group.
+    Limit(crate::qos::LimitChange),
 }
 
 pub use crate::device::DeviceReply;
@@ -188,6 +204,25 @@ impl EventSender {
             .send(Event::Device {
                 device: device.to_string(),
                 op,
+                reply: tx,
+            })
+            .map_err(|_| "the device manager is gone".to_string())?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+
+    /// Sets (`Some`) or shows the limits of QoS group `name`.
+    pub fn qos_group(
+        &self,
+        name: &str,
+        limits: Option<crate::qos::QosLimits>,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let (tx, rx) = mpsc::channel();
+        self.0
+            .send(Event::QosGroup {
+                name: name.to_string(),
+                limits,
                 reply: tx,
             })
             .map_err(|_| "the device manager is gone".to_string())?;

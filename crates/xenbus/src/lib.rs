@@ -16,6 +16,7 @@
 //! | [`vbd`] | the engine seam: [`vbd::VbdFactory`], [`vbd::ConnectedVbd`], the types they exchange |
 //! | [`toolstack`] | writing/removing device nodes the way libxl does (for `xenblkd attach`, tests) |
 //! | [`config`] | daemon and per-device settings (TOML) |
+//! | [`qos`] | per-device and per-group I/O limits as configured and changed live |
 //! | [`devmodel`] | device-model claims: which domains' `qdisk` devices are ours to serve |
 //! | [`store`] | the narrow xenstore interface the above are written against |
 //! | [`xs`] | [`store::Store`] over the `xenstore` crate's client, and its watch forwarder |
@@ -35,6 +36,7 @@ pub mod manager;
 pub mod memstore;
 pub mod negotiate;
 pub mod parse;
+pub mod qos;
 pub mod ratelimit;
 pub mod state;
 pub mod status;

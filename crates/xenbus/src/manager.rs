@@ -100,6 +100,7 @@ impl Manager {
     pub fn new(store: Arc<dyn Store>, factory: Arc<dyn VbdFactory>, config: Config) -> Manager {
         let (tx, rx) = mpsc::channel();
         let home = format!("/local/domain/{}", config.backend_domid);
+        crate::qos::apply_groups(&config.qos.groups, factory.as_ref());
         Manager {
             store,
             factory,
@@ -344,6 +345,15 @@ impl Manager {
                 let _ = reply.send((self.daemon_status(), self.status()));
             }
             Event::Device { device, op, reply } => self.device_op(&device, op, reply, found),
+            Event::QosGroup {
+                name,
+                limits,
+                reply,
+            } => {
+                let groups = &mut self.config.qos.groups;
+                let answer = crate::qos::group_op(groups, self.factory.as_ref(), &name, limits);
+                let _ = reply.send(answer);
+            }
             Event::RefreshSizes => {
                 let ctx_parts = self.ctx_parts();
                 for (key, dev) in self.devices.iter_mut() {
@@ -359,6 +369,8 @@ impl Manager {
             Event::Handover => self.hand_over(),
             Event::Reload(config, reply) => {
                 let report = self.config.reload_from(*config);
+                // Groups apply at once: the file's limits, for every group it names.
+                crate::qos::apply_groups(&self.config.qos.groups, self.factory.as_ref());
                 let _ = reply.send(report);
             }
             Event::Shutdown if self.handing_over => {
@@ -403,6 +415,7 @@ impl Manager {
             DeviceOp::Pause => dev.pause(reply, fx),
             DeviceOp::Resume => dev.resume(ctx, reply, fx),
             DeviceOp::Reopen => dev.reopen(ctx, reply, fx),
+            DeviceOp::Limit(change) => dev.limit(ctx, &change, reply),
         });
         if done.is_none() {
             warn!(device = %key, "the device or its type went away during the request");
@@ -595,7 +608,7 @@ impl Manager {
                     }
                 }
                 Effect::Open { open_id, config } => {
-                    spawn_open(&self.tx, key, open_id, self.factory.clone(), config);
+                    spawn_open(&self.tx, key, open_id, self.factory.clone(), *config);
                 }
                 Effect::Disconnect { session, vbd } => {
                     let timeout = Duration::from_millis(self.config.drain_timeout_ms);
@@ -679,6 +692,7 @@ impl Manager {
             shutting_down: self.shutdown_deadline.is_some(),
             handing_over: self.handing_over,
             metrics: self.metrics.as_ref().map(|m| m()).unwrap_or_default(),
+            qos_groups: self.config.qos.groups.clone(),
         }
     }
 }

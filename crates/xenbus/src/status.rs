@@ -5,7 +5,10 @@
 //! `{"cmd":"status"}` is answered by `{"ok":true,"devices":[...]}`; errors are
 //! `{"ok":false,"error":"..."}`. Besides status, the socket (root-only) takes `handover`
 //! and, per device, `{"cmd":"pause"|"resume"|"reopen","device":"xenblkd/5/51712"}`,
-//! answered `{"ok":true,"accepted":"..."}` once done (a pause once drained).
+//! answered `{"ok":true,"accepted":"..."}` once done (a pause once drained), and
+//! `{"cmd":"limit","device":...,"limits":{"iops":500},"group":...,"leave_group":false,
+//! "clear":false}` (without `device`: the limits of `group`), answered the same way with
+//! the limits now in force.
 //!
 //! The types serialise and deserialise: the daemon writes them, and `xenblkd status` and
 //! the tests read them back as the same types ([`ControlReply::into_report`]), so the
@@ -15,6 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::qos::{DeviceQos, QosLimits};
 use crate::state::XenbusState;
 use crate::vbd::{BackendFeatures, DisconnectReport, FrontendParams, StorageInfo};
 
@@ -68,6 +72,11 @@ pub struct DeviceStatus {
     /// connected.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, LatencyHistogram>,
+    /// The device's I/O limits and group, when it has any (`xenblkd limit`, or the
+    /// configuration's `qos`/`qos_group`); the time it was held by them is in `stats`
+    /// (`throttled`, `throttled_us`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<DeviceQos>,
 }
 
 /// How long one operation's requests took: a histogram, from the engine's counters.
@@ -114,6 +123,25 @@ pub enum ControlRequest {
     Reopen {
         /// As for [`ControlRequest::Pause`].
         device: String,
+    },
+    /// Shows or changes I/O limits: a device's (its own limits and its group), or with no
+    /// device a group's.
+    Limit {
+        /// As for [`ControlRequest::Pause`]; none: the group named by `group`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        /// New limits, replacing all of the device's (or the group's); none: kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<QosLimits>,
+        /// The device joins this group (or, without a device, the group to set).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        /// The device leaves its group.
+        #[serde(default)]
+        leave_group: bool,
+        /// No limits (and, for a device, no group) before the rest applies.
+        #[serde(default)]
+        clear: bool,
     },
 }
 
@@ -170,6 +198,9 @@ pub struct DaemonStatus {
     /// Process-wide gauges the daemon adds (grant mappings alive, open fds, threads), so
     /// leaks are measurable from outside.
     pub metrics: BTreeMap<String, u64>,
+    /// QoS groups and the limits their members share.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qos_groups: BTreeMap<String, QosLimits>,
 }
 
 /// A status reply as its readers use it.
@@ -306,6 +337,13 @@ mod tests {
                     sum_ns: 150_000,
                 },
             )]),
+            qos: Some(DeviceQos {
+                limits: QosLimits {
+                    iops: 500,
+                    ..QosLimits::default()
+                },
+                group: Some("tenant".into()),
+            }),
         }
     }
 
@@ -320,6 +358,13 @@ mod tests {
                 shutting_down: false,
                 handing_over: false,
                 metrics: BTreeMap::from([("threads".to_string(), 7)]),
+                qos_groups: BTreeMap::from([(
+                    "tenant".to_string(),
+                    QosLimits {
+                        bps: 1 << 20,
+                        ..QosLimits::default()
+                    },
+                )]),
             },
             devices: vec![device()],
         };
@@ -336,5 +381,43 @@ mod tests {
             ControlReply::parse(&line).unwrap().into_report(),
             Err("no such command".to_string())
         );
+    }
+
+    #[test]
+    fn limit_requests_parse_with_their_defaults() {
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"limit","device":"5/xvda","limits":{"iops":500}}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Limit {
+                device: Some("5/xvda".into()),
+                limits: Some(QosLimits {
+                    iops: 500,
+                    ..QosLimits::default()
+                }),
+                group: None,
+                leave_group: false,
+                clear: false,
+            }
+        );
+        let back: ControlRequest =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        // A group's limits; unknown limit names are refused.
+        let g: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"limit","group":"t","clear":true}"#).unwrap();
+        assert!(matches!(
+            g,
+            ControlRequest::Limit {
+                device: None,
+                clear: true,
+                ..
+            }
+        ));
+        assert!(serde_json::from_str::<ControlRequest>(
+            r#"{"cmd":"limit","device":"5/xvda","limits":{"iopz":1}}"#
+        )
+        .is_err());
     }
 }

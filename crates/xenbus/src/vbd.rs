@@ -252,6 +252,11 @@ pub trait ConnectedVbd: Send {
     /// Stops taking requests, waits up to `timeout` for in-flight I/O, unmaps every
     /// grant, unbinds the event channels.
     fn disconnect(self: Box<Self>, timeout: Duration) -> Result<DisconnectReport, VbdError>;
+
+    /// Changes the VBD's QoS limits and group live (`xenblkd limit`).
+    fn set_qos(&self, qos: &crate::qos::DeviceQos) {
+        let _ = qos;
+    }
 }
 
 /// Creates VBDs: the engine behind xenbus.
@@ -266,6 +271,11 @@ pub trait VbdFactory: Send + Sync {
     /// A handover started: the devices disconnected from now on go to the next daemon
     /// (which re-executes what their rings' journals owe), not to their end.
     fn handing_over(&self) {}
+
+    /// Sets the limits every member of QoS group `name` shares (created if new).
+    fn set_qos_group(&self, name: &str, limits: &crate::qos::QosLimits) {
+        let _ = (name, limits);
+    }
 }
 
 #[cfg(test)]

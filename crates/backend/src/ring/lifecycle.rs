@@ -5,13 +5,14 @@
 
 use std::time::Instant;
 
+use crate::qos::{self, Cost, Direction};
 use blkif::abi::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR};
 use blkif::{Operation, Popped, RawRequest, Request, Response, Segments, Ticket, Validated};
 use storage::SubmitError;
 
 use super::acquire::Acquired;
 use super::request::Phase;
-use super::RingRunner;
+use super::{Held, RingRunner};
 use crate::vbd::LostFeature;
 
 impl RingRunner {
@@ -21,6 +22,35 @@ impl RingRunner {
             return;
         };
         self.count_accepted(&req);
+        if let Some(cost) = qos_cost(&req) {
+            if let Err(until) = self.admit(cost, now) {
+                // Held in its slot; consumption stops and the reactor arms a timer.
+                self.stats.throttled.inc();
+                self.held = Some(Held {
+                    slot,
+                    cost,
+                    since: now,
+                    until,
+                });
+                return;
+            }
+        }
+        self.start(slot, now);
+    }
+
+    /// Takes `cost` from the VBD's throttles, or says when it may be taken.
+    #[inline]
+    pub(super) fn admit(&self, cost: Cost, now: Instant) -> Result<(), Instant> {
+        qos::admit(
+            self.qos.own.as_deref(),
+            self.qos.group.as_ref().map(|(_, t)| &**t),
+            cost,
+            now,
+        )
+    }
+
+    /// Starts an accepted request that its QoS limits let go: its pages, then its I/O.
+    pub(super) fn start(&mut self, slot: u32, now: Instant) {
         let acquired = self.pages.acquire(self.io.slots_mut().get_mut(slot), now);
         if acquired == Acquired::Wait {
             // Wait for completions to return bounce pages; consumption stops meanwhile.
@@ -214,4 +244,24 @@ impl RingRunner {
             );
         }
     }
+}
+
+/// What a request costs against QoS limits: reads and writes by their bytes, a flush or
+/// barrier by the data it carries (none: free, as in QEMU), a discard as one write
+/// without bytes.
+fn qos_cost(req: &Request) -> Option<Cost> {
+    let bytes = req.nr_sectors.saturating_mul(512);
+    let direction = match req.operation {
+        Operation::Read => Direction::Read,
+        Operation::Write => Direction::Write,
+        Operation::Flush | Operation::Barrier if bytes > 0 => Direction::Write,
+        Operation::Flush | Operation::Barrier => return None,
+        Operation::Discard { .. } => {
+            return Some(Cost {
+                direction: Direction::Write,
+                bytes: 0,
+            })
+        }
+    };
+    Some(Cost { direction, bytes })
 }

@@ -61,9 +61,10 @@ use self::acquire::{Acquired, PageSource, PageSourceParts};
 use self::request::{InFlight, Phase, Step, MAX_IOV};
 use crate::grant_budget::{GuestBudget, MapReservation};
 use crate::persistent_grants::{PersistentGrantCache, PersistentGrantLimits};
+use crate::qos::Cost;
 use crate::reactor::{RingTask, VbdId};
 use crate::stats::{RingStats, Stats};
-use crate::vbd::{ResolvedGrantMode, VbdEvent, VbdShared};
+use crate::vbd::{QosBinding, ResolvedGrantMode, VbdEvent, VbdShared};
 
 /// Data queued for the storage beyond which `consume` commits before taking the next
 /// request: a batch of small requests still goes to the kernel in one syscall, while a
@@ -86,6 +87,18 @@ enum State {
     Halted,
     /// Detach or shutdown: nothing more is consumed; in-flight requests finish.
     Closing,
+}
+
+/// A request accepted into its slot and held there by the VBD's (or its group's) QoS
+/// limits: nothing more is consumed until it may start.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    slot: u32,
+    cost: Cost,
+    /// When it was held (for `throttled_ns`).
+    since: Instant,
+    /// When the buckets allow it, as of the last check: the reactor's timer.
+    until: Instant,
 }
 
 /// Everything needed to build a ring, prepared by the attaching thread.
@@ -118,6 +131,10 @@ pub(crate) struct RingRunner {
     barrier: Option<u32>,
     /// A request waiting for bounce pages: while set, nothing more is consumed.
     stalled: Option<u32>,
+    /// The VBD's throttles, as of `limits_generation`.
+    qos: QosBinding,
+    /// A request waiting for its QoS limits: while set, nothing more is consumed.
+    held: Option<Held>,
     /// Requests with operations the storage queue had no room for.
     retry: VecDeque<u32>,
     completions: Vec<(u64, io::Result<u64>)>,
@@ -205,6 +222,8 @@ impl RingRunner {
             state: State::Running,
             barrier: None,
             stalled: None,
+            qos: cfg.vbd.qos(),
+            held: None,
             retry: VecDeque::with_capacity(size),
             completions: Vec::with_capacity(size),
             evtchn_fired: true,
@@ -233,17 +252,21 @@ impl RingRunner {
         self.pages.who
     }
 
-    /// Picks up a resize or a lost feature published by another thread.
+    /// Picks up a resize, a lost feature or new QoS limits published by another thread.
     fn refresh_limits(&mut self) {
         let g = self.vbd.generation();
         if g != self.limits_generation {
             self.limits = self.vbd.device_limits();
+            self.qos = self.vbd.qos();
             self.limits_generation = g;
         }
     }
 
     fn consuming(&self) -> bool {
-        self.state == State::Running && self.barrier.is_none() && self.stalled.is_none()
+        self.state == State::Running
+            && self.barrier.is_none()
+            && self.stalled.is_none()
+            && self.held.is_none()
     }
 
     fn process(&mut self) {
@@ -328,10 +351,31 @@ impl RingRunner {
         n > 0
     }
 
-    /// Restarts work that was waiting: storage-queue room, bounce pages, a barrier's
-    /// drain. Returns whether anything moved.
+    /// Restarts work that was waiting: storage-queue room, QoS limits, bounce pages, a
+    /// barrier's drain. Returns whether anything moved.
     fn resume(&mut self, now: Instant) -> bool {
         let mut progress = false;
+        if let Some(held) = self.held {
+            // A closing ring answers what it took without waiting for the limits: a
+            // detach, pause or handover must not wait for them.
+            let admitted = if self.state == State::Running {
+                self.admit(held.cost, now)
+            } else {
+                Ok(())
+            };
+            match admitted {
+                Ok(()) => {
+                    self.held = None;
+                    let waited = now.saturating_duration_since(held.since);
+                    self.stats
+                        .throttled_ns
+                        .add(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+                    progress = true;
+                    self.start(held.slot, now);
+                }
+                Err(until) => self.held = Some(Held { until, ..held }),
+            }
+        }
         while let Some(slot) = self.retry.pop_front() {
             self.submit_phase(slot, now);
             if self.retry.back() == Some(&slot) {
@@ -461,9 +505,15 @@ impl RingTask for RingRunner {
     fn run(&mut self) -> Option<Duration> {
         self.process();
         // Responses went out: the frontend refills the ring right after it reads them.
+        // Unless a request is held by the QoS limits: nothing more is taken before its
+        // timer, so polling for the next batch would only spin.
         std::mem::take(&mut self.answered)
             .then_some(self.poll)
-            .filter(|p| !p.is_zero())
+            .filter(|p| !p.is_zero() && self.held.is_none())
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        self.held.map(|h| h.until)
     }
 
     fn has_requests(&self) -> bool {
@@ -486,8 +536,15 @@ impl RingTask for RingRunner {
         }
         // Waiting work, and rings being drained, are also driven by the tick: a lost
         // wake-up then costs at most one tick, never a hang of detach.
+        // A held request's timer is the reactor's; the tick also picks up limits that
+        // were lifted meanwhile.
         let draining = self.state == State::Closing && self.io.slots().in_use() > 0;
-        if draining || !self.retry.is_empty() || self.stalled.is_some() || self.barrier.is_some() {
+        if draining
+            || !self.retry.is_empty()
+            || self.stalled.is_some()
+            || self.barrier.is_some()
+            || self.held.is_some()
+        {
             self.process();
         } else {
             self.update_gauges();

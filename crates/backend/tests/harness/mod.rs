@@ -332,6 +332,23 @@ impl Harness {
         )
     }
 
+    /// Like [`Harness::another_guest`], with the storage wrapped by `wrap`.
+    pub fn another_guest_with_storage(
+        &self,
+        domid: DomId,
+        opts: Opts,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Harness {
+        Self::guest(
+            opts,
+            domid,
+            self.platform.clone(),
+            self.engine.as_ref().expect("the harness owning the engine"),
+            FdTable::default(),
+            wrap,
+        )
+    }
+
     fn guest(
         opts: Opts,
         domid: DomId,
@@ -433,6 +450,7 @@ impl Harness {
                 events.lock().unwrap().push(e)
             })),
             journal: None,
+            qos: Default::default(),
         };
         let platform: Arc<dyn Platform> = Arc::new(CountingPlatform {
             inner: h.platform.clone(),

@@ -166,6 +166,7 @@ impl Rig {
             },
             events: None,
             journal: None,
+            qos: Default::default(),
         };
         let p: Arc<dyn Platform> = Arc::new(platform.clone());
         let vbd = engine.attach(spec, p).unwrap();

@@ -128,6 +128,14 @@ impl Device {
         adopting: bool,
     ) -> Result<Box<dyn ConnectedVbd>, DeviceError> {
         self.session_id += 1;
+        // The QoS in force now: the operator's, or the configuration as it is now (a
+        // reload applies from the next connection).
+        let qos = self.qos(ctx);
+        let mut config = config.clone();
+        config.settings.qos = qos.limits;
+        config.settings.qos_group = qos.group.clone();
+        let config = &config;
+        self.qos_shown = qos;
         let vbd = ctx.factory.connect(ConnectRequest {
             config,
             storage: disk,
@@ -169,7 +177,7 @@ impl Device {
         };
         fx.push(Effect::Open {
             open_id: self.open_id,
-            config,
+            config: Box::new(config),
         });
     }
 

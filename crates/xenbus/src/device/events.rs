@@ -246,6 +246,7 @@ impl Device {
             last_disconnect: self.last_disconnect.clone(),
             disconnecting: matches!(self.phase, Phase::Disconnecting { .. }),
             paused: self.paused,
+            qos: (!self.qos_shown.is_none()).then(|| self.qos_shown.clone()),
         }
     }
 }

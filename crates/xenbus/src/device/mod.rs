@@ -45,6 +45,7 @@ mod arms;
 mod events;
 mod pause;
 mod phase;
+mod qos;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::qos::DeviceQos;
 pub use pause::DeviceReply;
 #[cfg(test)]
 use phase::PhaseKind;
@@ -127,7 +129,7 @@ pub(crate) enum Effect {
         /// Which open this is (reports of older ones are stale).
         open_id: u64,
         /// What to open.
-        config: DeviceConfig,
+        config: Box<DeviceConfig>,
     },
     /// Disconnect the rings on a worker thread (a drain can wait for storage); its report
     /// is [`Device::disconnected`] with `session`.
@@ -325,6 +327,10 @@ pub(crate) struct Device {
     paused: bool,
     /// Control requests answered when a pause's drain, or a reopen's open, reports.
     waiters: pause::Waiters,
+    /// QoS set by the operator (`xenblkd limit`), over the configuration's.
+    qos_live: Option<DeviceQos>,
+    /// The QoS last given to the engine (for status).
+    qos_shown: DeviceQos,
 }
 
 impl fmt::Debug for Device {
@@ -362,6 +368,8 @@ impl Device {
             warnings: Warnings::new(),
             paused: false,
             waiters: pause::Waiters::default(),
+            qos_live: None,
+            qos_shown: DeviceQos::default(),
         }
     }
 

@@ -25,7 +25,10 @@
 //! halted ring does, and dropped when its VBD is removed. The reactor and every other ring
 //! carry on.
 
-use std::collections::VecDeque;
+mod poll;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use eventfd::EventFd;
 
+use self::poll::PollEstimate;
 use crate::stats::{ReactorCounters, Stats};
 use crate::sys::{EventLoop, Token, Woken};
 
@@ -70,6 +74,11 @@ pub(crate) trait RingTask: Send {
     /// without a system call while the reactor polls.
     fn has_requests(&self) -> bool {
         false
+    }
+    /// When the ring wants to be run again whatever happens meanwhile (a request held by
+    /// its QoS limits until then); asked after each call that does work.
+    fn wake_at(&self) -> Option<Instant> {
+        None
     }
     /// Periodic housekeeping, every [`TICK`].
     fn tick(&mut self, now: Instant);
@@ -228,49 +237,6 @@ fn split_token(t: Token) -> (u32, usize, usize) {
     (generation, key, which)
 }
 
-/// Added to twice the measured gap, so a poll outlasts a frontend that answers a little
-/// slower than its average.
-const POLL_SLACK: Duration = Duration::from_micros(2);
-
-/// The adaptive poll of one ring (NAPI / NVMe hybrid polling): after the ring answered a
-/// batch, how long its frontend takes to send the next work is measured, averaged, and
-/// the reactor polls for about twice that — or not at all when the frontend is usually
-/// slower than the ring's cap (then a sleep is cheaper than a poll that misses).
-#[derive(Debug, Default)]
-struct PollEstimate {
-    /// Moving average (weight 1/8) of answer-to-next-work gaps, each clipped to four
-    /// caps so one long idle period is forgotten after a few batches.
-    gap_ns: u64,
-    /// When the ring last answered, until work arrives.
-    answered_at: Option<Instant>,
-}
-
-impl PollEstimate {
-    /// The ring answered at `now`; its VBD allows polling for up to `cap`. Returns how
-    /// long to poll.
-    fn answered(&mut self, now: Instant, cap: Duration) -> Duration {
-        self.answered_at = Some(now);
-        let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-        if self.gap_ns > cap_ns {
-            return Duration::ZERO;
-        }
-        (Duration::from_nanos(self.gap_ns.saturating_mul(2)) + POLL_SLACK).min(cap)
-    }
-
-    /// Work for the ring arrived at `now` (found by a poll or by a wake-up).
-    fn arrived(&mut self, now: Instant, cap: Duration) {
-        if let Some(t) = self.answered_at.take() {
-            let clip = u64::try_from(cap.as_nanos())
-                .unwrap_or(u64::MAX)
-                .saturating_mul(4);
-            let gap = u64::try_from(now.saturating_duration_since(t).as_nanos())
-                .unwrap_or(u64::MAX)
-                .min(clip);
-            self.gap_ns = (self.gap_ns.saturating_mul(7) / 8).saturating_add(gap / 8);
-        }
-    }
-}
-
 struct Entry {
     task: Box<dyn RingTask>,
     /// Generation of this entry's key, part of its tokens.
@@ -286,6 +252,8 @@ struct Entry {
     poll: PollEstimate,
     /// The poll cap the ring gave with its last answer.
     poll_cap: Duration,
+    /// The ring's timer, as armed in the reactor's heap (see [`Entry::arm`]).
+    timer: Option<Instant>,
 }
 
 impl Entry {
@@ -326,6 +294,21 @@ impl Entry {
         }
     }
 
+    /// Arms the timer the ring asks for (`want`, from [`RingTask::wake_at`]). Only an
+    /// earlier deadline is pushed: a later one waits for the armed one, whose run asks
+    /// again, so a ring re-evaluating its wait on every completion adds nothing to the
+    /// heap. A timer no longer wanted stays in the heap and is skipped when it comes up.
+    fn arm(&mut self, want: Option<Instant>, key: usize, timers: &mut Timers) {
+        match want {
+            None => self.timer = None,
+            Some(at) if self.timer.is_none_or(|cur| at < cur) => {
+                self.timer = Some(at);
+                timers.push(Reverse((at, key, self.generation)));
+            }
+            Some(_) => {}
+        }
+    }
+
     fn unwatch(&mut self, events: &mut EventLoop) {
         for t in self.tokens.drain(..) {
             if let Err(e) = events.unwatch(t) {
@@ -335,8 +318,12 @@ impl Entry {
     }
 }
 
+/// Deadlines of rings' timers: (when, entry key, entry generation), earliest first.
+type Timers = BinaryHeap<Reverse<(Instant, usize, u32)>>;
+
 struct Reactor {
     events: EventLoop,
+    timers: Timers,
     control: Arc<Control>,
     rings: Arc<AtomicUsize>,
     counters: Arc<ReactorCounters>,
@@ -359,6 +346,7 @@ impl Reactor {
         events.watch(control.doorbell.as_fd(), TOKEN_CONTROL)?;
         Ok(Self {
             events,
+            timers: BinaryHeap::new(),
             control,
             rings,
             counters,
@@ -382,7 +370,12 @@ impl Reactor {
                 u64::try_from(before_wait.saturating_duration_since(woke).as_nanos())
                     .unwrap_or(u64::MAX),
             );
-            let timeout = next_tick.saturating_duration_since(before_wait);
+            // One deadline for the wait: the tick or the earliest ring timer (QoS).
+            let deadline = match self.timers.peek() {
+                Some(Reverse((at, _, _))) => next_tick.min(*at),
+                None => next_tick,
+            };
+            let timeout = deadline.saturating_duration_since(before_wait);
             let woken = self.events.wait(Some(timeout));
             woke = Instant::now();
             match woken {
@@ -405,6 +398,7 @@ impl Reactor {
                 tracing::error!(error = %e, "re-arming a watch failed; reactor stops");
                 break;
             }
+            self.fire_timers(Instant::now());
             if let Err(e) = self.work(&mut control) {
                 tracing::error!(error = %e, "re-arming a watch failed; reactor stops");
                 break;
@@ -413,8 +407,14 @@ impl Reactor {
             if now >= next_tick {
                 // Missed ticks are not made up: housekeeping is by elapsed time.
                 next_tick = now + TICK;
-                for e in self.entries.iter_mut().flatten() {
-                    e.guarded(&mut self.events, |t| t.tick(now));
+                for (key, e) in self.entries.iter_mut().enumerate() {
+                    let Some(e) = e else { continue };
+                    if let Some(want) = e.guarded(&mut self.events, |t| {
+                        t.tick(now);
+                        t.wake_at()
+                    }) {
+                        e.arm(want, key, &mut self.timers);
+                    }
                 }
             }
             if control {
@@ -437,6 +437,23 @@ impl Reactor {
         // closes.
         for key in 0..self.entries.len() {
             self.remove(key);
+        }
+    }
+
+    /// Marks the rings whose timer is due to be run.
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, key, generation))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(Some(e)) = self.entries.get_mut(key) {
+                // Skipped: a ring that reused the key, or a timer replaced or withdrawn.
+                if e.generation == generation && e.timer == Some(at) {
+                    e.timer = None;
+                    e.dirty = true;
+                }
+            }
         }
     }
 
@@ -500,11 +517,16 @@ impl Reactor {
         loop {
             let now = Instant::now();
             let mut budget = Duration::ZERO;
-            for e in self.entries.iter_mut().flatten() {
+            for (key, e) in self.entries.iter_mut().enumerate() {
+                let Some(e) = e else { continue };
                 if std::mem::take(&mut e.dirty) {
-                    if let Some(Some(cap)) = e.guarded(&mut self.events, |t| t.run()) {
-                        e.poll_cap = cap;
-                        budget = budget.max(e.poll.answered(now, cap));
+                    let ran = e.guarded(&mut self.events, |t| (t.run(), t.wake_at()));
+                    if let Some((poll, want)) = ran {
+                        e.arm(want, key, &mut self.timers);
+                        if let Some(cap) = poll {
+                            e.poll_cap = cap;
+                            budget = budget.max(e.poll.answered(now, cap));
+                        }
                     }
                 }
             }
@@ -624,6 +646,7 @@ impl Reactor {
             panicked: false,
             poll: PollEstimate::default(),
             poll_cap: Duration::ZERO,
+            timer: None,
         };
         if let Err(e) = registered {
             tracing::error!(error = %e, "cannot watch a ring's fds; closing it");
@@ -712,6 +735,8 @@ mod tests {
         /// Answers `run` gives before it returns `None` (`usize::MAX`: always).
         answers_left: usize,
         panic_in_run: Arc<AtomicBool>,
+        /// What `wake_at` answers (a ring holding a request for its QoS limits).
+        wake: Arc<Mutex<Option<Instant>>>,
     }
 
     impl FakeRing {
@@ -730,6 +755,7 @@ mod tests {
                 sticky_requests: false,
                 answers_left: usize::MAX,
                 panic_in_run: Arc::new(AtomicBool::new(false)),
+                wake: Arc::new(Mutex::new(None)),
             }
         }
     }
@@ -754,6 +780,12 @@ mod tests {
         fn run(&mut self) -> Option<Duration> {
             assert!(!self.panic_in_run.load(Ordering::SeqCst), "ring bug");
             self.runs.fetch_add(1, Ordering::SeqCst);
+            // A held request whose time has come goes.
+            let mut wake = self.wake.lock().unwrap();
+            if wake.is_some_and(|at| Instant::now() >= at) {
+                *wake = None;
+            }
+            drop(wake);
             // Taking the requests, as a ring consumes them.
             if !self.sticky_requests {
                 self.requests.store(false, Ordering::SeqCst);
@@ -766,6 +798,9 @@ mod tests {
         }
         fn has_requests(&self) -> bool {
             self.requests.load(Ordering::SeqCst)
+        }
+        fn wake_at(&self) -> Option<Instant> {
+            *self.wake.lock().unwrap()
         }
         fn tick(&mut self, _now: Instant) {
             self.ticks.fetch_add(1, Ordering::SeqCst);
@@ -881,6 +916,35 @@ mod tests {
         wait_for(|| ticks.load(Ordering::SeqCst) >= 2);
         let s = r.stats();
         assert!(s.timeouts >= 1, "{s:?}");
+        r.shutdown();
+    }
+
+    #[test]
+    fn a_ring_timer_runs_the_ring_at_its_deadline_only() {
+        let r = ReactorHandle::spawn(8).unwrap();
+        let ring = FakeRing::new(12);
+        let (runs, wake) = (ring.runs.clone(), ring.wake.clone());
+        let poke = ring.kick.try_clone().unwrap();
+        r.send(Command::Add(Box::new(ring))).unwrap();
+        wait_for(|| runs.load(Ordering::SeqCst) >= 1);
+        // The ring holds a request until 30 ms from now, and says so after its next run.
+        let t0 = Instant::now();
+        *wake.lock().unwrap() = Some(t0 + Duration::from_millis(30));
+        poke.signal().unwrap();
+        wait_for(|| runs.load(Ordering::SeqCst) >= 2);
+        // One more run at the deadline, by the wait's timeout, not earlier; there the
+        // ring lets its request go and asks for no timer.
+        wait_for(|| runs.load(Ordering::SeqCst) >= 3);
+        assert!(
+            t0.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(wake.lock().unwrap().is_none());
+        // Nothing runs the ring again without an event (ticks do not run it).
+        settle();
+        settle();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
         r.shutdown();
     }
 
@@ -1041,54 +1105,8 @@ mod tests {
 }
 
 #[cfg(test)]
-mod estimate_tests {
+mod token_tests {
     use super::*;
-
-    #[test]
-    fn the_budget_follows_the_measured_gap_within_the_cap() {
-        let cap = Duration::from_micros(50);
-        let mut p = PollEstimate::default();
-        let t0 = Instant::now();
-        // Nothing measured yet: the slack only.
-        assert_eq!(p.answered(t0, cap), POLL_SLACK);
-        // A frontend answering in 10 µs, many times: the budget goes to about 2 × 10.
-        let mut t = t0;
-        for _ in 0..64 {
-            p.arrived(t + Duration::from_micros(10), cap);
-            t += Duration::from_micros(20);
-            p.answered(t, cap);
-        }
-        let b = p.answered(t, cap);
-        assert!(
-            b >= Duration::from_micros(19) && b <= Duration::from_micros(23),
-            "{b:?}"
-        );
-        // Never beyond the cap.
-        assert!(p.answered(t, Duration::from_micros(5)) <= Duration::from_micros(5));
-    }
-
-    #[test]
-    fn a_slow_frontend_is_not_polled_for_and_a_long_idle_is_forgotten() {
-        let cap = Duration::from_micros(50);
-        let mut p = PollEstimate::default();
-        let mut t = Instant::now();
-        // Gaps of a second (clipped to four caps): polling would only miss.
-        for _ in 0..32 {
-            p.answered(t, cap);
-            t += Duration::from_secs(1);
-            p.arrived(t, cap);
-        }
-        assert_eq!(p.answered(t, cap), Duration::ZERO);
-        // Back to a fast frontend: polling resumes within a few dozen batches, not
-        // after the thousands an unclipped second-long gap would take to decay.
-        let mut batches = 0;
-        while p.answered(t, cap).is_zero() {
-            t += Duration::from_micros(5);
-            p.arrived(t, cap);
-            batches += 1;
-            assert!(batches < 40, "still not polling");
-        }
-    }
 
     #[test]
     fn tokens_round_trip() {
