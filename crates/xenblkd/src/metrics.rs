@@ -287,6 +287,13 @@ const DEVICE_FAMILIES: &[StatFamily] = &[
         keys: &[("map_fallbacks", "")],
     },
     StatFamily {
+        name: "xenblkd_throttled_requests",
+        kind: Kind::Counter,
+        help: "Requests held back by the device's QoS limits (xenblkd limit, qos in the configuration).",
+        label: "",
+        keys: &[("throttled", "")],
+    },
+    StatFamily {
         name: "xenblkd_notifications",
         kind: Kind::Counter,
         help: "Event-channel notifications sent to the frontend.",
