@@ -69,6 +69,7 @@ use std::sync::Arc;
 pub mod baseline;
 mod buffer;
 mod error;
+mod iovec;
 pub mod lock;
 pub mod nbd;
 pub mod null;

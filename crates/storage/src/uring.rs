@@ -43,6 +43,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::error::completion_error;
+use crate::iovec::IoVec;
 use crate::sys;
 use crate::{
     validate, Completion, OpKind, StorageError, StorageInfo, StorageKind, StorageOp, StorageQueue,
@@ -66,17 +67,6 @@ pub(crate) struct UringTarget {
     /// Test hook: cap on bytes per SQE, to force short transfers.
     pub max_transfer: Option<u32>,
 }
-
-/// A `libc::iovec` that may move between threads with its queue.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct IoVec(libc::iovec);
-
-// SAFETY: the pointer inside is only an address handed to the kernel (and, for the documented
-// end-of-file zero-fill, written through by the queue that owns it). The queue is used by one
-// thread at a time (`&mut self`), so moving it with the queue to another thread is sound; the
-// validity of the memory itself is the submitter's contract, independent of the thread.
-unsafe impl Send for IoVec {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotOp {
@@ -128,22 +118,8 @@ impl Slot {
     }
 
     /// Drops `n` transferred bytes from the front of the remaining iovecs.
-    fn advance(&mut self, mut n: u64) {
-        while n > 0 && self.first < self.iovs.len() {
-            let v = &mut self.iovs[self.first].0;
-            let len = v.iov_len as u64;
-            if len <= n {
-                n -= len;
-                self.first += 1;
-            } else {
-                // `n < len <= usize::MAX`, so the cast is lossless.
-                #[allow(clippy::cast_possible_truncation)]
-                let n_bytes = n as usize;
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n_bytes).cast();
-                v.iov_len -= n_bytes;
-                n = 0;
-            }
-        }
+    fn advance(&mut self, n: u64) {
+        crate::iovec::advance(&mut self.iovs, &mut self.first, n);
     }
 
     fn kind(&self) -> OpKind {

@@ -35,8 +35,9 @@ use imago::Mapping;
 use io_uring::{opcode, types, IoUring};
 
 use super::host_file::lookup_only;
-use super::worker::{IoVec, Job, JobOp, Port, Worker};
+use super::worker::{Job, JobOp, Port, Worker};
 use super::Image;
+use crate::iovec::IoVec;
 use crate::{
     validate, Completion, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };

@@ -8,21 +8,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::Image;
+use crate::iovec::IoVec;
 use crate::AlignedBuf;
 use eventfd::EventFd;
 
 /// The worker's bounce buffer: requests are copied through it in pieces of this size.
 const BOUNCE_BYTES: usize = 1 << 20;
-
-/// A `libc::iovec` that may move between threads with its queue or a worker job.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-pub(super) struct IoVec(pub(super) libc::iovec);
-
-// SAFETY: the pointer inside is only an address handed to the kernel or used for the
-// documented raw-pointer copies and zero-fills; the validity of the memory is the
-// submitter's contract (see `StorageQueue::submit`), independent of the thread.
-unsafe impl Send for IoVec {}
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum JobOp {

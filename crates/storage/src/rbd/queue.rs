@@ -30,6 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use super::ffi;
 use super::Handles;
 use crate::error::completion_error;
+use crate::iovec::IoVec;
 use crate::{
     validate, Completion, OpKind, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
@@ -38,15 +39,6 @@ use eventfd::EventFd;
 /// iovecs reserved per slot up front: a direct blkif request has at most 11 segments; a
 /// slot's array grows (at most to [`crate::MAX_SEGMENTS`]) only for larger requests.
 const INITIAL_IOVS_PER_SLOT: usize = 11;
-
-/// A `libc::iovec` that may move between threads with its queue.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct IoVec(libc::iovec);
-
-// SAFETY: the pointer is only an address handed to librbd; the queue never dereferences
-// it, and `submit`'s contract makes the memory valid wherever the queue runs.
-unsafe impl Send for IoVec {}
 
 struct Slot {
     tag: u64,

@@ -57,6 +57,7 @@ mod wire;
 
 use super::proto;
 use super::uri::NbdUri;
+use crate::iovec::IoVec;
 use crate::{
     validate, Completion, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
@@ -82,17 +83,6 @@ const UD_RECV: u64 = 2;
 /// The multishot poll on the queue's eventfd (not counted in `in_ring`: it refers to no
 /// memory of ours and goes with the ring).
 const UD_WAKE: u64 = 3;
-
-/// A `libc::iovec` that may move between threads with its queue.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct IoVec(libc::iovec);
-
-// SAFETY: the pointer is only an address handed to the kernel or written through by the
-// queue that owns it (copying received read data); the queue is used by one thread at a
-// time (`&mut self`), and the memory's validity is the submitter's contract, independent of
-// the thread.
-unsafe impl Send for IoVec {}
 
 /// A `msghdr` the kernel reads while a send/receive is in flight.
 struct MsgHdr(libc::msghdr);

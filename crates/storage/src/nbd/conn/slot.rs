@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use super::{IoVec, INITIAL_IOVS_PER_SLOT};
+use super::INITIAL_IOVS_PER_SLOT;
+use crate::iovec::IoVec;
 use crate::nbd::proto;
 use crate::OpKind;
 
@@ -92,22 +93,8 @@ impl Slot {
     }
 
     /// Drops `n` acknowledged bytes from the front of the remaining iovecs.
-    pub(super) fn advance(&mut self, mut n: u64) {
-        while n > 0 && self.first < self.iovs.len() {
-            let v = &mut self.iovs[self.first].0;
-            let len = v.iov_len as u64;
-            if len <= n {
-                n -= len;
-                self.first += 1;
-            } else {
-                // `n < len <= usize::MAX`, so the cast is lossless.
-                #[allow(clippy::cast_possible_truncation)]
-                let n_bytes = n as usize;
-                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n_bytes).cast();
-                v.iov_len -= n_bytes;
-                n = 0;
-            }
-        }
+    pub(super) fn advance(&mut self, n: u64) {
+        crate::iovec::advance(&mut self.iovs, &mut self.first, n);
     }
 
     /// Calls `f(ptr, len)` for the pieces of the current chunk's buffers covering bytes

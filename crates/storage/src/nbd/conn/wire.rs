@@ -8,7 +8,8 @@ use std::os::fd::AsRawFd;
 use io_uring::{opcode, types};
 
 use super::slot::Op;
-use super::{IoVec, NbdQueue, MAX_SEND_IOVS, UD_RECV, UD_SEND};
+use super::{NbdQueue, MAX_SEND_IOVS, UD_RECV, UD_SEND};
+use crate::iovec::IoVec;
 use crate::nbd::proto::{self, ReplyHeader};
 
 /// What the receive side is in the middle of.
