@@ -11,6 +11,7 @@ mod bench;
 mod demo;
 mod device_ctl;
 mod engine_glue;
+mod fd_limit;
 mod gen_docs;
 mod logging;
 mod qemu_dm;

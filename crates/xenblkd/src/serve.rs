@@ -43,7 +43,6 @@ use crate::signals::TerminationSignals;
 use nix::sys::signal::Signal;
 
 mod daemon_lock;
-mod fd_limit;
 pub use daemon_lock::lock_path;
 use daemon_lock::take_daemon_lock;
 
@@ -545,15 +544,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         log_target = ?crate::logging::control().map(|c| c.target()),
         "starting"
     );
-    match fd_limit::raise_nofile_limit() {
-        Ok((before, after)) if before != after => info!(
-            from = before.0,
-            to = after.0,
-            "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
-        ),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)"),
-    }
+    crate::fd_limit::raise_nofile_limit_logged();
 
     let mut sim_platform = None;
     let platform: Arc<dyn Platform> = match &args.sim_socket {
