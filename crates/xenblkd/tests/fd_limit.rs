@@ -1,4 +1,4 @@
-//! `serve` raises its soft open-file limit to the hard limit: a daemon started from a shell
+//! `serve` (and the simulator's `xenstored`) raises its soft open-file limit to the hard limit: a daemon started from a shell
 //! with the usual 1,024 would otherwise refuse disks past about the hundredth (each VBD
 //! holds ~11 descriptors). Its own test binary: it lowers this process's soft limit, which
 //! the daemon inherits.
@@ -31,4 +31,6 @@ fn serve_raises_its_soft_open_file_limit_to_the_hard_limit() {
     // Ready (the control socket answers) means the limit was handled at start.
     host.status();
     assert_eq!(nofile(host.daemon_pid()), (hard, hard), "{}", host.log());
+    // So does the simulator's xenstored: a connection per disk being set up.
+    assert_eq!(nofile(host.xenstored.pid()), (hard, hard));
 }
