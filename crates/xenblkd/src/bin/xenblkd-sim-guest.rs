@@ -83,6 +83,10 @@ struct Args {
     /// Share of writes in `bench-until`, 0..=100.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     bench_write_percent: u8,
+    /// How long `connect` waits for each backend (Linux blkfront waits for ever; a daemon
+    /// setting up a thousand disks at once takes longer than the default).
+    #[arg(long, default_value_t = 15)]
+    connect_timeout_secs: u64,
     /// How long `wait-file` waits.
     #[arg(long, default_value_t = 30)]
     wait_secs: u64,
@@ -167,7 +171,7 @@ impl Guest {
             } else {
                 FlushPreference::PreferFlush
             },
-            connect_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(a.connect_timeout_secs),
             honour_read_only: !a.no_honour_read_only,
             ..FrontendConfig::default()
         }
