@@ -10,7 +10,7 @@ use blkif::abi::{
     BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
 };
 use blkif::Protocol;
-use harness::{serial, GrantCallCounts, Harness, Opts, Rng, SECTOR};
+use harness::{serial, GrantCallCounts, Harness, Opts, Rng, GUEST_DOMID, SECTOR};
 use storage::testing::{FaultInjector, FaultKind, FaultRule};
 use storage::OpKind;
 
@@ -138,6 +138,42 @@ fn ring_orders_queues_and_protocols() {
         }
         h.teardown();
     }
+}
+
+/// VBDs with as many rings as there are reactors: the counts stay balanced and each
+/// VBD's first ring (the one a guest driving one queue loads) goes to another reactor
+/// than the previous VBD's, instead of every first ring to reactor 0.
+#[test]
+fn first_rings_of_vbds_rotate_over_the_reactors() {
+    let _g = serial();
+    let opts = Opts {
+        rings: 2,
+        reactors: 2,
+        disk_bytes: 1 << 20,
+        ..Opts::default()
+    };
+    let first = Harness::new(opts.clone());
+    let others: Vec<Harness> = (0..3)
+        .map(|i| first.another_guest(GUEST_DOMID + 1 + i, opts.clone()))
+        .collect();
+    let placements: Vec<Vec<usize>> = std::iter::once(&first)
+        .chain(&others)
+        .map(|h| h.vbd().ring_reactors().to_vec())
+        .collect();
+    assert_eq!(first.engine.as_ref().unwrap().reactor_loads(), vec![4, 4]);
+    for p in &placements {
+        assert_eq!(p.len(), 2);
+        assert_ne!(
+            p[0], p[1],
+            "a VBD's two rings share a reactor: {placements:?}"
+        );
+    }
+    let on_first = placements.iter().filter(|p| p[0] == 0).count();
+    assert_eq!(on_first, 2, "first rings by reactor: {placements:?}");
+    for h in others {
+        h.teardown();
+    }
+    first.teardown();
 }
 
 #[test]

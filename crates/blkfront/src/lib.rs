@@ -17,6 +17,7 @@
 //! | [`guest`] | the [`Guest`] seam: memory, grants, event channels of the guest kernel |
 //! | [`sim`] | [`Guest`] over the simulator's [`platform::sim::SimGuest`] |
 //! | [`workload`] | a verified random read/write workload with several requests in flight, reporting slow requests (for restart tests and the restart benchmark) |
+//! | [`load`] | an unverified load at a fixed depth, counting completed requests and errors (for throughput and fairness across many disks) |
 //!
 //! Direct connection, for engine tests (the test starts the engine with the returned
 //! [`ConnectInfo`]: ring grant references and event channel per queue, protocol,
@@ -43,6 +44,7 @@ pub mod features;
 pub mod frontend;
 pub mod guest;
 pub mod layout;
+pub mod load;
 pub mod queue;
 pub mod shadow;
 pub mod sim;

@@ -526,3 +526,36 @@ fn verified_workload_reads_back_what_it_wrote() {
     assert!(report.reads > 0 && report.writes > 0, "{report:?}");
     rig.finish();
 }
+
+/// The fixed-depth load against the real engine: requests complete, none fails, both
+/// kinds are counted, and it stops when told.
+#[test]
+fn fixed_depth_load_counts_what_completed() {
+    let _g = serial();
+    let rig = Rig::new(RigOpts::default());
+    let cfg = blkfront::load::LoadConfig {
+        depth: 16,
+        write_percent: 50,
+        seed: 3,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut stop = || Instant::now() >= deadline;
+    let report = blkfront::load::run_load(rig.fe(), &cfg, &mut stop);
+    assert_eq!(report.errors, 0, "{:?}", report.first_problem);
+    assert!(report.reads > 0 && report.writes > 0, "{report:?}");
+    assert_eq!(report.ops(), report.reads + report.writes);
+    assert!(
+        report.elapsed >= Duration::from_millis(300) && report.elapsed < Duration::from_secs(5),
+        "{report:?}"
+    );
+    // A request that does not fit the disk is refused at submission: counted, not hidden.
+    let big = blkfront::load::LoadConfig {
+        block_size: 8 << 20,
+        ..cfg
+    };
+    let report = blkfront::load::run_load(rig.fe(), &big, &mut || true);
+    assert_eq!(report.ops(), 0);
+    assert_eq!(report.errors, 1, "{report:?}");
+    rig.finish();
+}

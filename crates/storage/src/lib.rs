@@ -17,8 +17,9 @@
 //! Properties every backend keeps:
 //! - **Zero copy.** Read/write buffers are `libc::iovec`s that point straight into mapped
 //!   guest pages. The storage never forms a Rust reference to that memory; it passes the
-//!   iovecs to the kernel (the only exception is the documented zero-fill of a read that
-//!   hits end-of-file, done with raw-pointer writes).
+//!   iovecs to the kernel (the only exceptions are the documented zero-fills of a read that
+//!   hits end-of-file, of a null disk's read and of qcow2's unallocated clusters, done
+//!   with raw-pointer writes).
 //! - **The iovec array is copied** at submission into storage owned by the queue, so the
 //!   caller's slice may be reused as soon as `submit` returns; the *memory* the iovecs point
 //!   to must stay valid until the completion is reaped, or until the queue is dropped —
@@ -49,7 +50,7 @@
 //! - [`rbd`]: an image of a Ceph cluster through librbd's asynchronous C API (loaded at
 //!   run time), completing into the reactor through the queue's eventfd from librbd's
 //!   callback thread.
-//! - [`null`]: no I/O at all, to measure the protocol cost.
+//! - [`null`]: no I/O at all, to measure the protocol cost (the daemon's `null:SIZE`).
 //! - `testing` (feature `testing`, and in this crate's tests): a fault-injection wrapper.
 //!
 //! [`lock`] takes QEMU's image locks (OFD locks on the image and its backing files), so
@@ -84,7 +85,7 @@ mod uring;
 pub use buffer::AlignedBuf;
 pub use error::{is_unsupported, OpKind, StorageError, SubmitError, UnsupportedOp};
 pub use nbd::{NbdConfig, NbdStorage};
-pub use null::{NullConfig, NullStorage};
+pub use null::{is_null_target, NullConfig, NullStorage, NullTargetError};
 pub use qcow2::Qcow2Storage;
 pub use raw::{DirectIo, OpenOptions, RawStorage};
 pub use rbd::{RbdConfig, RbdStorage};

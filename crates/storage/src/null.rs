@@ -1,10 +1,14 @@
 //! The null backend: a disk of a configured size that performs no I/O.
 //!
-//! It exists to measure the cost of the protocol and the engine alone, so it never touches
-//! the buffers: a read leaves the guest's memory as it was (it does *not* zero-fill), a
-//! write is dropped. Flush, discard and secure discard succeed. Completions are immediate
-//! but still go through the completion eventfd and `reap`, batched per `commit`, so the
-//! engine's code path is exactly the one it runs on real storage.
+//! It exists to measure the cost of the protocol and the engine alone. A write is dropped;
+//! a read leaves the buffers as they were, or with [`NullConfig::read_zeroes`] fills them
+//! with zeros (QEMU's `null-co` and its `read-zeroes` option). Flush, discard and secure
+//! discard succeed. Completions are immediate but still go through the completion eventfd
+//! and `reap`, batched per `commit`, so the engine's code path is exactly the one it runs
+//! on real storage.
+//!
+//! The daemon serves it as the target `null:SIZE` ([`NullConfig::from_target`]), a
+//! benchmark and test target: a disk that reads zeros and forgets every write.
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,6 +26,9 @@ pub struct NullConfig {
     pub size_bytes: u64,
     pub logical_block_size: u32,
     pub read_only: bool,
+    /// Reads fill their buffers with zeros (a disk that reads as a fresh sparse image);
+    /// off, a read leaves them untouched, which measures the protocol alone.
+    pub read_zeroes: bool,
 }
 
 impl Default for NullConfig {
@@ -30,13 +37,78 @@ impl Default for NullConfig {
             size_bytes: 1 << 30,
             logical_block_size: 512,
             read_only: false,
+            read_zeroes: false,
         }
     }
+}
+
+/// The prefix of a null target: `null:SIZE`.
+pub const NULL_TARGET_PREFIX: &str = "null:";
+
+/// Whether `v` names a null disk (`null:` prefix).
+pub fn is_null_target(v: &str) -> bool {
+    v.starts_with(NULL_TARGET_PREFIX)
+}
+
+/// Why a `null:SIZE` target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NullTargetError {
+    #[error("not a null target (expected null:SIZE)")]
+    NotNull,
+    #[error("null target size {0:?}: {1}")]
+    BadSize(String, String),
+    #[error("null target size {0} is smaller than one 512-byte sector")]
+    TooSmall(u64),
+}
+
+impl NullConfig {
+    /// The disk a `null:SIZE` target names (SIZE in bytes, or with a binary suffix `k`,
+    /// `M`, `G`, `T`, as `qemu-img` takes it): 512-byte sectors, reads return zeros.
+    pub fn from_target(target: &str) -> Result<NullConfig, NullTargetError> {
+        let size = target
+            .strip_prefix(NULL_TARGET_PREFIX)
+            .ok_or(NullTargetError::NotNull)?;
+        let size_bytes =
+            parse_size(size).map_err(|e| NullTargetError::BadSize(size.to_string(), e))?;
+        if size_bytes < 512 {
+            return Err(NullTargetError::TooSmall(size_bytes));
+        }
+        Ok(NullConfig {
+            size_bytes,
+            logical_block_size: 512,
+            read_only: false,
+            read_zeroes: true,
+        })
+    }
+}
+
+/// Parses `4096`, `4k`, `1M`, `1G`, `1T` (binary units; `KiB`, `MB` and the like are
+/// read the same way).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let mult = match s[i..].to_ascii_lowercase().trim_end_matches(['b', 'i']) {
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                "" => 1,
+                other => return Err(format!("unknown size suffix {other:?}")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    let n: u64 = digits.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} overflows"))
 }
 
 #[derive(Debug)]
 pub struct NullStorage {
     info: StorageInfo,
+    read_zeroes: bool,
 }
 
 impl NullStorage {
@@ -63,6 +135,7 @@ impl NullStorage {
                 direct_io: false,
                 kind: StorageKind::Null,
             },
+            read_zeroes: config.read_zeroes,
         })
     }
 }
@@ -85,6 +158,7 @@ impl Storage for NullStorage {
         }
         Ok(Box::new(NullQueue {
             info: self.info,
+            read_zeroes: self.read_zeroes,
             depth,
             queued: Vec::with_capacity(depth as usize),
             ready: VecDeque::with_capacity(depth as usize),
@@ -95,6 +169,7 @@ impl Storage for NullStorage {
 
 struct NullQueue {
     info: StorageInfo,
+    read_zeroes: bool,
     depth: u32,
     /// Submitted, not yet committed: `(tag, bytes)`.
     queued: Vec<(u64, u64)>,
@@ -111,6 +186,16 @@ impl StorageQueue for NullQueue {
         }
         let bytes = match op {
             StorageOp::Flush => 0,
+            StorageOp::Read { iov, .. } if self.read_zeroes => {
+                for v in iov {
+                    // SAFETY: this is a read, so by `submit`'s contract every iovec
+                    // describes memory valid for writing until its completion is reaped,
+                    // which comes after this. Raw writes only: no reference to the
+                    // caller's memory is formed.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                bytes
+            }
             _ => bytes,
         };
         self.queued.push((tag, bytes));

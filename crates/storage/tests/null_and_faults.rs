@@ -19,6 +19,7 @@ fn null_completes_through_the_fd_without_touching_memory() {
         size_bytes: (8 << 20) + 100,
         logical_block_size: 512,
         read_only: false,
+        read_zeroes: false,
     })
     .unwrap();
     let info = s.info();
@@ -85,6 +86,7 @@ fn null_completes_through_the_fd_without_touching_memory() {
 fn null_read_only_and_config_checks() {
     let s = NullStorage::new(NullConfig {
         read_only: true,
+        read_zeroes: false,
         ..NullConfig::default()
     })
     .unwrap();
@@ -111,6 +113,78 @@ fn null_read_only_and_config_checks() {
         }),
         Err(StorageError::InvalidConfig(_))
     ));
+}
+
+#[test]
+fn null_target_reads_zeros_and_forgets_writes() {
+    let cfg = NullConfig::from_target("null:8M").unwrap();
+    assert_eq!(cfg.size_bytes, 8 << 20);
+    assert!(cfg.read_zeroes && !cfg.read_only);
+    let s = NullStorage::new(cfg).unwrap();
+    assert_eq!(s.info().size_bytes, 8 << 20);
+    let mut q = s.open_queue(2).unwrap();
+    let mut b = AlignedBuf::page_aligned(8192);
+    b.as_mut_slice().fill(0xAB);
+    let (first, second) = (b.iovec(0..4096), b.iovec(4096..8192));
+    // SAFETY: the buffer outlives the queue's use of it (reaped below).
+    unsafe {
+        q.submit(
+            StorageOp::Write {
+                offset: 0,
+                iov: &[second],
+                fua: false,
+            },
+            1,
+        )
+        .unwrap();
+        q.submit(
+            StorageOp::Read {
+                offset: 0,
+                iov: &[first],
+            },
+            2,
+        )
+        .unwrap();
+    }
+    q.commit().unwrap();
+    let mut done = wait_for(&mut *q, 2);
+    done.sort_by_key(|d| d.0);
+    assert_eq!(
+        done.into_iter()
+            .map(|(_, r)| r.unwrap())
+            .collect::<Vec<_>>(),
+        vec![4096, 4096]
+    );
+    // The read zeroed its own buffer (the write before it was forgotten), and only it.
+    assert!(b.as_slice()[..4096].iter().all(|&x| x == 0));
+    assert!(b.as_slice()[4096..].iter().all(|&x| x == 0xAB));
+}
+
+#[test]
+fn null_targets_are_parsed_strictly() {
+    use storage::NullTargetError as E;
+    let size = |t: &str| NullConfig::from_target(t).map(|c| c.size_bytes);
+    assert_eq!(size("null:4096"), Ok(4096));
+    assert_eq!(size("null:64k"), Ok(64 << 10));
+    assert_eq!(size("null:1G"), Ok(1 << 30));
+    assert_eq!(size("null:2TiB"), Ok(2 << 40));
+    assert!(storage::is_null_target("null:1G"));
+    assert!(!storage::is_null_target("/srv/null:1G"));
+    assert_eq!(size("/dev/null"), Err(E::NotNull));
+    assert_eq!(size("null:100"), Err(E::TooSmall(100)));
+    for bad in [
+        "null:",
+        "null:1X",
+        "null:-1",
+        "null:1G:ro",
+        "null:99999999999T",
+    ] {
+        assert!(
+            matches!(size(bad), Err(E::BadSize(..))),
+            "{bad}: {:?}",
+            size(bad)
+        );
+    }
 }
 
 #[test]

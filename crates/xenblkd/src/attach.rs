@@ -41,7 +41,7 @@ pub struct XenstoreArgs {
 #[derive(Debug, clap::Args)]
 pub struct CheckTargetArgs {
     /// What `params` would say: an absolute path, optionally prefixed `raw:`, `aio:`,
-    /// `qcow2:`, an NBD URI or an `rbd:pool/image` target.
+    /// `qcow2:`, an NBD URI, an `rbd:pool/image` target or a `null:SIZE` disk.
     pub params: String,
     /// The disk is read-only (`mode` r).
     #[arg(long)]
@@ -56,8 +56,10 @@ pub struct AttachArgs {
     /// The guest.
     pub domid: u32,
     /// Disk image, block device, NBD export (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`) or Ceph RBD image
-    /// (`rbd:pool[/namespace]/image[:id=NAME][:conf=PATH]`).
+    /// `nbd+unix:///export?socket=PATH`), Ceph RBD image
+    /// (`rbd:pool[/namespace]/image[:id=NAME][:conf=PATH]`) or, for benchmarks and tests,
+    /// a null disk of SIZE bytes (`null:SIZE`, e.g. `null:1G`: reads zeros, forgets
+    /// writes).
     pub image: PathBuf,
     /// Virtual device (xvdb, sdb, hdc, or a number); default: the first free xvdX.
     pub vdev: Option<String>,
@@ -169,7 +171,11 @@ pub fn run_attach(args: &AttachArgs) -> anyhow::Result<()> {
             bail!("RBD images are served as raw; --format qcow2 does not apply");
         }
     }
-    let image = if nbd || rbd {
+    let null = args.image.to_str().is_some_and(storage::is_null_target);
+    if null && matches!(args.format, FormatArg::Qcow2) {
+        bail!("a null disk has no format; --format qcow2 does not apply");
+    }
+    let image = if nbd || rbd || null {
         args.image.clone()
     } else {
         std::fs::canonicalize(&args.image).with_context(|| format!("{}", args.image.display()))?

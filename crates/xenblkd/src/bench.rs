@@ -249,27 +249,7 @@ impl Default for BenchArgs {
     }
 }
 
-/// Parses `4096`, `4k`, `1M`, `1G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let mult = match s[i..].to_ascii_lowercase().trim_end_matches(['b', 'i']) {
-                "k" => 1 << 10,
-                "m" => 1 << 20,
-                "g" => 1 << 30,
-                "t" => 1 << 40,
-                "" => 1,
-                other => return Err(format!("unknown size suffix {other:?}")),
-            };
-            (&s[..i], mult)
-        }
-    };
-    let n: u64 = digits.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} overflows"))
-}
+pub use storage::null::parse_size;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -314,6 +294,7 @@ fn open_storage(
                 size_bytes: args.size,
                 logical_block_size: 512,
                 read_only: false,
+                read_zeroes: false,
             })
             .context("null storage")?,
         ),

@@ -85,13 +85,16 @@ pub fn open_target(
             };
             return open_rbd(target, rbd);
         }
+        DiskFormat::Null => return open_null(target, options.read_only),
         DiskFormat::Raw | DiskFormat::Qcow2 => {}
     }
     if let Some(expected) = physical_device {
         check_device_number(path, expected).map_err(|m| VbdError::new(context(), m, EINVAL))?;
     }
     let opened: Result<Arc<dyn Storage>, _> = match target.format {
-        DiskFormat::Raw | DiskFormat::Nbd | DiskFormat::Rbd => storage::open(path, options),
+        DiskFormat::Raw | DiskFormat::Nbd | DiskFormat::Rbd | DiskFormat::Null => {
+            storage::open(path, options)
+        }
         DiskFormat::Qcow2 => {
             storage::Qcow2Storage::open(path, options).map(|s| Arc::new(s) as Arc<dyn Storage>)
         }
@@ -179,6 +182,20 @@ fn open_nbd(target: &DiskTarget, nbd: storage::NbdConfig) -> Result<Arc<dyn Stor
         };
         VbdError::new(format!("opening {uri}"), e, errno)
     })?;
+    Ok(Arc::new(storage))
+}
+
+/// A `null:SIZE` disk (a benchmark and test target): nothing to open, lock or check.
+fn open_null(target: &DiskTarget, read_only: bool) -> Result<Arc<dyn Storage>, VbdError> {
+    let text = target.path.to_string_lossy();
+    let context = || format!("opening {text}");
+    let config =
+        storage::NullConfig::from_target(&text).map_err(|e| VbdError::new(context(), e, EINVAL))?;
+    let storage = storage::NullStorage::new(storage::NullConfig {
+        read_only,
+        ..config
+    })
+    .map_err(|e| VbdError::new(context(), e, EINVAL))?;
     Ok(Arc::new(storage))
 }
 

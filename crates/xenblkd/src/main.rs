@@ -10,6 +10,7 @@ mod attach;
 mod bench;
 mod demo;
 mod device_ctl;
+mod fd_limit;
 mod gen_docs;
 mod logging;
 mod metrics;

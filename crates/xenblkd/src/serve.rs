@@ -605,6 +605,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         log_target = ?crate::logging::control().map(|c| c.target()),
         "starting"
     );
+    crate::fd_limit::raise_nofile_limit_logged();
 
     let mut sim_platform = None;
     let platform: Arc<dyn Platform> = match &args.sim_socket {

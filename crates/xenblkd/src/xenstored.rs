@@ -47,6 +47,8 @@ pub fn socket_path(dir: &std::path::Path, domid: u32) -> PathBuf {
 
 pub fn run(args: &XenstoredArgs) -> anyhow::Result<()> {
     let signals = TerminationSignals::block()?;
+    // A connection per disk a guest sets up: past a shell's 1,024 with many guests.
+    crate::fd_limit::raise_nofile_limit_logged();
     let domains = parse_domains(&args.domains)?;
     std::fs::create_dir_all(&args.socket_dir)
         .with_context(|| format!("creating {}", args.socket_dir.display()))?;

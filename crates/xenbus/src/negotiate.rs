@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use crate::config::{DeviceSettings, MAX_RING_PAGE_ORDER};
 use crate::error::{sanitize, DeviceError, NegotiationError, StoreError};
 use crate::parse::{
-    is_nbd_uri, is_network_target, is_rbd_target, parse_flag, parse_major_minor, parse_params,
-    parse_u32, DiskFormat, DiskTarget,
+    is_nbd_uri, is_network_target, is_null_target, is_rbd_target, parse_flag, parse_major_minor,
+    parse_params, parse_u32, DiskFormat, DiskTarget,
 };
 use crate::state::XenbusState;
 use crate::store::{join, StoreExt, StoreOps};
@@ -88,16 +88,19 @@ impl BackendNodes {
         let format = from_params
             .as_ref()
             .map_or(crate::parse::DiskFormat::Raw, |t| t.format);
-        if let Some(t) = from_params
-            .as_ref()
-            .filter(|t| matches!(t.format, DiskFormat::Nbd | DiskFormat::Rbd))
-        {
-            // Only a URI names an export, and only an rbd: target an image: the hotplug
-            // script's, when it wrote one of the same kind (it may have resolved the
-            // host), else params'. A path or device number means nothing here.
+        if let Some(t) = from_params.as_ref().filter(|t| {
+            matches!(
+                t.format,
+                DiskFormat::Nbd | DiskFormat::Rbd | DiskFormat::Null
+            )
+        }) {
+            // Only a URI names an export, only an rbd: target an image and only a null:
+            // target a null disk: the hotplug script's, when it wrote one of the same
+            // kind (it may have resolved the host), else params'. A path or device number means nothing here.
             use std::os::unix::ffi::OsStrExt;
             let same_kind = |p: &[u8]| match format {
                 DiskFormat::Nbd => is_nbd_uri(p),
+                DiskFormat::Null => is_null_target(p),
                 _ => is_rbd_target(p),
             };
             let path = match &self.physical_device_path {
@@ -196,8 +199,10 @@ pub fn read_backend(
         None => None,
         Some(v) => {
             let v = v.strip_suffix(&[0]).unwrap_or(&v).to_vec();
-            // An absolute path, or the NBD URI or rbd: target the script passed on.
-            if !(v.starts_with(b"/") || is_network_target(&v)) || v.contains(&0) {
+            // An absolute path, or the NBD URI, rbd: or null: target the script passed on.
+            if !(v.starts_with(b"/") || is_network_target(&v) || is_null_target(&v))
+                || v.contains(&0)
+            {
                 return Err(invalid(join(backend, "physical-device-path"), &v).into());
             }
             Some(PathBuf::from(OsStr::from_bytes(&v)))

@@ -106,6 +106,31 @@ fn rbd_targets_come_from_params_or_the_script() {
 }
 
 #[test]
+fn null_targets_come_from_params_or_the_script() {
+    let s = backend_store();
+    s.write(&join(BE, "params"), b"null:1G").unwrap();
+    let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+    assert_eq!(
+        (t.format, t.path.to_str().unwrap()),
+        (DiskFormat::Null, "null:1G")
+    );
+    // The hotplug script passes it on; a path or device number never replaces it.
+    s.write(&join(BE, "physical-device-path"), b"null:1G")
+        .unwrap();
+    s.write(&join(BE, "physical-device"), b"fd:3").unwrap();
+    let n = read_backend(&s, BE).unwrap().unwrap();
+    assert!(n.hotplug_done());
+    assert_eq!(n.target(BE).unwrap().path.to_str().unwrap(), "null:1G");
+    s.write(&join(BE, "physical-device-path"), b"/dev/loop3")
+        .unwrap();
+    let t = read_backend(&s, BE).unwrap().unwrap().target(BE).unwrap();
+    assert_eq!(
+        (t.format, t.path.to_str().unwrap()),
+        (DiskFormat::Null, "null:1G")
+    );
+}
+
+#[test]
 fn nbd_targets_come_from_a_uri() {
     let s = backend_store();
     s.write(&join(BE, "params"), b"nbd://store.example:10810/vm5")

@@ -68,6 +68,9 @@ pub enum DiskFormat {
     /// (`rbd:pool[/namespace]/image[@snap][:id=NAME][:conf=PATH][:key=value...]`), alone
     /// or after `raw:` / `aio:`.
     Rbd,
+    /// A null disk of a given size (`null:SIZE`): reads return zeros, writes are
+    /// forgotten. A benchmark and test target (QEMU's `null-co`).
+    Null,
 }
 
 impl DiskFormat {
@@ -78,6 +81,7 @@ impl DiskFormat {
             DiskFormat::Qcow2 => "qcow2",
             DiskFormat::Nbd => "nbd",
             DiskFormat::Rbd => "rbd",
+            DiskFormat::Null => "null",
         }
     }
 }
@@ -114,6 +118,11 @@ pub fn is_rbd_target(v: &[u8]) -> bool {
     v.starts_with(b"rbd:")
 }
 
+/// Whether `v` names a null disk (`null:SIZE`).
+pub fn is_null_target(v: &[u8]) -> bool {
+    v.starts_with(storage::null::NULL_TARGET_PREFIX.as_bytes())
+}
+
 /// Whether `v` names network storage (an NBD URI or an `rbd:` target) rather than a path.
 pub fn is_network_target(v: &[u8]) -> bool {
     is_nbd_uri(v) || is_rbd_target(v)
@@ -146,13 +155,16 @@ pub enum ParamsError {
     /// An `rbd:` target that is not valid UTF-8.
     #[error("rbd target is not valid UTF-8")]
     RbdNotUtf8,
+    /// A `null:SIZE` target whose size is not one.
+    #[error(transparent)]
+    Null(#[from] storage::NullTargetError),
 }
 
 /// Parses `params` as libxl and the xl disk syntax write it: a plain absolute path, or
 /// `raw:`, `aio:` (the blktap-era spelling of raw asynchronous I/O) or `qcow2:` followed
 /// by one; or an NBD URI (`target=nbd://...` on an xl disk line) or an `rbd:` target
 /// (`target=rbd:pool/image`), alone or after `raw:` / `aio:` (libxl writes `aio:` before a
-/// qdisk's target). The longest value xenstore can
+/// qdisk's target); or a null disk, `null:SIZE` (`target=null:1G`), for benchmarks. The longest value xenstore can
 /// carry is 4 KiB, so no extra bound is needed.
 pub fn parse_params(value: &[u8]) -> Result<DiskTarget, ParamsError> {
     let v = strip_nul(value);
@@ -184,6 +196,19 @@ pub fn parse_params(value: &[u8]) -> Result<DiskTarget, ParamsError> {
     }
     if is_rbd_target(v) {
         return rbd(v);
+    }
+    if is_null_target(v) {
+        let text = std::str::from_utf8(v).map_err(|_| {
+            ParamsError::Null(storage::NullTargetError::BadSize(
+                crate::error::sanitize(v),
+                "not UTF-8".into(),
+            ))
+        })?;
+        storage::NullConfig::from_target(text)?;
+        return Ok(DiskTarget {
+            format: DiskFormat::Null,
+            path: PathBuf::from(text),
+        });
     }
     if let Some(colon) = v.iter().position(|&b| b == b':') {
         let rest = &v[colon + 1..];
@@ -367,6 +392,33 @@ mod tests {
         assert!(!is_nbd_uri(b"/srv/nbd://x"));
         assert!(!is_nbd_uri(b"nbdx://h"));
         assert!(!is_nbd_uri(b"nbd:/h"));
+    }
+
+    #[test]
+    fn null_targets() {
+        for (params, target) in [(&b"null:1G"[..], "null:1G"), (b"null:4096\0", "null:4096")] {
+            let t = parse_params(params).unwrap();
+            assert_eq!(
+                (t.format, t.path.to_str().unwrap()),
+                (DiskFormat::Null, target)
+            );
+        }
+        assert_eq!(DiskFormat::Null.name(), "null");
+        assert!(is_null_target(b"null:1G"));
+        assert!(!is_null_target(b"/srv/null:1G"));
+        // Refused here, before a device is created: its size is all there is to check.
+        assert!(matches!(
+            parse_params(b"null:lots"),
+            Err(ParamsError::Null(storage::NullTargetError::BadSize(..)))
+        ));
+        assert_eq!(
+            parse_params(b"null:1"),
+            Err(ParamsError::Null(storage::NullTargetError::TooSmall(1)))
+        );
+        assert!(matches!(
+            parse_params(b"null:\xff"),
+            Err(ParamsError::Null(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,12 @@
 //! `blkfront::workload` on every disk at once until the test creates PATH; prints a
 //! `slow ...` line for each request slower than `--slow-ms` and ends with its counts,
 //! the backend state changes it saw and its own descriptors and mappings before and
-//! after).
+//! after), `bench-until:PATH` (the unverified fixed-depth load of `blkfront::load` on
+//! every disk at once, `--depth` requests of `--bench-bs` bytes in flight per disk, until
+//! PATH appears; prints `ok bench-until ops=N,N,... errors=0 secs=S,S,...`, per disk in
+//! `--devid` order, and fails, with the same counts, if any request failed),
+//! `bench-bs:BYTES` (the request size of the `bench-until` steps after it), `expect-zeros`
+//! (a write succeeds and the same range reads back as zeros: a null disk).
 //!
 //! Several `--devid`s make a guest with several disks: `connect` and `close` take them
 //! all, `rw-until` runs on all, the other steps use the first. With `--reattach` the
@@ -32,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use blkfront::load::{self, LoadConfig};
 use blkfront::sim::SimGuestServices;
 use blkfront::workload::{self, WorkloadConfig, WorkloadReport};
 use blkfront::{FlushPreference, FrontendConfig, Protocol, XenbusFrontend, XenbusState};
@@ -69,9 +75,22 @@ struct Args {
     /// Outlive the daemon: attach to the next one when it dies or hands over.
     #[arg(long)]
     reattach: bool,
-    /// Requests in flight per disk in `rw-until`.
+    /// Requests in flight per disk in `rw-until` and `bench-until`.
     #[arg(long, default_value_t = 8)]
     depth: usize,
+    /// Bytes per request in `bench-until`.
+    #[arg(long, default_value_t = 4096)]
+    bench_bs: usize,
+    /// Share of writes in `bench-until`, 0..=100.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    bench_write_percent: u8,
+    /// How long `connect` waits for each backend (Linux blkfront waits for ever; a daemon
+    /// setting up a thousand disks at once takes longer than the default).
+    #[arg(long, default_value_t = 15)]
+    connect_timeout_secs: u64,
+    /// How long `wait-file` waits.
+    #[arg(long, default_value_t = 30)]
+    wait_secs: u64,
     /// `rw-until` reports requests slower than this.
     #[arg(long, default_value_t = 50)]
     slow_ms: u64,
@@ -153,7 +172,7 @@ impl Guest {
             } else {
                 FlushPreference::PreferFlush
             },
-            connect_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(a.connect_timeout_secs),
             honour_read_only: !a.no_honour_read_only,
             ..FrontendConfig::default()
         }
@@ -327,6 +346,60 @@ impl Guest {
         Ok(summary)
     }
 
+    /// The `bench-until:PATH` step: see the module documentation.
+    fn bench_until(&self, stop_file: PathBuf) -> anyhow::Result<String> {
+        if self.xenbus.is_empty() {
+            bail!("not connected");
+        }
+        let workers: Vec<_> = self
+            .xenbus
+            .iter()
+            .zip(self.args.devid.iter().copied())
+            .map(|(xb, devid)| {
+                let fe = xb.frontend().cloned().context("not connected")?;
+                let cfg = LoadConfig {
+                    depth: self.args.depth,
+                    block_size: self.args.bench_bs,
+                    write_percent: self.args.bench_write_percent,
+                    seed: self.args.seed ^ u64::from(devid) << 20,
+                    ..LoadConfig::default()
+                };
+                let stop_file = stop_file.clone();
+                Ok(std::thread::spawn(move || {
+                    let mut checked = std::time::Instant::now();
+                    let mut stop = || {
+                        if checked.elapsed() < Duration::from_millis(20) {
+                            return false;
+                        }
+                        checked = std::time::Instant::now();
+                        stop_file.exists()
+                    };
+                    load::run_load(&fe, &cfg, &mut stop)
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut reports = Vec::new();
+        for w in workers {
+            reports.push(
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("load thread panicked"))?,
+            );
+        }
+        let list = |f: &dyn Fn(&load::LoadReport) -> String| {
+            reports.iter().map(f).collect::<Vec<_>>().join(",")
+        };
+        let errors: u64 = reports.iter().map(|r| r.errors).sum();
+        let summary = format!(
+            "ops={} errors={errors} secs={}",
+            list(&|r| r.ops().to_string()),
+            list(&|r| format!("{:.3}", r.elapsed.as_secs_f64())),
+        );
+        if let Some(problem) = reports.iter().find_map(|r| r.first_problem.as_ref()) {
+            bail!("{summary}: {problem}");
+        }
+        Ok(summary)
+    }
+
     fn step(&mut self, step: &str) -> anyhow::Result<String> {
         let (name, arg) = step.split_once(':').unwrap_or((step, ""));
         match name {
@@ -456,6 +529,22 @@ impl Guest {
                 Ok(format!("grants_ended={ended}"))
             }
             "rw-until" => self.rw_until(PathBuf::from(arg)),
+            "bench-until" => self.bench_until(PathBuf::from(arg)),
+            "bench-bs" => {
+                self.args.bench_bs = arg.parse().context("bench-bs:BYTES")?;
+                Ok(String::new())
+            }
+            "expect-zeros" => {
+                let fe = self.frontend()?;
+                let data = vec![0x5au8; 64 << 10];
+                fe.write(4096, &data).context("writing")?;
+                let mut back = vec![0xffu8; data.len()];
+                fe.read(4096, &mut back).context("reading back")?;
+                if let Some(i) = back.iter().position(|&b| b != 0) {
+                    bail!("byte {} reads {:#x}, not 0", 4096 + i, back[i]);
+                }
+                Ok(format!("bytes={}", data.len()))
+            }
             "reconnect" => {
                 let xb = self.xenbus.first_mut().context("not connected")?;
                 // blkfront's handshake treats a backend still Closed right after it wrote
@@ -511,7 +600,7 @@ impl Guest {
                 Ok(format!("{want}"))
             }
             "wait-file" => {
-                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let deadline = std::time::Instant::now() + Duration::from_secs(self.args.wait_secs);
                 while !std::path::Path::new(arg).exists() {
                     if std::time::Instant::now() >= deadline {
                         bail!("{arg} did not appear");
