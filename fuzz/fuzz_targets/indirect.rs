@@ -96,7 +96,10 @@ fuzz_target!(|input: Input| {
     };
     let decoded = RawRequest::decode(protocol, &raw.encode(protocol));
     let pages: Vec<Vec<u8>> = input.pages.iter().take(9).map(page_bytes).collect();
-    let mut segs = vec![Segment::default(); MAX_INDIRECT_SEGMENTS];
+    thread_local! {
+        static SEGS: std::cell::RefCell<Vec<Segment>> =
+            std::cell::RefCell::new(vec![Segment::default(); MAX_INDIRECT_SEGMENTS]);
+    }
     let ind = match decoded.validate(&limits) {
         Ok(Validated::Indirect(ind)) => ind,
         Ok(Validated::Ready(_)) | Err(_) => return,
@@ -109,7 +112,11 @@ fuzz_target!(|input: Input| {
         .enumerate()
         .filter_map(|(i, _)| pages.get(i).map(Vec::as_slice))
         .collect();
-    let parsed = match ind.parse_segments(&page_refs, &mut segs) {
+    SEGS.with_borrow_mut(|segs| check(&ind, &page_refs, segs, &limits));
+});
+
+fn check(ind: &blkif::IndirectRequest, page_refs: &[&[u8]], segs: &mut [Segment], limits: &DeviceLimits) {
+    let parsed = match ind.parse_segments(page_refs, segs) {
         Ok(s) => s,
         Err(_) => return,
     };
@@ -117,11 +124,11 @@ fuzz_target!(|input: Input| {
     for s in parsed {
         assert!(s.first_sect <= s.last_sect && s.last_sect < 8);
     }
-    if let Ok(req) = ind.finish(parsed, &limits) {
+    if let Ok(req) = ind.finish(parsed, limits) {
         let end = req.sector.checked_add(req.nr_sectors).expect("no overflow");
         assert!(end <= limits.sectors, "outside the disk");
         let spb = limits.sectors_per_block();
         assert_eq!(req.sector % spb, 0, "unaligned start");
         assert_eq!(req.nr_sectors % spb, 0, "unaligned length");
     }
-});
+}

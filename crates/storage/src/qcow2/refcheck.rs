@@ -32,6 +32,8 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// O_DIRECT); bytes past the end of the file read as zeros, as imago reads them.
 fn read_range(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let start = offset & !4095;
+    // Below 4096: cannot truncate.
+    #[allow(clippy::cast_possible_truncation)]
     let skip = (offset - start) as usize;
     let mut buf = crate::AlignedBuf::page_aligned((skip + len).next_multiple_of(4096));
     let mut got = 0;
@@ -143,7 +145,7 @@ pub(crate) fn check(file: &File, h: &Header) -> Result<(), HeaderError> {
             h.l1_size
         )));
     }
-    let aligned = |o: u64| o % cluster_size == 0 && o.checked_add(cluster_size).is_some();
+    let aligned = |o: u64| o.is_multiple_of(cluster_size) && o.checked_add(cluster_size).is_some();
     if !aligned(h.refcount_table_offset) || h.refcount_table_offset == 0 {
         return Err(HeaderError::Invalid("unaligned refcount table".into()));
     }
@@ -151,7 +153,13 @@ pub(crate) fn check(file: &File, h: &Header) -> Result<(), HeaderError> {
         return Err(HeaderError::Invalid("unaligned L1 table".into()));
     }
     let io = Refcounts::io;
-    let rt = read_range(file, h.refcount_table_offset, rt_bytes as usize).map_err(io)?;
+    // Both at most 32 MiB (checked above).
+    let too_big = |_| HeaderError::Invalid("metadata table too large".into());
+    let (rt_len, l1_len) = (
+        usize::try_from(rt_bytes).map_err(too_big)?,
+        usize::try_from(l1_bytes).map_err(too_big)?,
+    );
+    let rt = read_range(file, h.refcount_table_offset, rt_len).map_err(io)?;
     let mut refs = Refcounts {
         file,
         cluster_bits: h.cluster_bits,
@@ -171,7 +179,7 @@ pub(crate) fn check(file: &File, h: &Header) -> Result<(), HeaderError> {
     for block in blocks {
         refs.require(block, cluster_size, "a refcount block")?;
     }
-    let l1 = read_range(file, h.l1_table_offset, l1_bytes as usize).map_err(io)?;
+    let l1 = read_range(file, h.l1_table_offset, l1_len).map_err(io)?;
     for entry in l1.chunks_exact(8) {
         let l2 = be64(entry, 0) & OFFSET_MASK;
         if l2 != 0 {
