@@ -66,7 +66,7 @@ fn page_bytes(p: &Page) -> Vec<u8> {
     let n = p.raw.len().min(PAGE_SIZE - at);
     b[at..at + n].copy_from_slice(&p.raw[..n]);
     b.truncate(PAGE_SIZE - usize::from(p.short % 64).min(PAGE_SIZE));
-    if p.short % 7 != 0 {
+    if !p.short.is_multiple_of(7) {
         b.resize(PAGE_SIZE, 0);
     }
     b

@@ -53,7 +53,7 @@ impl ConnectedVbd for FakeVbd {
 
 impl VbdFactory for Fake {
     fn open(&self, config: &DeviceConfig) -> Result<Arc<dyn Storage>, VbdError> {
-        if config.target.path.as_os_str().len() % 5 == 0 {
+        if config.target.path.as_os_str().len().is_multiple_of(5) {
             return Err(VbdError::new("opening", "No such file or directory", 2));
         }
         self.0.opened.fetch_add(1, Ordering::SeqCst);

@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
         // SAFETY: every buffer lives in `bufs` until `drain` has seen all completions.
         let submitted = unsafe {
             match op[0] % 5 {
-                0 | 1 | 2 => {
+                0..=2 => {
                     let mut b = AlignedBuf::page_aligned(len as usize);
                     let iov = [b.full_iovec()];
                     bufs.push(b);
