@@ -115,7 +115,12 @@ fuzz_target!(|input: Input| {
     SEGS.with_borrow_mut(|segs| check(&ind, &page_refs, segs, &limits));
 });
 
-fn check(ind: &blkif::IndirectRequest, page_refs: &[&[u8]], segs: &mut [Segment], limits: &DeviceLimits) {
+fn check(
+    ind: &blkif::IndirectRequest,
+    page_refs: &[&[u8]],
+    segs: &mut [Segment],
+    limits: &DeviceLimits,
+) {
     let parsed = match ind.parse_segments(page_refs, segs) {
         Ok(s) => s,
         Err(_) => return,

@@ -22,8 +22,9 @@ fuzz_target!(|data: &[u8]| {
             Ok(m) => {
                 assert!(m.payload.len() <= wire::PAYLOAD_MAX);
                 let len = HEADER_LEN + m.payload.len();
-                let again = wire::encode_raw(m.header.ty, m.header.req_id, m.header.tx_id, &m.payload)
-                    .expect("a decoded payload fits");
+                let again =
+                    wire::encode_raw(m.header.ty, m.header.req_id, m.header.tx_id, &m.payload)
+                        .expect("a decoded payload fits");
                 assert_eq!(again, &data[at..at + len], "decode/encode round trip");
                 at += len;
                 for n in 0..4 {
