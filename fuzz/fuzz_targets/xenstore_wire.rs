@@ -135,11 +135,12 @@ fn converse(server: &XenstoreServer, domid: u32, bytes: &[u8]) {
 fn fake_daemon(stream: UnixStream, script: Vec<Vec<Reply>>) {
     let mut input = std::io::BufReader::new(stream.try_clone().expect("clone"));
     let mut out = stream;
+    // What the client's reader has received but not yet framed (a message cut short).
+    let mut unframed: Vec<u8> = Vec::new();
     for replies in script {
         let Ok(req) = wire::read_message(&mut input) else {
             return;
         };
-        let mut answered = false;
         let mut bytes = Vec::new();
         for r in replies.iter().take(4) {
             if let Some(ev) = &r.watch_event {
@@ -158,10 +159,37 @@ fn fake_daemon(stream: UnixStream, script: Vec<Vec<Reply>>) {
             };
             let payload = &r.payload[..r.payload.len().min(wire::PAYLOAD_MAX)];
             bytes.extend(wire::encode_raw(ty, id, 0, payload).unwrap_or_default());
-            answered |= id == req.header.req_id && ty != MsgType::WatchEvent.as_u32();
             bytes.extend_from_slice(&r.garbage);
         }
-        if out.write_all(&bytes).is_err() || !answered {
+        if out.write_all(&bytes).is_err() {
+            break;
+        }
+        // Frame the stream as the client's reader will: the request is over once a reply
+        // to it is complete, or once the framing is broken (the reader gives up). Anything
+        // else would leave the client waiting, as it waits for a real xenstored: hang up.
+        unframed.extend_from_slice(&bytes);
+        let mut r: &[u8] = &unframed;
+        let mut over = false;
+        loop {
+            let before = r.len();
+            match wire::read_message(&mut r) {
+                Ok(m) => {
+                    over |= m.header.req_id == req.header.req_id
+                        && m.header.ty != MsgType::WatchEvent.as_u32();
+                }
+                Err(ReadError::Protocol(xenstore::ProtocolError::Truncated)) => {
+                    r = &unframed[unframed.len() - before..];
+                    break;
+                }
+                Err(ReadError::Eof) => break,
+                Err(_) => {
+                    over = true;
+                    break;
+                }
+            }
+        }
+        unframed = r.to_vec();
+        if !over {
             break;
         }
     }
