@@ -196,23 +196,33 @@ impl Manager {
             } else {
                 TICK
             };
-            let first = match self.rx.recv_timeout(wait) {
-                Ok(ev) => Some(ev),
-                Err(RecvTimeoutError::Timeout) => None,
-                // Impossible while we hold `tx`; treat as shutdown.
-                Err(RecvTimeoutError::Disconnected) => Some(Event::Shutdown),
-            };
-            let mut batch: Vec<Event> = first.into_iter().collect();
-            batch.extend(self.rx.try_iter());
-            self.process(batch)?;
-            let now = Instant::now();
-            if now.saturating_duration_since(self.suppressed_reported) >= SUPPRESSED_REPORT_PERIOD {
-                self.suppressed_reported = now;
-                for dev in self.devices.values_mut() {
-                    dev.report_suppressed(now, false);
-                }
+            self.step(wait)?;
+        }
+    }
+
+    /// One turn of [`Manager::run`]: waits up to `wait` for an event, then handles it and
+    /// everything else already queued as one batch. Returns how many events it handled.
+    /// Lets a caller that owns the thread (a test, a fuzz target) drive the manager
+    /// deterministically, without the shutdown logic of `run`.
+    pub fn step(&mut self, wait: Duration) -> Result<usize, StoreError> {
+        let first = match self.rx.recv_timeout(wait) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Impossible while we hold `tx`; treat as shutdown.
+            Err(RecvTimeoutError::Disconnected) => Some(Event::Shutdown),
+        };
+        let mut batch: Vec<Event> = first.into_iter().collect();
+        batch.extend(self.rx.try_iter());
+        let handled = batch.len();
+        self.process(batch)?;
+        let now = Instant::now();
+        if now.saturating_duration_since(self.suppressed_reported) >= SUPPRESSED_REPORT_PERIOD {
+            self.suppressed_reported = now;
+            for dev in self.devices.values_mut() {
+                dev.report_suppressed(now, false);
             }
         }
+        Ok(handled)
     }
 
     /// Handles a batch of events, then reconciles every device they touched once.

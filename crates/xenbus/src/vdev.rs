@@ -67,7 +67,10 @@ fn disk_index(letters: &str) -> Option<u32> {
 pub fn vdev_name(devid: u32) -> String {
     let (disk, part) = if devid >> 8 == XVD_MAJOR {
         ((devid >> 4) & 0xf, devid & 0xf)
-    } else if devid & (1 << 28) != 0 {
+    } else if devid >> 28 == 1 {
+        // The extended form is exactly `1 << 28 | disk << 8 | partition`: a number with
+        // any higher bit set is no xvd number (it used to be named as if those bits were
+        // not there, so two different devices could share a name in logs and status).
         ((devid >> 8) & 0xfffff, devid & 0xff)
     } else {
         return devid.to_string();
@@ -133,5 +136,17 @@ mod tests {
             assert_eq!(vdev_name(parse_vdev(name).unwrap()), name);
         }
         assert_eq!(vdev_name(2048), "2048");
+    }
+
+    /// Found by the `config` fuzz target: bits above the extended form's marker were
+    /// ignored, so 0x7005_6272 was named `xvdbaa114`, the name of 0x1005_6272.
+    #[test]
+    fn numbers_above_the_extended_form_are_not_named() {
+        assert_eq!(vdev_name(0x7005_6272), "1879401074");
+        assert_eq!(vdev_name(0x2000_0100), "536871168");
+        assert_eq!(vdev_name(0x1005_6272), "xvdbaa114");
+        assert_eq!(parse_vdev("xvdbaa114"), Ok(0x1005_6272));
+        // The extended encoding of a short-form disk names the same disk.
+        assert_eq!(vdev_name((1 << 28) | 1), "xvda1");
     }
 }

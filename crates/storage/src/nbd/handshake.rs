@@ -128,7 +128,7 @@ pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> io::Result<Nbd
 
 /// Which option ends the negotiation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Goal {
+pub enum Goal {
     /// `NBD_OPT_GO`: enter the transmission phase.
     Go,
     /// `NBD_OPT_INFO` then `NBD_OPT_ABORT`: only learn size and flags (size refresh).
@@ -141,8 +141,9 @@ fn read_exact<const N: usize>(s: &mut impl Read) -> io::Result<[u8; N]> {
     Ok(b)
 }
 
-/// Runs the fixed-newstyle handshake for `export` on a fresh connection.
-pub(crate) fn negotiate(
+/// Runs the fixed-newstyle handshake for `export` on a fresh connection. Public so that
+/// the handshake can be driven over any stream (the fuzz targets script the server).
+pub fn negotiate(
     s: &mut (impl Read + Write),
     export: &str,
     goal: Goal,

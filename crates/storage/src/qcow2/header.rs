@@ -41,6 +41,13 @@ pub(crate) struct Header {
     pub size: u64,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// Where the metadata is, for `refcheck` (unchecked here).
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    /// log2 of the refcount width in bits (4 in version 2).
+    pub refcount_order: u32,
 }
 
 impl Header {
@@ -207,6 +214,11 @@ pub(crate) fn read(file: &File) -> Result<Header, HeaderError> {
         size: be64(&first, 24),
         backing_file,
         backing_format,
+        l1_size: be32(&first, 36),
+        l1_table_offset: be64(&first, 40),
+        refcount_table_offset: be64(&first, 48),
+        refcount_table_clusters: be32(&first, 56),
+        refcount_order: if version == 3 { be32(&first, 96) } else { 4 },
     })
 }
 

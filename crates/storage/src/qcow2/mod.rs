@@ -29,6 +29,7 @@ mod gate;
 mod header;
 mod host_file;
 mod queue;
+mod refcheck;
 mod worker;
 
 use std::collections::HashSet;
@@ -227,6 +228,10 @@ fn walk_chain(top: &Path, options: &OpenOptions) -> Result<Vec<Layer>, StorageEr
         let (file, direct) = open_file(&path, writable, options.direct_io)?;
         let header = if is_qcow2 {
             let h = header::read(&file).map_err(|e| header_error(&path, e))?;
+            if writable {
+                // Only a writable image allocates (see `refcheck`).
+                refcheck::check(&file, &h).map_err(|e| header_error(&path, e))?;
+            }
             if let Some(name) = &h.backing_file {
                 let backing = resolve_backing(&path, name)?;
                 let backing_is_qcow2 = match h.backing_format.as_deref() {
