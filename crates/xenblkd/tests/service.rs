@@ -248,11 +248,11 @@ fn lifecycle_lines_reach_a_real_journald_with_fields() {
             field(e, "TARGET").is_some_and(|t| t.starts_with("xenbus")),
             "{e:#}"
         );
-        // The guest by its toolstack name (the demo's domain is `demo-guest-<domid>`), a
-        // field of the `guest` span the lifecycle lines are logged in.
+        // The guest by its toolstack name (the demo's simulated host names its domains
+        // `sim-guest-<domid>`), a field of the `guest` span the lifecycle lines are in.
         assert_eq!(
             field(e, "NAME"),
-            Some(format!("demo-guest-{domid}")),
+            Some(format!("sim-guest-{domid}")),
             "{e:#}"
         );
     }
