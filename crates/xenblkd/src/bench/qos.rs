@@ -3,7 +3,11 @@
 //! seconds; with `--neighbour`, a second, unlimited guest on the same engine (one reactor
 //! by default, so the same reactor) runs it first alone, then beside the limited one. The
 //! report is the limited VBD's rate against its limit (the issue asks ±5 % over 10 s) and
-//! the neighbour's throughput beside it against alone (the issue asks ≥ 0.9).
+//! the neighbour's throughput beside it against alone (the issue asks ≥ 0.9). With
+//! `--rounds N` the alone and beside phases alternate N times (alone first in odd rounds,
+//! beside first in even ones), and the median of the rounds' ratios is reported, with the
+//! limited VBD's largest deviation: one alone/beside pair on a drifting machine measures
+//! the drift as much as the neighbour.
 
 use std::sync::atomic::AtomicBool;
 
@@ -30,8 +34,10 @@ pub struct QosReport {
     pub limited_throttled: u64,
     pub neighbour_alone_iops: Option<f64>,
     pub neighbour_beside_iops: Option<f64>,
-    /// Beside / alone.
+    /// Beside / alone: the median over the rounds.
     pub neighbour_ratio: Option<f64>,
+    /// Each round's beside / alone.
+    pub neighbour_ratios: Vec<f64>,
     pub errors: u64,
 }
 
@@ -70,53 +76,78 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<QosReport> {
         .neighbour
         .then(|| connect(args, &engine, 2))
         .transpose()?;
-    let alone = neighbour.as_ref().map(|n| run_for(n, args)).transpose()?;
-    let (lim, beside) = std::thread::scope(|s| {
-        let n = neighbour.as_ref().map(|n| s.spawn(|| run_for(n, args)));
-        let lim = run_for(&limited, args);
-        let beside = n.map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("driver panicked")))
-        });
-        (lim, beside.transpose())
-    });
-    let (lim, beside) = (lim?, beside?);
+    let beside_phase = || {
+        std::thread::scope(|s| {
+            let n = neighbour.as_ref().map(|n| s.spawn(|| run_for(n, args)));
+            let lim = run_for(&limited, args);
+            let beside = n.map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("driver panicked")))
+            });
+            Ok::<_, anyhow::Error>((lim?, beside.transpose()?))
+        })
+    };
+    let (mut rounds, mut errors) = (Vec::new(), 0);
+    for round in 0..args.rounds.max(1) {
+        let alone_first = round % 2 == 0;
+        let mut alone = None;
+        if alone_first {
+            alone = neighbour.as_ref().map(|n| run_for(n, args)).transpose()?;
+        }
+        let (lim, beside) = beside_phase()?;
+        if !alone_first {
+            alone = neighbour.as_ref().map(|n| run_for(n, args)).transpose()?;
+        }
+        errors += lim.errors
+            + alone.as_ref().map_or(0, |a| a.errors)
+            + beside.as_ref().map_or(0, |b| b.errors);
+        rounds.push((lim, alone, beside));
+    }
     let throttled = limited.vbd().stats().total.throttled;
     limited.teardown()?;
     if let Some(n) = neighbour {
         n.teardown()?;
     }
     engine.shutdown();
-    let secs = lim.elapsed.as_secs_f64();
-    let bps = lim.bytes as f64 / secs;
-    // The limit the VBD is held to: the tighter of the two for this block size.
-    let deviation = match (limit_iops, limit_bps) {
-        (0, 0) => 0.0,
-        (i, 0) => (lim.iops / i as f64 - 1.0) * 100.0,
-        (0, b) => (bps / b as f64 - 1.0) * 100.0,
-        (i, b) => {
-            let held = (i as f64).min(b as f64 / args.bs as f64);
-            (lim.iops / held - 1.0) * 100.0
-        }
+    // The limited VBD: the round furthest from its limit.
+    let held_to = |bs: u64| match (limit_iops, limit_bps) {
+        (0, 0) => None,
+        (i, 0) => Some(i as f64),
+        (0, b) => Some(b as f64 / bs as f64),
+        (i, b) => Some((i as f64).min(b as f64 / bs as f64)),
     };
-    let ratio = match (&alone, &beside) {
-        (Some(a), Some(b)) if a.iops > 0.0 => Some(b.iops / a.iops),
-        _ => None,
+    let deviation = |m: &Measured| {
+        held_to(u64::from(args.bs)).map_or(0.0, |held| (m.iops / held - 1.0) * 100.0)
     };
+    let worst = rounds
+        .iter()
+        .map(|(lim, _, _)| lim)
+        .max_by(|a, b| deviation(a).abs().total_cmp(&deviation(b).abs()))
+        .context("no round ran")?;
+    let secs = worst.elapsed.as_secs_f64();
+    let mut ratios: Vec<(f64, f64, f64)> = rounds
+        .iter()
+        .filter_map(|(_, a, b)| match (a, b) {
+            (Some(a), Some(b)) if a.iops > 0.0 => Some((b.iops / a.iops, a.iops, b.iops)),
+            _ => None,
+        })
+        .collect();
+    let neighbour_ratios: Vec<f64> = ratios.iter().map(|r| r.0).collect();
+    ratios.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let median = ratios.get(ratios.len() / 2).copied();
     Ok(QosReport {
         limit_iops,
         limit_bps,
         runtime_s: secs,
-        limited_iops: lim.iops,
-        limited_bps: bps,
-        limited_deviation_pct: deviation,
+        limited_iops: worst.iops,
+        limited_bps: worst.bytes as f64 / secs,
+        limited_deviation_pct: deviation(worst),
         limited_throttled: throttled,
-        neighbour_alone_iops: alone.as_ref().map(|a| a.iops),
-        neighbour_beside_iops: beside.as_ref().map(|b| b.iops),
-        neighbour_ratio: ratio,
-        errors: lim.errors
-            + alone.as_ref().map_or(0, |a| a.errors)
-            + beside.as_ref().map_or(0, |b| b.errors),
+        neighbour_alone_iops: median.map(|m| m.1),
+        neighbour_beside_iops: median.map(|m| m.2),
+        neighbour_ratio: median.map(|m| m.0),
+        neighbour_ratios,
+        errors,
     })
 }
 
@@ -140,7 +171,17 @@ pub fn print_text(r: &QosReport) {
     ) {
         println!(
             "unlimited neighbour on the same reactor: {a:.0} IOPS alone, {b:.0} IOPS beside \
-             it (ratio {ratio:.3})"
+             it (ratio {ratio:.3}{})",
+            if r.neighbour_ratios.len() > 1 {
+                let all: Vec<String> = r
+                    .neighbour_ratios
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect();
+                format!(", the median of {} rounds: {}", all.len(), all.join(" "))
+            } else {
+                String::new()
+            }
         );
     }
     if r.errors > 0 {
