@@ -116,9 +116,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<QosReport> {
         (0, b) => Some(b as f64 / bs as f64),
         (i, b) => Some((i as f64).min(b as f64 / bs as f64)),
     };
-    let deviation = |m: &Measured| {
-        held_to(u64::from(args.bs)).map_or(0.0, |held| (m.iops / held - 1.0) * 100.0)
-    };
+    let deviation =
+        |m: &Measured| held_to(args.bs).map_or(0.0, |held| (m.iops / held - 1.0) * 100.0);
     let worst = rounds
         .iter()
         .map(|(lim, _, _)| lim)
