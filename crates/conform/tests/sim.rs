@@ -168,5 +168,9 @@ fn clearing_a_frontend_directory_keeps_only_the_toolstack_nodes() {
     let mut kept = before.clone();
     kept.sort();
     assert_eq!(after, kept, "only the toolstack's nodes remain");
-    assert!(dev.xs.read_opt(&format!("{fe}/backend")).expect("read").is_some());
+    assert!(dev
+        .xs
+        .read_opt(&format!("{fe}/backend"))
+        .expect("read")
+        .is_some());
 }
