@@ -32,7 +32,8 @@ struct Args {
     /// Only cases whose name contains one of these comma-separated patterns (`*` globs).
     #[arg(long)]
     filter: Option<String>,
-    /// One JSON document instead of text lines.
+    /// One JSON document on stdout instead of text lines (the case lines go to stderr,
+    /// as progress).
     #[arg(long)]
     json: bool,
     /// List the cases and their sources; run nothing.
@@ -86,7 +87,11 @@ fn main() -> ExitCode {
     };
     let json = args.json;
     let summary = conform::run(target.as_mut(), &cases, args.filter.as_deref(), |r| {
-        if !json {
+        if json {
+            // Progress for a watcher (the lab streams it from the guest's console); the
+            // document itself comes at the end, on stdout.
+            eprintln!("{}", r.line());
+        } else {
             println!("{}", r.line());
             let _ = std::io::stdout().flush();
         }

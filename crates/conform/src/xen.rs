@@ -272,6 +272,30 @@ fn xs() -> anyhow::Result<XsClient> {
     Ok(XsClient::open_xenbus_device("/dev/xen/xenbus")?)
 }
 
+/// The frontend nodes libxl writes (`libxl__device_disk_add`, `libxl__device_generic_add`);
+/// every other node in `device/vbd/<id>` is a frontend's negotiation.
+const TOOLSTACK_NODES: &[&str] = &[
+    "backend",
+    "backend-id",
+    "state",
+    "virtual-device",
+    "device-type",
+    "trusted",
+];
+
+/// Removes every node of the frontend directory `fe` a frontend wrote.
+pub fn clear_frontend_nodes(xs: &impl XsOps, fe: &str) -> xenstore::Result<()> {
+    for k in xs.directory(fe)? {
+        if !TOOLSTACK_NODES.contains(&k.as_str()) {
+            match xs.rm(&format!("{fe}/{k}")) {
+                Err(e) if e.is_not_found() => {}
+                other => other?,
+            }
+        }
+    }
+    Ok(())
+}
+
 fn state(xs: &XsClient, dir: &str) -> XenbusState {
     xs.read_opt(&format!("{dir}/state"))
         .ok()
@@ -331,6 +355,11 @@ impl Target for XenTarget {
             w("state", XenbusState::Closed).map_err(TargetError::failed)?;
             wait(&xs, &be, |s| s == XenbusState::Closed);
         }
+        // The frontend directory outlives connections here (on the simulator every case
+        // gets a fresh device): a previous case's nodes (`multi-queue-num-queues` 0,
+        // `ring-page-order` "two", queue-N/...) would poison this one. Everything but
+        // what the toolstack wrote goes, as a fresh blkfront would find it.
+        clear_frontend_nodes(&xs, &fe).map_err(TargetError::failed)?;
         w("state", XenbusState::Initialising).map_err(TargetError::failed)?;
         let s = wait(&xs, &be, |s| s == XenbusState::InitWait);
         if s != XenbusState::InitWait {

@@ -137,3 +137,40 @@ fn without_xen_the_xen_target_exits_non_zero() {
         .expect("running blkif-conform");
     assert!(!out.status.success());
 }
+
+/// On real Xen the suite reuses one frontend directory for every case: a case's
+/// negotiation nodes must not survive into the next connection (they refused every
+/// later connection in the first lab run). `clear_frontend_nodes` removes what a
+/// frontend wrote and keeps what the toolstack wrote; checked on the simulator's
+/// xenstore, where the toolstack wrote the same nodes.
+#[test]
+fn clearing_a_frontend_directory_keeps_only_the_toolstack_nodes() {
+    use conform::target::Target;
+    use xenstore::XsOps;
+    let mut target = SimTarget::start(SimOptions::default()).expect("simulated host");
+    let dev = target
+        .open_device(&DeviceRequest::default())
+        .expect("device");
+    let fe = &dev.frontend_path;
+    let before = dev.xs.directory(fe).expect("directory");
+    assert!(before.iter().any(|k| k == "backend"), "{before:?}");
+    for (k, v) in [
+        ("multi-queue-num-queues", "0"),
+        ("ring-page-order", "two"),
+        ("queue-0/ring-ref0", "8"),
+        ("protocol", "x86_32-abi"),
+    ] {
+        dev.xs.write(&format!("{fe}/{k}"), v).expect("write");
+    }
+    conform::xen::clear_frontend_nodes(&dev.xs, fe).expect("clear");
+    let mut after = dev.xs.directory(fe).expect("directory");
+    after.sort();
+    let mut kept = before.clone();
+    kept.sort();
+    assert_eq!(after, kept, "only the toolstack's nodes remain");
+    assert!(dev
+        .xs
+        .read_opt(&format!("{fe}/backend"))
+        .expect("read")
+        .is_some());
+}
