@@ -405,7 +405,7 @@ fn abi_feature_cases(v: &mut Vec<Case>) {
     v.push(case(
         G,
         "abi-absent",
-        "blkback connect_ring (no protocol node: native)",
+        "blkif.h protocol (default: native; Linux blkback on x86 assumes x86_32)",
         |c| abi(c, Protocol::native(), None),
     ));
     v.push(case(
