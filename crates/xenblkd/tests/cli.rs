@@ -4,27 +4,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{Host, XENBLKD};
+use common::{text, xenblkd, Host, XENBLKD};
 use xenbus::XenbusState;
-
-fn xenblkd(host: &Host, args: &[&str]) -> Output {
-    Command::new(XENBLKD)
-        .args(args)
-        .arg("--xenstore-socket")
-        .arg(host.xs_socket(0))
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[test]
 fn attach_and_detach_commands() {

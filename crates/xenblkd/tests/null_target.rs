@@ -5,27 +5,9 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{line_numbers, Host, XENBLKD};
-
-fn xenblkd(host: &Host, args: &[&str]) -> Output {
-    Command::new(XENBLKD)
-        .args(args)
-        .arg("--xenstore-socket")
-        .arg(host.xs_socket(0))
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{line_numbers, text, xenblkd, Host};
 
 #[test]
 fn null_disks_read_zeros_and_carry_a_counted_load() {

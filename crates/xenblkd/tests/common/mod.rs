@@ -674,3 +674,22 @@ pub fn line_numbers(line: &str) -> std::collections::BTreeMap<String, u64> {
     }
     out
 }
+
+/// Runs a `xenblkd` client command against `host`'s xenstore (dom0's socket).
+pub fn xenblkd(host: &Host, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(XENBLKD)
+        .args(args)
+        .arg("--xenstore-socket")
+        .arg(host.xs_socket(0))
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout and stderr, as one text for assertions and messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
