@@ -539,8 +539,14 @@ fn fixed_depth_load_counts_what_completed() {
         seed: 3,
         ..Default::default()
     };
-    let deadline = Instant::now() + Duration::from_millis(300);
-    let mut stop = || Instant::now() >= deadline;
+    // The deadline starts at the first `stop()` call, which `run_load` makes after
+    // taking its own start time: a deadline taken here could end a few microseconds
+    // before `elapsed` reaches 300 ms.
+    let mut deadline = None;
+    let mut stop = || {
+        let d = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
+        Instant::now() >= d
+    };
     let report = blkfront::load::run_load(rig.fe(), &cfg, &mut stop);
     assert_eq!(report.errors, 0, "{:?}", report.first_problem);
     assert!(report.reads > 0 && report.writes > 0, "{report:?}");
