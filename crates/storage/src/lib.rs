@@ -74,6 +74,7 @@ mod iovec;
 pub mod lock;
 pub mod nbd;
 pub mod null;
+mod pacer;
 pub mod qcow2;
 pub mod raw;
 pub mod rbd;

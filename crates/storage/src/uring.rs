@@ -44,6 +44,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::error::completion_error;
 use crate::iovec::IoVec;
+use crate::pacer::{Pushed, SubmitPacer};
 use crate::sys;
 use crate::{
     validate, Completion, OpKind, StorageError, StorageInfo, StorageKind, StorageOp, StorageQueue,
@@ -166,6 +167,8 @@ pub(crate) struct UringQueue {
     cqes: Vec<(u64, i32)>,
     discard_tx: Option<mpsc::Sender<DiscardJob>>,
     worker_results: WorkerResults,
+    /// Whether a new operation sends what is queued to the kernel first (module `pacer`).
+    pacer: SubmitPacer,
 }
 
 impl UringQueue {
@@ -194,6 +197,7 @@ impl UringQueue {
             cqes: Vec::with_capacity(entries as usize * 2),
             discard_tx: None,
             worker_results: Arc::new(Mutex::new(Vec::new())),
+            pacer: SubmitPacer::default(),
         };
         // Armed before anyone can write the eventfd, so no wake-up is missed.
         queue.arm_wake();
@@ -511,6 +515,25 @@ impl StorageQueue for UringQueue {
                 }
                 slot.op = SlotOp::Punch;
             }
+        }
+        let slot = &self.slots[idx as usize];
+        let pushed = match slot.op {
+            SlotOp::Read | SlotOp::Write { .. } => Pushed::Data {
+                fd: self.fd,
+                write: matches!(slot.op, SlotOp::Write { .. }),
+                offset: slot.offset,
+                len: slot.total,
+            },
+            _ => Pushed::Other,
+        };
+        let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+        if self
+            .pacer
+            .submit_first(pushed, queued, self.in_ring.saturating_sub(queued))
+        {
+            // A failure here leaves the SQEs queued: the pass's `commit` submits them
+            // again and reports the error.
+            let _ = self.submit_queued();
         }
         if self.push(idx).is_err() {
             self.release(idx);

@@ -522,6 +522,43 @@ fn queue_full_and_completion_fd() {
     assert_eq!(res.unwrap().unwrap(), 4096);
 }
 
+/// An idle device gets a random read as soon as the next one is queued, not at the end of
+/// the pass (`commit`): a batch would hold it under the block layer's plug (module
+/// `pacer`). Contiguous reads stay queued together so that they can merge.
+#[test]
+fn an_idle_device_gets_random_reads_before_the_pass_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = pattern_file(dir.path(), "disk.img", 64 * 1024);
+    let s = RawStorage::open(&path, opts(DirectIo::Auto)).unwrap();
+    let mut q = s.open_queue(8).unwrap();
+    let mut bufs: Vec<AlignedBuf> = (0..4).map(|_| AlignedBuf::page_aligned(4096)).collect();
+    let iovs: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| [b.full_iovec()]).collect();
+    let offsets = [8 * 4096u64, 2 * 4096, 3 * 4096, 4 * 4096];
+    for (i, iov) in iovs.iter().enumerate() {
+        let op = StorageOp::Read {
+            offset: offsets[i],
+            iov,
+        };
+        // SAFETY: `bufs` outlives the queue's use (every read is reaped below).
+        unsafe { q.submit(op, i as u64) }.unwrap();
+    }
+    // No commit yet: the first read went to the kernel when the second (elsewhere) came.
+    let first = wait_for(&mut *q, 1);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, 0);
+    assert_eq!(first[0].1.as_ref().unwrap(), &4096);
+    // The other three are contiguous: still queued together, they go with the commit.
+    assert!(!readable(q.completion_fd(), Duration::from_millis(200)));
+    q.commit().unwrap();
+    let mut rest = wait_for(&mut *q, 3);
+    rest.sort_by_key(|d| d.0);
+    assert_eq!(rest.iter().map(|d| d.0).collect::<Vec<_>>(), [1, 2, 3]);
+    for (i, b) in bufs.iter().enumerate() {
+        let at = offsets[i] as usize;
+        assert_eq!(b.as_slice(), &data[at..at + 4096], "read {i}");
+    }
+}
+
 #[test]
 fn dropping_a_queue_with_ops_in_flight_waits_for_them() {
     let dir = direct_io_dir().unwrap_or_else(|| tempfile::tempdir().unwrap());

@@ -38,6 +38,7 @@ use super::host_file::lookup_only;
 use super::worker::{Job, JobOp, Port, Worker};
 use super::Image;
 use crate::iovec::IoVec;
+use crate::pacer::{Pushed, SubmitPacer};
 use crate::{
     validate, Completion, StorageError, StorageInfo, StorageOp, StorageQueue, SubmitError,
 };
@@ -130,6 +131,8 @@ pub(crate) struct Qcow2Queue {
     /// Reused buffers for draining the CQ and the worker's results.
     cqes: Vec<(u64, i32)>,
     results: Vec<(u32, io::Result<u64>)>,
+    /// Whether a new extent sends what is queued to the kernel first (module `pacer`).
+    pacer: SubmitPacer,
 }
 
 /// Cuts a request's iovecs along its extents: extent `e` gets pieces `e.first..e.end`.
@@ -207,6 +210,7 @@ impl Qcow2Queue {
             worker: None,
             cqes: Vec::with_capacity(entries as usize * 2),
             results: Vec::with_capacity(depth as usize),
+            pacer: SubmitPacer::default(),
         })
     }
 
@@ -296,6 +300,21 @@ impl Qcow2Queue {
                 continue;
             }
             self.slots[idx as usize].pending += 1;
+            let e = &self.slots[idx as usize].extents[j];
+            let pushed = Pushed::Data {
+                fd: e.fd,
+                write: matches!(self.slots[idx as usize].direction, Direction::Write { .. }),
+                offset: e.host_offset,
+                len: e.len,
+            };
+            let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+            if self
+                .pacer
+                .submit_first(pushed, queued, self.in_ring.saturating_sub(queued))
+            {
+                // A failure leaves the SQEs queued for `commit`, which reports it.
+                let _ = self.submit_queued();
+            }
             if let Err(e) = self.push(idx, j) {
                 // Cannot happen after a successful submit-to-make-room; fail the piece
                 // rather than lose it.
