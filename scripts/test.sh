@@ -49,6 +49,9 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The fuzz targets (their own workspace, run by scripts/fuzz-all) must keep compiling
+# against the crates they drive: checked here, not run.
+cargo check --manifest-path fuzz/Cargo.toml --bins
 cargo test --workspace
 # A real `serve` whose ring panics (issue 14): only with the test-only fault hook, which
 # no daemon build has.

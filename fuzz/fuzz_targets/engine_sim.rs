@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use backend::{Engine, EngineConfig, Features, GrantMode, RingSpec, VbdLimits, VbdSpec};
+use backend::{Engine, EngineConfig, Features, GrantMode, QosSpec, RingSpec, VbdLimits, VbdSpec};
 use blkif::abi::MAX_REQUEST_SIZE;
 use blkif::{FrontRing, Protocol, RawRequest, Segment};
 use libfuzzer_sys::fuzz_target;
@@ -96,6 +96,9 @@ impl StorageQueue for WindowQueue {
     }
     fn completion_fd(&self) -> BorrowedFd<'_> {
         self.0.completion_fd()
+    }
+    fn wake(&self) -> io::Result<()> {
+        self.0.wake()
     }
     fn reap(&mut self, f: Completion<'_>) -> usize {
         self.0.reap(f)
@@ -186,7 +189,13 @@ struct Input {
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| Engine::start(EngineConfig { reactors: 1 }).expect("engine"))
+    ENGINE.get_or_init(|| {
+        Engine::start(EngineConfig {
+            reactors: 1,
+            ..Default::default()
+        })
+        .expect("engine")
+    })
 }
 
 fn disk_path() -> PathBuf {
@@ -323,6 +332,7 @@ fuzz_target!(|input: Input| {
         },
         events: None,
         journal: None,
+        qos: QosSpec::default(),
     };
     let shared: Arc<dyn Platform> = Arc::new(platform.clone());
     let Ok(vbd) = engine().attach(spec, shared) else {

@@ -61,6 +61,7 @@ impl VbdFactory for Fake {
             size_bytes: 1 << 20,
             logical_block_size: 512,
             read_only: config.read_only,
+            read_zeroes: false,
         })
         .map_err(|e| VbdError::new("opening", e.to_string(), 22))?;
         Ok(Arc::new(null))

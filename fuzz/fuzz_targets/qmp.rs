@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use libfuzzer_sys::fuzz_target;
-use qmp::{ChardevInfo, DeviceModel, RunState};
+use qmp::{BlockDevice, ChardevInfo, DeviceModel, RunState};
 
 struct Dm {
     running: AtomicBool,
@@ -48,6 +48,20 @@ impl DeviceModel for Dm {
             label: "serial0".into(),
             filename: "pty:/dev/pts/3".into(),
         }]
+    }
+    fn block_devices(&self) -> Result<Vec<BlockDevice>, String> {
+        if self.fail_cont {
+            return Err("xenblkd serve is not answering".into());
+        }
+        Ok(vec![BlockDevice {
+            device: "xvda".into(),
+            devid: 51712,
+            file: Some("/var/lib/xen/images/guest.qcow2".into()),
+            format: Some("qcow2".into()),
+            read_only: false,
+            size_bytes: 8 << 30,
+            ..BlockDevice::default()
+        }])
     }
 }
 

@@ -1203,7 +1203,11 @@ fn failed_attach_leaves_nothing_behind() {
         let sim = SimPlatform::new();
         let guest = SimGuest::new(harness::GUEST_DOMID, GuestConfig::default()).unwrap();
         let _dom = sim.attach_local(&guest).unwrap();
-        let engine = Engine::start(EngineConfig { reactors: 1 }).unwrap();
+        let engine = Engine::start(EngineConfig {
+            reactors: 1,
+            ..Default::default()
+        })
+        .unwrap();
         let storage: Arc<dyn storage::Storage> =
             Arc::new(storage::NullStorage::new(storage::NullConfig::default()).unwrap());
         let good = guest.grant_access(0, 0, false).unwrap();
@@ -1653,4 +1657,56 @@ fn a_new_engine_resumes_rings_left_mid_io() {
         h.verify_disk(0);
         h.teardown();
     }
+}
+
+/// `reactor_cpus` pins each reactor to its CPU (round robin), and a CPU the machine does
+/// not have fails the engine's start instead of leaving a reactor wherever it landed.
+#[test]
+fn reactors_run_on_the_cpus_they_are_given() {
+    use backend::{Engine, EngineConfig};
+    use std::collections::HashMap;
+    // Reactor threads of this process (the kernel keeps 15 bytes of a thread's name) and
+    // the CPUs each may run on.
+    let reactors = || -> HashMap<String, String> {
+        let mut found = HashMap::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "xenblkd-reactor" {
+                continue;
+            }
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if let Some(cpus) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            {
+                found.insert(
+                    task.file_name().to_string_lossy().into_owned(),
+                    cpus.trim().to_string(),
+                );
+            }
+        }
+        found
+    };
+    let _g = serial();
+    let before = reactors();
+    let engine = Engine::start(EngineConfig {
+        reactors: 2,
+        reactor_cpus: vec![0],
+    })
+    .unwrap();
+    let ours: Vec<String> = reactors()
+        .into_iter()
+        .filter(|(tid, _)| !before.contains_key(tid))
+        .map(|(_, cpus)| cpus)
+        .collect();
+    // Two reactors, the second back at the start of the list.
+    assert_eq!(ours, ["0", "0"]);
+    drop(engine);
+    let Err(e) = Engine::start(EngineConfig {
+        reactors: 1,
+        reactor_cpus: vec![1023],
+    }) else {
+        panic!("CPU 1023 is not on this machine, yet the engine started");
+    };
+    assert!(e.to_string().contains("CPU 1023"), "{e}");
 }

@@ -260,7 +260,11 @@ impl World {
         disk.as_file().set_len(2 << 20).unwrap();
         let backend = Arc::new(ToyBackend {
             xs: client(&server, 0),
-            engine: Engine::start(EngineConfig { reactors: 1 }).unwrap(),
+            engine: Engine::start(EngineConfig {
+                reactors: 1,
+                ..Default::default()
+            })
+            .unwrap(),
             platform: platform.clone(),
             disk,
             vbd: Mutex::new(None),

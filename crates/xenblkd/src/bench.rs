@@ -235,6 +235,11 @@ pub struct BenchArgs {
     /// measured alone and then beside the limited one.
     #[arg(long)]
     pub neighbour: bool,
+    /// Run everything — reactors, the simulated guest and the baseline (fio or the
+    /// built-in loop) — on these CPUs only, as `taskset -c` would (e.g. `1` or `0,1`), so
+    /// that xenblkd and its baseline are compared on the same CPUs. Default: unpinned.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub cpus: Vec<usize>,
 }
 
 impl Default for BenchArgs {
@@ -250,6 +255,24 @@ impl Default for BenchArgs {
 }
 
 pub use storage::null::parse_size;
+
+/// Restricts this thread, and so every thread and process it starts later, to `cpus`
+/// (nothing if empty).
+fn pin_to(cpus: &[usize]) -> anyhow::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    for &cpu in cpus {
+        if cpu >= rustix::thread::CpuSet::MAX_CPU {
+            bail!("--cpus: CPU {cpu} is out of range");
+        }
+        set.set(cpu);
+    }
+    rustix::thread::sched_setaffinity(None, &set)
+        .with_context(|| format!("--cpus {cpus:?}: cannot run on these CPUs"))?;
+    Ok(())
+}
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -324,6 +347,7 @@ fn open_storage(
 /// Runs the benchmark and returns its report.
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     check_args(args)?;
+    pin_to(&args.cpus)?;
     let image = match (args.storage, &args.image) {
         (StorageArg::Null, _) => None,
         (StorageArg::File, Some(p)) => Some(p.clone()),

@@ -819,7 +819,10 @@ mod tests {
     #[test]
     fn gauges_show_the_persistent_grant_budget() {
         let engine = Engine::start_with_limits(
-            backend::EngineConfig { reactors: 1 },
+            backend::EngineConfig {
+                reactors: 1,
+                ..Default::default()
+            },
             backend::MapLimits {
                 size: backend::BudgetSize::Vmas(5),
                 max_mapped_pages: 64,

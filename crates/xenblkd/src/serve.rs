@@ -636,6 +636,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let client = Arc::new(connect_xenstore(args, platform.as_ref())?);
     let engine = Engine::start(EngineConfig {
         reactors: config.reactor_threads as usize,
+        reactor_cpus: config.reactor_cpus.iter().map(|&c| c as usize).collect(),
     })
     .context("starting the engine")?;
     // The rings' crash-recovery journals live beside the daemon lock (the run directory,

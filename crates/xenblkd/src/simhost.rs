@@ -60,7 +60,11 @@ impl Daemon {
             ClientConfig::default(),
         )?);
         let reactors = usize::try_from(config.reactor_threads.max(1)).unwrap_or(1);
-        let engine = Engine::start(EngineConfig { reactors }).context("starting the engine")?;
+        let engine = Engine::start(EngineConfig {
+            reactors,
+            reactor_cpus: config.reactor_cpus.iter().map(|&c| c as usize).collect(),
+        })
+        .context("starting the engine")?;
         let factory = Arc::new(EngineFactory::new(engine, platform));
         let gauges = factory.gauges();
         let mut manager = Manager::new(Arc::new(XsStore::new(client.clone())), factory, config);

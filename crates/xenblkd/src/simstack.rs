@@ -63,6 +63,7 @@ impl SimStack {
     pub fn connect(storage: Arc<dyn Storage>, opts: &StackOptions) -> anyhow::Result<SimStack> {
         let engine = Engine::start(EngineConfig {
             reactors: opts.reactors,
+            ..Default::default()
         })
         .context("starting the engine")?;
         let mut stack = Self::connect_on(storage, opts, &engine, GUEST_DOMID)?;

@@ -5,6 +5,7 @@
 //! backend_domid = 0
 //! control_socket = "/run/xenblkd/control"
 //! reactor_threads = 0            # 0: one per core
+//! reactor_cpus = []              # CPUs for the reactors (round robin); []: unpinned
 //! drain_timeout_ms = 5000
 //! log_level = "info"             # RUST_LOG's syntax; --log-level and RUST_LOG win
 //!
@@ -78,6 +79,9 @@ pub const MAX_RBD_OP_TIMEOUT_SECS: u64 = 86_400;
 
 /// The backend type our own `xenblkd attach` writes under, which no stock driver binds.
 pub const XENBLKD_BACKEND_TYPE: &str = "xenblkd";
+
+/// CPU numbers `reactor_cpus` accepts (the kernel's default `CPU_SETSIZE`).
+pub const MAX_CPU: u32 = 1024;
 /// The backend type libxl writes for `backendtype=phy` disks (kernel blkback's).
 pub const VBD_BACKEND_TYPE: &str = "vbd";
 /// The backend type libxl writes for `backendtype=qdisk` disks, normally QEMU's: served only
@@ -452,6 +456,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Reactor threads of the engine; 0 means one per core.
     pub reactor_threads: u32,
+    /// CPUs the reactors are pinned to, round robin; empty: not pinned.
+    pub reactor_cpus: Vec<u32>,
     /// How long a disconnect may wait for in-flight I/O before it gives up.
     pub drain_timeout_ms: u64,
     /// Settings of every device...
@@ -475,6 +481,7 @@ impl Default for Config {
             backend_types: BackendType::defaults(),
             control_socket: PathBuf::from("/run/xenblkd/control"),
             reactor_threads: 0,
+            reactor_cpus: Vec::new(),
             drain_timeout_ms: 5000,
             defaults: DeviceSettings::default(),
             overrides: Vec::new(),
@@ -510,6 +517,12 @@ impl Config {
         self.defaults.validate("defaults")?;
         self.metrics.endpoint()?;
         self.qos.validate()?;
+        if let Some(&cpu) = self.reactor_cpus.iter().find(|&&c| c >= MAX_CPU) {
+            return Err(ConfigError::Invalid {
+                key: "reactor_cpus".into(),
+                message: format!("CPU {cpu} is out of range (0..{MAX_CPU})"),
+            });
+        }
         if self.backend_types.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "backend_type".into(),
@@ -612,6 +625,7 @@ impl Config {
             "reactor_threads",
             false,
         );
+        take(self.reactor_cpus != new.reactor_cpus, "reactor_cpus", false);
         take(self.metrics != new.metrics, "metrics", false);
         self.defaults = new.defaults;
         self.overrides = new.overrides;
@@ -746,11 +760,20 @@ mod tests {
     }
 
     #[test]
+    fn reactor_cpus_are_checked() {
+        let c = Config::from_toml("reactor_cpus = [0, 1]", "t").unwrap();
+        assert_eq!(c.reactor_cpus, [0, 1]);
+        let e = Config::from_toml("reactor_cpus = [1024]", "t").unwrap_err();
+        assert!(e.to_string().contains("reactor_cpus"), "{e}");
+    }
+
+    #[test]
     fn reload_takes_what_can_change_at_run_time() {
         let mut running = Config::default();
         let new = Config::from_toml(
             r#"
             reactor_threads = 3
+            reactor_cpus = [1]
             drain_timeout_ms = 100
             log_level = "debug"
             [metrics]
@@ -773,7 +796,7 @@ mod tests {
         );
         assert_eq!(
             report.ignored,
-            vec!["backend_type", "reactor_threads", "metrics"]
+            vec!["backend_type", "reactor_threads", "reactor_cpus", "metrics"]
         );
         assert_eq!(running.defaults.max_queues, 1);
         assert!(!running.settings_for("vbd", 5, 1).persistent_grants);
@@ -781,6 +804,7 @@ mod tests {
         assert_eq!(running.log_level.as_deref(), Some("debug"));
         // What needs a restart stays as it was.
         assert_eq!(running.reactor_threads, 0);
+        assert!(running.reactor_cpus.is_empty());
         assert_eq!(running.metrics.endpoint().unwrap(), None);
         assert_eq!(running.backend_types, BackendType::defaults());
         // The same file again: nothing changed.

@@ -134,8 +134,28 @@ pub(crate) struct ReactorHandle {
     id: usize,
 }
 
+/// Binds the calling thread to `cpu`.
+fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= rustix::thread::CpuSet::MAX_CPU {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} is beyond what the kernel's CPU sets hold"),
+        ));
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot run a reactor on CPU {cpu}: {e}"),
+        )
+    })
+}
+
 impl ReactorHandle {
-    pub(crate) fn spawn(id: usize) -> io::Result<Self> {
+    /// Starts reactor `id`, on `cpu` only if given (the thread pins itself before it
+    /// serves anything; a CPU that cannot be used fails the start).
+    pub(crate) fn spawn(id: usize, cpu: Option<usize>) -> io::Result<Self> {
         let control = Arc::new(Control {
             queue: Mutex::new(VecDeque::new()),
             doorbell: EventFd::new()?,
@@ -143,9 +163,28 @@ impl ReactorHandle {
         let rings = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(ReactorCounters::default());
         let mut reactor = Reactor::new(control.clone(), rings.clone(), counters.clone())?;
+        let (pinned_tx, pinned_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("xenblkd-reactor-{id}"))
-            .spawn(move || reactor.run())?;
+            .spawn(move || {
+                let pinned = cpu.map_or(Ok(()), pin_current_thread);
+                let ok = pinned.is_ok();
+                let _ = pinned_tx.send(pinned);
+                if ok {
+                    reactor.run();
+                }
+            })?;
+        match pinned_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(io::Error::other("the reactor thread ended at its start")),
+        }
+        if let Some(cpu) = cpu {
+            tracing::info!(reactor = id, cpu, "reactor pinned");
+        }
         Ok(Self {
             control,
             rings,
@@ -843,7 +882,7 @@ mod tests {
 
     #[test]
     fn add_wake_drain_remove_and_shutdown() {
-        let r = ReactorHandle::spawn(0).unwrap();
+        let r = ReactorHandle::spawn(0, None).unwrap();
         let mut ring = FakeRing::new(1);
         ring.in_flight = 2;
         let runs = ring.runs.clone();
@@ -874,7 +913,7 @@ mod tests {
 
     #[test]
     fn shutdown_drains_rings_first() {
-        let r = ReactorHandle::spawn(1).unwrap();
+        let r = ReactorHandle::spawn(1, None).unwrap();
         let mut ring = FakeRing::new(2);
         ring.in_flight = 3;
         let dropped = ring.dropped.clone();
@@ -885,7 +924,7 @@ mod tests {
 
     #[test]
     fn a_notification_and_a_completion_each_wake_the_reactor_once() {
-        let r = ReactorHandle::spawn(2).unwrap();
+        let r = ReactorHandle::spawn(2, None).unwrap();
         let ring = FakeRing::new(3);
         let runs = ring.runs.clone();
         let notify = ring.kick.try_clone().unwrap();
@@ -909,7 +948,7 @@ mod tests {
 
     #[test]
     fn the_housekeeping_timeout_fires_on_an_idle_reactor() {
-        let r = ReactorHandle::spawn(3).unwrap();
+        let r = ReactorHandle::spawn(3, None).unwrap();
         let ring = FakeRing::new(4);
         let ticks = ring.ticks.clone();
         r.send(Command::Add(Box::new(ring))).unwrap();
@@ -921,7 +960,7 @@ mod tests {
 
     #[test]
     fn a_ring_timer_runs_the_ring_at_its_deadline_only() {
-        let r = ReactorHandle::spawn(8).unwrap();
+        let r = ReactorHandle::spawn(8, None).unwrap();
         let ring = FakeRing::new(12);
         let (runs, wake) = (ring.runs.clone(), ring.wake.clone());
         let poke = ring.kick.try_clone().unwrap();
@@ -950,7 +989,7 @@ mod tests {
 
     #[test]
     fn a_halted_ring_leaves_the_loop() {
-        let r = ReactorHandle::spawn(4).unwrap();
+        let r = ReactorHandle::spawn(4, None).unwrap();
         let ring = FakeRing::new(5);
         let (runs, panic_in_run) = (ring.runs.clone(), ring.panic_in_run.clone());
         let notify = ring.kick.try_clone().unwrap();
@@ -996,7 +1035,7 @@ mod tests {
 
     #[test]
     fn an_idle_reactor_sleeps() {
-        let r = ReactorHandle::spawn(5).unwrap();
+        let r = ReactorHandle::spawn(5, None).unwrap();
         let mut ring = FakeRing::new(7);
         // Even a ring that would allow polling: nothing was answered, so nothing polls.
         ring.answer = Some(Duration::from_millis(1));
@@ -1021,7 +1060,7 @@ mod tests {
 
     #[test]
     fn a_ring_that_has_requests_it_does_not_take_is_polled_within_the_budget_only() {
-        let r = ReactorHandle::spawn(7).unwrap();
+        let r = ReactorHandle::spawn(7, None).unwrap();
         let mut ring = FakeRing::new(11);
         let cap = Duration::from_millis(5);
         ring.answer = Some(cap);
@@ -1047,7 +1086,7 @@ mod tests {
 
     #[test]
     fn polling_catches_the_next_batch_and_stops_at_the_budget() {
-        let r = ReactorHandle::spawn(6).unwrap();
+        let r = ReactorHandle::spawn(6, None).unwrap();
         let mut ring = FakeRing::new(8);
         let cap = Duration::from_millis(200);
         ring.answer = Some(cap);

@@ -294,6 +294,7 @@ impl Harness {
         let engine = Engine::start_with_limits(
             EngineConfig {
                 reactors: opts.reactors,
+                ..Default::default()
             },
             MapLimits {
                 size: match (opts.persistent_budget, opts.max_map_count) {
@@ -489,6 +490,7 @@ impl Harness {
         assert!(self.vbd.is_none() && self.engine.is_none());
         let engine = Engine::start(EngineConfig {
             reactors: self.opts.reactors,
+            ..Default::default()
         })
         .unwrap();
         let (spec, platform) = self.spec.clone().expect("attached once");

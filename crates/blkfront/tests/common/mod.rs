@@ -138,7 +138,10 @@ impl Rig {
         let (fe, info) =
             Frontend::connect_direct(services.clone(), opts.frontend.clone(), &offer).unwrap();
         let engine = Engine::start_with_budget(
-            EngineConfig { reactors: 2 },
+            EngineConfig {
+                reactors: 2,
+                ..Default::default()
+            },
             opts.persistent_budget
                 .map_or(BudgetSize::FromMapCount, BudgetSize::Vmas),
         )

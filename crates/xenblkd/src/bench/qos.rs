@@ -61,6 +61,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<QosReport> {
     let (limit_iops, limit_bps) = (args.limit_iops.unwrap_or(0), args.limit_bps.unwrap_or(0));
     let engine = Engine::start(EngineConfig {
         reactors: args.reactors,
+        ..Default::default()
     })
     .context("starting the engine")?;
     let limited = connect(args, &engine, 1)?;
